@@ -1,0 +1,313 @@
+//! Disk image formats: detection by magic bytes, and one folder per format with its codec.
+//!
+//! A format is never inferred from a file name: [`DiskFormat::detect`] reads the first bytes.
+
+pub mod raw;
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// How many leading bytes [`DiskFormat::detect`] wants to see (fewer works, with less certainty).
+pub const DETECT_LEN: usize = 512;
+
+/// Sub-format of a VMDK image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum VmdkSubformat {
+    /// Sparse extent with the descriptor embedded (hosted products).
+    MonolithicSparse,
+    /// Compressed grains with markers, written and read sequentially (OVF, NFC).
+    StreamOptimized,
+    /// A text descriptor pointing at a flat (raw) extent.
+    MonolithicFlat,
+}
+
+/// A disk image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "type", content = "subformat")]
+pub enum DiskFormat {
+    /// Raw bytes: offset in the file is offset in the disk.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+    /// VMware virtual disk.
+    Vmdk(VmdkSubformat),
+}
+
+impl DiskFormat {
+    /// Detects the format of an image from its first bytes (ideally [`DETECT_LEN`]).
+    ///
+    /// Anything without a known magic is raw. Formats we know but do not implement (VHDX, VHD,
+    /// VDI, QED) are reported as [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) so
+    /// they are never mistaken for raw disks.
+    ///
+    /// ```
+    /// use virtrigaud_core::format::DiskFormat;
+    /// assert_eq!(DiskFormat::detect(b"QFI\xfb\0\0\0\x03").unwrap(), DiskFormat::Qcow2);
+    /// assert_eq!(DiskFormat::detect(&[0u8; 512]).unwrap(), DiskFormat::Raw);
+    /// ```
+    pub fn detect(head: &[u8]) -> crate::Result<DiskFormat> {
+        if head.starts_with(b"QFI\xfb") {
+            return Ok(DiskFormat::Qcow2);
+        }
+        if head.starts_with(b"KDMV") {
+            // Sparse extent header: flags at offset 8, bit 16 = compressed grains,
+            // bit 17 = markers (streamOptimized); compressAlgorithm at offset 77.
+            let sub = if head.len() >= 12 {
+                let flags = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+                if flags & (1 << 17) != 0 && flags & (1 << 16) != 0 {
+                    VmdkSubformat::StreamOptimized
+                } else {
+                    VmdkSubformat::MonolithicSparse
+                }
+            } else {
+                VmdkSubformat::MonolithicSparse
+            };
+            return Ok(DiskFormat::Vmdk(sub));
+        }
+        if head.starts_with(b"# Disk DescriptorFile") {
+            return Ok(DiskFormat::Vmdk(VmdkSubformat::MonolithicFlat));
+        }
+        if head.starts_with(b"vhdxfile") {
+            return Err(crate::Error::unsupported("VHDX images are not supported natively"));
+        }
+        if head.starts_with(b"conectix") {
+            return Err(crate::Error::unsupported("VHD images are not supported natively"));
+        }
+        if head.starts_with(b"QED\0") {
+            return Err(crate::Error::unsupported("QED images are not supported"));
+        }
+        if head.len() >= 0x44 && head[0x40..0x44] == [0x7f, 0x10, 0xda, 0xbe] {
+            return Err(crate::Error::unsupported("VDI images are not supported natively"));
+        }
+        Ok(DiskFormat::Raw)
+    }
+
+    /// The usual file extension (without the dot).
+    pub fn extension(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Vmdk(_) => "vmdk",
+        }
+    }
+
+    /// Short name, as qemu-img spells it (`raw`, `qcow2`, `vmdk`).
+    pub fn name(self) -> &'static str {
+        self.extension()
+    }
+
+    /// Parses `raw`, `qcow2`, `vmdk` (= streamOptimized), `vmdk-sparse`, `vmdk-stream`, `vmdk-flat`.
+    pub fn parse(s: &str) -> crate::Result<DiskFormat> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "raw" | "img" => DiskFormat::Raw,
+            "qcow2" => DiskFormat::Qcow2,
+            "vmdk" | "vmdk-stream" | "streamoptimized" => {
+                DiskFormat::Vmdk(VmdkSubformat::StreamOptimized)
+            }
+            "vmdk-sparse" | "monolithicsparse" => DiskFormat::Vmdk(VmdkSubformat::MonolithicSparse),
+            "vmdk-flat" | "monolithicflat" => DiskFormat::Vmdk(VmdkSubformat::MonolithicFlat),
+            other => return Err(crate::Error::invalid(format!("unknown disk format '{other}'"))),
+        })
+    }
+}
+
+impl fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DiskFormat::Raw => f.write_str("raw"),
+            DiskFormat::Qcow2 => f.write_str("qcow2"),
+            DiskFormat::Vmdk(VmdkSubformat::StreamOptimized) => f.write_str("vmdk-stream"),
+            DiskFormat::Vmdk(VmdkSubformat::MonolithicSparse) => f.write_str("vmdk-sparse"),
+            DiskFormat::Vmdk(VmdkSubformat::MonolithicFlat) => f.write_str("vmdk-flat"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_by_magic_not_name() {
+        assert_eq!(DiskFormat::detect(b"QFI\xfb").unwrap(), DiskFormat::Qcow2);
+        let mut vmdk = b"KDMV\x01\0\0\0".to_vec();
+        vmdk.extend_from_slice(&((1u32 << 16) | (1 << 17) | 1).to_le_bytes());
+        assert_eq!(
+            DiskFormat::detect(&vmdk).unwrap(),
+            DiskFormat::Vmdk(VmdkSubformat::StreamOptimized)
+        );
+        let mut sparse = b"KDMV\x01\0\0\0".to_vec();
+        sparse.extend_from_slice(&3u32.to_le_bytes());
+        assert_eq!(
+            DiskFormat::detect(&sparse).unwrap(),
+            DiskFormat::Vmdk(VmdkSubformat::MonolithicSparse)
+        );
+        assert_eq!(
+            DiskFormat::detect(b"# Disk DescriptorFile\nversion=1").unwrap(),
+            DiskFormat::Vmdk(VmdkSubformat::MonolithicFlat)
+        );
+        assert_eq!(DiskFormat::detect(b"").unwrap(), DiskFormat::Raw);
+        assert_eq!(
+            DiskFormat::detect(b"vhdxfile").unwrap_err().kind(),
+            crate::ErrorKind::Unsupported
+        );
+    }
+
+    #[test]
+    fn parse_and_display_round_trip() {
+        for f in [
+            DiskFormat::Raw,
+            DiskFormat::Qcow2,
+            DiskFormat::Vmdk(VmdkSubformat::StreamOptimized),
+            DiskFormat::Vmdk(VmdkSubformat::MonolithicSparse),
+            DiskFormat::Vmdk(VmdkSubformat::MonolithicFlat),
+        ] {
+            assert_eq!(DiskFormat::parse(&f.to_string()).unwrap(), f);
+        }
+        assert!(DiskFormat::parse("vhdx").is_err());
+    }
+}
+
+use crate::extent::DiskContent;
+use crate::io::ImageSource;
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
+
+/// A piece of encoded output: bytes, or a run of zero bytes that sparse sinks may skip.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Chunk {
+    /// Bytes to write.
+    Data(Bytes),
+    /// Zero bytes to write (or skip, on a sparse sink).
+    Zeros(u64),
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Chunk::Data(b) => write!(f, "Data({})", b.len()),
+            Chunk::Zeros(n) => write!(f, "Zeros({n})"),
+        }
+    }
+}
+
+impl Chunk {
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Chunk::Data(b) => b.len() as u64,
+            Chunk::Zeros(n) => *n,
+        }
+    }
+    /// Whether the chunk is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Encoded output, strictly sequential.
+pub type ChunkStream = BoxStream<'static, crate::Result<Chunk>>;
+
+/// Options for decoders.
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    /// Size of one read from a random-access source.
+    pub read_size: usize,
+    /// Reads in flight at once on a random-access source.
+    pub read_ahead: usize,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            read_size: 4 << 20,
+            read_ahead: 2,
+        }
+    }
+}
+
+/// Options for encoders.
+#[derive(Debug, Clone, Default)]
+pub struct EncodeOptions {
+    /// Compress where the format allows (qcow2 clusters). streamOptimized VMDK always compresses.
+    pub compress: bool,
+}
+
+/// Reads the first bytes of a source and detects its format.
+pub async fn detect(source: ImageSource) -> crate::Result<(DiskFormat, ImageSource)> {
+    match source {
+        ImageSource::RandomAccess(r) => {
+            let head = r.read_at(0, DETECT_LEN).await?;
+            Ok((DiskFormat::detect(&head)?, ImageSource::RandomAccess(r)))
+        }
+        ImageSource::Sequential { size, mut stream } => {
+            // Peek the first data extent; a stream starting with a hole is raw.
+            let first = stream.next().await.transpose()?;
+            let format = match &first {
+                Some(crate::extent::Extent::Data { offset: 0, bytes }) => {
+                    DiskFormat::detect(&bytes[..bytes.len().min(DETECT_LEN)])?
+                }
+                _ => DiskFormat::Raw,
+            };
+            let stream = futures::stream::iter(first.map(Ok)).chain(stream).boxed();
+            Ok((format, ImageSource::Sequential { size, stream }))
+        }
+    }
+}
+
+/// Opens an image: detects its format by magic (or checks `expected`) and decodes it to the
+/// guest-visible content.
+pub async fn decode(
+    source: ImageSource,
+    expected: Option<DiskFormat>,
+    opts: &DecodeOptions,
+) -> crate::Result<(DiskFormat, DiskContent)> {
+    let (format, source) = detect(source).await?;
+    if let Some(exp) = expected {
+        let same_family = std::mem::discriminant(&exp) == std::mem::discriminant(&format);
+        if !same_family {
+            return Err(crate::Error::corrupt(format!(
+                "image format is {format}, expected {exp}"
+            )));
+        }
+    }
+    let content = match (format, source) {
+        (DiskFormat::Raw, ImageSource::RandomAccess(r)) => raw::decode_random(r, opts).await?,
+        (DiskFormat::Raw, ImageSource::Sequential { size, stream }) => {
+            raw::decode_sequential(size, stream)?
+        }
+        (other, _) => {
+            return Err(crate::Error::unsupported(format!(
+                "decoding {other} images is not implemented yet"
+            )));
+        }
+    };
+    Ok((format, content.validated()))
+}
+
+/// Encodes content into `format`, as a strictly sequential stream.
+pub fn encode(
+    content: DiskContent,
+    format: DiskFormat,
+    _opts: &EncodeOptions,
+) -> crate::Result<ChunkStream> {
+    match format {
+        DiskFormat::Raw => Ok(raw::encode(content)),
+        other => Err(crate::Error::unsupported(format!(
+            "encoding {other} images is not implemented yet"
+        ))),
+    }
+}
+
+/// Reads just enough of an image to tell its format and virtual size (metadata only).
+pub async fn probe(src: &dyn crate::io::ReadAt) -> crate::Result<(DiskFormat, u64)> {
+    let head = src.read_at(0, DETECT_LEN).await?;
+    let format = DiskFormat::detect(&head)?;
+    match format {
+        DiskFormat::Raw => Ok((format, src.size())),
+        other => Err(crate::Error::unsupported(format!(
+            "probing {other} images is not implemented yet"
+        ))),
+    }
+}

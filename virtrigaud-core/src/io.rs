@@ -1,0 +1,454 @@
+//! Byte-level I/O: random-access sources ([`ReadAt`]), native image sources ([`ImageSource`]) and
+//! sequential sinks ([`ByteSink`]), plus their local-file implementations.
+//!
+//! A sink is written strictly in order and becomes visible only on [`ByteSink::commit`];
+//! [`ByteSink::abort`] (or dropping it) leaves nothing behind.
+
+use crate::extent::{Extent, ExtentStream};
+use crate::{Error, ErrorKind, Result};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A stream of bytes (e.g. an object GET).
+pub type ByteStream = BoxStream<'static, Result<Bytes>>;
+
+/// A source that allows reads at any offset (local file, ranged GET, datastore HTTP).
+#[async_trait]
+pub trait ReadAt: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Reads up to `len` bytes at `offset`. Returns fewer only at the end of the source.
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes>;
+    /// Ranges that hold data, when the source can tell cheaply (`SEEK_DATA`/`SEEK_HOLE`);
+    /// `None` when unknown.
+    async fn data_ranges(&self) -> Result<Option<Vec<Range<u64>>>> {
+        Ok(None)
+    }
+    /// Reads exactly `len` bytes at `offset`, or fails with `Corrupt` (truncated source).
+    async fn read_exact_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        let b = self.read_at(offset, len).await?;
+        if b.len() != len {
+            return Err(Error::corrupt(format!(
+                "truncated: wanted {len} bytes at {offset}, source has {}",
+                self.size()
+            ))
+            .with_offset(offset));
+        }
+        Ok(b)
+    }
+}
+
+/// The native bytes of a disk image, as a provider or storage hands them out.
+pub enum ImageSource {
+    /// Ranged reads are possible.
+    RandomAccess(Arc<dyn ReadAt>),
+    /// One pass, in order (an export stream, a sparse volume stream). Items are extents of the
+    /// *image file*: `Zero` marks a hole in the file.
+    Sequential {
+        /// Total size of the image file, when known.
+        size: Option<u64>,
+        /// The bytes.
+        stream: ExtentStream,
+    },
+}
+
+impl std::fmt::Debug for ImageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageSource::RandomAccess(r) => write!(f, "RandomAccess(size={})", r.size()),
+            ImageSource::Sequential { size, .. } => write!(f, "Sequential(size={size:?})"),
+        }
+    }
+}
+
+impl ImageSource {
+    /// A sequential source from a plain byte stream (no holes known).
+    pub fn from_byte_stream(size: Option<u64>, stream: ByteStream) -> Self {
+        let mut pos = 0u64;
+        let stream = stream
+            .map(move |b| {
+                let bytes = b?;
+                let e = Extent::Data { offset: pos, bytes };
+                pos += e.len();
+                Ok(e)
+            })
+            .boxed();
+        ImageSource::Sequential { size, stream }
+    }
+}
+
+/// A sequential writer: a stored object, a target disk, a file.
+#[async_trait]
+pub trait ByteSink: Send {
+    /// Appends bytes.
+    async fn write(&mut self, data: Bytes) -> Result<()>;
+    /// Appends `len` zero bytes. Sparse sinks (files, sparse streams) skip them cheaply.
+    async fn write_zeros(&mut self, len: u64) -> Result<()> {
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(ZEROS.len() as u64) as usize;
+            self.write(Bytes::from_static(&ZEROS[..n])).await?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+    /// Makes the written bytes visible under their final name. Nothing is visible before.
+    async fn commit(self: Box<Self>) -> Result<()>;
+    /// Discards everything written; leaves nothing behind.
+    async fn abort(self: Box<Self>) -> Result<()>;
+}
+
+/// 1 MiB of zeros, for writing zero runs to sinks that cannot skip them.
+pub static ZEROS: [u8; 1 << 20] = [0u8; 1 << 20];
+
+/// A local file opened for random-access reads, with `SEEK_DATA`/`SEEK_HOLE` hole detection.
+#[derive(Debug)]
+pub struct LocalFile {
+    file: Arc<std::fs::File>,
+    size: u64,
+    path: PathBuf,
+}
+
+impl LocalFile {
+    /// Opens `path` read-only.
+    pub async fn open(path: impl AsRef<Path>) -> Result<LocalFile> {
+        let path = path.as_ref().to_path_buf();
+        let p = path.clone();
+        let (file, size) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let f = std::fs::File::open(&p)?;
+            let m = f.metadata()?;
+            if m.is_dir() {
+                return Err(std::io::Error::other("is a directory"));
+            }
+            Ok((f, m.len()))
+        })
+        .await
+        .map_err(join_err)?
+        .map_err(|e| Error::io(e, "cannot open file").with_target(path.display().to_string()))?;
+        Ok(LocalFile {
+            file: Arc::new(file),
+            size,
+            path,
+        })
+    }
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+pub(crate) fn join_err(e: tokio::task::JoinError) -> Error {
+    Error::new(ErrorKind::Io, format!("worker task failed: {e}"))
+}
+
+#[async_trait]
+impl ReadAt for LocalFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let len = len.min(self.size.saturating_sub(offset) as usize);
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
+            let mut buf = vec![0u8; len];
+            let mut done = 0;
+            while done < len {
+                let n = file.read_at(&mut buf[done..], offset + done as u64)?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            buf.truncate(done);
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .map_err(join_err)?
+        .map_err(|e| {
+            Error::io(e, "read failed")
+                .with_target(self.path.display().to_string())
+                .with_offset(offset)
+        })
+    }
+
+    async fn data_ranges(&self) -> Result<Option<Vec<Range<u64>>>> {
+        let file = self.file.clone();
+        let size = self.size;
+        tokio::task::spawn_blocking(move || seek_data_ranges(&file, size))
+            .await
+            .map_err(join_err)
+    }
+}
+
+/// Data ranges of a file by `SEEK_DATA`/`SEEK_HOLE`; `None` if the file system cannot tell.
+fn seek_data_ranges(file: &std::fs::File, size: u64) -> Option<Vec<Range<u64>>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut ranges = Vec::new();
+    let mut pos: i64 = 0;
+    let size = i64::try_from(size).ok()?;
+    while pos < size {
+        // SAFETY: lseek on a valid, owned descriptor; it only moves a file offset that no other
+        // code of ours relies on (all reads are positional).
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // no more data
+            }
+            return None;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return None;
+        }
+        let end = hole.min(size);
+        if end > data {
+            ranges.push(data as u64..end as u64);
+        }
+        pos = hole;
+    }
+    Some(ranges)
+}
+
+/// A sink that writes a local file under a temporary name, then fsyncs and renames it on
+/// commit. Zero runs become holes. The temp file is removed on abort or drop.
+#[derive(Debug)]
+pub struct LocalFileSink {
+    file: Option<std::fs::File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    pos: u64,
+    overwrite: bool,
+    committed: bool,
+}
+
+impl LocalFileSink {
+    /// Creates the temp file next to `dest`. Fails with `AlreadyExists` if `dest` exists and
+    /// `overwrite` is false (checked again at commit, atomically).
+    pub async fn create(dest: impl AsRef<Path>, overwrite: bool) -> Result<LocalFileSink> {
+        let dest = dest.as_ref().to_path_buf();
+        let target = dest.display().to_string();
+        let d = dest.clone();
+        let (file, tmp) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            if !overwrite && d.symlink_metadata().is_ok() {
+                return Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists));
+            }
+            let dir = d.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir)?;
+            let name = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let tmp = dir.join(format!(".{name}.{}.vrg-tmp", unique_suffix()));
+            let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            Ok((f, tmp))
+        })
+        .await
+        .map_err(join_err)?
+        .map_err(|e| {
+            let kind = e.kind();
+            let msg = if kind == std::io::ErrorKind::AlreadyExists {
+                "target already exists (overwrite not requested)"
+            } else {
+                "cannot create target"
+            };
+            Error::io(e, msg).with_target(target)
+        })?;
+        Ok(LocalFileSink {
+            file: Some(file),
+            tmp,
+            dest,
+            pos: 0,
+            overwrite,
+            committed: false,
+        })
+    }
+
+    fn file(&self) -> Result<&std::fs::File> {
+        self.file.as_ref().ok_or_else(|| Error::new(ErrorKind::Io, "sink already closed"))
+    }
+}
+
+/// A process-unique suffix for temporary names.
+pub fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("{}-{:x}-{}", std::process::id(), t, N.fetch_add(1, Ordering::Relaxed))
+}
+
+#[async_trait]
+impl ByteSink for LocalFileSink {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = self.file()?.try_clone()?;
+        let pos = self.pos;
+        let n = data.len() as u64;
+        tokio::task::spawn_blocking(move || file.write_all_at(&data, pos))
+            .await
+            .map_err(join_err)?
+            .map_err(|e| {
+                Error::io(e, "write failed").with_target(self.dest.display().to_string())
+            })?;
+        self.pos += n;
+        Ok(())
+    }
+
+    async fn write_zeros(&mut self, len: u64) -> Result<()> {
+        self.pos = self
+            .pos
+            .checked_add(len)
+            .ok_or_else(|| Error::invalid("file size overflow"))?;
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        let file = self.file.take().ok_or_else(|| Error::new(ErrorKind::Io, "sink closed"))?;
+        let (tmp, dest, size, overwrite) =
+            (self.tmp.clone(), self.dest.clone(), self.pos, self.overwrite);
+        let target = dest.display().to_string();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            file.set_len(size)?;
+            file.sync_all()?;
+            drop(file);
+            if overwrite {
+                std::fs::rename(&tmp, &dest)?;
+            } else {
+                // hard_link fails if dest exists: an atomic no-overwrite rename.
+                std::fs::hard_link(&tmp, &dest)?;
+                std::fs::remove_file(&tmp)?;
+            }
+            if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+                if let Ok(d) = std::fs::File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(join_err)?
+        .map_err(|e| Error::io(e, "commit failed").with_target(target))?;
+        self.committed = true;
+        Ok(())
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<()> {
+        self.file.take();
+        let tmp = self.tmp.clone();
+        self.committed = true; // nothing left for Drop to do
+        match tokio::fs::remove_file(&tmp).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(e, "cannot remove temp file")),
+        }
+    }
+}
+
+impl Drop for LocalFileSink {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.file.take();
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A sink that keeps everything in memory (tests, small manifests).
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    buf: Vec<u8>,
+    out: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl MemorySink {
+    /// A new sink and the slot that receives the bytes on commit.
+    pub fn new() -> (MemorySink, Arc<std::sync::Mutex<Option<Vec<u8>>>>) {
+        let s = MemorySink::default();
+        let out = s.out.clone();
+        (s, out)
+    }
+}
+
+#[async_trait]
+impl ByteSink for MemorySink {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        self.buf.extend_from_slice(&data);
+        Ok(())
+    }
+    async fn commit(self: Box<Self>) -> Result<()> {
+        let mut slot = self.out.lock().map_err(|_| Error::new(ErrorKind::Io, "poisoned"))?;
+        *slot = Some(self.buf);
+        Ok(())
+    }
+    async fn abort(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_file_reports_holes_and_reads() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sparse.raw");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.seek(SeekFrom::Start(8 << 20)).unwrap();
+        f.write_all(&[7u8; 1 << 20]).unwrap();
+        drop(f);
+        let lf = LocalFile::open(&p).await.unwrap();
+        assert_eq!(lf.size(), 64 << 20);
+        if let Some(r) = lf.data_ranges().await.unwrap() {
+            let total: u64 = r.iter().map(|r| r.end - r.start).sum();
+            assert!(total >= 1 << 20 && total < 8 << 20, "{r:?}");
+            assert!(r.iter().any(|r| r.start <= 8 << 20 && r.end >= 9 << 20));
+        }
+        let b = lf.read_at((8 << 20) - 2, 4).await.unwrap();
+        assert_eq!(&b[..], &[0, 0, 7, 7]);
+        let b = lf.read_at((64 << 20) - 2, 10).await.unwrap();
+        assert_eq!(b.len(), 2);
+        assert_eq!(lf.read_exact_at((64 << 20) - 2, 10).await.unwrap_err().kind(), ErrorKind::Corrupt);
+    }
+
+    #[tokio::test]
+    async fn file_sink_is_invisible_until_commit_and_refuses_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("sub/out.raw");
+        let mut s = Box::new(LocalFileSink::create(&dest, false).await.unwrap());
+        s.write(Bytes::from_static(b"abc")).await.unwrap();
+        s.write_zeros(5).await.unwrap();
+        s.write(Bytes::from_static(b"z")).await.unwrap();
+        assert!(!dest.exists());
+        s.commit().await.unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"abc\0\0\0\0\0z");
+        let e = LocalFileSink::create(&dest, false).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        // abort and drop leave no temp files
+        let s = Box::new(LocalFileSink::create(dir.path().join("b"), false).await.unwrap());
+        s.abort().await.unwrap();
+        {
+            let _s = LocalFileSink::create(dir.path().join("c"), false).await.unwrap();
+        }
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("sub")).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["sub".to_string()]);
+    }
+}

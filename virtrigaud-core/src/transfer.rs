@@ -1,0 +1,481 @@
+//! Disk export and import through storage, with manifests and end-to-end verification.
+//!
+//! * [`export_disk`]: provider disk → decode → pipeline → stored object in any format, then its
+//!   manifest (written last, so a manifest always describes a complete object).
+//! * [`import_disk`]: manifest → stored object, verified chunk by chunk while it streams →
+//!   decode → encode into the target's format → provider disk. The disk is committed only when
+//!   the object SHA-256, every chunk digest and the content digest match the manifest; otherwise
+//!   it is aborted and the error is [`ErrorKind::ChecksumMismatch`].
+//! * [`verify_object`]: re-reads a stored object and checks it against its manifest.
+
+use crate::digest::{CONTENT_ALGORITHM, CONTENT_BLOCK, OBJECT_ALGORITHM, ObjectHasher};
+use crate::extent::Extent;
+use crate::format::{self, DecodeOptions, DiskFormat, EncodeOptions};
+use crate::io::{ByteStream, ImageSource, join_err};
+use crate::manifest::{
+    ChunkDigests, DigestValue, MAX_MANIFEST_BYTES, Manifest, SCHEMA_VERSION, SourceRef,
+    manifest_key, now_rfc3339,
+};
+use crate::pipeline::{self, PipelineOptions, TransferReport};
+use crate::progress::Phase;
+use crate::provider::{DiskCreateSpec, Provider, SnapshotRef};
+use crate::storage::{PutOptions, StorageBackend, StorageExt, validate_key};
+use crate::{Error, ErrorKind, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, Instrument};
+
+/// Library name and version, as recorded in manifests.
+pub const LIBRARY: &str = concat!("virtrigaud ", env!("CARGO_PKG_VERSION"));
+
+/// Options of [`export_disk`].
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Format of the stored object.
+    pub format: DiskFormat,
+    /// Read from this snapshot (point-in-time) instead of the live disk.
+    pub snapshot: Option<SnapshotRef>,
+    /// Record the VM's hardware description in the manifest.
+    pub include_vm: bool,
+    /// Pipeline tuning, progress and cancellation.
+    pub pipeline: PipelineOptions,
+    /// Decoder options.
+    pub decode: DecodeOptions,
+    /// Encoder options.
+    pub encode: EncodeOptions,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            format: DiskFormat::Raw,
+            snapshot: None,
+            include_vm: true,
+            pipeline: PipelineOptions::default(),
+            decode: DecodeOptions::default(),
+            encode: EncodeOptions::default(),
+        }
+    }
+}
+
+/// What an export produced.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    /// The manifest stored next to the object.
+    pub manifest: Manifest,
+    /// Transfer figures.
+    pub transfer: TransferReport,
+}
+
+/// Exports one disk of a VM to `storage` at `key` (plus `<key>.manifest.json`).
+pub async fn export_disk(
+    provider: &dyn Provider,
+    vm: &str,
+    disk: &str,
+    storage: &dyn StorageBackend,
+    key: &str,
+    opts: &ExportOptions,
+) -> Result<ExportReport> {
+    let span = info_span!("export_disk", provider = provider.kind(), vm, disk, key);
+    async {
+        validate_key(key)?;
+        let ctx = |e: Error| {
+            e.with_operation("export_disk")
+                .with_vm(vm.to_string())
+                .with_disk(disk.to_string())
+        };
+        let vm_info = if opts.include_vm {
+            Some(provider.describe_vm(vm).await.map_err(ctx)?)
+        } else {
+            None
+        };
+        let opened = provider
+            .open_disk(vm, disk, opts.snapshot.as_ref())
+            .await
+            .map_err(ctx)?;
+        let (_, content) = format::decode(opened.source, opened.info.format, &opts.decode)
+            .await
+            .map_err(ctx)?;
+        let sink = storage
+            .put(key, &PutOptions::default())
+            .await
+            .map_err(|e| ctx(e).with_target(key.to_string()))?;
+        let (report, sink) = pipeline::run(
+            content,
+            opts.format,
+            &opts.encode,
+            sink,
+            true,
+            Phase::Export,
+            disk,
+            &opts.pipeline,
+        )
+        .await
+        .map_err(ctx)?;
+        let Some((object_sha, chunks)) = report.object.clone() else {
+            let _ = sink.abort().await;
+            return Err(Error::new(ErrorKind::Io, "object digest missing"));
+        };
+        let manifest = Manifest {
+            schema_version: SCHEMA_VERSION,
+            format: opts.format,
+            virtual_size: report.virtual_size,
+            stored_size: report.stored_size,
+            allocated_bytes: report.allocated_bytes,
+            object_digest: DigestValue {
+                algorithm: OBJECT_ALGORITHM.into(),
+                value: object_sha,
+                block_size: None,
+            },
+            content_digest: DigestValue {
+                algorithm: CONTENT_ALGORITHM.into(),
+                value: report.content_digest.clone(),
+                block_size: Some(CONTENT_BLOCK as u64),
+            },
+            chunks: ChunkDigests {
+                algorithm: OBJECT_ALGORITHM.into(),
+                chunk_size: opts.pipeline.chunk_size,
+                digests: chunks,
+            },
+            source: Some(SourceRef {
+                provider: provider.kind().into(),
+                vm: vm.into(),
+                disk: disk.into(),
+                snapshot: opts.snapshot.as_ref().map(|s| s.name.clone()),
+            }),
+            vm: vm_info,
+            created: now_rfc3339(),
+            library: LIBRARY.into(),
+        };
+        manifest.check()?;
+        let json = manifest.to_json()?;
+        if opts.pipeline.cancel.is_cancelled() {
+            let _ = sink.abort().await;
+            return Err(Error::cancelled());
+        }
+        sink.commit().await.map_err(|e| ctx(e).with_target(key.to_string()))?;
+        if let Err(e) = storage.put_bytes(&manifest_key(key), Bytes::from(json)).await {
+            let _ = storage.delete(key).await;
+            return Err(ctx(e).with_target(manifest_key(key)));
+        }
+        info!(
+            stored = report.stored_size,
+            allocated = report.allocated_bytes,
+            content = %report.content_digest,
+            "disk exported"
+        );
+        Ok(ExportReport {
+            manifest,
+            transfer: report,
+        })
+    }
+    .instrument(span)
+    .await
+}
+
+/// Reads and checks the manifest of the object at `key`.
+pub async fn read_manifest(storage: &dyn StorageBackend, key: &str) -> Result<Manifest> {
+    validate_key(key)?;
+    let mkey = manifest_key(key);
+    let data = storage.get_bytes(&mkey, MAX_MANIFEST_BYTES).await.map_err(|e| {
+        if e.kind() == ErrorKind::NotFound {
+            Error::not_found(format!(
+                "no manifest for {key}: expected {mkey} next to it (was the export completed?)"
+            ))
+        } else {
+            e.with_target(mkey.clone())
+        }
+    })?;
+    Manifest::parse(&data).map_err(|e| e.with_target(mkey))
+}
+
+/// Outcome of a streamed verification.
+struct VerifyState {
+    mismatch: Option<String>,
+}
+
+/// Streams the object through its chunk digests and whole SHA-256, forwarding the bytes to
+/// `tx`. Stops early (at a chunk boundary) when `stop` fires, and forwards an error when a
+/// chunk does not match so the consumer stops.
+async fn verify_stream(
+    mut stream: ByteStream,
+    manifest: Manifest,
+    tx: tokio::sync::mpsc::Sender<Result<Extent>>,
+    state: Arc<Mutex<VerifyState>>,
+    stop: CancellationToken,
+) -> Result<bool> {
+    let chunk = manifest.chunks.chunk_size;
+    let mut h = ObjectHasher::new(chunk);
+    let mut checked = 0usize;
+    let mut pos = 0u64;
+    let mut forward = true;
+    let fail = |why: String| {
+        if let Ok(mut s) = state.lock() {
+            s.mismatch.get_or_insert(why.clone());
+        }
+        Error::new(ErrorKind::ChecksumMismatch, why)
+    };
+    while let Some(b) = stream.next().await {
+        let b = b?;
+        if pos + b.len() as u64 > manifest.stored_size {
+            let e = fail(format!(
+                "stored object is longer than the {} bytes its manifest records",
+                manifest.stored_size
+            ));
+            let _ = tx.send(Err(fail(e.message().to_string()))).await;
+            return Err(e);
+        }
+        if b.len() >= 256 << 10 {
+            let b2 = b.clone();
+            h = tokio::task::spawn_blocking(move || {
+                h.update(&b2);
+                h
+            })
+            .await
+            .map_err(join_err)?;
+        } else {
+            h.update(&b);
+        }
+        let done = h.completed_chunks();
+        while checked < done.len() {
+            if manifest.chunks.digests.get(checked) != Some(&done[checked]) {
+                let e = fail(format!(
+                    "chunk {checked} (bytes {}..{}) does not match its manifest digest",
+                    checked as u64 * chunk,
+                    (checked as u64 + 1) * chunk
+                ));
+                let _ = tx.send(Err(fail(e.message().to_string()))).await;
+                return Err(e);
+            }
+            checked += 1;
+            if stop.is_cancelled() {
+                return Ok(false);
+            }
+        }
+        let len = b.len() as u64;
+        if forward && tx.send(Ok(Extent::Data { offset: pos, bytes: b })).await.is_err() {
+            forward = false; // the decoder has all it needs; keep hashing to the end
+        }
+        pos += len;
+    }
+    drop(tx);
+    if pos != manifest.stored_size {
+        return Err(fail(format!(
+            "stored object has {pos} bytes, its manifest records {}",
+            manifest.stored_size
+        )));
+    }
+    let (sha, chunks) = h.finish();
+    if chunks.last() != manifest.chunks.digests.last() {
+        return Err(fail("last chunk does not match its manifest digest".into()));
+    }
+    if sha != manifest.object_digest.value {
+        return Err(fail(format!(
+            "object SHA-256 {sha} differs from the manifest's {}",
+            manifest.object_digest.value
+        )));
+    }
+    Ok(true)
+}
+
+/// Options of [`import_disk`].
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Preferred format on the target (the provider may choose).
+    pub format: Option<DiskFormat>,
+    /// Pool, storage or datastore on the target.
+    pub placement: Option<String>,
+    /// Replace an existing disk of the same name.
+    pub overwrite: bool,
+    /// Pipeline tuning, progress and cancellation.
+    pub pipeline: PipelineOptions,
+    /// Decoder options.
+    pub decode: DecodeOptions,
+    /// Encoder options.
+    pub encode: EncodeOptions,
+}
+
+/// What an import produced.
+#[derive(Debug, Clone)]
+pub struct ImportReport {
+    /// The manifest the import was verified against.
+    pub manifest: Manifest,
+    /// Location of the new disk on the target (for [`VmDiskSpec`](crate::VmDiskSpec)).
+    pub location: String,
+    /// Format of the new disk.
+    pub format: DiskFormat,
+    /// Transfer figures.
+    pub transfer: TransferReport,
+}
+
+/// Imports the stored disk at `key` into `provider` as disk `name` of VM `vm`, verified
+/// against its manifest before it becomes visible.
+pub async fn import_disk(
+    storage: &dyn StorageBackend,
+    key: &str,
+    provider: &dyn Provider,
+    vm: &str,
+    name: &str,
+    opts: &ImportOptions,
+) -> Result<ImportReport> {
+    let span = info_span!("import_disk", provider = provider.kind(), vm, disk = name, key);
+    async {
+        let manifest = read_manifest(storage, key).await?;
+        let meta = storage.stat(key).await.map_err(|e| e.with_target(key.to_string()))?;
+        if meta.size != manifest.stored_size {
+            return Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!(
+                    "stored object is {} bytes, its manifest records {}",
+                    meta.size, manifest.stored_size
+                ),
+            )
+            .with_target(key.to_string()));
+        }
+        let stream = storage.get(key, None).await.map_err(|e| e.with_target(key.to_string()))?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Extent>>(4);
+        let state = Arc::new(Mutex::new(VerifyState { mismatch: None }));
+        let stop = CancellationToken::new();
+        let verifier = tokio::spawn(verify_stream(
+            stream,
+            manifest.clone(),
+            tx,
+            state.clone(),
+            stop.clone(),
+        ));
+        let source = ImageSource::Sequential {
+            size: Some(manifest.stored_size),
+            stream: futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed(),
+        };
+        let mismatch = |state: &Arc<Mutex<VerifyState>>| {
+            state.lock().ok().and_then(|s| s.mismatch.clone())
+        };
+        let result = async {
+            let (_, content) =
+                format::decode(source, Some(manifest.format), &opts.decode).await?;
+            if content.virtual_size != manifest.virtual_size {
+                return Err(Error::new(
+                    ErrorKind::ChecksumMismatch,
+                    format!(
+                        "decoded virtual size {} differs from the manifest's {}",
+                        content.virtual_size, manifest.virtual_size
+                    ),
+                ));
+            }
+            let created = provider
+                .create_disk(&DiskCreateSpec {
+                    vm: vm.to_string(),
+                    name: name.to_string(),
+                    capacity: manifest.virtual_size,
+                    format: opts.format,
+                    placement: opts.placement.clone(),
+                    overwrite: opts.overwrite,
+                })
+                .await?;
+            let (report, sink) = pipeline::run(
+                content,
+                created.format,
+                &opts.encode,
+                created.sink,
+                false,
+                Phase::Import,
+                name,
+                &opts.pipeline,
+            )
+            .await?;
+            Ok((report, sink, created.location, created.format))
+        }
+        .await;
+        let (report, sink, location, fmt) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                stop.cancel();
+                let _ = verifier.await;
+                if let Some(why) = mismatch(&state) {
+                    return Err(Error::new(ErrorKind::ChecksumMismatch, why)
+                        .with_target(key.to_string())
+                        .with_operation("import_disk"));
+                }
+                return Err(e.with_operation("import_disk").with_target(key.to_string()));
+            }
+        };
+        let verified = verifier.await.map_err(join_err).and_then(|r| r);
+        let content_ok = report.content_digest == manifest.content_digest.value;
+        match verified {
+            Ok(true) if content_ok => {
+                sink.commit().await?;
+                info!(location = %location, "disk imported and verified");
+                Ok(ImportReport {
+                    manifest,
+                    location,
+                    format: fmt,
+                    transfer: report,
+                })
+            }
+            Ok(_) => {
+                let _ = sink.abort().await;
+                Err(Error::new(
+                    ErrorKind::ChecksumMismatch,
+                    format!(
+                        "content digest {} differs from the manifest's {}",
+                        report.content_digest, manifest.content_digest.value
+                    ),
+                )
+                .with_target(key.to_string()))
+            }
+            Err(e) => {
+                let _ = sink.abort().await;
+                Err(e.with_target(key.to_string()).with_operation("import_disk"))
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Re-reads the object at `key` and checks its size, SHA-256, chunk digests and content digest
+/// against its manifest, without writing anything.
+pub async fn verify_object(
+    storage: &dyn StorageBackend,
+    key: &str,
+    opts: &ImportOptions,
+) -> Result<Manifest> {
+    let manifest = read_manifest(storage, key).await?;
+    let stream = storage.get(key, None).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Extent>>(4);
+    let state = Arc::new(Mutex::new(VerifyState { mismatch: None }));
+    let verifier = tokio::spawn(verify_stream(
+        stream,
+        manifest.clone(),
+        tx,
+        state,
+        CancellationToken::new(),
+    ));
+    let source = ImageSource::Sequential {
+        size: Some(manifest.stored_size),
+        stream: futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed(),
+    };
+    let (_, content) = format::decode(source, Some(manifest.format), &opts.decode).await?;
+    let mut digester =
+        crate::digest::ContentDigester::new(content.virtual_size, opts.pipeline.parallelism);
+    let mut ex = content.extents;
+    while let Some(e) = ex.next().await {
+        for piece in crate::extent::zero_detect(e?, opts.pipeline.zero_block) {
+            digester.update(&piece).await?;
+        }
+    }
+    let digest = digester.finish().await?;
+    verifier.await.map_err(join_err)??;
+    if digest != manifest.content_digest.value {
+        return Err(Error::new(
+            ErrorKind::ChecksumMismatch,
+            format!(
+                "content digest {digest} differs from the manifest's {}",
+                manifest.content_digest.value
+            ),
+        ));
+    }
+    Ok(manifest)
+}

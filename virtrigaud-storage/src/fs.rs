@@ -1,0 +1,280 @@
+//! The filesystem backend: a local directory or an NFS/SMB-mounted path.
+//!
+//! Puts write to a temporary name beside the target, fsync, then rename (atomic visibility);
+//! an aborted or dropped put removes its temporary file. Keys are checked
+//! ([`validate_key`](virtrigaud_core::storage::validate_key)) and resolved paths must stay
+//! inside the root, symlinks included.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use virtrigaud_core::io::{ByteSink, ByteStream, LocalFileSink};
+use virtrigaud_core::storage::{validate_key, validate_prefix};
+use virtrigaud_core::{
+    Error, ErrorKind, ObjectMeta, PutOptions, Result, StorageBackend, StorageCapabilities,
+};
+
+/// Suffix of temporary files (never listed).
+const TMP_SUFFIX: &str = ".vrg-tmp";
+/// Read size of GET streams.
+const READ_CHUNK: usize = 1 << 20;
+
+/// A directory used as object storage.
+#[derive(Debug, Clone)]
+pub struct FsBackend {
+    root: PathBuf,
+}
+
+impl FsBackend {
+    /// A backend rooted at `root` (created on first put).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        FsBackend { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        validate_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    /// Fails if `path`'s existing ancestors resolve (through symlinks) outside the root.
+    async fn check_inside(&self, path: &Path) -> Result<()> {
+        let root = match tokio::fs::canonicalize(&self.root).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(e, "cannot resolve storage root")),
+        };
+        let mut p = path.to_path_buf();
+        loop {
+            match tokio::fs::canonicalize(&p).await {
+                Ok(real) => {
+                    if !real.starts_with(&root) {
+                        return Err(Error::invalid(format!(
+                            "{} resolves outside the storage root",
+                            path.display()
+                        )));
+                    }
+                    return Ok(());
+                }
+                Err(_) => match p.parent() {
+                    Some(parent) if parent.starts_with(&self.root) => p = parent.to_path_buf(),
+                    _ => return Ok(()),
+                },
+            }
+        }
+    }
+
+    fn key_of(&self, path: &Path) -> Option<String> {
+        let rel = path.strip_prefix(&self.root).ok()?;
+        let parts: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        Some(parts.join("/"))
+    }
+}
+
+fn not_found(key: &str) -> Error {
+    Error::not_found(format!("no object {key:?}")).with_target(key.to_string())
+}
+
+#[async_trait]
+impl StorageBackend for FsBackend {
+    fn location(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    fn capabilities(&self) -> StorageCapabilities {
+        StorageCapabilities {
+            ranged_read: true,
+            list: true,
+            multipart: false,
+            resume: false,
+            presign: false,
+            atomic_put: true,
+        }
+    }
+
+    async fn put(&self, key: &str, opts: &PutOptions) -> Result<Box<dyn ByteSink>> {
+        let path = self.path(key)?;
+        self.check_inside(&path).await?;
+        let sink = LocalFileSink::create(&path, opts.overwrite)
+            .await
+            .map_err(|e| e.with_operation("put").with_target(key.to_string()))?;
+        Ok(Box::new(sink))
+    }
+
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream> {
+        let path = self.path(key)?;
+        self.check_inside(&path).await?;
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found(key)),
+            Err(e) => return Err(Error::io(e, "cannot open object").with_target(key.to_string())),
+        };
+        let size = file.metadata()?.len();
+        let (start, end) = match range {
+            Some(r) => {
+                if r.start > r.end || r.start > size {
+                    return Err(Error::invalid(format!(
+                        "range {}..{} outside object of {size} bytes",
+                        r.start, r.end
+                    ))
+                    .with_target(key.to_string()));
+                }
+                (r.start, r.end.min(size))
+            }
+            None => (0, size),
+        };
+        let file = std::sync::Arc::new(file);
+        let key = key.to_string();
+        let stream = futures::stream::unfold(start, move |pos| {
+            let file = file.clone();
+            let key = key.clone();
+            async move {
+                if pos >= end {
+                    return None;
+                }
+                let n = ((end - pos) as usize).min(READ_CHUNK);
+                let res = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; n];
+                    file.read_exact_at(&mut buf, pos).map(|_| Bytes::from(buf))
+                })
+                .await;
+                let item = match res {
+                    Ok(Ok(b)) => Ok(b),
+                    Ok(Err(e)) => Err(Error::io(e, "read failed").with_target(key).with_offset(pos)),
+                    Err(e) => Err(Error::new(ErrorKind::Io, e.to_string())),
+                };
+                let next = if item.is_ok() { pos + n as u64 } else { end };
+                Some((item, next))
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    async fn stat(&self, key: &str) -> Result<ObjectMeta> {
+        let path = self.path(key)?;
+        match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_file() => Ok(ObjectMeta {
+                key: key.to_string(),
+                size: m.len(),
+                etag: None,
+                last_modified: m.modified().ok(),
+            }),
+            Ok(_) => Err(not_found(key)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(not_found(key)),
+            Err(e) => Err(Error::io(e, "stat failed").with_target(key.to_string())),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        self.check_inside(&path).await?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(e, "delete failed").with_target(key.to_string())),
+        }
+        // Remove directories the key left empty, up to the root.
+        let mut dir = path.parent().map(Path::to_path_buf);
+        while let Some(d) = dir {
+            if d == self.root || !d.starts_with(&self.root) {
+                break;
+            }
+            if tokio::fs::remove_dir(&d).await.is_err() {
+                break;
+            }
+            dir = d.parent().map(Path::to_path_buf);
+        }
+        Ok(())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        validate_prefix(prefix)?;
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let mut rd = match tokio::fs::read_dir(&dir).await {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(e, "list failed")),
+            };
+            while let Some(entry) = rd.next_entry().await? {
+                let ft = entry.file_type().await?;
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if ft.is_dir() {
+                    stack.push(path);
+                } else if ft.is_file() && !(name.starts_with('.') && name.ends_with(TMP_SUFFIX)) {
+                    let Some(key) = self.key_of(&path) else { continue };
+                    if key.starts_with(prefix) {
+                        let m = entry.metadata().await?;
+                        out.push(ObjectMeta {
+                            key,
+                            size: m.len(),
+                            etag: None,
+                            last_modified: m.modified().ok(),
+                        });
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fs_backend_passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let b: Arc<dyn StorageBackend> = Arc::new(FsBackend::new(dir.path().join("store")));
+        crate::conformance::run_all(b, "conf").await;
+        // and leaves no temporary file anywhere
+        let mut stack = vec![dir.path().to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let e = e.unwrap();
+                assert!(!e.file_name().to_string_lossy().ends_with(TMP_SUFFIX), "{:?}", e.path());
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn symlinks_cannot_escape_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        let b = FsBackend::new(&root);
+        assert_eq!(b.get("link/secret", None).await.err().unwrap().kind(), ErrorKind::InvalidInput);
+        assert_eq!(b.put("link/new", &PutOptions::default()).await.err().unwrap().kind(), ErrorKind::InvalidInput);
+        assert!(!outside.join("new").exists());
+    }
+
+    #[tokio::test]
+    async fn unwritable_root_is_a_clear_error() {
+        let b = FsBackend::new("/proc/virtrigaud-cannot-write-here");
+        let e = b.put("k", &PutOptions::default()).await.err().unwrap();
+        assert!(matches!(e.kind(), ErrorKind::Permission | ErrorKind::Io | ErrorKind::NotFound), "{e}");
+        assert!(e.to_string().contains("k"), "{e}");
+    }
+}
