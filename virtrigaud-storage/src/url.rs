@@ -46,6 +46,10 @@ impl StorageUrl {
     /// assert!(StorageUrl::parse("ftp://x").is_err());
     /// ```
     pub fn parse(s: &str) -> Result<StorageUrl> {
+        // URL parsing would silently resolve `..`; a storage location must not contain it.
+        if s.split(['/', '?', '#']).any(|seg| seg == ".." || seg.eq_ignore_ascii_case("%2e%2e")) {
+            return Err(Error::invalid(format!("storage URL {:?} contains '..'", redact(s))));
+        }
         if s.starts_with('/') {
             return Ok(StorageUrl::File { root: PathBuf::from(s) });
         }

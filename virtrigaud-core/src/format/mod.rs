@@ -2,7 +2,9 @@
 //!
 //! A format is never inferred from a file name: [`DiskFormat::detect`] reads the first bytes.
 
+pub mod qcow2;
 pub mod raw;
+pub mod vmdk;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -210,12 +212,24 @@ impl Chunk {
 pub type ChunkStream = BoxStream<'static, crate::Result<Chunk>>;
 
 /// Options for decoders.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DecodeOptions {
     /// Size of one read from a random-access source.
     pub read_size: usize,
     /// Reads in flight at once on a random-access source.
     pub read_ahead: usize,
+    /// Opens the extent files of a monolithicFlat VMDK descriptor.
+    pub extent_resolver: Option<std::sync::Arc<dyn vmdk::ExtentResolver>>,
+}
+
+impl std::fmt::Debug for DecodeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecodeOptions")
+            .field("read_size", &self.read_size)
+            .field("read_ahead", &self.read_ahead)
+            .field("extent_resolver", &self.extent_resolver.is_some())
+            .finish()
+    }
 }
 
 impl Default for DecodeOptions {
@@ -223,15 +237,33 @@ impl Default for DecodeOptions {
         DecodeOptions {
             read_size: 4 << 20,
             read_ahead: 2,
+            extent_resolver: None,
         }
     }
 }
 
 /// Options for encoders.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EncodeOptions {
-    /// Compress where the format allows (qcow2 clusters). streamOptimized VMDK always compresses.
+    /// Compress qcow2 clusters (streamOptimized VMDK always compresses its grains).
     pub compress: bool,
+    /// Deflate/zlib level 0–9 for compressed output (default 6, like qemu-img).
+    pub compression_level: u32,
+    /// qcow2 cluster size (default 64 KiB).
+    pub cluster_size: u32,
+    /// Compression workers (default: the number of cores).
+    pub parallelism: usize,
+}
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        EncodeOptions {
+            compress: false,
+            compression_level: 6,
+            cluster_size: 64 << 10,
+            parallelism: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        }
+    }
 }
 
 /// Reads the first bytes of a source and detects its format.
@@ -277,10 +309,26 @@ pub async fn decode(
         (DiskFormat::Raw, ImageSource::Sequential { size, stream }) => {
             raw::decode_sequential(size, stream)?
         }
-        (other, _) => {
-            return Err(crate::Error::unsupported(format!(
-                "decoding {other} images is not implemented yet"
-            )));
+        (DiskFormat::Qcow2, ImageSource::RandomAccess(r)) => qcow2::decode_random(r, opts).await?,
+        (DiskFormat::Qcow2, ImageSource::Sequential { size, stream }) => {
+            qcow2::decode_sequential(size, stream, opts).await?
+        }
+        (DiskFormat::Vmdk(VmdkSubformat::MonolithicFlat), ImageSource::RandomAccess(r)) => {
+            let resolver = opts.extent_resolver.clone().ok_or_else(|| {
+                crate::Error::unsupported(
+                    "a monolithicFlat VMDK needs an extent resolver to open its flat extent",
+                )
+            })?;
+            vmdk::decode_flat(r, resolver, opts).await?
+        }
+        (DiskFormat::Vmdk(VmdkSubformat::MonolithicFlat), ImageSource::Sequential { .. }) => {
+            return Err(crate::Error::unsupported(
+                "a monolithicFlat VMDK descriptor cannot be read as a stream",
+            ));
+        }
+        (DiskFormat::Vmdk(_), ImageSource::RandomAccess(r)) => vmdk::decode_random(r, opts).await?,
+        (DiskFormat::Vmdk(_), ImageSource::Sequential { size, stream }) => {
+            vmdk::decode_sequential(size, stream, opts).await?
         }
     };
     Ok((format, content.validated()))
@@ -290,13 +338,20 @@ pub async fn decode(
 pub fn encode(
     content: DiskContent,
     format: DiskFormat,
-    _opts: &EncodeOptions,
+    opts: &EncodeOptions,
 ) -> crate::Result<ChunkStream> {
     match format {
         DiskFormat::Raw => Ok(raw::encode(content)),
-        other => Err(crate::Error::unsupported(format!(
-            "encoding {other} images is not implemented yet"
-        ))),
+        DiskFormat::Qcow2 => qcow2::encode(content, opts),
+        DiskFormat::Vmdk(VmdkSubformat::StreamOptimized) => {
+            vmdk::encode_stream_optimized(content, opts)
+        }
+        DiskFormat::Vmdk(VmdkSubformat::MonolithicSparse) => {
+            vmdk::encode_monolithic_sparse(content, opts)
+        }
+        DiskFormat::Vmdk(VmdkSubformat::MonolithicFlat) => Err(crate::Error::unsupported(
+            "writing monolithicFlat VMDK (two files) is not supported; use raw plus a descriptor",
+        )),
     }
 }
 
@@ -306,8 +361,7 @@ pub async fn probe(src: &dyn crate::io::ReadAt) -> crate::Result<(DiskFormat, u6
     let format = DiskFormat::detect(&head)?;
     match format {
         DiskFormat::Raw => Ok((format, src.size())),
-        other => Err(crate::Error::unsupported(format!(
-            "probing {other} images is not implemented yet"
-        ))),
+        DiskFormat::Qcow2 => Ok((format, qcow2::probe(src).await?)),
+        DiskFormat::Vmdk(_) => Ok((format, vmdk::probe(src).await?)),
     }
 }
