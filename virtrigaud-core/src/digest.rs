@@ -30,8 +30,8 @@ use crate::extent::{Extent, is_zero};
 use crate::io::join_err;
 use crate::{Error, ErrorKind, Result};
 use bytes::Bytes;
-use futures::stream::{FuturesOrdered, StreamExt};
 use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
 use sha2::{Digest, Sha256};
 
 /// Name of the content digest algorithm, as stored in manifests.
@@ -185,7 +185,8 @@ impl ContentDigester {
         let blocks = len / b;
         if blocks > 0 {
             self.dispatch().await?;
-            self.push(Box::pin(async move { Ok(Item::Zeros(blocks)) })).await?;
+            self.push(Box::pin(async move { Ok(Item::Zeros(blocks)) }))
+                .await?;
         }
         let rest = (len % b) as usize;
         if rest > 0 {
@@ -257,7 +258,10 @@ impl ContentDigester {
             self.drain_one().await?;
         }
         if self.pos != self.virtual_size {
-            return Err(Error::new(ErrorKind::Corrupt, "content longer than virtual size"));
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                "content longer than virtual size",
+            ));
         }
         self.root.update(self.virtual_size.to_le_bytes());
         Ok(hex(&self.root.finalize()))
@@ -277,7 +281,9 @@ pub struct ObjectHasher {
 
 impl std::fmt::Debug for ObjectHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ObjectHasher").field("total", &self.total).finish_non_exhaustive()
+        f.debug_struct("ObjectHasher")
+            .field("total", &self.total)
+            .finish_non_exhaustive()
     }
 }
 
@@ -304,7 +310,8 @@ impl ObjectHasher {
             self.in_chunk += take as u64;
             data = &data[take..];
             if self.in_chunk == self.chunk_size {
-                self.chunks.push(hex(&std::mem::take(&mut self.chunk).finalize()));
+                self.chunks
+                    .push(hex(&std::mem::take(&mut self.chunk).finalize()));
                 self.in_chunk = 0;
             }
         }
@@ -358,7 +365,9 @@ mod tests {
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     #[tokio::test]
@@ -378,9 +387,15 @@ mod tests {
                 let end = (off + step).min(size);
                 let piece = &disk[off..end];
                 let e = if piece.iter().all(|&b| b == 0) && step > 1 {
-                    Extent::Zero { offset: off as u64, len: (end - off) as u64 }
+                    Extent::Zero {
+                        offset: off as u64,
+                        len: (end - off) as u64,
+                    }
                 } else {
-                    Extent::Data { offset: off as u64, bytes: Bytes::copy_from_slice(piece) }
+                    Extent::Data {
+                        offset: off as u64,
+                        bytes: Bytes::copy_from_slice(piece),
+                    }
                 };
                 d.update(&e).await.unwrap();
                 off = end;
@@ -389,16 +404,25 @@ mod tests {
         }
         // gaps count as zeros
         let mut d = ContentDigester::new(size as u64, 2);
-        d.update(&Extent::Data { offset: 100, bytes: Bytes::copy_from_slice(&disk[100..5000]) })
-            .await
-            .unwrap();
+        d.update(&Extent::Data {
+            offset: 100,
+            bytes: Bytes::copy_from_slice(&disk[100..5000]),
+        })
+        .await
+        .unwrap();
         let o = 2 * CONTENT_BLOCK - 10;
-        d.update(&Extent::Data { offset: o as u64, bytes: Bytes::copy_from_slice(&disk[o..o + 20]) })
-            .await
-            .unwrap();
-        d.update(&Extent::Data { offset: size as u64 - 3, bytes: Bytes::from_static(&[9, 9, 9]) })
-            .await
-            .unwrap();
+        d.update(&Extent::Data {
+            offset: o as u64,
+            bytes: Bytes::copy_from_slice(&disk[o..o + 20]),
+        })
+        .await
+        .unwrap();
+        d.update(&Extent::Data {
+            offset: size as u64 - 3,
+            bytes: Bytes::from_static(&[9, 9, 9]),
+        })
+        .await
+        .unwrap();
         assert_eq!(d.finish().await.unwrap(), expected);
     }
 
@@ -409,7 +433,12 @@ mod tests {
         b[77777] = 1;
         assert_ne!(reference(&a), reference(&b));
         let mut d = ContentDigester::new(a.len() as u64, 1);
-        d.update(&Extent::Data { offset: 0, bytes: Bytes::from(b.clone()) }).await.unwrap();
+        d.update(&Extent::Data {
+            offset: 0,
+            bytes: Bytes::from(b.clone()),
+        })
+        .await
+        .unwrap();
         assert_eq!(d.finish().await.unwrap(), reference(&b));
         let d = ContentDigester::new(a.len() as u64 + 1, 1);
         assert_ne!(d.finish().await.unwrap(), reference(&a));
@@ -419,9 +448,12 @@ mod tests {
     async fn zero_runs_cost_no_hashing() {
         let size = 64u64 << 30;
         let mut d = ContentDigester::new(size, 2);
-        d.update(&Extent::Data { offset: 1 << 30, bytes: Bytes::from(vec![1u8; 1 << 20]) })
-            .await
-            .unwrap();
+        d.update(&Extent::Data {
+            offset: 1 << 30,
+            bytes: Bytes::from(vec![1u8; 1 << 20]),
+        })
+        .await
+        .unwrap();
         assert_eq!(d.hashed_bytes(), 1 << 20);
         d.finish().await.unwrap();
     }

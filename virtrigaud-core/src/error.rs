@@ -210,7 +210,8 @@ impl Error {
 
     /// Whether retrying the same request may succeed.
     pub fn is_retryable(&self) -> bool {
-        self.retryable.unwrap_or_else(|| self.kind.default_retryable())
+        self.retryable
+            .unwrap_or_else(|| self.kind.default_retryable())
     }
 
     /// Where the error happened.

@@ -133,7 +133,10 @@ impl std::fmt::Debug for DiskContent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DiskContent")
             .field("virtual_size", &self.virtual_size)
-            .field("allocation", &self.allocation.as_ref().map(|a| a.allocated_bytes()))
+            .field(
+                "allocation",
+                &self.allocation.as_ref().map(|a| a.allocated_bytes()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -228,7 +231,13 @@ pub fn zero_detect(extent: Extent, block: u64) -> Vec<Extent> {
         let zero = is_zero(&bytes[pos..end]);
         match (out.last_mut(), zero) {
             (Some(Extent::Zero { len: l, .. }), true) => *l += (end - pos) as u64,
-            (Some(Extent::Data { offset: o, bytes: b }), false) => {
+            (
+                Some(Extent::Data {
+                    offset: o,
+                    bytes: b,
+                }),
+                false,
+            ) => {
                 let start = (*o - offset) as usize;
                 *b = bytes.slice(start..end);
             }
@@ -274,11 +283,18 @@ mod tests {
             },
             10,
         );
-        let shape: Vec<(bool, u64, u64)> =
-            out.iter().map(|e| (e.is_data(), e.offset(), e.len())).collect();
+        let shape: Vec<(bool, u64, u64)> = out
+            .iter()
+            .map(|e| (e.is_data(), e.offset(), e.len()))
+            .collect();
         assert_eq!(
             shape,
-            vec![(false, 8, 12), (true, 20, 10), (false, 30, 10), (true, 40, 8)]
+            vec![
+                (false, 8, 12),
+                (true, 20, 10),
+                (false, 30, 10),
+                (true, 40, 8)
+            ]
         );
         let total: u64 = out.iter().map(|e| e.len()).sum();
         assert_eq!(total, 40);
@@ -292,7 +308,8 @@ mod tests {
         assert!(m.intersects(29..35));
         assert!(!m.intersects(30..35));
         let a = m.aligned(16, 40);
-        assert_eq!(a.ranges(), &[0..32]);
+        assert_eq!(a.ranges().len(), 1);
+        assert_eq!(a.ranges()[0], 0..32);
     }
 
     #[tokio::test]
@@ -304,8 +321,14 @@ mod tests {
                 Extent::Zero { offset: 40, len: 5 },
             ],
         );
-        assert_eq!(c.read_all().await.unwrap_err().kind(), crate::ErrorKind::Corrupt);
+        assert_eq!(
+            c.read_all().await.unwrap_err().kind(),
+            crate::ErrorKind::Corrupt
+        );
         let c = DiskContent::from_extents(10, vec![Extent::Zero { offset: 5, len: 6 }]);
-        assert_eq!(c.read_all().await.unwrap_err().kind(), crate::ErrorKind::Corrupt);
+        assert_eq!(
+            c.read_all().await.unwrap_err().kind(),
+            crate::ErrorKind::Corrupt
+        );
     }
 }

@@ -244,11 +244,20 @@ impl LocalFileSink {
             if !overwrite && d.symlink_metadata().is_ok() {
                 return Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists));
             }
-            let dir = d.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let dir = d
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             std::fs::create_dir_all(dir)?;
-            let name = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = d
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let tmp = dir.join(format!(".{name}.{}.vrg-tmp", unique_suffix()));
-            let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
             Ok((f, tmp))
         })
         .await
@@ -273,7 +282,9 @@ impl LocalFileSink {
     }
 
     fn file(&self) -> Result<&std::fs::File> {
-        self.file.as_ref().ok_or_else(|| Error::new(ErrorKind::Io, "sink already closed"))
+        self.file
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Io, "sink already closed"))
     }
 }
 
@@ -285,7 +296,12 @@ pub fn unique_suffix() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    format!("{}-{:x}-{}", std::process::id(), t, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{:x}-{}",
+        std::process::id(),
+        t,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 #[async_trait]
@@ -314,9 +330,16 @@ impl ByteSink for LocalFileSink {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
-        let file = self.file.take().ok_or_else(|| Error::new(ErrorKind::Io, "sink closed"))?;
-        let (tmp, dest, size, overwrite) =
-            (self.tmp.clone(), self.dest.clone(), self.pos, self.overwrite);
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| Error::new(ErrorKind::Io, "sink closed"))?;
+        let (tmp, dest, size, overwrite) = (
+            self.tmp.clone(),
+            self.dest.clone(),
+            self.pos,
+            self.overwrite,
+        );
         let target = dest.display().to_string();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             file.set_len(size)?;
@@ -329,10 +352,10 @@ impl ByteSink for LocalFileSink {
                 std::fs::hard_link(&tmp, &dest)?;
                 std::fs::remove_file(&tmp)?;
             }
-            if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-                if let Ok(d) = std::fs::File::open(dir) {
-                    let _ = d.sync_all();
-                }
+            if let Some(dir) = dest.parent().filter(|p| !p.as_os_str().is_empty())
+                && let Ok(d) = std::fs::File::open(dir)
+            {
+                let _ = d.sync_all();
             }
             Ok(())
         })
@@ -387,7 +410,10 @@ impl ByteSink for MemorySink {
         Ok(())
     }
     async fn commit(self: Box<Self>) -> Result<()> {
-        let mut slot = self.out.lock().map_err(|_| Error::new(ErrorKind::Io, "poisoned"))?;
+        let mut slot = self
+            .out
+            .lock()
+            .map_err(|_| Error::new(ErrorKind::Io, "poisoned"))?;
         *slot = Some(self.buf);
         Ok(())
     }
@@ -414,14 +440,20 @@ mod tests {
         assert_eq!(lf.size(), 64 << 20);
         if let Some(r) = lf.data_ranges().await.unwrap() {
             let total: u64 = r.iter().map(|r| r.end - r.start).sum();
-            assert!(total >= 1 << 20 && total < 8 << 20, "{r:?}");
+            assert!((1 << 20..8 << 20).contains(&total), "{r:?}");
             assert!(r.iter().any(|r| r.start <= 8 << 20 && r.end >= 9 << 20));
         }
         let b = lf.read_at((8 << 20) - 2, 4).await.unwrap();
         assert_eq!(&b[..], &[0, 0, 7, 7]);
         let b = lf.read_at((64 << 20) - 2, 10).await.unwrap();
         assert_eq!(b.len(), 2);
-        assert_eq!(lf.read_exact_at((64 << 20) - 2, 10).await.unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(
+            lf.read_exact_at((64 << 20) - 2, 10)
+                .await
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Corrupt
+        );
     }
 
     #[tokio::test]
@@ -438,10 +470,16 @@ mod tests {
         let e = LocalFileSink::create(&dest, false).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::AlreadyExists);
         // abort and drop leave no temp files
-        let s = Box::new(LocalFileSink::create(dir.path().join("b"), false).await.unwrap());
+        let s = Box::new(
+            LocalFileSink::create(dir.path().join("b"), false)
+                .await
+                .unwrap(),
+        );
         s.abort().await.unwrap();
         {
-            let _s = LocalFileSink::create(dir.path().join("c"), false).await.unwrap();
+            let _s = LocalFileSink::create(dir.path().join("c"), false)
+                .await
+                .unwrap();
         }
         let names: Vec<_> = std::fs::read_dir(dir.path().join("sub")).unwrap().collect();
         assert_eq!(names.len(), 1);

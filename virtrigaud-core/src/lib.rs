@@ -35,6 +35,6 @@ pub use secret::Secret;
 pub use storage::{ObjectMeta, PutOptions, StorageBackend, StorageCapabilities, StorageExt};
 pub use tokio_util::sync::CancellationToken;
 pub use transfer::{
-    ExportOptions, ExportReport, ImportOptions, ImportReport, export_disk, import_disk,
-    read_manifest, verify_object,
+    ExportOptions, ExportReport, ImportOptions, ImportReport, digest_disk, export_disk,
+    import_disk, read_manifest, verify_object,
 };

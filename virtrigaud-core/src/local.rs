@@ -84,9 +84,8 @@ impl LocalProvider {
                 Error::io(e, "cannot read VM description")
             }
         })?;
-        let info: VmInfo = serde_json::from_slice(&data).map_err(|e| {
-            Error::corrupt(format!("invalid {}: {e}", path.display()))
-        })?;
+        let info: VmInfo = serde_json::from_slice(&data)
+            .map_err(|e| Error::corrupt(format!("invalid {}: {e}", path.display())))?;
         for d in &info.disks {
             check_name("disk file", &d.location)
                 .map_err(|e| e.with_vm(vm.to_string()).with_disk(d.id.clone()))?;
@@ -110,9 +109,7 @@ impl LocalProvider {
         info.disks
             .iter()
             .find(|d| d.id == disk || d.location == disk)
-            .ok_or_else(|| {
-                Error::not_found(format!("VM {:?} has no disk {disk:?}", info.name))
-            })
+            .ok_or_else(|| Error::not_found(format!("VM {:?} has no disk {disk:?}", info.name)))
     }
 }
 
@@ -135,7 +132,10 @@ impl Provider for LocalProvider {
     async fn validate(&self) -> Result<()> {
         match tokio::fs::metadata(&self.root).await {
             Ok(m) if m.is_dir() => Ok(()),
-            Ok(_) => Err(Error::invalid(format!("{} is not a directory", self.root.display()))),
+            Ok(_) => Err(Error::invalid(format!(
+                "{} is not a directory",
+                self.root.display()
+            ))),
             Err(e) => Err(Error::io(e, format!("cannot use {}", self.root.display()))),
         }
     }
@@ -167,8 +167,12 @@ impl Provider for LocalProvider {
         let mut info = self.read_vm(vm).await?;
         for d in &mut info.disks {
             let path = self.disk_path(vm, &d.location)?;
-            let f = LocalFile::open(&path).await.map_err(|e| e.with_vm(vm).with_disk(d.id.clone()))?;
-            let (fmt, size) = format::probe(&f).await.map_err(|e| e.with_disk(d.id.clone()))?;
+            let f = LocalFile::open(&path)
+                .await
+                .map_err(|e| e.with_vm(vm).with_disk(d.id.clone()))?;
+            let (fmt, size) = format::probe(&f)
+                .await
+                .map_err(|e| e.with_disk(d.id.clone()))?;
             d.format = Some(fmt);
             d.capacity = size;
             d.allocation = f
@@ -181,8 +185,10 @@ impl Provider for LocalProvider {
     }
 
     async fn power(&self, vm: &str, _op: PowerOp) -> Result<()> {
-        Err(Error::unsupported("offline images in a local directory have no power state")
-            .with_vm(vm))
+        Err(
+            Error::unsupported("offline images in a local directory have no power state")
+                .with_vm(vm),
+        )
     }
 
     async fn create_snapshot(&self, vm: &str, _name: &str) -> Result<SnapshotRef> {
@@ -261,7 +267,10 @@ impl Provider for LocalProvider {
         };
         self.write_vm(&info, spec.overwrite).await.map_err(|e| {
             if e.kind() == ErrorKind::AlreadyExists {
-                Error::new(ErrorKind::AlreadyExists, format!("VM {} already exists", spec.name))
+                Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("VM {} already exists", spec.name),
+                )
             } else {
                 e
             }

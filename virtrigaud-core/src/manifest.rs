@@ -88,7 +88,9 @@ pub struct Manifest {
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl Manifest {
@@ -116,7 +118,9 @@ impl Manifest {
             )));
         }
         let bad = |why: String| Err(Error::corrupt(format!("invalid manifest: {why}")));
-        if self.object_digest.algorithm != OBJECT_ALGORITHM || !is_hex(&self.object_digest.value, 64) {
+        if self.object_digest.algorithm != OBJECT_ALGORITHM
+            || !is_hex(&self.object_digest.value, 64)
+        {
             return bad("object digest is not a sha256 hex value".into());
         }
         if self.content_digest.algorithm != CONTENT_ALGORITHM
@@ -216,12 +220,26 @@ mod tests {
         assert_eq!(back, m);
         let mut bad = m.clone();
         bad.chunks.digests.pop();
-        assert_eq!(Manifest::parse(&bad.to_json().unwrap()).unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(
+            Manifest::parse(&bad.to_json().unwrap()).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
         let mut newer = m.clone();
         newer.schema_version = 99;
-        assert_eq!(Manifest::parse(&newer.to_json().unwrap()).unwrap_err().kind(), ErrorKind::Unsupported);
-        assert_eq!(Manifest::parse(b"{not json").unwrap_err().kind(), ErrorKind::Corrupt);
-        assert_eq!(Manifest::parse(b"{}").unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(
+            Manifest::parse(&newer.to_json().unwrap())
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Unsupported
+        );
+        assert_eq!(
+            Manifest::parse(b"{not json").unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(
+            Manifest::parse(b"{}").unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
     }
 
     #[test]

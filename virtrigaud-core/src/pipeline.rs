@@ -17,7 +17,10 @@ use crate::{Error, Result};
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info_span, Instrument};
+use tracing::{Instrument, debug, info_span};
+
+/// Chunks smaller than this are hashed inline rather than on a blocking worker.
+const INLINE_HASH: usize = 256 << 10;
 
 /// Tuning and hooks of one transfer.
 #[derive(Clone)]
@@ -55,7 +58,9 @@ impl Default for PipelineOptions {
             chunk_size: 8 << 20,
             zero_block: 64 << 10,
             queue_depth: 4,
-            parallelism: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            parallelism: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             progress: None,
             progress_interval: Duration::from_millis(250),
             cancel: CancellationToken::new(),
@@ -86,23 +91,50 @@ pub struct TransferReport {
     pub elapsed: Duration,
 }
 
-/// Runs one transfer: encodes `content` as `format` into `sink`, computing the digests on the
-/// way. On success the sink is returned **uncommitted**, so the caller decides (after verifying)
-/// whether to commit or abort. On error or cancellation the sink has been aborted.
+/// What one transfer writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    /// Output format.
+    pub format: DiskFormat,
+    /// Encoder options.
+    pub encode: &'a EncodeOptions,
+    /// Compute the SHA-256 and chunk digests of the output (for stored objects).
+    pub hash_object: bool,
+    /// Phase reported in progress.
+    pub phase: Phase,
+    /// What moves (disk id or key), for progress and logs.
+    pub label: &'a str,
+}
+
+/// Runs one transfer: encodes `content` as `job.format` into `sink`, computing the digests on
+/// the way. On success the sink is returned **uncommitted**, so the caller decides (after
+/// verifying) whether to commit or abort. On error or cancellation the sink has been aborted.
 pub async fn run(
     content: DiskContent,
-    format: DiskFormat,
-    encode_opts: &EncodeOptions,
     mut sink: Box<dyn ByteSink>,
-    hash_object: bool,
-    phase: Phase,
-    label: &str,
+    job: Job<'_>,
     opts: &PipelineOptions,
 ) -> Result<(TransferReport, Box<dyn ByteSink>)> {
+    let Job {
+        format,
+        encode: encode_opts,
+        hash_object,
+        phase,
+        label,
+    } = job;
     let span = info_span!("transfer", disk = label, format = %format, phase = ?phase);
-    let res = run_inner(content, format, encode_opts, &mut sink, hash_object, phase, label, opts)
-        .instrument(span)
-        .await;
+    let res = run_inner(
+        content,
+        format,
+        encode_opts,
+        &mut sink,
+        hash_object,
+        phase,
+        label,
+        opts,
+    )
+    .instrument(span)
+    .await;
     match res {
         Ok(r) => Ok((r, sink)),
         Err(e) => {
@@ -195,6 +227,11 @@ async fn run_inner(
             let c = c?;
             stored += c.len();
             match (c, hasher.take()) {
+                (Chunk::Data(b), Some(mut h)) if b.len() < INLINE_HASH => {
+                    h.update(&b);
+                    hasher = Some(h);
+                    sink.write(b).await?;
+                }
                 (Chunk::Data(b), Some(mut h)) => {
                     let b2 = b.clone();
                     let hf = tokio::task::spawn_blocking(move || {

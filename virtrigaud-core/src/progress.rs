@@ -102,7 +102,10 @@ impl Reporter {
         self.p.position = self.p.position.max(position);
         self.p.data_bytes += data;
         let now = Instant::now();
-        if self.last.is_none_or(|l| now.duration_since(l) >= self.interval) {
+        if self
+            .last
+            .is_none_or(|l| now.duration_since(l) >= self.interval)
+        {
             self.emit(now);
         }
     }

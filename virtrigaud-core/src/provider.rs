@@ -299,6 +299,8 @@ pub trait Provider: Send + Sync {
 
 /// The error every operation of a provider that is not implemented yet returns.
 pub fn not_implemented(provider: &str, op: &str) -> Error {
-    Error::unsupported(format!("the {provider} provider does not implement {op} yet"))
-        .with_operation(op.to_string())
+    Error::unsupported(format!(
+        "the {provider} provider does not implement {op} yet"
+    ))
+    .with_operation(op.to_string())
 }

@@ -97,7 +97,15 @@ pub trait StorageBackend: Send + Sync + std::fmt::Debug {
 pub trait StorageExt: StorageBackend {
     /// Stores a small object in one go.
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<()> {
-        let mut sink = self.put(key, &PutOptions { size_hint: Some(data.len() as u64), ..Default::default() }).await?;
+        let mut sink = self
+            .put(
+                key,
+                &PutOptions {
+                    size_hint: Some(data.len() as u64),
+                    ..Default::default()
+                },
+            )
+            .await?;
         if let Err(e) = sink.write(data).await {
             let _ = sink.abort().await;
             return Err(e);
@@ -219,8 +227,22 @@ mod tests {
         for k in ["a", "a/b.qcow2", "vm-1/disk 0.raw"] {
             validate_key(k).unwrap();
         }
-        for k in ["", "/etc/passwd", "../x", "a/../../b", "a//b", "a/./b", "a\\b", "a\0b", "a/"] {
-            assert_eq!(validate_key(k).unwrap_err().kind(), ErrorKind::InvalidInput, "{k:?}");
+        for k in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../b",
+            "a//b",
+            "a/./b",
+            "a\\b",
+            "a\0b",
+            "a/",
+        ] {
+            assert_eq!(
+                validate_key(k).unwrap_err().kind(),
+                ErrorKind::InvalidInput,
+                "{k:?}"
+            );
         }
         validate_prefix("").unwrap();
         validate_prefix("vm/").unwrap();

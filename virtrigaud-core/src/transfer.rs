@@ -25,7 +25,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, info_span, Instrument};
+use tracing::{Instrument, info, info_span};
 
 /// Library name and version, as recorded in manifests.
 pub const LIBRARY: &str = concat!("virtrigaud ", env!("CARGO_PKG_VERSION"));
@@ -104,12 +104,14 @@ pub async fn export_disk(
             .map_err(|e| ctx(e).with_target(key.to_string()))?;
         let (report, sink) = pipeline::run(
             content,
-            opts.format,
-            &opts.encode,
             sink,
-            true,
-            Phase::Export,
-            disk,
+            pipeline::Job {
+                format: opts.format,
+                encode: &opts.encode,
+                hash_object: true,
+                phase: Phase::Export,
+                label: disk,
+            },
             &opts.pipeline,
         )
         .await
@@ -155,8 +157,13 @@ pub async fn export_disk(
             let _ = sink.abort().await;
             return Err(Error::cancelled());
         }
-        sink.commit().await.map_err(|e| ctx(e).with_target(key.to_string()))?;
-        if let Err(e) = storage.put_bytes(&manifest_key(key), Bytes::from(json)).await {
+        sink.commit()
+            .await
+            .map_err(|e| ctx(e).with_target(key.to_string()))?;
+        if let Err(e) = storage
+            .put_bytes(&manifest_key(key), Bytes::from(json))
+            .await
+        {
             let _ = storage.delete(key).await;
             return Err(ctx(e).with_target(manifest_key(key)));
         }
@@ -179,15 +186,18 @@ pub async fn export_disk(
 pub async fn read_manifest(storage: &dyn StorageBackend, key: &str) -> Result<Manifest> {
     validate_key(key)?;
     let mkey = manifest_key(key);
-    let data = storage.get_bytes(&mkey, MAX_MANIFEST_BYTES).await.map_err(|e| {
-        if e.kind() == ErrorKind::NotFound {
-            Error::not_found(format!(
-                "no manifest for {key}: expected {mkey} next to it (was the export completed?)"
-            ))
-        } else {
-            e.with_target(mkey.clone())
-        }
-    })?;
+    let data = storage
+        .get_bytes(&mkey, MAX_MANIFEST_BYTES)
+        .await
+        .map_err(|e| {
+            if e.kind() == ErrorKind::NotFound {
+                Error::not_found(format!(
+                    "no manifest for {key}: expected {mkey} next to it (was the export completed?)"
+                ))
+            } else {
+                e.with_target(mkey.clone())
+            }
+        })?;
     Manifest::parse(&data).map_err(|e| e.with_target(mkey))
 }
 
@@ -255,7 +265,15 @@ async fn verify_stream(
             }
         }
         let len = b.len() as u64;
-        if forward && tx.send(Ok(Extent::Data { offset: pos, bytes: b })).await.is_err() {
+        if forward
+            && tx
+                .send(Ok(Extent::Data {
+                    offset: pos,
+                    bytes: b,
+                }))
+                .await
+                .is_err()
+        {
             forward = false; // the decoder has all it needs; keep hashing to the end
         }
         pos += len;
@@ -320,10 +338,19 @@ pub async fn import_disk(
     name: &str,
     opts: &ImportOptions,
 ) -> Result<ImportReport> {
-    let span = info_span!("import_disk", provider = provider.kind(), vm, disk = name, key);
+    let span = info_span!(
+        "import_disk",
+        provider = provider.kind(),
+        vm,
+        disk = name,
+        key
+    );
     async {
         let manifest = read_manifest(storage, key).await?;
-        let meta = storage.stat(key).await.map_err(|e| e.with_target(key.to_string()))?;
+        let meta = storage
+            .stat(key)
+            .await
+            .map_err(|e| e.with_target(key.to_string()))?;
         if meta.size != manifest.stored_size {
             return Err(Error::new(
                 ErrorKind::ChecksumMismatch,
@@ -334,7 +361,10 @@ pub async fn import_disk(
             )
             .with_target(key.to_string()));
         }
-        let stream = storage.get(key, None).await.map_err(|e| e.with_target(key.to_string()))?;
+        let stream = storage
+            .get(key, None)
+            .await
+            .map_err(|e| e.with_target(key.to_string()))?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Extent>>(4);
         let state = Arc::new(Mutex::new(VerifyState { mismatch: None }));
         let stop = CancellationToken::new();
@@ -349,12 +379,10 @@ pub async fn import_disk(
             size: Some(manifest.stored_size),
             stream: futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed(),
         };
-        let mismatch = |state: &Arc<Mutex<VerifyState>>| {
-            state.lock().ok().and_then(|s| s.mismatch.clone())
-        };
+        let mismatch =
+            |state: &Arc<Mutex<VerifyState>>| state.lock().ok().and_then(|s| s.mismatch.clone());
         let result = async {
-            let (_, content) =
-                format::decode(source, Some(manifest.format), &opts.decode).await?;
+            let (_, content) = format::decode(source, Some(manifest.format), &opts.decode).await?;
             if content.virtual_size != manifest.virtual_size {
                 return Err(Error::new(
                     ErrorKind::ChecksumMismatch,
@@ -376,12 +404,14 @@ pub async fn import_disk(
                 .await?;
             let (report, sink) = pipeline::run(
                 content,
-                created.format,
-                &opts.encode,
                 created.sink,
-                false,
-                Phase::Import,
-                name,
+                pipeline::Job {
+                    format: created.format,
+                    encode: &opts.encode,
+                    hash_object: false,
+                    phase: Phase::Import,
+                    label: name,
+                },
                 &opts.pipeline,
             )
             .await?;
@@ -478,4 +508,28 @@ pub async fn verify_object(
         ));
     }
     Ok(manifest)
+}
+
+/// Computes the content digest of a provider's disk by reading it (holes are skipped where
+/// the source knows them). Used to prove a migrated disk equals its source.
+pub async fn digest_disk(
+    provider: &dyn Provider,
+    vm: &str,
+    disk: &str,
+    opts: &ImportOptions,
+) -> Result<String> {
+    let opened = provider.open_disk(vm, disk, None).await?;
+    let (_, content) = format::decode(opened.source, opened.info.format, &opts.decode).await?;
+    let mut digester =
+        crate::digest::ContentDigester::new(content.virtual_size, opts.pipeline.parallelism);
+    let mut ex = content.extents;
+    while let Some(e) = ex.next().await {
+        if opts.pipeline.cancel.is_cancelled() {
+            return Err(Error::cancelled());
+        }
+        for piece in crate::extent::zero_detect(e?, opts.pipeline.zero_block) {
+            digester.update(&piece).await?;
+        }
+    }
+    digester.finish().await
 }

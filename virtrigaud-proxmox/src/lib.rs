@@ -10,8 +10,8 @@
 use async_trait::async_trait;
 use virtrigaud_core::provider::not_implemented;
 use virtrigaud_core::{
-    Capabilities, CreatedDisk, DiskCreateSpec, OpenedDisk, PowerOp, Provider, Result,
-    SnapshotRef, VmInfo, VmSpec, VmSummary,
+    Capabilities, CreatedDisk, DiskCreateSpec, OpenedDisk, PowerOp, Provider, Result, SnapshotRef,
+    VmInfo, VmSpec, VmSummary,
 };
 
 /// The Proxmox provider (not implemented yet: every operation returns `Unsupported`).

@@ -22,8 +22,15 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-async fn read_all(b: &dyn StorageBackend, key: &str, range: Option<std::ops::Range<u64>>) -> Vec<u8> {
-    let mut s = b.get(key, range).await.unwrap_or_else(|e| panic!("get {key}: {e}"));
+async fn read_all(
+    b: &dyn StorageBackend,
+    key: &str,
+    range: Option<std::ops::Range<u64>>,
+) -> Vec<u8> {
+    let mut s = b
+        .get(key, range)
+        .await
+        .unwrap_or_else(|e| panic!("get {key}: {e}"));
     let mut out = Vec::new();
     while let Some(c) = s.next().await {
         out.extend_from_slice(&c.unwrap_or_else(|e| panic!("get {key} chunk: {e}")));
@@ -59,7 +66,9 @@ pub async fn put_get_stat_delete(b: &dyn StorageBackend, prefix: &str) {
     assert_eq!(read_all(b, &key, None).await, data2, "overwrite");
     b.delete(&key).await.unwrap();
     assert_eq!(b.stat(&key).await.unwrap_err().kind(), ErrorKind::NotFound);
-    b.delete(&key).await.expect("deleting an absent object succeeds");
+    b.delete(&key)
+        .await
+        .expect("deleting an absent object succeeds");
     let empty = format!("{prefix}/basic/empty");
     b.put_bytes(&empty, Bytes::new()).await.unwrap();
     assert_eq!(b.stat(&empty).await.unwrap().size, 0);
@@ -72,7 +81,13 @@ pub async fn ranges(b: &dyn StorageBackend, prefix: &str) {
     let key = format!("{prefix}/range/obj");
     let data = pattern(3 << 20, 3);
     b.put_bytes(&key, Bytes::from(data.clone())).await.unwrap();
-    for r in [0..1, 0..4096, 1000..1_500_000, (3 << 20) - 10..3 << 20, 5..5] {
+    for r in [
+        0..1,
+        0..4096,
+        1000..1_500_000,
+        (3 << 20) - 10..3 << 20,
+        5..5,
+    ] {
         let got = read_all(b, &key, Some(r.clone())).await;
         assert_eq!(got, &data[r.start as usize..r.end as usize], "range {r:?}");
     }
@@ -85,11 +100,16 @@ pub async fn ranges(b: &dyn StorageBackend, prefix: &str) {
 pub async fn list_by_prefix(b: &dyn StorageBackend, prefix: &str) {
     let keys = ["a/1", "a/2", "a/sub/3", "b/1"].map(|k| format!("{prefix}/list/{k}"));
     for (i, k) in keys.iter().enumerate() {
-        b.put_bytes(k, Bytes::from(vec![i as u8; i + 1])).await.unwrap();
+        b.put_bytes(k, Bytes::from(vec![i as u8; i + 1]))
+            .await
+            .unwrap();
     }
     let got = b.list(&format!("{prefix}/list/a/")).await.unwrap();
     let names: Vec<&str> = got.iter().map(|m| m.key.as_str()).collect();
-    assert_eq!(names, vec![keys[0].as_str(), keys[1].as_str(), keys[2].as_str()]);
+    assert_eq!(
+        names,
+        vec![keys[0].as_str(), keys[1].as_str(), keys[2].as_str()]
+    );
     assert_eq!(got[2].size, 3);
     assert_eq!(b.list(&format!("{prefix}/list/")).await.unwrap().len(), 4);
     for k in &keys {
@@ -126,13 +146,27 @@ pub async fn abort_leaves_nothing(b: &dyn StorageBackend, prefix: &str) {
     }
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert_eq!(b.stat(&key).await.unwrap_err().kind(), ErrorKind::NotFound);
-    assert!(b.list(&format!("{prefix}/abort/")).await.unwrap().is_empty());
+    assert!(
+        b.list(&format!("{prefix}/abort/"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// A large put streamed in uneven pieces reads back identical (by SHA-256).
 pub async fn large_streaming_put(b: &dyn StorageBackend, prefix: &str, size: usize) {
     let key = format!("{prefix}/large/obj");
-    let mut s = b.put(&key, &PutOptions { size_hint: Some(size as u64), ..Default::default() }).await.unwrap();
+    let mut s = b
+        .put(
+            &key,
+            &PutOptions {
+                size_hint: Some(size as u64),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     let mut h = Sha256::new();
     let mut written = 0usize;
     let mut i = 0u64;
@@ -186,11 +220,24 @@ pub async fn concurrent_writers(b: Arc<dyn StorageBackend>, prefix: &str, n: u64
 /// Keys that escape are refused; missing objects are `NotFound`.
 pub async fn bad_keys_and_missing_objects(b: &dyn StorageBackend, prefix: &str) {
     for key in ["../escape", "/abs", "a/../../b", ""] {
-        let e = b.put(key, &PutOptions::default()).await.err().expect("bad key accepted");
+        let e = b
+            .put(key, &PutOptions::default())
+            .await
+            .err()
+            .expect("bad key accepted");
         assert_eq!(e.kind(), ErrorKind::InvalidInput, "{key:?}");
-        assert_eq!(b.get(key, None).await.err().unwrap().kind(), ErrorKind::InvalidInput);
+        assert_eq!(
+            b.get(key, None).await.err().unwrap().kind(),
+            ErrorKind::InvalidInput
+        );
     }
     let missing = format!("{prefix}/missing/none");
-    assert_eq!(b.get(&missing, None).await.err().unwrap().kind(), ErrorKind::NotFound);
-    assert_eq!(b.stat(&missing).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        b.get(&missing, None).await.err().unwrap().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        b.stat(&missing).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 }

@@ -150,7 +150,9 @@ impl StorageBackend for FsBackend {
                 .await;
                 let item = match res {
                     Ok(Ok(b)) => Ok(b),
-                    Ok(Err(e)) => Err(Error::io(e, "read failed").with_target(key).with_offset(pos)),
+                    Ok(Err(e)) => Err(Error::io(e, "read failed")
+                        .with_target(key)
+                        .with_offset(pos)),
                     Err(e) => Err(Error::new(ErrorKind::Io, e.to_string())),
                 };
                 let next = if item.is_ok() { pos + n as u64 } else { end };
@@ -214,7 +216,9 @@ impl StorageBackend for FsBackend {
                 if ft.is_dir() {
                     stack.push(path);
                 } else if ft.is_file() && !(name.starts_with('.') && name.ends_with(TMP_SUFFIX)) {
-                    let Some(key) = self.key_of(&path) else { continue };
+                    let Some(key) = self.key_of(&path) else {
+                        continue;
+                    };
                     if key.starts_with(prefix) {
                         let m = entry.metadata().await?;
                         out.push(ObjectMeta {
@@ -247,7 +251,11 @@ mod tests {
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(d).unwrap() {
                 let e = e.unwrap();
-                assert!(!e.file_name().to_string_lossy().ends_with(TMP_SUFFIX), "{:?}", e.path());
+                assert!(
+                    !e.file_name().to_string_lossy().ends_with(TMP_SUFFIX),
+                    "{:?}",
+                    e.path()
+                );
                 if e.file_type().unwrap().is_dir() {
                     stack.push(e.path());
                 }
@@ -265,8 +273,18 @@ mod tests {
         std::fs::write(outside.join("secret"), b"x").unwrap();
         std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
         let b = FsBackend::new(&root);
-        assert_eq!(b.get("link/secret", None).await.err().unwrap().kind(), ErrorKind::InvalidInput);
-        assert_eq!(b.put("link/new", &PutOptions::default()).await.err().unwrap().kind(), ErrorKind::InvalidInput);
+        assert_eq!(
+            b.get("link/secret", None).await.err().unwrap().kind(),
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            b.put("link/new", &PutOptions::default())
+                .await
+                .err()
+                .unwrap()
+                .kind(),
+            ErrorKind::InvalidInput
+        );
         assert!(!outside.join("new").exists());
     }
 
@@ -274,7 +292,13 @@ mod tests {
     async fn unwritable_root_is_a_clear_error() {
         let b = FsBackend::new("/proc/virtrigaud-cannot-write-here");
         let e = b.put("k", &PutOptions::default()).await.err().unwrap();
-        assert!(matches!(e.kind(), ErrorKind::Permission | ErrorKind::Io | ErrorKind::NotFound), "{e}");
+        assert!(
+            matches!(
+                e.kind(),
+                ErrorKind::Permission | ErrorKind::Io | ErrorKind::NotFound
+            ),
+            "{e}"
+        );
         assert!(e.to_string().contains("k"), "{e}");
     }
 }

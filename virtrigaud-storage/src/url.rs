@@ -47,23 +47,35 @@ impl StorageUrl {
     /// ```
     pub fn parse(s: &str) -> Result<StorageUrl> {
         // URL parsing would silently resolve `..`; a storage location must not contain it.
-        if s.split(['/', '?', '#']).any(|seg| seg == ".." || seg.eq_ignore_ascii_case("%2e%2e")) {
-            return Err(Error::invalid(format!("storage URL {:?} contains '..'", redact(s))));
+        if s.split(['/', '?', '#'])
+            .any(|seg| seg == ".." || seg.eq_ignore_ascii_case("%2e%2e"))
+        {
+            return Err(Error::invalid(format!(
+                "storage URL {:?} contains '..'",
+                redact(s)
+            )));
         }
         if s.starts_with('/') {
-            return Ok(StorageUrl::File { root: PathBuf::from(s) });
+            return Ok(StorageUrl::File {
+                root: PathBuf::from(s),
+            });
         }
         let u = url::Url::parse(s)
             .map_err(|e| Error::invalid(format!("invalid storage URL {:?}: {e}", redact(s))))?;
         let no_dots = |p: &str| -> Result<()> {
             if p.split('/').any(|seg| seg == "..") {
-                return Err(Error::invalid(format!("storage URL {:?} contains '..'", redact(s))));
+                return Err(Error::invalid(format!(
+                    "storage URL {:?} contains '..'",
+                    redact(s)
+                )));
             }
             Ok(())
         };
         match u.scheme() {
             "file" => {
-                if u.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+                if u.host_str()
+                    .is_some_and(|h| !h.is_empty() && h != "localhost")
+                {
                     return Err(Error::invalid("file:// URLs must not name a remote host"));
                 }
                 let root = u
@@ -90,7 +102,9 @@ impl StorageUrl {
                 let mut clean = u.clone();
                 let _ = clean.set_username("");
                 let _ = clean.set_password(None);
-                Ok(StorageUrl::Http { url: clean.to_string() })
+                Ok(StorageUrl::Http {
+                    url: clean.to_string(),
+                })
             }
             "nfs" => {
                 let host = u
@@ -101,7 +115,10 @@ impl StorageUrl {
                 let full = u.path().trim_end_matches('/');
                 no_dots(full)?;
                 // The first segment is the export unless the export is given as a `export=` query.
-                let export_q = u.query_pairs().find(|(k, _)| k == "export").map(|(_, v)| v.to_string());
+                let export_q = u
+                    .query_pairs()
+                    .find(|(k, _)| k == "export")
+                    .map(|(_, v)| v.to_string());
                 let (export, path) = match export_q {
                     Some(e) => {
                         let e = format!("/{}", e.trim_matches('/'));
@@ -154,33 +171,56 @@ mod tests {
     fn parses_every_scheme() {
         assert_eq!(
             StorageUrl::parse("file:///var/lib/vrg").unwrap(),
-            StorageUrl::File { root: "/var/lib/vrg".into() }
+            StorageUrl::File {
+                root: "/var/lib/vrg".into()
+            }
         );
         assert_eq!(
             StorageUrl::parse("/srv/x").unwrap(),
-            StorageUrl::File { root: "/srv/x".into() }
+            StorageUrl::File {
+                root: "/srv/x".into()
+            }
         );
         assert_eq!(
             StorageUrl::parse("s3://b").unwrap(),
-            StorageUrl::S3 { bucket: "b".into(), prefix: "".into() }
+            StorageUrl::S3 {
+                bucket: "b".into(),
+                prefix: "".into()
+            }
         );
         assert_eq!(
             StorageUrl::parse("https://u:pw@dav.example/x/").unwrap(),
-            StorageUrl::Http { url: "https://dav.example/x/".into() }
+            StorageUrl::Http {
+                url: "https://dav.example/x/".into()
+            }
         );
         assert_eq!(
             StorageUrl::parse("nfs://10.0.0.1/export/vms/a").unwrap(),
-            StorageUrl::Nfs { host: "10.0.0.1".into(), export: "/export".into(), path: "vms/a".into() }
+            StorageUrl::Nfs {
+                host: "10.0.0.1".into(),
+                export: "/export".into(),
+                path: "vms/a".into()
+            }
         );
         assert_eq!(
             StorageUrl::parse("nfs://h/srv/nfs/vms?export=/srv/nfs").unwrap(),
-            StorageUrl::Nfs { host: "h".into(), export: "/srv/nfs".into(), path: "vms".into() }
+            StorageUrl::Nfs {
+                host: "h".into(),
+                export: "/srv/nfs".into(),
+                path: "vms".into()
+            }
         );
     }
 
     #[test]
     fn rejects_bad_urls_clearly() {
-        for bad in ["ftp://x/y", "s3:///nobucket", "file:///a/../b", "nfs://h/", "not a url"] {
+        for bad in [
+            "ftp://x/y",
+            "s3:///nobucket",
+            "file:///a/../b",
+            "nfs://h/",
+            "not a url",
+        ] {
             let e = StorageUrl::parse(bad).unwrap_err();
             assert_eq!(e.kind(), virtrigaud_core::ErrorKind::InvalidInput, "{bad}");
         }

@@ -71,16 +71,22 @@ impl DiskFormat {
             return Ok(DiskFormat::Vmdk(VmdkSubformat::MonolithicFlat));
         }
         if head.starts_with(b"vhdxfile") {
-            return Err(crate::Error::unsupported("VHDX images are not supported natively"));
+            return Err(crate::Error::unsupported(
+                "VHDX images are not supported natively",
+            ));
         }
         if head.starts_with(b"conectix") {
-            return Err(crate::Error::unsupported("VHD images are not supported natively"));
+            return Err(crate::Error::unsupported(
+                "VHD images are not supported natively",
+            ));
         }
         if head.starts_with(b"QED\0") {
             return Err(crate::Error::unsupported("QED images are not supported"));
         }
         if head.len() >= 0x44 && head[0x40..0x44] == [0x7f, 0x10, 0xda, 0xbe] {
-            return Err(crate::Error::unsupported("VDI images are not supported natively"));
+            return Err(crate::Error::unsupported(
+                "VDI images are not supported natively",
+            ));
         }
         Ok(DiskFormat::Raw)
     }
@@ -109,7 +115,11 @@ impl DiskFormat {
             }
             "vmdk-sparse" | "monolithicsparse" => DiskFormat::Vmdk(VmdkSubformat::MonolithicSparse),
             "vmdk-flat" | "monolithicflat" => DiskFormat::Vmdk(VmdkSubformat::MonolithicFlat),
-            other => return Err(crate::Error::invalid(format!("unknown disk format '{other}'"))),
+            other => {
+                return Err(crate::Error::invalid(format!(
+                    "unknown disk format '{other}'"
+                )));
+            }
         })
     }
 }
@@ -261,7 +271,9 @@ impl Default for EncodeOptions {
             compress: false,
             compression_level: 6,
             cluster_size: 64 << 10,
-            parallelism: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            parallelism: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
         }
     }
 }

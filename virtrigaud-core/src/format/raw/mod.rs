@@ -18,7 +18,7 @@ pub async fn decode_random(src: Arc<dyn ReadAt>, opts: &DecodeOptions) -> Result
     let allocation = ranges.clone().map(AllocationMap::from_ranges);
     let ranges = match ranges {
         Some(r) => AllocationMap::from_ranges(r).ranges().to_vec(),
-        None => vec![0..size],
+        None => std::iter::once(0..size).collect(),
     };
     let piece = opts.read_size.max(4096) as u64;
     let pieces = ranges.into_iter().flat_map(move |r| {
@@ -50,9 +50,8 @@ pub async fn decode_random(src: Arc<dyn ReadAt>, opts: &DecodeOptions) -> Result
 
 /// Decodes a raw image arriving as one sequential stream of file extents.
 pub fn decode_sequential(size: Option<u64>, stream: ExtentStream) -> Result<DiskContent> {
-    let size = size.ok_or_else(|| {
-        Error::invalid("a raw image read as a stream needs its size up front")
-    })?;
+    let size =
+        size.ok_or_else(|| Error::invalid("a raw image read as a stream needs its size up front"))?;
     Ok(DiskContent {
         virtual_size: size,
         allocation: None,

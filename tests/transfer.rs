@@ -1,0 +1,602 @@
+//! Pipeline and transfer tests on local files and the filesystem storage backend.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use virtrigaud::digest::{CONTENT_BLOCK, hex};
+use virtrigaud::format::{self, DecodeOptions, EncodeOptions};
+use virtrigaud::io::{ImageSource, LocalFileSink, MemorySink};
+use virtrigaud::manifest::manifest_key;
+use virtrigaud::pipeline::{self, PipelineOptions};
+use virtrigaud::*;
+
+/// Reference content digest, straight from the documented definition.
+fn reference_digest(disk: &[u8]) -> String {
+    let mut root = Sha256::new();
+    for b in disk.chunks(CONTENT_BLOCK) {
+        root.update(Sha256::digest(b));
+    }
+    root.update((disk.len() as u64).to_le_bytes());
+    hex(&root.finalize())
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A disk image with data at scattered, unaligned offsets and zero runs.
+fn sample_disk(size: usize) -> Vec<u8> {
+    let mut d = vec![0u8; size];
+    for (i, off) in [0usize, 70_000, size / 3, size / 2 + 12_345, size - 5000]
+        .iter()
+        .enumerate()
+    {
+        let n = 20_000.min(size - off);
+        d[*off..off + n].copy_from_slice(&pattern(n, i as u64 + 1));
+    }
+    d
+}
+
+/// Sequential source handing out one byte at a time.
+fn one_byte_source(disk: &[u8]) -> ImageSource {
+    let items: Vec<Result<Extent>> = disk
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            Ok(Extent::Data {
+                offset: i as u64,
+                bytes: Bytes::copy_from_slice(&[*b]),
+            })
+        })
+        .collect();
+    ImageSource::Sequential {
+        size: Some(disk.len() as u64),
+        stream: futures::stream::iter(items).boxed(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_byte_at_a_time_source_gives_exact_bytes_and_digests() {
+    let disk = sample_disk(300_001);
+    let (_, content) = format::decode(one_byte_source(&disk), None, &DecodeOptions::default())
+        .await
+        .unwrap();
+    let (sink, out) = MemorySink::new();
+    let (report, sink) = pipeline::run(
+        content,
+        Box::new(sink),
+        pipeline::Job {
+            format: DiskFormat::Raw,
+            encode: &EncodeOptions::default(),
+            hash_object: true,
+            phase: Phase::Export,
+            label: "d",
+        },
+        &PipelineOptions {
+            chunk_size: 65_536,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    sink.commit().await.unwrap();
+    let written = out.lock().unwrap().take().unwrap();
+    assert_eq!(written, disk);
+    assert_eq!(report.content_digest, reference_digest(&disk));
+    let (sha, chunks) = report.object.unwrap();
+    assert_eq!(sha, hex(&Sha256::digest(&disk)));
+    assert_eq!(chunks.len(), disk.len().div_ceil(65_536));
+    assert_eq!(chunks[1], hex(&Sha256::digest(&disk[65_536..131_072])));
+    assert_eq!(report.data_bytes_read, disk.len() as u64);
+    assert_eq!(report.stored_size, disk.len() as u64);
+    let nonzero_blocks = disk
+        .chunks(65_536)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .count();
+    assert!(report.allocated_bytes <= (nonzero_blocks * 65_536) as u64);
+}
+
+fn write_sparse(path: &Path, size: u64, pieces: &[(u64, Vec<u8>)]) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for (off, data) in pieces {
+        f.seek(SeekFrom::Start(*off)).unwrap();
+        f.write_all(data).unwrap();
+    }
+}
+
+/// A local provider with one VM `vm1` whose disk `disk0` is `disk.raw`.
+async fn provider_with_disk(root: &Path, size: u64, pieces: &[(u64, Vec<u8>)]) -> LocalProvider {
+    let p = LocalProvider::new(root);
+    std::fs::create_dir_all(root.join("vm1")).unwrap();
+    write_sparse(&root.join("vm1/disk.raw"), size, pieces);
+    p.write_vm(
+        &VmInfo {
+            id: "vm1".into(),
+            name: "vm1".into(),
+            cpus: 2,
+            memory_mib: 2048,
+            firmware: Firmware::Bios,
+            machine: None,
+            guest_os: None,
+            state: PowerState::Stopped,
+            disks: vec![DiskInfo {
+                id: "disk0".into(),
+                capacity: 0,
+                allocation: None,
+                format: None,
+                bus: Some(DiskBus::Virtio),
+                location: "disk.raw".into(),
+            }],
+            nics: vec![NicInfo {
+                mac: Some("52:54:00:12:34:56".into()),
+                model: Some("virtio".into()),
+                network: Some("default".into()),
+            }],
+        },
+        false,
+    )
+    .await
+    .unwrap();
+    p
+}
+
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_import_round_trip_through_fs_storage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 64u64 << 20;
+    let pieces = vec![
+        (4096u64, pattern(1 << 20, 1)),
+        (33 << 20, pattern(3 << 20, 2)),
+        (size - 100, pattern(100, 3)),
+    ];
+    let src = provider_with_disk(&tmp.path().join("src"), size, &pieces).await;
+    let store = virtrigaud_storage_fs(tmp.path().join("store"));
+    let progress_calls = Arc::new(AtomicU64::new(0));
+    let pc = progress_calls.clone();
+    let mut opts = ExportOptions::default();
+    opts.pipeline.progress = Some(Arc::new(move |p: &Progress| {
+        assert!(p.position <= p.virtual_size);
+        pc.fetch_add(1, Ordering::Relaxed);
+    }));
+    let exp = export_disk(&src, "vm1", "disk0", &*store, "vm1/disk0.raw", &opts)
+        .await
+        .unwrap();
+    assert!(progress_calls.load(Ordering::Relaxed) >= 1);
+    let m = &exp.manifest;
+    assert_eq!(m.virtual_size, size);
+    assert_eq!(m.stored_size, size);
+    assert_eq!(m.vm.as_ref().unwrap().nics.len(), 1);
+    assert_eq!(m.source.as_ref().unwrap().disk, "disk0");
+    // Only the allocated data was read: SEEK_DATA told us where the holes are.
+    assert!(
+        exp.transfer.data_bytes_read < 8 << 20,
+        "{}",
+        exp.transfer.data_bytes_read
+    );
+    let stored = std::fs::read(tmp.path().join("store/vm1/disk0.raw")).unwrap();
+    assert_eq!(
+        hex(&Sha256::digest(&stored)),
+        m.object_digest.value,
+        "object digest = sha256sum"
+    );
+    assert_eq!(reference_digest(&stored), m.content_digest.value);
+
+    let dst = LocalProvider::new(tmp.path().join("dst"));
+    let imp = import_disk(
+        &*store,
+        "vm1/disk0.raw",
+        &dst,
+        "vm1",
+        "disk0",
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(imp.transfer.content_digest, m.content_digest.value);
+    let imported = std::fs::read(tmp.path().join("dst/vm1").join(&imp.location)).unwrap();
+    assert_eq!(imported, stored);
+    verify_object(&*store, "vm1/disk0.raw", &ImportOptions::default())
+        .await
+        .unwrap();
+
+    // Importing again refuses to overwrite.
+    let e = import_disk(
+        &*store,
+        "vm1/disk0.raw",
+        &dst,
+        "vm1",
+        "disk0",
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+}
+
+fn virtrigaud_storage_fs(root: std::path::PathBuf) -> Arc<dyn StorageBackend> {
+    Arc::new(virtrigaud::storage::FsBackend::new(root))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_or_missing_stored_objects_are_refused_and_nothing_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 16u64 << 20;
+    let src = provider_with_disk(
+        &tmp.path().join("src"),
+        size,
+        &[(1 << 20, pattern(4 << 20, 7))],
+    )
+    .await;
+    let store = virtrigaud_storage_fs(tmp.path().join("store"));
+    export_disk(
+        &src,
+        "vm1",
+        "disk0",
+        &*store,
+        "a/disk.raw",
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    let obj = tmp.path().join("store/a/disk.raw");
+    let dst = LocalProvider::new(tmp.path().join("dst"));
+
+    // one flipped byte in the middle
+    let mut f = std::fs::OpenOptions::new().write(true).open(&obj).unwrap();
+    f.seek(SeekFrom::Start(3 << 20)).unwrap();
+    f.write_all(&[0x5a]).unwrap();
+    drop(f);
+    let e = import_disk(
+        &*store,
+        "a/disk.raw",
+        &dst,
+        "vm1",
+        "disk0",
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
+    assert!(
+        files_under(&tmp.path().join("dst")).is_empty(),
+        "{:?}",
+        files_under(&tmp.path().join("dst"))
+    );
+    let e = verify_object(&*store, "a/disk.raw", &ImportOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ChecksumMismatch);
+
+    // truncated object
+    let f = std::fs::OpenOptions::new().write(true).open(&obj).unwrap();
+    f.set_len(size - 1).unwrap();
+    drop(f);
+    let e = import_disk(
+        &*store,
+        "a/disk.raw",
+        &dst,
+        "vm1",
+        "disk0",
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
+
+    // manifest with a wrong digest
+    export_disk(
+        &src,
+        "vm1",
+        "disk0",
+        &*store,
+        "b/disk.raw",
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mpath = tmp.path().join("store").join(manifest_key("b/disk.raw"));
+    let text = std::fs::read_to_string(&mpath).unwrap();
+    let m: Manifest = Manifest::parse(text.as_bytes()).unwrap();
+    let wrong = text.replace(&m.content_digest.value, &"0".repeat(64));
+    std::fs::write(&mpath, wrong).unwrap();
+    let e = import_disk(
+        &*store,
+        "b/disk.raw",
+        &dst,
+        "vm1",
+        "disk0",
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
+
+    // malformed and missing manifests
+    std::fs::write(&mpath, b"{\"schema_version\": 1, \"format\": ").unwrap();
+    let e = import_disk(
+        &*store,
+        "b/disk.raw",
+        &dst,
+        "vm1",
+        "disk0",
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    std::fs::remove_file(&mpath).unwrap();
+    let e = import_disk(
+        &*store,
+        "b/disk.raw",
+        &dst,
+        "vm1",
+        "disk0",
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("manifest"), "{e}");
+    assert!(files_under(&tmp.path().join("dst")).is_empty());
+}
+
+/// A source that yields 1 MiB extents forever, slowly, counting what it produced.
+fn endless_source(size: u64, produced: Arc<AtomicU64>) -> DiskContent {
+    let stream = futures::stream::unfold(0u64, move |off| {
+        let produced = produced.clone();
+        async move {
+            if off >= size {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            produced.fetch_add(1, Ordering::Relaxed);
+            Some((
+                Ok(Extent::Data {
+                    offset: off,
+                    bytes: Bytes::from(vec![0xabu8; 1 << 20]),
+                }),
+                off + (1 << 20),
+            ))
+        }
+    });
+    DiskContent {
+        virtual_size: size,
+        allocation: None,
+        extents: stream.boxed(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_mid_stream_leaves_no_partial_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let produced = Arc::new(AtomicU64::new(0));
+    let content = endless_source(1 << 40, produced.clone());
+    let sink = LocalFileSink::create(tmp.path().join("out.raw"), false)
+        .await
+        .unwrap();
+    let opts = PipelineOptions::default();
+    let cancel = opts.cancel.clone();
+    let p2 = produced.clone();
+    tokio::spawn(async move {
+        while p2.load(Ordering::Relaxed) < 20 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        cancel.cancel();
+    });
+    let e = pipeline::run(
+        content,
+        Box::new(sink),
+        pipeline::Job {
+            format: DiskFormat::Raw,
+            encode: &EncodeOptions::default(),
+            hash_object: true,
+            phase: Phase::Export,
+            label: "x",
+        },
+        &opts,
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(e.kind(), ErrorKind::Cancelled);
+    assert!(produced.load(Ordering::Relaxed) < 1000);
+    assert!(
+        files_under(tmp.path()).is_empty(),
+        "{:?}",
+        files_under(tmp.path())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_export_leaves_no_object_and_no_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 256u64 << 20;
+    let src = provider_with_disk(
+        &tmp.path().join("src"),
+        size,
+        &[(0, pattern(size as usize, 5))],
+    )
+    .await;
+    let store = virtrigaud_storage_fs(tmp.path().join("store"));
+    let mut opts = ExportOptions::default();
+    let cancel = opts.pipeline.cancel.clone();
+    opts.pipeline.progress_interval = std::time::Duration::ZERO;
+    opts.pipeline.progress = Some(Arc::new(move |p: &Progress| {
+        if p.data_bytes >= 32 << 20 {
+            cancel.cancel();
+        }
+    }));
+    let e = export_disk(&src, "vm1", "disk0", &*store, "c/disk.raw", &opts)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+    assert!(
+        files_under(&tmp.path().join("store")).is_empty(),
+        "{:?}",
+        files_under(&tmp.path().join("store"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_gib_disk_with_sixteen_mib_of_data_costs_sixteen_mib() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 64u64 << 30;
+    let pieces: Vec<(u64, Vec<u8>)> = (0..16u64)
+        .map(|i| (i * (4 << 30) + i * 77 * 4096, pattern(1 << 20, i)))
+        .collect();
+    let src = provider_with_disk(&tmp.path().join("src"), size, &pieces).await;
+    let opened = src.open_disk("vm1", "disk0", None).await.unwrap();
+    let (_, content) = format::decode(opened.source, None, &DecodeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(content.virtual_size, size);
+    let alloc = content.allocation.as_ref().map(|a| a.allocated_bytes());
+    let Some(alloc) = alloc else {
+        eprintln!("SKIP: this file system does not report holes (SEEK_DATA)");
+        return;
+    };
+    assert!(alloc <= 17 << 20, "allocation map says {alloc}");
+    // Raw target on a sparse file: no object hash (that would hash 64 GiB of zeros by definition).
+    let sink = LocalFileSink::create(tmp.path().join("copy.raw"), false)
+        .await
+        .unwrap();
+    let (report, sink) = pipeline::run(
+        content,
+        Box::new(sink),
+        pipeline::Job {
+            format: DiskFormat::Raw,
+            encode: &EncodeOptions::default(),
+            hash_object: false,
+            phase: Phase::Export,
+            label: "big",
+        },
+        &PipelineOptions::default(),
+    )
+    .await
+    .unwrap();
+    sink.commit().await.unwrap();
+    assert_eq!(
+        report.data_bytes_read,
+        16 << 20,
+        "bytes read from the source"
+    );
+    // Pieces are not 64 KiB-aligned: each touches at most one extra digest block.
+    let hashed = report.content_hashed_bytes;
+    assert!(
+        (16 << 20..=(16 << 20) + 16 * 65536).contains(&hashed),
+        "hashed {hashed} bytes for the content digest"
+    );
+    assert_eq!(report.allocated_bytes, 16 << 20);
+    assert_eq!(report.stored_size, size);
+    let meta = std::fs::metadata(tmp.path().join("copy.raw")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < 64 << 20,
+        "copy is sparse: {} bytes allocated",
+        meta.blocks() * 512
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    // unknown format (VHDX magic)
+    let p = tmp.path().join("x.vhdx");
+    std::fs::write(&p, b"vhdxfile\0\0\0\0").unwrap();
+    let f = virtrigaud::io::LocalFile::open(&p).await.unwrap();
+    let e = format::decode(
+        ImageSource::RandomAccess(Arc::new(f)),
+        None,
+        &DecodeOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    // key with ..
+    let store = virtrigaud_storage_fs(tmp.path().join("store"));
+    let src = provider_with_disk(&tmp.path().join("src"), 1 << 20, &[(0, vec![1; 10])]).await;
+    let e = export_disk(
+        &src,
+        "vm1",
+        "disk0",
+        &*store,
+        "../escape",
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    // missing VM and disk
+    let e = export_disk(
+        &src,
+        "nope",
+        "disk0",
+        &*store,
+        "k",
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    let e = src.open_disk("vm1", "disk9", None).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    // unwritable target: storage root is a file
+    std::fs::write(tmp.path().join("file"), b"x").unwrap();
+    let bad = virtrigaud_storage_fs(tmp.path().join("file"));
+    let e = export_disk(&src, "vm1", "disk0", &*bad, "k", &ExportOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            ErrorKind::Io | ErrorKind::Permission | ErrorKind::NotFound | ErrorKind::AlreadyExists
+        ),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(tmp.path().join("file")).unwrap(), b"x");
+    // sequential raw without a size
+    let s = ImageSource::Sequential {
+        size: None,
+        stream: futures::stream::empty().boxed(),
+    };
+    assert_eq!(
+        format::decode(s, None, &DecodeOptions::default())
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::InvalidInput
+    );
+}
