@@ -600,3 +600,99 @@ async fn bad_input_gets_clear_errors() {
         ErrorKind::InvalidInput
     );
 }
+
+/// Wraps a backend so that every GET hands out one byte at a time.
+#[derive(Debug)]
+struct OneByteGets(Arc<dyn StorageBackend>);
+
+#[async_trait::async_trait]
+impl StorageBackend for OneByteGets {
+    fn location(&self) -> String {
+        self.0.location()
+    }
+    fn capabilities(&self) -> StorageCapabilities {
+        self.0.capabilities()
+    }
+    async fn put(&self, key: &str, opts: &PutOptions) -> Result<Box<dyn ByteSink>> {
+        self.0.put(key, opts).await
+    }
+    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> Result<ByteStream> {
+        let inner = self.0.get(key, range).await?;
+        Ok(inner
+            .flat_map(|r| match r {
+                Ok(b) => futures::stream::iter(
+                    (0..b.len())
+                        .map(move |i| Ok(b.slice(i..i + 1)))
+                        .collect::<Vec<_>>(),
+                )
+                .left_stream(),
+                Err(e) => futures::stream::iter(vec![Err(e)]).right_stream(),
+            })
+            .boxed())
+    }
+    async fn stat(&self, key: &str) -> Result<ObjectMeta> {
+        self.0.stat(key).await
+    }
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.0.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        self.0.list(prefix).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_verifies_a_store_that_returns_one_byte_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 400_000u64;
+    let src = provider_with_disk(
+        &tmp.path().join("src"),
+        size,
+        &[(1000, pattern(70_000, 3)), (300_000, pattern(50_000, 4))],
+    )
+    .await;
+    let store = virtrigaud_storage_fs(tmp.path().join("store"));
+    let mut opts = ExportOptions::default();
+    opts.pipeline.chunk_size = 100_000;
+    let exp = export_disk(&src, "vm1", "disk0", &*store, "one/disk.raw", &opts)
+        .await
+        .unwrap();
+    let slow: Arc<dyn StorageBackend> = Arc::new(OneByteGets(store.clone()));
+    let dst = LocalProvider::new(tmp.path().join("dst"));
+    let imp = import_disk(
+        &*slow,
+        "one/disk.raw",
+        &dst,
+        "vm1",
+        "disk0",
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        imp.transfer.content_digest,
+        exp.manifest.content_digest.value
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join("dst/vm1").join(&imp.location)).unwrap(),
+        std::fs::read(tmp.path().join("store/one/disk.raw")).unwrap()
+    );
+    // a flipped byte in the third chunk is caught even when bytes trickle in one by one
+    let obj = tmp.path().join("store/one/disk.raw");
+    let mut data = std::fs::read(&obj).unwrap();
+    data[250_000] ^= 1;
+    std::fs::write(&obj, &data).unwrap();
+    let e = import_disk(
+        &*slow,
+        "one/disk.raw",
+        &dst,
+        "vm1",
+        "disk1",
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
+    assert!(e.to_string().contains("chunk 2"), "{e}");
+    assert!(!tmp.path().join("dst/vm1/disk1.raw").exists());
+}

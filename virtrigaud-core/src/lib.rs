@@ -15,6 +15,7 @@ pub mod format;
 pub mod io;
 pub mod local;
 pub mod manifest;
+pub mod migration;
 pub mod pipeline;
 pub mod progress;
 pub mod provider;
@@ -28,6 +29,9 @@ pub use format::DiskFormat;
 pub use io::{ByteSink, ByteStream, ImageSource, ReadAt};
 pub use local::LocalProvider;
 pub use manifest::Manifest;
+pub use migration::{
+    CleanupPolicy, Migration, MigrationPlan, MigrationReport, MigrationState, PrepareSource,
+};
 pub use pipeline::{PipelineOptions, TransferReport};
 pub use progress::{Phase, Progress, ProgressFn};
 pub use provider::*;

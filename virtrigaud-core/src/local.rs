@@ -130,6 +130,10 @@ impl Provider for LocalProvider {
     }
 
     async fn validate(&self) -> Result<()> {
+        // A missing root is created: an empty image directory is a valid (empty) provider.
+        tokio::fs::create_dir_all(&self.root)
+            .await
+            .map_err(|e| Error::io(e, format!("cannot create {}", self.root.display())))?;
         match tokio::fs::metadata(&self.root).await {
             Ok(m) if m.is_dir() => Ok(()),
             Ok(_) => Err(Error::invalid(format!(
