@@ -1,0 +1,178 @@
+//! Format conversion inside the pipeline, timed beside `qemu-img convert` on the same input in
+//! the same run; prints the ratio (ours / qemu-img, lower is better).
+//!
+//! Targets (DESIGN.md): qcow2 → raw ≤ 1.0×; raw → streamOptimized VMDK ≤ 0.6× (parallel deflate).
+//!
+//! ```text
+//! cargo bench --bench formats                 # 1 GiB virtual, 300 MiB random data
+//! VRG_BENCH_DATA_MIB=100 cargo bench --bench formats
+//! ```
+//! Our side includes the content digest (qemu-img computes none). Needs `qemu-img`.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use virtrigaud::format::{self, DecodeOptions, EncodeOptions, VmdkSubformat};
+use virtrigaud::io::{ImageSource, LocalFile, LocalFileSink};
+use virtrigaud::pipeline::{self, Job, PipelineOptions};
+use virtrigaud::{DiskFormat, Phase};
+
+fn random_sparse(path: &Path, virtual_mib: u64, data_mib: u64) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.set_len(virtual_mib << 20).unwrap();
+    let mut x: u64 = 0x9abc_def1_2345_6789;
+    let mut buf = vec![0u8; 4 << 20];
+    let pieces = data_mib / 4;
+    let stride = (virtual_mib << 20) / pieces.max(1);
+    for i in 0..pieces {
+        for c in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        f.seek(SeekFrom::Start(i * stride)).unwrap();
+        f.write_all(&buf).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+fn qemu(args: &[&str]) -> Duration {
+    let t = Instant::now();
+    let st = Command::new("qemu-img")
+        .args(args)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success(), "qemu-img {args:?}");
+    t.elapsed()
+}
+
+fn ours(rt: &tokio::runtime::Runtime, src: &Path, dst: &Path, to: DiskFormat) -> Duration {
+    rt.block_on(async {
+        let _ = std::fs::remove_file(dst);
+        let t = Instant::now();
+        let f = LocalFile::open(src).await.unwrap();
+        let (_, content) = format::decode(
+            ImageSource::RandomAccess(Arc::new(f)),
+            None,
+            &DecodeOptions::default(),
+        )
+        .await
+        .unwrap();
+        let sink = LocalFileSink::create(dst, true).await.unwrap();
+        let enc = EncodeOptions::default();
+        let (_, sink) = pipeline::run(
+            content,
+            Box::new(sink),
+            Job {
+                format: to,
+                encode: &enc,
+                hash_object: false,
+                phase: Phase::Export,
+                label: "bench",
+            },
+            &PipelineOptions::default(),
+        )
+        .await
+        .unwrap();
+        sink.commit().await.unwrap();
+        t.elapsed()
+    })
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    if Command::new("qemu-img").arg("--version").output().is_err() {
+        println!("SKIP: qemu-img not found");
+        return;
+    }
+    let data_mib: u64 = std::env::var("VRG_BENCH_DATA_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let runs: usize = std::env::var("VRG_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("in.raw");
+    let qcow = dir.path().join("in.qcow2");
+    random_sparse(&raw, 1024, data_mib);
+    qemu(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow.to_str().unwrap(),
+    ]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("input: 1 GiB virtual, {data_mib} MiB random data; {runs} runs each, medians");
+
+    let out_q = dir.path().join("q.raw");
+    let out_o = dir.path().join("o.raw");
+    let (mut q, mut o) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let _ = std::fs::remove_file(&out_q);
+        q.push(qemu(&[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            qcow.to_str().unwrap(),
+            out_q.to_str().unwrap(),
+        ]));
+        o.push(ours(&rt, &qcow, &out_o, DiskFormat::Raw));
+    }
+    let (q, o) = (median(q), median(o));
+    println!(
+        "RESULT qcow2->raw: qemu-img {:.2} s, virtrigaud {:.2} s, ratio {:.2} (target <= 1.0)",
+        q.as_secs_f64(),
+        o.as_secs_f64(),
+        o.as_secs_f64() / q.as_secs_f64()
+    );
+
+    let out_q = dir.path().join("q.vmdk");
+    let out_o = dir.path().join("o.vmdk");
+    let (mut q, mut o) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let _ = std::fs::remove_file(&out_q);
+        q.push(qemu(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            raw.to_str().unwrap(),
+            out_q.to_str().unwrap(),
+        ]));
+        o.push(ours(
+            &rt,
+            &raw,
+            &out_o,
+            DiskFormat::Vmdk(VmdkSubformat::StreamOptimized),
+        ));
+    }
+    let (q, o) = (median(q), median(o));
+    println!(
+        "RESULT raw->vmdk(streamOptimized): qemu-img {:.2} s, virtrigaud {:.2} s, ratio {:.2} (target <= 0.6); sizes qemu {} MiB, ours {} MiB",
+        q.as_secs_f64(),
+        o.as_secs_f64(),
+        o.as_secs_f64() / q.as_secs_f64(),
+        std::fs::metadata(&out_q).unwrap().len() >> 20,
+        std::fs::metadata(&out_o).unwrap().len() >> 20
+    );
+}
