@@ -76,9 +76,14 @@ async fn write_raw(c: DiskContent, out: &Path) -> String {
 /// Digest of the raw bytes qemu-img gives for `image`.
 async fn qemu_raw_digest(image: &Path, fmt: &str, dir: &Path) -> String {
     let out = dir.join(format!("qemu-{}.raw", virtrigaud_core::io::unique_suffix()));
-    run("qemu-img", &["convert", "-f", fmt, "-O", "raw", p(image), p(&out)]);
+    run(
+        "qemu-img",
+        &["convert", "-f", fmt, "-O", "raw", p(image), p(&out)],
+    );
     let src: Arc<dyn ReadAt> = Arc::new(LocalFile::open(&out).await.unwrap());
-    let c = raw::decode_random(src, &DecodeOptions::default()).await.unwrap();
+    let c = raw::decode_random(src, &DecodeOptions::default())
+        .await
+        .unwrap();
     let mut d = ContentDigester::new(c.virtual_size, 2);
     let mut s = c.extents;
     while let Some(e) = s.next().await {
@@ -126,14 +131,22 @@ async fn check_decoders(image: &Path, dir: &Path, sequential: bool) {
     assert!(c.allocation.is_some());
     let out = dir.join("ours-random.raw");
     let got = write_raw(c, &out).await;
-    run("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", p(&out), p(image)]);
+    run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", p(&out), p(image)],
+    );
     assert_eq!(got, want, "random decode digest of {}", image.display());
     if sequential {
         let (size, stream) = file_stream(image).await;
-        let c = qcow2::decode_sequential(Some(size), stream, &opts()).await.unwrap();
+        let c = qcow2::decode_sequential(Some(size), stream, &opts())
+            .await
+            .unwrap();
         let out = dir.join("ours-seq.raw");
         let got = write_raw(c, &out).await;
-        run("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", p(&out), p(image)]);
+        run(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "qcow2", p(&out), p(image)],
+        );
         assert_eq!(got, want, "sequential decode digest of {}", image.display());
     }
 }
@@ -148,7 +161,10 @@ const WRITES: &[&str] = &[
 
 fn create_qcow2(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     let f = dir.join(name);
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", opts, p(&f), size]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", opts, p(&f), size],
+    );
     f
 }
 
@@ -167,13 +183,27 @@ async fn decodes_qemu_images() {
         (
             "zero",
             "compat=1.1,cluster_size=64k",
-            vec!["write -z 3M 256k", "write -z -u 3276800 64k", "write -z 14M 1M"],
+            vec![
+                "write -z 3M 256k",
+                "write -z -u 3276800 64k",
+                "write -z 14M 1M",
+            ],
         ),
-        ("discard", "compat=1.1,cluster_size=64k", vec!["discard 256k 256k", "discard 4M 64k"]),
+        (
+            "discard",
+            "compat=1.1,cluster_size=64k",
+            vec!["discard 256k 256k", "discard 4M 64k"],
+        ),
         (
             "extl2",
             "compat=1.1,cluster_size=64k,extended_l2=on",
-            vec!["write -P 0x42 4194816 2048", "write -z 3149824 4096", "discard 3276800 8192"],
+            vec![
+                "write -P 0x42 8389120 2048",
+                "write -z 8454144 4096",
+                "write -P 0x43 8458240 2048",
+                "write -z 3149824 4096",
+                "discard 3276800 8192",
+            ],
         ),
     ];
     for (name, o, extra) in cases {
@@ -225,10 +255,27 @@ async fn decodes_compressed_images() {
         ("zlib-4k", "compat=1.1,cluster_size=4k"),
         ("zlib-v2", "compat=0.10"),
         ("zstd", "compat=1.1,compression_type=zstd"),
-        ("zstd-2m", "compat=1.1,compression_type=zstd,cluster_size=2M"),
+        (
+            "zstd-2m",
+            "compat=1.1,compression_type=zstd,cluster_size=2M",
+        ),
     ] {
         let img = d.join(format!("{name}.qcow2"));
-        run("qemu-img", &["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", o, p(&src), p(&img)]);
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                o,
+                p(&src),
+                p(&img),
+            ],
+        );
         eprintln!("case {name}");
         check_decoders(&img, d, true).await;
     }
@@ -259,7 +306,10 @@ async fn encodes_images_qemu_accepts() {
     let d = dir.path();
     let src = d.join("src.raw");
     let vsize: u64 = (20 << 20) + 3 * 512; // not a multiple of any cluster size
-    run("qemu-img", &["create", "-q", "-f", "raw", p(&src), &vsize.to_string()]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", p(&src), &vsize.to_string()],
+    );
     qemu_io(
         "raw",
         &src,
@@ -272,7 +322,12 @@ async fn encodes_images_qemu_accepts() {
         ],
     );
     let want = qemu_raw_digest(&src, "raw", d).await;
-    for (cs, with_map) in [(65536u32, true), (4096, true), (2 << 20, true), (65536, false)] {
+    for (cs, with_map) in [
+        (65536u32, true),
+        (4096, true),
+        (2 << 20, true),
+        (65536, false),
+    ] {
         eprintln!("encode cs={cs} map={with_map}");
         let out = d.join(format!("out-{cs}-{with_map}.qcow2"));
         let out2 = d.join(format!("out2-{cs}-{with_map}.qcow2"));
@@ -284,17 +339,28 @@ async fn encodes_images_qemu_accepts() {
             }
             encode_to(c, cs, o).await;
         }
-        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&out2).unwrap(), "deterministic");
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(&out2).unwrap(),
+            "deterministic"
+        );
         let chk = Command::new("qemu-img")
             .args(["check", "--output=json", p(&out)])
             .output()
             .unwrap();
         let j: serde_json::Value = serde_json::from_slice(&chk.stdout).unwrap_or_default();
-        assert!(chk.status.success(), "qemu-img check: {j} {}", String::from_utf8_lossy(&chk.stderr));
+        assert!(
+            chk.status.success(),
+            "qemu-img check: {j} {}",
+            String::from_utf8_lossy(&chk.stderr)
+        );
         for k in ["leaks", "corruptions", "check-errors"] {
             assert!(j.get(k).is_none_or(|v| v == 0), "qemu-img check {k}: {j}");
         }
-        run("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", p(&src), p(&out)]);
+        run(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "qcow2", p(&src), p(&out)],
+        );
         let info = run("qemu-img", &["info", "--output=json", p(&out)]);
         let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
         assert_eq!(info["virtual-size"].as_u64(), Some(vsize));

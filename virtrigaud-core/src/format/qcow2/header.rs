@@ -87,7 +87,9 @@ impl Header {
         }
         let version = be32(head, 4)?;
         if version != 2 && version != 3 {
-            return Err(Error::unsupported(format!("qcow2 version {version} is not supported")));
+            return Err(Error::unsupported(format!(
+                "qcow2 version {version} is not supported"
+            )));
         }
         let mut h = Header {
             version,
@@ -138,7 +140,10 @@ impl Header {
             )));
         }
         if h.size > MAX_VIRTUAL_SIZE {
-            return Err(Error::corrupt(format!("qcow2 virtual size {} is too large", h.size)));
+            return Err(Error::corrupt(format!(
+                "qcow2 virtual size {} is too large",
+                h.size
+            )));
         }
         let unknown = h.incompatible_features & !INCOMPAT_KNOWN;
         if unknown != 0 {
@@ -158,7 +163,9 @@ impl Header {
         }
         if h.incompatible_features & INCOMPAT_DIRTY != 0 {
             // Only refcounts may be stale; we never read them, so the mapping is still valid.
-            tracing::warn!("qcow2 image is marked dirty (not closed cleanly); reading its L1/L2 tables anyway");
+            tracing::warn!(
+                "qcow2 image is marked dirty (not closed cleanly); reading its L1/L2 tables anyway"
+            );
         }
         if h.incompatible_features & INCOMPAT_COMPRESSION != 0 {
             if h.header_length < 105 {
@@ -180,7 +187,9 @@ impl Header {
             };
         }
         if h.extended_l2() && h.cluster_bits < 14 {
-            return Err(Error::corrupt("qcow2 extended L2 needs clusters of at least 16 KiB"));
+            return Err(Error::corrupt(
+                "qcow2 extended L2 needs clusters of at least 16 KiB",
+            ));
         }
         if h.crypt_method != 0 {
             return Err(Error::unsupported(format!(
@@ -211,14 +220,17 @@ impl Header {
                 h.l1_size
             )));
         }
-        if h.l1_size > 0 && (h.l1_table_offset % h.cluster_size() != 0 || h.l1_table_offset == 0)
-        {
-            return Err(Error::corrupt("qcow2 L1 table offset is not cluster aligned or is 0")
-                .with_offset(h.l1_table_offset));
+        if h.l1_size > 0 && (h.l1_table_offset % h.cluster_size() != 0 || h.l1_table_offset == 0) {
+            return Err(
+                Error::corrupt("qcow2 L1 table offset is not cluster aligned or is 0")
+                    .with_offset(h.l1_table_offset),
+            );
         }
         if h.refcount_table_offset % h.cluster_size() != 0 {
-            return Err(Error::corrupt("qcow2 refcount table offset is not cluster aligned")
-                .with_offset(h.refcount_table_offset));
+            return Err(
+                Error::corrupt("qcow2 refcount table offset is not cluster aligned")
+                    .with_offset(h.refcount_table_offset),
+            );
         }
         Ok(h)
     }
@@ -304,8 +316,9 @@ impl Header {
             );
         }
         if !l1.is_empty() && !rt.is_empty() && overlaps(&l1, &rt) {
-            return Err(Error::corrupt("qcow2 L1 table overlaps the refcount table")
-                .with_offset(l1.start));
+            return Err(
+                Error::corrupt("qcow2 L1 table overlaps the refcount table").with_offset(l1.start)
+            );
         }
         Ok(())
     }
@@ -405,13 +418,23 @@ mod tests {
             (Box::new(|h| h.size = u64::MAX), Corrupt),
             (Box::new(|h| h.crypt_method = 1), Unsupported),
             (Box::new(|h| h.incompatible_features = 1 << 9), Unsupported),
-            (Box::new(|h| h.incompatible_features = INCOMPAT_CORRUPT), Corrupt),
-            (Box::new(|h| h.incompatible_features = INCOMPAT_DATA_FILE), Unsupported),
+            (
+                Box::new(|h| h.incompatible_features = INCOMPAT_CORRUPT),
+                Corrupt,
+            ),
+            (
+                Box::new(|h| h.incompatible_features = INCOMPAT_DATA_FILE),
+                Unsupported,
+            ),
         ];
         for (i, (f, kind)) in cases.iter().enumerate() {
             let mut h = sample();
             f(&mut h);
-            assert_eq!(Header::parse(&bytes(&h)).unwrap_err().kind(), *kind, "case {i}");
+            assert_eq!(
+                Header::parse(&bytes(&h)).unwrap_err().kind(),
+                *kind,
+                "case {i}"
+            );
         }
         let mut b = bytes(&sample());
         b[0] = 0;
@@ -432,7 +455,11 @@ mod tests {
         b[200..208].copy_from_slice(b"base.img");
         let e = Header::parse(&b).unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::Unsupported);
-        assert!(e.message().contains("backing file base.img: supply the backing chain"), "{e}");
+        assert!(
+            e.message()
+                .contains("backing file base.img: supply the backing chain"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -440,14 +467,26 @@ mod tests {
         let mut h = sample();
         h.incompatible_features = INCOMPAT_COMPRESSION;
         h.compression = Compression::Zstd;
-        assert_eq!(Header::parse(&bytes(&h)).unwrap().compression, Compression::Zstd);
+        assert_eq!(
+            Header::parse(&bytes(&h)).unwrap().compression,
+            Compression::Zstd
+        );
         let mut b = bytes(&h);
         b[104] = 5;
-        assert_eq!(Header::parse(&b).unwrap_err().kind(), crate::ErrorKind::Unsupported);
+        assert_eq!(
+            Header::parse(&b).unwrap_err().kind(),
+            crate::ErrorKind::Unsupported
+        );
         let mut h = sample();
         h.l1_table_offset = 1 << 16; // same as refcount table
-        assert_eq!(h.check_layout(None).unwrap_err().kind(), crate::ErrorKind::Corrupt);
+        assert_eq!(
+            h.check_layout(None).unwrap_err().kind(),
+            crate::ErrorKind::Corrupt
+        );
         let h = sample();
-        assert_eq!(h.check_layout(Some(1000)).unwrap_err().kind(), crate::ErrorKind::Corrupt);
+        assert_eq!(
+            h.check_layout(Some(1000)).unwrap_err().kind(),
+            crate::ErrorKind::Corrupt
+        );
     }
 }

@@ -46,10 +46,10 @@ mod reader;
 mod tables;
 mod writer;
 
+use crate::Result;
 use crate::extent::{DiskContent, ExtentStream};
 use crate::format::{ChunkStream, DecodeOptions, EncodeOptions};
 use crate::io::ReadAt;
-use crate::Result;
 use std::sync::Arc;
 
 /// Reads the header and returns the virtual size (metadata only).

@@ -61,10 +61,72 @@ impl Image {
         };
         let fs = self.src.size();
         tables::check_l2_location(&self.h, off, Some(fs))?;
-        let t = self.src.read_exact_at(off, self.h.cluster_size() as usize).await?;
+        let t = self
+            .src
+            .read_exact_at(off, self.h.cluster_size() as usize)
+            .await?;
         let mut runs = Vec::new();
         tables::l2_runs(&self.h, &t, base, Some(fs), &mut runs)?;
         Ok(runs)
+    }
+}
+
+/// Which host clusters are in use, to refuse images whose tables point twice at the same
+/// cluster (which would turn a small hostile file into an endless amount of output). Skipped
+/// for files with more than 2^28 clusters.
+struct HostMap {
+    bits: Vec<u64>,
+    cs: u64,
+}
+
+impl HostMap {
+    fn new(file_size: u64, cs: u64) -> HostMap {
+        let n = file_size.div_ceil(cs);
+        let bits = if n <= 1 << 28 {
+            vec![0u64; n.div_ceil(64) as usize]
+        } else {
+            Vec::new()
+        };
+        HostMap { bits, cs }
+    }
+
+    /// Marks a host cluster; false if it was marked already.
+    fn mark(&mut self, c: u64) -> bool {
+        let Some(w) = self.bits.get_mut((c / 64) as usize) else {
+            return true;
+        };
+        let b = 1u64 << (c % 64);
+        let fresh = *w & b == 0;
+        *w |= b;
+        fresh
+    }
+
+    /// Marks the host clusters of one L2 table's data runs (subclusters of one cluster count
+    /// once).
+    fn mark_runs(&mut self, runs: &[Run]) -> Result<()> {
+        let cs = self.cs;
+        let mut last: Option<(u64, u64)> = None;
+        for r in runs {
+            let Kind::Data { host } = r.kind else {
+                continue;
+            };
+            let first = host / cs;
+            let g0 = (r.guest - host % cs) / cs;
+            for hc in first..=(host + r.len - 1) / cs {
+                let gc = g0 + (hc - first);
+                if last == Some((gc, hc)) {
+                    continue;
+                }
+                last = Some((gc, hc));
+                if !self.mark(hc) {
+                    return Err(Error::corrupt(
+                        "qcow2 host cluster used twice (by two guest clusters or a table)",
+                    )
+                    .with_offset(hc * cs));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -140,7 +202,10 @@ fn execute(h: &Header, plan: &Plan, bytes: &Bytes) -> Result<Vec<Extent>> {
                         .with_offset(plan.host + it.rel)
                 })?;
                 // Extend the previous extent when guest and file are both contiguous.
-                if let Some(Extent::Data { offset, bytes: prev }) = out.last_mut()
+                if let Some(Extent::Data {
+                    offset,
+                    bytes: prev,
+                }) = out.last_mut()
                     && *offset + prev.len() as u64 == it.guest
                     && prev.as_ptr_range().end == data.as_ptr()
                 {
@@ -156,8 +221,8 @@ fn execute(h: &Header, plan: &Plan, bytes: &Bytes) -> Result<Vec<Extent>> {
             Some(clen) => {
                 let end = (start + clen as usize).min(bytes.len());
                 let input = bytes.get(start..end).unwrap_or(&[]);
-                let mut cluster = tables::decompress(h, input)
-                    .map_err(|e| e.with_offset(plan.host + it.rel))?;
+                let mut cluster =
+                    tables::decompress(h, input).map_err(|e| e.with_offset(plan.host + it.rel))?;
                 cluster.truncate(it.glen as usize);
                 out.push(Extent::Data {
                     offset: it.guest,
@@ -170,10 +235,14 @@ fn execute(h: &Header, plan: &Plan, bytes: &Bytes) -> Result<Vec<Extent>> {
 }
 
 /// See [`super::decode_random`].
-pub(crate) async fn decode_random(src: Arc<dyn ReadAt>, opts: &DecodeOptions) -> Result<DiskContent> {
+pub(crate) async fn decode_random(
+    src: Arc<dyn ReadAt>,
+    opts: &DecodeOptions,
+) -> Result<DiskContent> {
     let h = read_header(src.as_ref()).await?;
     let l1_bytes = if h.l1_size > 0 {
-        src.read_exact_at(h.l1_table_offset, h.l1_size as usize * 8).await?
+        src.read_exact_at(h.l1_table_offset, h.l1_size as usize * 8)
+            .await?
     } else {
         Bytes::new()
     };
@@ -190,8 +259,16 @@ pub(crate) async fn decode_random(src: Arc<dyn ReadAt>, opts: &DecodeOptions) ->
             async move { img.l2_runs(i).await }
         })
         .buffered(4);
+    let mut used = HostMap::new(img.src.size(), img.h.cluster_size());
+    for off in img.l1.iter().flatten() {
+        if !used.mark(off / img.h.cluster_size()) {
+            return Err(Error::corrupt("qcow2 L2 table referenced twice").with_offset(*off));
+        }
+    }
     while let Some(runs) = tables_stream.next().await {
-        tables::data_ranges(&runs?, &mut ranges);
+        let runs = runs?;
+        used.mark_runs(&runs)?;
+        tables::data_ranges(&runs, &mut ranges);
     }
     drop(tables_stream);
     let allocation = AllocationMap::from_ranges(ranges);
@@ -218,32 +295,35 @@ pub(crate) async fn decode_random(src: Arc<dyn ReadAt>, opts: &DecodeOptions) ->
             Err(e) => stream::iter(vec![Err(e)]).right_stream(),
         })
         .boxed();
-    let plans = stream::unfold((runs, None::<Plan>, false), move |(mut runs, mut cur, done)| async move {
-        if done {
-            return None;
-        }
-        loop {
-            match runs.next().await {
-                Some(Ok(run)) => {
-                    if run.kind == Kind::Hole {
-                        continue;
-                    }
-                    let absorbed = cur.as_mut().is_some_and(|p| p.absorb(&run, max));
-                    match absorbed {
-                        true => {}
-                        false => {
-                            let prev = cur.replace(Plan::new(&run)?);
-                            if let Some(p) = prev {
-                                return Some((Ok(p), (runs, cur, false)));
+    let plans = stream::unfold(
+        (runs, None::<Plan>, false),
+        move |(mut runs, mut cur, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                match runs.next().await {
+                    Some(Ok(run)) => {
+                        if run.kind == Kind::Hole {
+                            continue;
+                        }
+                        let absorbed = cur.as_mut().is_some_and(|p| p.absorb(&run, max));
+                        match absorbed {
+                            true => {}
+                            false => {
+                                let prev = cur.replace(Plan::new(&run)?);
+                                if let Some(p) = prev {
+                                    return Some((Ok(p), (runs, cur, false)));
+                                }
                             }
                         }
                     }
+                    Some(Err(e)) => return Some((Err(e), (runs, None, true))),
+                    None => return cur.take().map(|p| (Ok(p), (runs, None, true))),
                 }
-                Some(Err(e)) => return Some((Err(e), (runs, None, true))),
-                None => return cur.take().map(|p| (Ok(p), (runs, None, true))),
             }
-        }
-    });
+        },
+    );
     let virtual_size = img.h.size;
     let extents = plans
         .map(move |p: Result<Plan>| {
@@ -350,7 +430,9 @@ fn seq_unsupported(what: &str, at: u64) -> Error {
 
 impl Seq {
     fn hdr(&self) -> Result<&Header> {
-        self.h.as_ref().ok_or_else(|| Error::corrupt("qcow2 header missing"))
+        self.h
+            .as_ref()
+            .ok_or_else(|| Error::corrupt("qcow2 header missing"))
     }
 
     /// Pulls one input item into the buffer. Returns false at the end of input.
@@ -407,7 +489,11 @@ impl Seq {
     fn take(&self, at: u64, len: u64) -> Avail {
         let end = at.saturating_add(len);
         if end > self.cursor {
-            return if self.input_done { Avail::Gone } else { Avail::Wait };
+            return if self.input_done {
+                Avail::Gone
+            } else {
+                Avail::Wait
+            };
         }
         // Fast path: inside one segment.
         if let Some((&s, seg)) = self.buf.range(..=at).next_back()
@@ -420,7 +506,12 @@ impl Seq {
         }
         let mut out = BytesMut::with_capacity(len as usize);
         let mut pos = at;
-        let start_key = self.buf.range(..=at).next_back().map(|(k, _)| *k).unwrap_or(at);
+        let start_key = self
+            .buf
+            .range(..=at)
+            .next_back()
+            .map(|(k, _)| *k)
+            .unwrap_or(at);
         for (&s, seg) in self.buf.range(start_key..end) {
             if s > pos || s + seg.len() <= pos {
                 if s + seg.len() <= pos {
@@ -450,10 +541,17 @@ impl Seq {
         if end <= at {
             return;
         }
-        let start_key = self.buf.range(..=at).next_back().map(|(k, _)| *k).unwrap_or(at);
+        let start_key = self
+            .buf
+            .range(..=at)
+            .next_back()
+            .map(|(k, _)| *k)
+            .unwrap_or(at);
         let keys: Vec<u64> = self.buf.range(start_key..end).map(|(k, _)| *k).collect();
         for k in keys {
-            let Some(seg) = self.buf.remove(&k) else { continue };
+            let Some(seg) = self.buf.remove(&k) else {
+                continue;
+            };
             let sl = seg.len();
             if k + sl <= at {
                 self.buf.insert(k, seg);
@@ -520,7 +618,10 @@ impl Seq {
         }
         if self.buf_bytes > self.limit() {
             let first = self.buf.keys().next().copied().unwrap_or(0);
-            return Err(seq_unsupported("data that arrives before the data preceding it in guest order", first));
+            return Err(seq_unsupported(
+                "data that arrives before the data preceding it in guest order",
+                first,
+            ));
         }
         Ok(())
     }
@@ -528,14 +629,18 @@ impl Seq {
     /// Parses whatever metadata has fully arrived. Returns whether anything changed.
     fn parse_metadata(&mut self) -> Result<bool> {
         let mut changed = false;
-        let Some(h) = self.h.clone() else { return Ok(false) };
+        let Some(h) = self.h.clone() else {
+            return Ok(false);
+        };
         if self.l1.is_none() {
             let r = h.l1_range()?;
             let bytes = match self.take(r.start, r.end - r.start) {
                 Avail::Ready(b) => b,
                 Avail::Wait => return Ok(false),
                 Avail::Gone if self.input_done => {
-                    return Err(Error::corrupt("qcow2 L1 table beyond end of file").with_offset(r.start));
+                    return Err(
+                        Error::corrupt("qcow2 L1 table beyond end of file").with_offset(r.start)
+                    );
                 }
                 Avail::Gone => return Err(seq_unsupported("the L1 table", r.start)),
             };
@@ -556,7 +661,9 @@ impl Seq {
                 Avail::Ready(b) => b,
                 Avail::Wait => break,
                 Avail::Gone if self.input_done => {
-                    return Err(Error::corrupt("qcow2 L2 table beyond end of file").with_offset(off));
+                    return Err(
+                        Error::corrupt("qcow2 L2 table beyond end of file").with_offset(off)
+                    );
                 }
                 Avail::Gone => return Err(seq_unsupported("an L2 table", off)),
             };
@@ -564,7 +671,10 @@ impl Seq {
             for i in idx {
                 let mut runs = Vec::new();
                 tables::l2_runs(&h, &t, i as u64 * h.l1_coverage(), self.size, &mut runs)?;
-                self.parsed.insert(i, runs.into_iter().filter(|r| r.kind != Kind::Hole).collect());
+                self.parsed.insert(
+                    i,
+                    runs.into_iter().filter(|r| r.kind != Kind::Hole).collect(),
+                );
             }
             self.drop_range(off, off + cs);
             changed = true;
@@ -581,7 +691,12 @@ impl Seq {
         };
         let mut changed = false;
         while self.gi < n {
-            if self.l1.as_ref().and_then(|l| l.get(self.gi)).is_none_or(|e| e.is_none()) {
+            if self
+                .l1
+                .as_ref()
+                .and_then(|l| l.get(self.gi))
+                .is_none_or(|e| e.is_none())
+            {
                 self.gi += 1;
                 continue;
             }
@@ -641,8 +756,10 @@ impl Seq {
                         Avail::Ready(b) => b,
                         Avail::Wait => return Ok((changed, false)),
                         Avail::Gone if self.input_done && host >= self.cursor => {
-                            return Err(Error::corrupt("qcow2 compressed cluster beyond end of file")
-                                .with_offset(host));
+                            return Err(Error::corrupt(
+                                "qcow2 compressed cluster beyond end of file",
+                            )
+                            .with_offset(host));
                         }
                         Avail::Gone => return Err(seq_unsupported("a compressed cluster", host)),
                     };
@@ -693,8 +810,10 @@ impl Seq {
                 if done {
                     return Ok(None);
                 }
-                return Err(Error::corrupt("qcow2 image truncated: metadata or data beyond end of file")
-                    .with_offset(self.cursor));
+                return Err(Error::corrupt(
+                    "qcow2 image truncated: metadata or data beyond end of file",
+                )
+                .with_offset(self.cursor));
             }
         }
     }

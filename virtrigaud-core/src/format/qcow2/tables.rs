@@ -53,8 +53,10 @@ pub(crate) fn l1_entry(h: &Header, e: u64) -> Result<Option<u64>> {
         return Ok(None);
     }
     if off % h.cluster_size() != 0 {
-        return Err(Error::corrupt(format!("qcow2 L2 table offset {off:#x} is not cluster aligned"))
-            .with_offset(off));
+        return Err(Error::corrupt(format!(
+            "qcow2 L2 table offset {off:#x} is not cluster aligned"
+        ))
+        .with_offset(off));
     }
     Ok(Some(off))
 }
@@ -67,8 +69,10 @@ pub(crate) fn check_l2_location(h: &Header, off: u64, file_size: Option<u64>) ->
     if let Some(fs) = file_size
         && r.end > fs
     {
-        return Err(Error::corrupt(format!("qcow2 L2 table at {off:#x} beyond end of file {fs}"))
-            .with_offset(off));
+        return Err(Error::corrupt(format!(
+            "qcow2 L2 table at {off:#x} beyond end of file {fs}"
+        ))
+        .with_offset(off));
     }
     let l1 = h.l1_range()?;
     let rt = h.refcount_table_range()?;
@@ -182,7 +186,14 @@ pub(crate) fn l2_runs(
                 check_host(host, cs)?;
                 Kind::Data { host }
             };
-            push(out, Run { guest, len: clen, kind });
+            push(
+                out,
+                Run {
+                    guest,
+                    len: clen,
+                    kind,
+                },
+            );
             continue;
         }
         let bitmap = word(table, at + 8);
@@ -209,11 +220,20 @@ pub(crate) fn l2_runs(
             }
             let len = sc.min(h.size - g);
             let kind = if alloc & (1 << s) != 0 {
-                Kind::Data { host: host + s * sc }
+                Kind::Data {
+                    host: host + s * sc,
+                }
             } else {
                 Kind::Hole
             };
-            push(out, Run { guest: g, len, kind });
+            push(
+                out,
+                Run {
+                    guest: g,
+                    len,
+                    kind,
+                },
+            );
         }
     }
     Ok(())
@@ -286,14 +306,15 @@ pub(crate) fn decompress(h: &Header, input: &[u8]) -> Result<Vec<u8>> {
         Compression::Zstd => {
             use std::io::Read;
             if zstd_window(input)? > MAX_ZSTD_WINDOW {
-                return Err(Error::corrupt("qcow2 compressed cluster: zstd window too large"));
+                return Err(Error::corrupt(
+                    "qcow2 compressed cluster: zstd window too large",
+                ));
             }
             let mut src = input;
             let mut dec = ruzstd::decoding::StreamingDecoder::new(&mut src)
                 .map_err(|e| Error::corrupt(format!("qcow2 compressed cluster: {e}")))?;
-            dec.read_exact(&mut out).map_err(|e| {
-                Error::corrupt(format!("qcow2 compressed cluster (zstd): {e}"))
-            })?;
+            dec.read_exact(&mut out)
+                .map_err(|e| Error::corrupt(format!("qcow2 compressed cluster (zstd): {e}")))?;
         }
     }
     Ok(out)
@@ -348,9 +369,21 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                Run { guest: 0, len: 2 * cs, kind: Kind::Data { host: 10 * cs } },
-                Run { guest: 2 * cs, len: 3 * cs, kind: Kind::Hole },
-                Run { guest: 5 * cs, len: cs, kind: Kind::Data { host: 5 * cs } },
+                Run {
+                    guest: 0,
+                    len: 2 * cs,
+                    kind: Kind::Data { host: 10 * cs }
+                },
+                Run {
+                    guest: 2 * cs,
+                    len: 3 * cs,
+                    kind: Kind::Hole
+                },
+                Run {
+                    guest: 5 * cs,
+                    len: cs,
+                    kind: Kind::Data { host: 5 * cs }
+                },
             ]
         );
         let mut d = Vec::new();
@@ -372,7 +405,13 @@ mod tests {
         let e = COMPRESSED | (3u64 << x) | host; // 4 sectors
         let mut runs = Vec::new();
         l2_runs(&h, &table(&[e]), 0, Some(1 << 20), &mut runs).unwrap();
-        assert_eq!(runs[0].kind, Kind::Compressed { host, len: 4 * 512 - 0x123 });
+        assert_eq!(
+            runs[0].kind,
+            Kind::Compressed {
+                host,
+                len: 4 * 512 - 0x123
+            }
+        );
         // beyond the file
         let mut runs = Vec::new();
         let err = l2_runs(&h, &table(&[e]), 0, Some(0x30200), &mut runs).unwrap_err();
@@ -391,8 +430,16 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                Run { guest: 0, len: 2 * sc, kind: Kind::Data { host: 10 * cs } },
-                Run { guest: 2 * sc, len: 30 * sc, kind: Kind::Hole },
+                Run {
+                    guest: 0,
+                    len: 2 * sc,
+                    kind: Kind::Data { host: 10 * cs }
+                },
+                Run {
+                    guest: 2 * sc,
+                    len: 30 * sc,
+                    kind: Kind::Hole
+                },
             ]
         );
         let bad = table(&[10 * cs, 1 | (1u64 << 32)]);
@@ -426,7 +473,8 @@ mod tests {
         let mut c = flate2::Compress::new(flate2::Compression::default(), false);
         let src = vec![0x5au8; 1 << 16];
         let mut buf = vec![0u8; 1 << 17];
-        c.compress(&src, &mut buf, flate2::FlushCompress::Finish).unwrap();
+        c.compress(&src, &mut buf, flate2::FlushCompress::Finish)
+            .unwrap();
         buf.truncate(c.total_out() as usize);
         assert_eq!(decompress(&h, &buf).unwrap(), src);
     }

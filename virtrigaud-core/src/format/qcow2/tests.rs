@@ -1,9 +1,9 @@
 //! Codec tests on in-memory images: round trips, sequential decoding, crafted hostile images.
 
 use super::*;
+use crate::ErrorKind;
 use crate::extent::{AllocationMap, Extent};
 use crate::format::Chunk;
-use crate::ErrorKind;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -57,7 +57,11 @@ fn sample_disk(vsize: u64, with_map: bool) -> (DiskContent, Vec<u8>) {
         }
     }
     let map = AllocationMap::from_ranges(
-        extents.iter().filter(|e| e.is_data()).map(|e| e.offset()..e.end()).collect(),
+        extents
+            .iter()
+            .filter(|e| e.is_data())
+            .map(|e| e.offset()..e.end())
+            .collect(),
     );
     let mut c = DiskContent::from_extents(vsize, extents);
     if with_map {
@@ -203,13 +207,20 @@ async fn sequential_buffers_out_of_order_data() {
     let c = DiskContent::from_extents(
         2 * cs as u64,
         vec![
-            Extent::Data { offset: 0, bytes: Bytes::from(a.clone()) },
-            Extent::Data { offset: cs as u64, bytes: Bytes::from(b.clone()) },
+            Extent::Data {
+                offset: 0,
+                bytes: Bytes::from(a.clone()),
+            },
+            Extent::Data {
+                offset: cs as u64,
+                bytes: Bytes::from(b.clone()),
+            },
         ],
     );
     let (mut file, _) = encode_vec(c, cs as u32).await.unwrap();
     let l1_off = u64::from_be_bytes(file[40..48].try_into().unwrap()) as usize;
-    let l2_off = (u64::from_be_bytes(file[l1_off..l1_off + 8].try_into().unwrap()) & !(1 << 63)) as usize;
+    let l2_off =
+        (u64::from_be_bytes(file[l1_off..l1_off + 8].try_into().unwrap()) & !(1 << 63)) as usize;
     let e0: [u8; 8] = file[l2_off..l2_off + 8].try_into().unwrap();
     let e1: [u8; 8] = file[l2_off + 8..l2_off + 16].try_into().unwrap();
     file[l2_off..l2_off + 8].copy_from_slice(&e1);
@@ -245,7 +256,8 @@ async fn assert_corrupt(file: &[u8], what: &str) {
 async fn hostile_images_are_corrupt() {
     let good = small_image().await;
     let l1_off = u64::from_be_bytes(good[40..48].try_into().unwrap()) as usize;
-    let l2_off = (u64::from_be_bytes(good[l1_off..l1_off + 8].try_into().unwrap()) & !(1 << 63)) as usize;
+    let l2_off =
+        (u64::from_be_bytes(good[l1_off..l1_off + 8].try_into().unwrap()) & !(1 << 63)) as usize;
 
     let mut f = good.clone();
     f[36..40].copy_from_slice(&4_000_000_000u32.to_be_bytes());
@@ -293,6 +305,25 @@ async fn hostile_images_are_corrupt() {
     put64(&mut f, l2_off, (1 << 62) | 4096);
     assert_corrupt(&f, "compressed garbage").await;
 
+    let mut f = good.clone();
+    let e0 = u64::from_be_bytes(good[l2_off..l2_off + 8].try_into().unwrap());
+    put64(&mut f, l2_off + 8 * 20, e0);
+    let (r, _) = decode_both(&f).await;
+    assert_eq!(
+        r.unwrap_err().kind(),
+        ErrorKind::Corrupt,
+        "data cluster used twice"
+    );
+
+    let mut f = good.clone();
+    put64(&mut f, l2_off, (1 << 63) | l2_off as u64);
+    let (r, _) = decode_both(&f).await;
+    assert_eq!(
+        r.unwrap_err().kind(),
+        ErrorKind::Corrupt,
+        "data cluster is an L2 table"
+    );
+
     let f = good[..good.len() / 2].to_vec();
     assert_corrupt(&f, "truncated image").await;
     let f = good[..60].to_vec();
@@ -308,7 +339,11 @@ async fn backing_file_is_unsupported() {
     let (r, s) = decode_both(&f).await;
     for e in [r.unwrap_err(), s.unwrap_err()] {
         assert_eq!(e.kind(), ErrorKind::Unsupported);
-        assert!(e.message().contains("backing file base: supply the backing chain"), "{e}");
+        assert!(
+            e.message()
+                .contains("backing file base: supply the backing chain"),
+            "{e}"
+        );
     }
 }
 

@@ -41,7 +41,11 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
-    pub(crate) fn new(content_alloc: Option<&crate::extent::AllocationMap>, vsize: u64, cluster_size: u32) -> Result<Layout> {
+    pub(crate) fn new(
+        content_alloc: Option<&crate::extent::AllocationMap>,
+        vsize: u64,
+        cluster_size: u32,
+    ) -> Result<Layout> {
         if !cluster_size.is_power_of_two() || !(512..=(2 << 20)).contains(&cluster_size) {
             return Err(Error::invalid(format!(
                 "qcow2 cluster size {cluster_size} must be a power of two from 512 B to 2 MiB"
@@ -251,7 +255,10 @@ struct DataWriter {
 
 impl DataWriter {
     fn range_bytes(&self, k: usize) -> Option<(u64, u64)> {
-        self.layout.ranges.get(k).map(|(s, e)| (s * self.layout.cs, e * self.layout.cs))
+        self.layout
+            .ranges
+            .get(k)
+            .map(|(s, e)| (s * self.layout.cs, e * self.layout.cs))
     }
 
     fn flush_data(&mut self) {
@@ -322,7 +329,9 @@ impl DataWriter {
         }
         let end = offset + bytes.len() as u64;
         self.advance_to(offset);
-        let inside = self.range_bytes(self.k).is_some_and(|(s, e)| s <= offset && end <= e);
+        let inside = self
+            .range_bytes(self.k)
+            .is_some_and(|(s, e)| s <= offset && end <= e);
         if !inside {
             return Err(Error::invalid(format!(
                 "data extent {offset}..{end} lies outside the allocation map the qcow2 layout was built from"
@@ -415,7 +424,11 @@ mod tests {
 
     #[test]
     fn layout_counts_every_cluster() {
-        let m = AllocationMap::from_ranges(vec![0..1, (5 << 16)..(7 << 16) + 1, (1 << 30)..(1 << 30) + 10]);
+        let m = AllocationMap::from_ranges(vec![
+            0..1,
+            (5 << 16)..(7 << 16) + 1,
+            (1 << 30)..(1 << 30) + 10,
+        ]);
         let l = Layout::new(Some(&m), (2 << 30) + 123, 65536).unwrap();
         assert_eq!(l.data_clusters, 1 + 3 + 1);
         assert_eq!(l.l2_tables, vec![0, 2]);
@@ -438,10 +451,22 @@ mod tests {
     #[test]
     fn bad_options() {
         let c = DiskContent::from_extents(100, vec![]);
-        let o = EncodeOptions { compress: true, ..Default::default() };
-        assert_eq!(encode(c, &o).err().map(|e| e.kind()), Some(crate::ErrorKind::Unsupported));
+        let o = EncodeOptions {
+            compress: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            encode(c, &o).err().map(|e| e.kind()),
+            Some(crate::ErrorKind::Unsupported)
+        );
         let c = DiskContent::from_extents(100, vec![]);
-        let o = EncodeOptions { cluster_size: 3000, ..Default::default() };
-        assert_eq!(encode(c, &o).err().map(|e| e.kind()), Some(crate::ErrorKind::InvalidInput));
+        let o = EncodeOptions {
+            cluster_size: 3000,
+            ..Default::default()
+        };
+        assert_eq!(
+            encode(c, &o).err().map(|e| e.kind()),
+            Some(crate::ErrorKind::InvalidInput)
+        );
     }
 }
