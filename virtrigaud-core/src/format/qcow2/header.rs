@@ -117,7 +117,7 @@ impl Header {
             h.autoclear_features = be64(head, 88)?;
             h.refcount_order = be32(head, 96)?;
             h.header_length = be32(head, 100)?;
-            if h.header_length < 104 || h.header_length % 8 != 0 {
+            if h.header_length < 104 || !h.header_length.is_multiple_of(8) {
                 return Err(Error::corrupt(format!(
                     "qcow2 header length {} is invalid",
                     h.header_length
@@ -220,13 +220,15 @@ impl Header {
                 h.l1_size
             )));
         }
-        if h.l1_size > 0 && (h.l1_table_offset % h.cluster_size() != 0 || h.l1_table_offset == 0) {
+        if h.l1_size > 0
+            && (!h.l1_table_offset.is_multiple_of(h.cluster_size()) || h.l1_table_offset == 0)
+        {
             return Err(
                 Error::corrupt("qcow2 L1 table offset is not cluster aligned or is 0")
                     .with_offset(h.l1_table_offset),
             );
         }
-        if h.refcount_table_offset % h.cluster_size() != 0 {
+        if !h.refcount_table_offset.is_multiple_of(h.cluster_size()) {
             return Err(
                 Error::corrupt("qcow2 refcount table offset is not cluster aligned")
                     .with_offset(h.refcount_table_offset),
@@ -408,7 +410,8 @@ mod tests {
     #[test]
     fn rejects_bad_fields() {
         use crate::ErrorKind::*;
-        let cases: Vec<(Box<dyn Fn(&mut Header)>, crate::ErrorKind)> = vec![
+        type Mutation = Box<dyn Fn(&mut Header)>;
+        let cases: Vec<(Mutation, crate::ErrorKind)> = vec![
             (Box::new(|h| h.cluster_bits = 8), Corrupt),
             (Box::new(|h| h.cluster_bits = 22), Corrupt),
             (Box::new(|h| h.l1_size = 3), Corrupt),

@@ -52,7 +52,7 @@ pub(crate) fn l1_entry(h: &Header, e: u64) -> Result<Option<u64>> {
     if off == 0 {
         return Ok(None);
     }
-    if off % h.cluster_size() != 0 {
+    if !off.is_multiple_of(h.cluster_size()) {
         return Err(Error::corrupt(format!(
             "qcow2 L2 table offset {off:#x} is not cluster aligned"
         ))
@@ -172,7 +172,7 @@ pub(crate) fn l2_runs(
             continue;
         }
         let host = e & OFFSET_MASK;
-        if host % cs != 0 {
+        if !host.is_multiple_of(cs) {
             return Err(Error::corrupt(format!(
                 "qcow2 data cluster offset {host:#x} is not cluster aligned"
             ))
