@@ -16,6 +16,8 @@ use std::sync::Arc;
 pub(crate) const HEAD_LEN: usize = 4096;
 /// Most bytes the sequential decoder holds while waiting for metadata or earlier guest data.
 pub(crate) const SEQ_BUDGET: u64 = 64 << 20;
+/// Most raw L2 table bytes the sequential decoder holds ahead of the guest position.
+pub(crate) const SEQ_TABLE_BUDGET: u64 = 256 << 20;
 /// Largest extent the sequential decoder emits at once.
 const SEQ_PIECE: u64 = 4 << 20;
 
@@ -412,6 +414,10 @@ struct Seq {
     l1: Option<Vec<Option<u64>>>,
     /// L2 tables not parsed yet: file offset → L1 indices.
     l2_wanted: BTreeMap<u64, Vec<usize>>,
+    /// Received L2 tables not decoded yet: L1 index → table.
+    tables: BTreeMap<usize, Bytes>,
+    tables_bytes: u64,
+    /// The decoded L2 table at the guest position.
     parsed: BTreeMap<usize, VecDeque<Run>>,
     gi: usize,
     out: VecDeque<Extent>,
@@ -593,8 +599,12 @@ impl Seq {
                 for &off in self.l2_wanted.keys() {
                     needed.push((off, off + cs));
                 }
+                let mut pending: Vec<Run> = Vec::new();
+                for (i, t) in &self.tables {
+                    tables::l2_runs(h, t, *i as u64 * h.l1_coverage(), self.size, &mut pending)?;
+                }
                 for runs in self.parsed.values() {
-                    for r in runs {
+                    for r in runs.iter().chain(pending.iter()) {
                         match r.kind {
                             Kind::Hole => {}
                             Kind::Data { host } => needed.push((host, host + r.len)),
@@ -616,7 +626,8 @@ impl Seq {
                 self.drop_range(s, e);
             }
         }
-        if self.buf_bytes > self.limit() {
+        // Fail well before the limit so evictions stay rare (each one walks all pending tables).
+        if self.buf_bytes > self.limit() / 4 * 3 {
             let first = self.buf.keys().next().copied().unwrap_or(0);
             return Err(seq_unsupported(
                 "data that arrives before the data preceding it in guest order",
@@ -648,7 +659,13 @@ impl Seq {
             for (i, e) in l1.iter().enumerate() {
                 if let Some(off) = e {
                     tables::check_l2_location(&h, *off, self.size)?;
-                    self.l2_wanted.entry(*off).or_default().push(i);
+                    let e = self.l2_wanted.entry(*off).or_default();
+                    if !e.is_empty() {
+                        return Err(
+                            Error::corrupt("qcow2 L2 table referenced twice").with_offset(*off)
+                        );
+                    }
+                    e.push(i);
                 }
             }
             self.drop_range(r.start, r.end);
@@ -669,12 +686,15 @@ impl Seq {
             };
             let idx = self.l2_wanted.remove(&off).unwrap_or_default();
             for i in idx {
-                let mut runs = Vec::new();
-                tables::l2_runs(&h, &t, i as u64 * h.l1_coverage(), self.size, &mut runs)?;
-                self.parsed.insert(
-                    i,
-                    runs.into_iter().filter(|r| r.kind != Kind::Hole).collect(),
-                );
+                // Kept raw (8 or 16 bytes per guest cluster) until the guest position gets there.
+                self.tables_bytes += cs;
+                if self.tables_bytes > SEQ_TABLE_BUDGET {
+                    return Err(seq_unsupported(
+                        "L2 tables far ahead of their data (more than 256 MiB of them)",
+                        off,
+                    ));
+                }
+                self.tables.insert(i, Bytes::copy_from_slice(&t));
             }
             self.drop_range(off, off + cs);
             changed = true;
@@ -699,6 +719,23 @@ impl Seq {
             {
                 self.gi += 1;
                 continue;
+            }
+            if !self.parsed.contains_key(&self.gi)
+                && let Some(t) = self.tables.remove(&self.gi)
+            {
+                self.tables_bytes -= h.cluster_size();
+                let mut runs = Vec::new();
+                tables::l2_runs(
+                    &h,
+                    &t,
+                    self.gi as u64 * h.l1_coverage(),
+                    self.size,
+                    &mut runs,
+                )?;
+                self.parsed.insert(
+                    self.gi,
+                    runs.into_iter().filter(|r| r.kind != Kind::Hole).collect(),
+                );
             }
             let Some(runs) = self.parsed.get_mut(&self.gi) else {
                 return Ok((changed, false));
@@ -836,6 +873,8 @@ pub(crate) async fn decode_sequential(
         l1: None,
         l2_wanted: BTreeMap::new(),
         parsed: BTreeMap::new(),
+        tables: BTreeMap::new(),
+        tables_bytes: 0,
         gi: 0,
         out: VecDeque::new(),
         failed: false,
