@@ -433,3 +433,65 @@ async fn qemu_nbd_serves_our_output() {
         String::from_utf8_lossy(&res.stderr)
     );
 }
+
+/// Rough throughput comparison with `qemu-img convert -O raw` (run with `--ignored
+/// --nocapture`; timings, not assertions, except a generous factor).
+#[tokio::test]
+#[ignore]
+async fn bench_decode_vs_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = create_qcow2(d, "bench.qcow2", "compat=1.1", "1G");
+    qemu_io(
+        "qcow2",
+        &img,
+        &["write -P 0xab 0 100M", "write -P 0xcd 300M 100M", "write -P 0x11 700M 100M"],
+    );
+    let t = std::time::Instant::now();
+    run("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&d.join("q.raw"))]);
+    let qemu = t.elapsed();
+    let t = std::time::Instant::now();
+    let src: Arc<dyn ReadAt> = Arc::new(LocalFile::open(&img).await.unwrap());
+    let c = qcow2::decode_random(src, &DecodeOptions::default()).await.unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = Arc::new(std::fs::File::create(d.join("o.raw")).unwrap());
+        f.set_len(c.virtual_size).unwrap();
+        let mut s = c.extents;
+        while let Some(e) = s.next().await {
+            if let Extent::Data { offset, bytes } = e.unwrap() {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || f.write_all_at(&bytes, offset))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+        }
+    }
+    let ours = t.elapsed();
+    let t = std::time::Instant::now();
+    let src: Arc<dyn ReadAt> = Arc::new(LocalFile::open(&img).await.unwrap());
+    let c = qcow2::decode_random(src, &DecodeOptions::default()).await.unwrap();
+    let mut s = c.extents;
+    while let Some(e) = s.next().await {
+        e.unwrap();
+    }
+    println!("decode_random, no sink: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let (size, stream) = file_stream(&img).await;
+    let c = qcow2::decode_sequential(Some(size), stream, &DecodeOptions::default()).await.unwrap();
+    let n = {
+        let mut s = c.extents;
+        let mut n = 0u64;
+        while let Some(e) = s.next().await {
+            n += e.unwrap().len();
+        }
+        n
+    };
+    let seq = t.elapsed();
+    println!("qemu-img convert: {qemu:?}, decode_random to file: {ours:?}, decode_sequential (no sink, {n} bytes): {seq:?}");
+    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", p(&d.join("q.raw")), p(&d.join("o.raw"))]);
+}
