@@ -214,6 +214,19 @@ async fn decodes_qemu_images() {
         eprintln!("case {name}");
         check_decoders(&img, d, true).await;
     }
+
+    // A size that is not a multiple of the cluster size, data in the partial last cluster.
+    let img = create_qcow2(d, "odd.qcow2", "compat=1.1,cluster_size=64k", "5000192");
+    qemu_io("qcow2", &img, &["write -P 0x33 0 4096", "write -P 0xab 4999000 1192"]);
+    check_decoders(&img, d, true).await;
+
+    // Internal snapshot, then overwrites: the active L1 maps new clusters at the end of the
+    // file (file order is no longer guest order; small enough for the sequential buffer).
+    let img = create_qcow2(d, "snap.qcow2", "compat=1.1,cluster_size=64k", "16M");
+    qemu_io("qcow2", &img, WRITES);
+    run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
+    qemu_io("qcow2", &img, &["write -P 0xee 0 128k", "write -P 0xef 3M 64k", "discard 12M 64k"]);
+    check_decoders(&img, d, true).await;
 }
 
 #[tokio::test]
