@@ -217,7 +217,11 @@ async fn decodes_qemu_images() {
 
     // A size that is not a multiple of the cluster size, data in the partial last cluster.
     let img = create_qcow2(d, "odd.qcow2", "compat=1.1,cluster_size=64k", "5000192");
-    qemu_io("qcow2", &img, &["write -P 0x33 0 4096", "write -P 0xab 4999000 1192"]);
+    qemu_io(
+        "qcow2",
+        &img,
+        &["write -P 0x33 0 4096", "write -P 0xab 4999000 1192"],
+    );
     check_decoders(&img, d, true).await;
 
     // Internal snapshot, then overwrites: the active L1 maps new clusters at the end of the
@@ -225,8 +229,53 @@ async fn decodes_qemu_images() {
     let img = create_qcow2(d, "snap.qcow2", "compat=1.1,cluster_size=64k", "16M");
     qemu_io("qcow2", &img, WRITES);
     run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
-    qemu_io("qcow2", &img, &["write -P 0xee 0 128k", "write -P 0xef 3M 64k", "discard 12M 64k"]);
+    qemu_io(
+        "qcow2",
+        &img,
+        &[
+            "write -P 0xee 0 128k",
+            "write -P 0xef 3M 64k",
+            "discard 12M 64k",
+        ],
+    );
     check_decoders(&img, d, true).await;
+}
+
+#[tokio::test]
+async fn sequential_refuses_layouts_needing_random_access() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // After a snapshot, rewriting guest cluster 0 moves it and its (copied) L2 table behind
+    // 70 MiB of guest data that only that L2 table maps.
+    let img = create_qcow2(d, "far.qcow2", "compat=1.1,cluster_size=64k", "80M");
+    qemu_io("qcow2", &img, &["write -P 0xab 0 70M"]);
+    run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
+    qemu_io("qcow2", &img, &["write -P 0xee 0 64k"]);
+    let (size, stream) = file_stream(&img).await;
+    let c = qcow2::decode_sequential(Some(size), stream, &opts())
+        .await
+        .unwrap();
+    let mut s = c.validated().extents;
+    let mut err = None;
+    let mut emitted = 0u64;
+    while let Some(e) = s.next().await {
+        match e {
+            Ok(e) => emitted += e.len(),
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(emitted < 70 << 20);
+    let e = err.expect("an error");
+    assert_eq!(e.kind(), virtrigaud_core::ErrorKind::Unsupported, "{e}");
+    assert!(e.message().contains("needs random access"), "{e}");
+    // Random access copes.
+    check_decoders(&img, d, false).await;
 }
 
 #[tokio::test]
@@ -461,14 +510,31 @@ async fn bench_decode_vs_qemu_img() {
     qemu_io(
         "qcow2",
         &img,
-        &["write -P 0xab 0 100M", "write -P 0xcd 300M 100M", "write -P 0x11 700M 100M"],
+        &[
+            "write -P 0xab 0 100M",
+            "write -P 0xcd 300M 100M",
+            "write -P 0x11 700M 100M",
+        ],
     );
     let t = std::time::Instant::now();
-    run("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&d.join("q.raw"))]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            p(&img),
+            p(&d.join("q.raw")),
+        ],
+    );
     let qemu = t.elapsed();
     let t = std::time::Instant::now();
     let src: Arc<dyn ReadAt> = Arc::new(LocalFile::open(&img).await.unwrap());
-    let c = qcow2::decode_random(src, &DecodeOptions::default()).await.unwrap();
+    let c = qcow2::decode_random(src, &DecodeOptions::default())
+        .await
+        .unwrap();
     {
         use std::os::unix::fs::FileExt;
         let f = Arc::new(std::fs::File::create(d.join("o.raw")).unwrap());
@@ -487,7 +553,9 @@ async fn bench_decode_vs_qemu_img() {
     let ours = t.elapsed();
     let t = std::time::Instant::now();
     let src: Arc<dyn ReadAt> = Arc::new(LocalFile::open(&img).await.unwrap());
-    let c = qcow2::decode_random(src, &DecodeOptions::default()).await.unwrap();
+    let c = qcow2::decode_random(src, &DecodeOptions::default())
+        .await
+        .unwrap();
     let mut s = c.extents;
     while let Some(e) = s.next().await {
         e.unwrap();
@@ -495,7 +563,9 @@ async fn bench_decode_vs_qemu_img() {
     println!("decode_random, no sink: {:?}", t.elapsed());
     let t = std::time::Instant::now();
     let (size, stream) = file_stream(&img).await;
-    let c = qcow2::decode_sequential(Some(size), stream, &DecodeOptions::default()).await.unwrap();
+    let c = qcow2::decode_sequential(Some(size), stream, &DecodeOptions::default())
+        .await
+        .unwrap();
     let n = {
         let mut s = c.extents;
         let mut n = 0u64;
@@ -505,6 +575,19 @@ async fn bench_decode_vs_qemu_img() {
         n
     };
     let seq = t.elapsed();
-    println!("qemu-img convert: {qemu:?}, decode_random to file: {ours:?}, decode_sequential (no sink, {n} bytes): {seq:?}");
-    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", p(&d.join("q.raw")), p(&d.join("o.raw"))]);
+    println!(
+        "qemu-img convert: {qemu:?}, decode_random to file: {ours:?}, decode_sequential (no sink, {n} bytes): {seq:?}"
+    );
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            p(&d.join("q.raw")),
+            p(&d.join("o.raw")),
+        ],
+    );
 }

@@ -457,6 +457,9 @@ impl Seq {
             return Ok(false);
         };
         let e = item?;
+        if e.offset().checked_add(e.len()).is_none() {
+            return Err(Error::corrupt("qcow2 input extent end overflows").with_offset(e.offset()));
+        }
         if e.offset() < self.cursor {
             return Err(Error::corrupt("qcow2 input stream goes backwards").with_offset(e.offset()));
         }
