@@ -193,46 +193,80 @@ impl Plan {
 }
 
 fn execute(h: &Header, plan: &Plan, bytes: &Bytes) -> Result<Vec<Extent>> {
+    enum Last {
+        None,
+        /// The last extent is `bytes[from..to]`.
+        Slice {
+            guest: u64,
+            from: usize,
+            to: usize,
+        },
+        /// The last extent is decompressed clusters being gathered.
+        Inflated {
+            guest: u64,
+            data: Vec<u8>,
+        },
+    }
+    fn flush(last: Last, bytes: &Bytes, out: &mut Vec<Extent>) {
+        match last {
+            Last::None => {}
+            Last::Slice { guest, from, to } => out.push(Extent::Data {
+                offset: guest,
+                bytes: bytes.slice(from..to),
+            }),
+            Last::Inflated { guest, data } => out.push(Extent::Data {
+                offset: guest,
+                bytes: Bytes::from(data),
+            }),
+        }
+    }
     let mut out: Vec<Extent> = Vec::new();
+    let mut last = Last::None;
     for it in &plan.items {
         let start = it.rel as usize;
         match it.compressed {
             None => {
                 let end = start + it.glen as usize;
-                let data = bytes.get(start..end).ok_or_else(|| {
-                    Error::corrupt("qcow2 data cluster beyond end of file")
-                        .with_offset(plan.host + it.rel)
-                })?;
-                // Extend the previous extent when guest and file are both contiguous.
-                if let Some(Extent::Data {
-                    offset,
-                    bytes: prev,
-                }) = out.last_mut()
-                    && *offset + prev.len() as u64 == it.guest
-                    && prev.as_ptr_range().end == data.as_ptr()
+                if bytes.len() < end {
+                    return Err(Error::corrupt("qcow2 data cluster beyond end of file")
+                        .with_offset(plan.host + it.rel));
+                }
+                // Extend the previous slice when guest and file are both contiguous.
+                if let Last::Slice { guest, from, to } = &mut last
+                    && *guest + (*to - *from) as u64 == it.guest
+                    && *to == start
                 {
-                    let s = prev.as_ptr() as usize - bytes.as_ptr() as usize;
-                    *prev = bytes.slice(s..end);
+                    *to = end;
                     continue;
                 }
-                out.push(Extent::Data {
-                    offset: it.guest,
-                    bytes: bytes.slice(start..end),
-                });
+                flush(std::mem::replace(&mut last, Last::None), bytes, &mut out);
+                last = Last::Slice {
+                    guest: it.guest,
+                    from: start,
+                    to: end,
+                };
             }
             Some(clen) => {
-                let end = (start + clen as usize).min(bytes.len());
+                let end = start.saturating_add(clen as usize).min(bytes.len());
                 let input = bytes.get(start..end).unwrap_or(&[]);
                 let mut cluster =
                     tables::decompress(h, input).map_err(|e| e.with_offset(plan.host + it.rel))?;
                 cluster.truncate(it.glen as usize);
-                out.push(Extent::Data {
-                    offset: it.guest,
-                    bytes: Bytes::from(cluster),
-                });
+                if let Last::Inflated { guest, data } = &mut last
+                    && *guest + data.len() as u64 == it.guest
+                {
+                    data.extend_from_slice(&cluster);
+                    continue;
+                }
+                flush(std::mem::replace(&mut last, Last::None), bytes, &mut out);
+                last = Last::Inflated {
+                    guest: it.guest,
+                    data: cluster,
+                };
             }
         }
     }
+    flush(last, bytes, &mut out);
     Ok(out)
 }
 
@@ -285,13 +319,14 @@ pub(crate) async fn decode_random(
     let img2 = img.clone();
     let runs = stream::iter(0..n)
         .filter(move |i| futures::future::ready(img2.l1[*i].is_some()))
-        .then({
+        .map({
             let img = img.clone();
             move |i| {
                 let img = img.clone();
                 async move { img.l2_runs(i).await }
             }
         })
+        .buffered(2)
         .flat_map(move |r| match r {
             Ok(runs) => stream::iter(split_runs(runs, max).into_iter().map(Ok)).left_stream(),
             Err(e) => stream::iter(vec![Err(e)]).right_stream(),
