@@ -193,7 +193,7 @@ async fn data_outside_map_is_invalid() {
             bytes: Bytes::from_static(b"x"),
         }],
     );
-    c.allocation = Some(AllocationMap::from_ranges(vec![0..100]));
+    c.allocation = Some(AllocationMap::from_ranges(std::iter::once(0..100).collect()));
     let e = encode_vec(c, 4096).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
 }
