@@ -24,7 +24,14 @@
 //!
 //! Every header field and table entry is treated as hostile: sizes and offsets are checked
 //! against the file size and each other before anything is allocated or read, tables may not
-//! overlap the header or each other, and the L1 table is capped at 32 MiB.
+//! overlap the header or each other, the L1 table is capped at 32 MiB, and (random access) a
+//! host cluster used twice by the active tables is refused, so a small file cannot expand into
+//! an endless amount of output. Such problems are `Corrupt` errors, never panics.
+//!
+//! The sequential decoder holds at most 64 MiB of file bytes (more only if the source hands out
+//! bigger pieces) and at most 256 MiB of L2 tables received ahead of the guest position (enough
+//! for about 2 TiB of guest space with 64 KiB clusters); beyond either it fails with
+//! `Unsupported`. Compressed clusters are inflated inline on the stream's task.
 //!
 //! # Encoding
 //!

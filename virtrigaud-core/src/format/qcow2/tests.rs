@@ -193,7 +193,9 @@ async fn data_outside_map_is_invalid() {
             bytes: Bytes::from_static(b"x"),
         }],
     );
-    c.allocation = Some(AllocationMap::from_ranges(std::iter::once(0..100).collect()));
+    c.allocation = Some(AllocationMap::from_ranges(
+        std::iter::once(0..100).collect(),
+    ));
     let e = encode_vec(c, 4096).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
 }
@@ -348,9 +350,15 @@ async fn backing_file_is_unsupported() {
 }
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig { cases: 200, ..Default::default() })]
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 500, ..Default::default() })]
     #[test]
-    fn mutated_images_never_panic(muts in proptest::collection::vec((0usize..6 * 4096, proptest::prelude::any::<u8>()), 1..8)) {
+    fn mutated_images_never_panic(
+        muts in proptest::collection::vec(
+            (proptest::prop_oneof![0usize..112, 0usize..6 * 4096], proptest::prelude::any::<u8>()),
+            1..8,
+        ),
+        cut in proptest::option::of(0usize..200_000),
+    ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let mut f = small_image().await;
@@ -358,6 +366,9 @@ proptest::proptest! {
                 if let Some(b) = f.get_mut(*at) {
                     *b = *v;
                 }
+            }
+            if let Some(c) = cut {
+                f.truncate(c);
             }
             let fut = async {
                 let src: Arc<dyn ReadAt> = Arc::new(Mem(Bytes::from(f.clone())));
