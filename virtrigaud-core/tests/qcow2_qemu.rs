@@ -215,6 +215,15 @@ async fn decodes_qemu_images() {
         check_decoders(&img, d, true).await;
     }
 
+    // Preallocated: data clusters that are holes in the file.
+    let img = create_qcow2(d, "prealloc.qcow2", "compat=1.1,preallocation=falloc", "8M");
+    qemu_io(
+        "qcow2",
+        &img,
+        &["write -P 0x21 1M 64k", "write -P 0x22 5M 3M"],
+    );
+    check_decoders(&img, d, true).await;
+
     // A size that is not a multiple of the cluster size, data in the partial last cluster.
     let img = create_qcow2(d, "odd.qcow2", "compat=1.1,cluster_size=64k", "5000192");
     qemu_io(
@@ -316,6 +325,7 @@ async fn decodes_compressed_images() {
         ("zlib-64k", "compat=1.1,cluster_size=64k"),
         ("zlib-4k", "compat=1.1,cluster_size=4k"),
         ("zlib-v2", "compat=0.10"),
+        ("zlib-extl2", "compat=1.1,extended_l2=on"),
         ("zstd", "compat=1.1,compression_type=zstd"),
         (
             "zstd-2m",

@@ -580,6 +580,14 @@ impl Seq {
         Avail::Ready(out.freeze())
     }
 
+    /// If `at` lies in a buffered hole of the file, how many zero bytes follow from there.
+    fn zero_at(&self, at: u64) -> Option<u64> {
+        match self.buf.range(..=at).next_back() {
+            Some((&s, Seg::Zero(n))) if s + n > at => Some(s + n - at),
+            _ => None,
+        }
+    }
+
     /// Forgets buffered bytes in `[at, end)`.
     fn drop_range(&mut self, at: u64, end: u64) {
         if end <= at {
@@ -797,10 +805,28 @@ impl Seq {
                         return Ok((changed, false));
                     }
                     let run = *run;
-                    let bytes = match self.take(host, ready) {
-                        Avail::Ready(b) => b,
-                        Avail::Wait => return Ok((changed, false)),
-                        Avail::Gone => return Err(seq_unsupported("a data cluster", host)),
+                    // A hole in the file (preallocated or sparse source): pass it on as zeros
+                    // without materialising them.
+                    let (ready, extent) = match self.zero_at(host) {
+                        Some(z) => {
+                            let n = z.min(run.len).min(self.cursor - host);
+                            let e = Extent::Zero {
+                                offset: run.guest,
+                                len: n,
+                            };
+                            (n, e)
+                        }
+                        None => match self.take(host, ready) {
+                            Avail::Ready(bytes) => (
+                                ready,
+                                Extent::Data {
+                                    offset: run.guest,
+                                    bytes,
+                                },
+                            ),
+                            Avail::Wait => return Ok((changed, false)),
+                            Avail::Gone => return Err(seq_unsupported("a data cluster", host)),
+                        },
                     };
                     if let Some(r) = self.parsed.get_mut(&self.gi).and_then(|q| q.front_mut()) {
                         if ready == run.len {
@@ -814,10 +840,7 @@ impl Seq {
                         }
                     }
                     self.drop_range(host, host + ready);
-                    self.out.push_back(Extent::Data {
-                        offset: run.guest,
-                        bytes,
-                    });
+                    self.out.push_back(extent);
                     return Ok((true, false));
                 }
                 Kind::Compressed { host, len } => {
