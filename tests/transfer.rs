@@ -186,7 +186,7 @@ async fn export_import_round_trip_through_fs_storage() {
     let store = virtrigaud_storage_fs(tmp.path().join("store"));
     let progress_calls = Arc::new(AtomicU64::new(0));
     let pc = progress_calls.clone();
-    let mut opts = ExportOptions::default();
+    let mut opts = raw_export();
     opts.pipeline.progress = Some(Arc::new(move |p: &Progress| {
         assert!(p.position <= p.virtual_size);
         pc.fetch_add(1, Ordering::Relaxed);
@@ -246,6 +246,14 @@ async fn export_import_round_trip_through_fs_storage() {
     assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
 }
 
+/// Export options storing raw objects (tests that check stored bytes directly).
+fn raw_export() -> ExportOptions {
+    ExportOptions {
+        format: DiskFormat::Raw,
+        ..Default::default()
+    }
+}
+
 fn virtrigaud_storage_fs(root: std::path::PathBuf) -> Arc<dyn StorageBackend> {
     Arc::new(virtrigaud::storage::FsBackend::new(root))
 }
@@ -261,16 +269,9 @@ async fn corrupted_or_missing_stored_objects_are_refused_and_nothing_is_written(
     )
     .await;
     let store = virtrigaud_storage_fs(tmp.path().join("store"));
-    export_disk(
-        &src,
-        "vm1",
-        "disk0",
-        &*store,
-        "a/disk.raw",
-        &ExportOptions::default(),
-    )
-    .await
-    .unwrap();
+    export_disk(&src, "vm1", "disk0", &*store, "a/disk.raw", &raw_export())
+        .await
+        .unwrap();
     let obj = tmp.path().join("store/a/disk.raw");
     let dst = LocalProvider::new(tmp.path().join("dst"));
 
@@ -317,16 +318,9 @@ async fn corrupted_or_missing_stored_objects_are_refused_and_nothing_is_written(
     assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
 
     // manifest with a wrong digest
-    export_disk(
-        &src,
-        "vm1",
-        "disk0",
-        &*store,
-        "b/disk.raw",
-        &ExportOptions::default(),
-    )
-    .await
-    .unwrap();
+    export_disk(&src, "vm1", "disk0", &*store, "b/disk.raw", &raw_export())
+        .await
+        .unwrap();
     let mpath = tmp.path().join("store").join(manifest_key("b/disk.raw"));
     let text = std::fs::read_to_string(&mpath).unwrap();
     let m: Manifest = Manifest::parse(text.as_bytes()).unwrap();
@@ -451,7 +445,7 @@ async fn cancelled_export_leaves_no_object_and_no_manifest() {
     )
     .await;
     let store = virtrigaud_storage_fs(tmp.path().join("store"));
-    let mut opts = ExportOptions::default();
+    let mut opts = raw_export();
     let cancel = opts.pipeline.cancel.clone();
     opts.pipeline.progress_interval = std::time::Duration::ZERO;
     opts.pipeline.progress = Some(Arc::new(move |p: &Progress| {
@@ -548,35 +542,21 @@ async fn bad_input_gets_clear_errors() {
     // key with ..
     let store = virtrigaud_storage_fs(tmp.path().join("store"));
     let src = provider_with_disk(&tmp.path().join("src"), 1 << 20, &[(0, vec![1; 10])]).await;
-    let e = export_disk(
-        &src,
-        "vm1",
-        "disk0",
-        &*store,
-        "../escape",
-        &ExportOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let e = export_disk(&src, "vm1", "disk0", &*store, "../escape", &raw_export())
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
     // missing VM and disk
-    let e = export_disk(
-        &src,
-        "nope",
-        "disk0",
-        &*store,
-        "k",
-        &ExportOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let e = export_disk(&src, "nope", "disk0", &*store, "k", &raw_export())
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
     let e = src.open_disk("vm1", "disk9", None).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
     // unwritable target: storage root is a file
     std::fs::write(tmp.path().join("file"), b"x").unwrap();
     let bad = virtrigaud_storage_fs(tmp.path().join("file"));
-    let e = export_disk(&src, "vm1", "disk0", &*bad, "k", &ExportOptions::default())
+    let e = export_disk(&src, "vm1", "disk0", &*bad, "k", &raw_export())
         .await
         .unwrap_err();
     assert!(
@@ -652,7 +632,7 @@ async fn import_verifies_a_store_that_returns_one_byte_at_a_time() {
     )
     .await;
     let store = virtrigaud_storage_fs(tmp.path().join("store"));
-    let mut opts = ExportOptions::default();
+    let mut opts = raw_export();
     opts.pipeline.chunk_size = 100_000;
     let exp = export_disk(&src, "vm1", "disk0", &*store, "one/disk.raw", &opts)
         .await
@@ -695,4 +675,151 @@ async fn import_verifies_a_store_that_returns_one_byte_at_a_time() {
     assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
     assert!(e.to_string().contains("chunk 2"), "{e}");
     assert!(!tmp.path().join("dst/vm1/disk1.raw").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_gib_disk_exports_to_qcow2_and_back_at_the_cost_of_its_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 64u64 << 30;
+    let pieces: Vec<(u64, Vec<u8>)> = (0..16u64)
+        .map(|i| (i * (4 << 30) + i * 77 * 4096, pattern(1 << 20, 100 + i)))
+        .collect();
+    let src = provider_with_disk(&tmp.path().join("src"), size, &pieces).await;
+    let opened = src.open_disk("vm1", "disk0", None).await.unwrap();
+    let ImageSource::RandomAccess(r) = opened.source else {
+        panic!("local disks are random access")
+    };
+    if r.data_ranges().await.unwrap().is_none() {
+        eprintln!("SKIP: this file system does not report holes (SEEK_DATA)");
+        return;
+    }
+    let store = virtrigaud_storage_fs(tmp.path().join("store"));
+    let exp = export_disk(
+        &src,
+        "vm1",
+        "disk0",
+        &*store,
+        "big/disk.qcow2",
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    let t = &exp.transfer;
+    assert_eq!(exp.manifest.format, DiskFormat::Qcow2);
+    assert_eq!(t.data_bytes_read, 16 << 20, "read only the data");
+    assert!(
+        t.content_hashed_bytes <= (16 << 20) + 16 * 65536,
+        "{}",
+        t.content_hashed_bytes
+    );
+    assert!(
+        t.stored_size < 24 << 20,
+        "qcow2 object is {} bytes",
+        t.stored_size
+    );
+    let stored = std::fs::read(tmp.path().join("store/big/disk.qcow2")).unwrap();
+    assert_eq!(stored.len() as u64, t.stored_size);
+    assert_eq!(
+        hex(&Sha256::digest(&stored)),
+        exp.manifest.object_digest.value
+    );
+
+    // Import as qcow2: the manifest's allocation map lets the encoder lay out a sparse image.
+    let dst = LocalProvider::new(tmp.path().join("dst"));
+    let imp = import_disk(
+        &*store,
+        "big/disk.qcow2",
+        &dst,
+        "vm1",
+        "disk0",
+        &ImportOptions {
+            format: Some(DiskFormat::Qcow2),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        imp.transfer.content_digest,
+        exp.manifest.content_digest.value
+    );
+    let len = std::fs::metadata(tmp.path().join("dst/vm1").join(&imp.location))
+        .unwrap()
+        .len();
+    assert!(
+        len < 24 << 20,
+        "imported qcow2 is {len} bytes; manifest map {:?}",
+        exp.manifest.allocation.as_ref().map(|a| a.len())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stored_format_imports_as_every_target_format_with_equal_content_digest() {
+    use virtrigaud::format::VmdkSubformat::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let size = (24u64 << 20) + 12_345; // not a multiple of any cluster or grain size
+    let pieces = vec![
+        (0u64, pattern(70_000, 1)),
+        (5 << 20, pattern(2 << 20, 2)),
+        (size - 3000, pattern(3000, 3)),
+    ];
+    let src = provider_with_disk(&tmp.path().join("src"), size, &pieces).await;
+    let store = virtrigaud_storage_fs(tmp.path().join("store"));
+    let formats = [
+        DiskFormat::Raw,
+        DiskFormat::Qcow2,
+        DiskFormat::Vmdk(StreamOptimized),
+        DiskFormat::Vmdk(MonolithicSparse),
+    ];
+    let mut expected = None;
+    for (i, stored) in formats.iter().enumerate() {
+        let key = format!("m/disk{i}.{}", stored.extension());
+        let exp = export_disk(
+            &src,
+            "vm1",
+            "disk0",
+            &*store,
+            &key,
+            &ExportOptions {
+                format: *stored,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("export as {stored}: {e}"));
+        let digest = exp.manifest.content_digest.value.clone();
+        assert_eq!(
+            expected.get_or_insert(digest.clone()),
+            &digest,
+            "export as {stored}"
+        );
+        for (j, target) in formats.iter().enumerate() {
+            let dst = LocalProvider::new(tmp.path().join(format!("dst{i}{j}")));
+            let imp = import_disk(
+                &*store,
+                &key,
+                &dst,
+                "vm1",
+                "disk0",
+                &ImportOptions {
+                    format: Some(*target),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{stored} -> {target}: {e}"));
+            assert_eq!(imp.format, *target);
+            assert_eq!(imp.transfer.content_digest, digest, "{stored} -> {target}");
+            // Re-read the written disk independently through its decoder.
+            std::fs::write(
+                tmp.path().join(format!("dst{i}{j}/vm1/vm.json")),
+                format!(r#"{{"id":"vm1","name":"vm1","cpus":1,"memory_mib":64,"disks":[{{"id":"d","capacity":0,"location":"{}"}}]}}"#, imp.location),
+            )
+            .unwrap();
+            let again = digest_disk(&dst, "vm1", "d", &ImportOptions::default())
+                .await
+                .unwrap();
+            assert_eq!(again, digest, "re-read {stored} -> {target}");
+        }
+    }
 }

@@ -119,6 +119,57 @@ impl AllocationMap {
     }
 }
 
+/// Builds an [`AllocationMap`] from data ranges seen in order, coarsening as it goes so that it
+/// never holds more than `max_ranges` ranges: gaps smaller than the current granule are
+/// merged, and the granule doubles whenever the cap is reached. The result is an upper bound of
+/// the data, which is all that layouts (qcow2 tables) need.
+#[derive(Debug, Clone)]
+pub struct AllocationBuilder {
+    granule: u64,
+    max_ranges: usize,
+    ranges: Vec<Range<u64>>,
+}
+
+impl AllocationBuilder {
+    /// A builder merging gaps below `granule` bytes and holding at most `max_ranges` ranges.
+    pub fn new(granule: u64, max_ranges: usize) -> Self {
+        AllocationBuilder {
+            granule: granule.max(1),
+            max_ranges: max_ranges.max(16),
+            ranges: Vec::new(),
+        }
+    }
+
+    /// Records that `range` holds data. Ranges must come in increasing order.
+    pub fn add(&mut self, range: Range<u64>) {
+        if range.end <= range.start {
+            return;
+        }
+        match self.ranges.last_mut() {
+            Some(last) if range.start <= last.end.saturating_add(self.granule) => {
+                last.end = last.end.max(range.end)
+            }
+            _ => self.ranges.push(range),
+        }
+        if self.ranges.len() > self.max_ranges {
+            self.granule = self.granule.saturating_mul(2);
+            let g = self.granule;
+            let old = std::mem::take(&mut self.ranges);
+            for r in old {
+                match self.ranges.last_mut() {
+                    Some(last) if r.start <= last.end.saturating_add(g) => last.end = r.end,
+                    _ => self.ranges.push(r),
+                }
+            }
+        }
+    }
+
+    /// The map.
+    pub fn finish(self) -> AllocationMap {
+        AllocationMap::from_ranges(self.ranges)
+    }
+}
+
 /// The guest-visible content of a disk, as a stream.
 pub struct DiskContent {
     /// Size of the disk as the guest sees it.
@@ -310,6 +361,27 @@ mod tests {
         let a = m.aligned(16, 40);
         assert_eq!(a.ranges().len(), 1);
         assert_eq!(a.ranges()[0], 0..32);
+    }
+
+    #[test]
+    fn allocation_builder_stays_bounded_and_covers_all_data() {
+        let mut b = AllocationBuilder::new(10, 16);
+        let mut data = Vec::new();
+        for i in 0..1000u64 {
+            let r = i * 100..i * 100 + 7;
+            data.push(r.clone());
+            b.add(r);
+        }
+        let m = b.finish();
+        assert!(m.ranges().len() <= 16, "{}", m.ranges().len());
+        for r in data {
+            assert!(
+                m.ranges()
+                    .iter()
+                    .any(|x| x.start <= r.start && x.end >= r.end),
+                "{r:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -75,6 +75,11 @@ pub struct Manifest {
     pub content_digest: DigestValue,
     /// Per-chunk digests of the stored object.
     pub chunks: ChunkDigests,
+    /// Where the guest data is: `[start, end)` byte ranges, an upper bound (gaps below 1 MiB
+    /// may be merged). Lets an import lay out a sparse target (qcow2 tables) before the data
+    /// arrives, whatever the stored format. Untrusted: data outside it fails the import.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<Vec<[u64; 2]>>,
     /// Where the disk came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceRef>,
@@ -107,6 +112,13 @@ impl Manifest {
     pub fn to_json(&self) -> Result<Vec<u8>> {
         serde_json::to_vec_pretty(self)
             .map_err(|e| Error::new(ErrorKind::Io, format!("cannot serialise manifest: {e}")))
+    }
+
+    /// The allocation map recorded at export, if any.
+    pub fn allocation_map(&self) -> Option<crate::extent::AllocationMap> {
+        self.allocation.as_ref().map(|a| {
+            crate::extent::AllocationMap::from_ranges(a.iter().map(|[s, e]| *s..*e).collect())
+        })
     }
 
     /// Checks internal consistency.
@@ -149,6 +161,15 @@ impl Manifest {
         }
         if self.allocated_bytes > self.virtual_size {
             return bad("allocated bytes exceed the virtual size".into());
+        }
+        if let Some(a) = &self.allocation {
+            let mut prev = 0u64;
+            for [start, end] in a {
+                if start < &prev || end <= start || *end > self.virtual_size {
+                    return bad(format!("allocation range {start}..{end}"));
+                }
+                prev = *end;
+            }
         }
         Ok(())
     }
@@ -206,6 +227,7 @@ mod tests {
                 chunk_size: 8,
                 digests: vec!["c".repeat(64), "d".repeat(64)],
             },
+            allocation: Some(vec![[0, 4], [6, 10]]),
             source: None,
             vm: None,
             created: now_rfc3339(),
@@ -222,6 +244,14 @@ mod tests {
         bad.chunks.digests.pop();
         assert_eq!(
             Manifest::parse(&bad.to_json().unwrap()).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        let mut overlap = m.clone();
+        overlap.allocation = Some(vec![[0, 6], [4, 10]]);
+        assert_eq!(
+            Manifest::parse(&overlap.to_json().unwrap())
+                .unwrap_err()
+                .kind(),
             ErrorKind::Corrupt
         );
         let mut newer = m.clone();

@@ -100,14 +100,14 @@ pub struct MigrationPlan {
 }
 
 impl MigrationPlan {
-    /// A plan with defaults: raw staging, provider-default target format, no mapping,
+    /// A plan with defaults: qcow2 staging, provider-default target format, no mapping,
     /// source read as is, target verified, staged objects kept, two disks at a time.
     pub fn new(source_vm: impl Into<String>, prefix: impl Into<String>) -> Self {
         MigrationPlan {
             source_vm: source_vm.into(),
             target_name: None,
             prefix: prefix.into(),
-            stored_format: DiskFormat::Raw,
+            stored_format: DiskFormat::Qcow2,
             target_format: None,
             placement: None,
             network_map: BTreeMap::new(),

@@ -9,7 +9,7 @@
 //! the same chunk. Cancelling the token aborts the sink, so nothing partial remains.
 
 use crate::digest::{ContentDigester, ObjectHasher};
-use crate::extent::{DiskContent, Extent, zero_detect};
+use crate::extent::{AllocationBuilder, AllocationMap, DiskContent, Extent, zero_detect};
 use crate::format::{Chunk, DiskFormat, EncodeOptions};
 use crate::io::{ByteSink, join_err};
 use crate::progress::{Phase, ProgressFn, Reporter};
@@ -81,6 +81,8 @@ pub struct TransferReport {
     pub data_bytes_read: u64,
     /// Non-zero data bytes after zero detection.
     pub allocated_bytes: u64,
+    /// Where the non-zero data is (coarsened upper bound, see [`AllocationBuilder`]).
+    pub allocation: AllocationMap,
     /// Bytes the content digest actually hashed.
     pub content_hashed_bytes: u64,
     /// Content digest (hex).
@@ -177,6 +179,7 @@ async fn run_inner(
         let mut digester = ContentDigester::new(virtual_size, opts.parallelism);
         let mut extents = content.validated().extents;
         let (mut read, mut allocated) = (0u64, 0u64);
+        let mut alloc = AllocationBuilder::new(opts.zero_block, 65_536);
         loop {
             let next = tokio::select! {
                 biased;
@@ -192,6 +195,7 @@ async fn run_inner(
             for piece in zero_detect(e, opts.zero_block) {
                 if piece.is_data() {
                     allocated += piece.len();
+                    alloc.add(piece.offset()..piece.end());
                 }
                 digester.update(&piece).await?;
                 if tx.send(Ok(piece)).await.is_err() {
@@ -202,7 +206,7 @@ async fn run_inner(
         drop(tx);
         let hashed = digester.hashed_bytes();
         let digest = digester.finish().await?;
-        Ok::<_, Error>((read, allocated, hashed, digest))
+        Ok::<_, Error>((read, allocated, hashed, digest, alloc.finish()))
     };
 
     // Stage 2: encode, hash the output, write it.
@@ -258,7 +262,7 @@ async fn run_inner(
         Ok::<_, Error>((stored, hasher.map(ObjectHasher::finish)))
     };
 
-    let ((read, allocated, hashed, content_digest), (stored, object)) =
+    let ((read, allocated, hashed, content_digest, allocation), (stored, object)) =
         tokio::try_join!(source, writer)?;
     reporter.finish();
     let report = TransferReport {
@@ -267,6 +271,7 @@ async fn run_inner(
         stored_size: stored,
         data_bytes_read: read,
         allocated_bytes: allocated,
+        allocation,
         content_hashed_bytes: hashed,
         content_digest,
         object,

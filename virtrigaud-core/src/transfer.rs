@@ -33,7 +33,10 @@ pub const LIBRARY: &str = concat!("virtrigaud ", env!("CARGO_PKG_VERSION"));
 /// Options of [`export_disk`].
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
-    /// Format of the stored object.
+    /// Format of the stored object (default qcow2: sparse, and every hypervisor imports it).
+    /// qcow2 needs the source's allocation map up front; for a source that cannot tell it
+    /// (a plain byte stream) choose streamOptimized VMDK, which needs none, or every cluster
+    /// is stored.
     pub format: DiskFormat,
     /// Read from this snapshot (point-in-time) instead of the live disk.
     pub snapshot: Option<SnapshotRef>,
@@ -50,7 +53,7 @@ pub struct ExportOptions {
 impl Default for ExportOptions {
     fn default() -> Self {
         ExportOptions {
-            format: DiskFormat::Raw,
+            format: DiskFormat::Qcow2,
             snapshot: None,
             include_vm: true,
             pipeline: PipelineOptions::default(),
@@ -141,6 +144,15 @@ pub async fn export_disk(
                 chunk_size: opts.pipeline.chunk_size,
                 digests: chunks,
             },
+            allocation: Some(
+                report
+                    .allocation
+                    .aligned(opts.pipeline.zero_block, report.virtual_size)
+                    .ranges()
+                    .iter()
+                    .map(|r| [r.start, r.end])
+                    .collect(),
+            ),
             source: Some(SourceRef {
                 provider: provider.kind().into(),
                 vm: vm.into(),
@@ -382,7 +394,16 @@ pub async fn import_disk(
         let mismatch =
             |state: &Arc<Mutex<VerifyState>>| state.lock().ok().and_then(|s| s.mismatch.clone());
         let result = async {
-            let (_, content) = format::decode(source, Some(manifest.format), &opts.decode).await?;
+            let (_, mut content) =
+                format::decode(source, Some(manifest.format), &opts.decode).await?;
+            if content.allocation.is_none() {
+                // A stream cannot tell where the data is before it arrives; the manifest can.
+                // Aligned out to the zero-detection block: a block holding any data at export
+                // holds it now, and zero detection hands the encoder whole blocks.
+                content.allocation = manifest
+                    .allocation_map()
+                    .map(|m| m.aligned(opts.pipeline.zero_block, manifest.virtual_size));
+            }
             if content.virtual_size != manifest.virtual_size {
                 return Err(Error::new(
                     ErrorKind::ChecksumMismatch,
