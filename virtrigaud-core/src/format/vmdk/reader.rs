@@ -88,7 +88,8 @@ async fn read_grain_tables(
         let end = sector.saturating_mul(SECTOR).saturating_add(len);
         let desc_start = h.descriptor_offset.saturating_mul(SECTOR);
         let desc_end = desc_start.saturating_add(h.descriptor_size.saturating_mul(SECTOR));
-        sector == 0 || (h.descriptor_size > 0 && sector * SECTOR < desc_end && end > desc_start)
+        sector == 0
+            || (h.descriptor_size > 0 && sector.saturating_mul(SECTOR) < desc_end && end > desc_start)
     };
     if gt_count == 0 {
         return Ok(Vec::new());

@@ -110,7 +110,7 @@ async fn stream_optimized_round_trip_random_and_sequential() {
     let c = decode_random(mem(&img), &dopts()).await.unwrap();
     let alloc = c.allocation.clone().unwrap();
     assert!(alloc.allocated_bytes() < SIZE / 2, "{alloc:?}");
-    assert!(!alloc.intersects(64000 + 2000..264_000 - 1000));
+    assert!(!alloc.intersects(65536..262_144));
     assert_eq!(c.read_all().await.unwrap(), disk);
 
     for piece in [512usize, 4093, 1 << 20] {
@@ -209,7 +209,8 @@ async fn grain_table_past_eof_is_corrupt() {
     let mut img = sparse_image().await;
     let h = SparseHeader::parse(&img).unwrap();
     let gd = (h.gd_offset * 512) as usize;
-    img[gd..gd + 4].copy_from_slice(&(img.len() as u32 / 512 + 10).to_le_bytes());
+    let past = img.len() as u32 / 512 + 10;
+    img[gd..gd + 4].copy_from_slice(&past.to_le_bytes());
     assert_eq!(decode_all_random(&img).await.unwrap_err().kind(), ErrorKind::Corrupt);
 }
 
@@ -292,7 +293,7 @@ async fn flat_extent_outside_its_directory_is_corrupt() {
         assert_eq!(e.kind(), ErrorKind::Corrupt, "{name}");
         assert_eq!(r.0.load(Ordering::SeqCst), 0, "resolver must not be asked for {name}");
         let local = LocalExtentResolver::new("/tmp");
-        assert_eq!(local.open(name).await.unwrap_err().kind(), ErrorKind::Corrupt);
+        assert_eq!(local.open(name).await.err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
     }
 }
 
