@@ -363,7 +363,11 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig {
+            cases: 64,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
         #[test]
         fn mutated_stream_optimized_never_panics(
             muts in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
