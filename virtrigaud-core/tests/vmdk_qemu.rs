@@ -14,7 +14,10 @@ use virtrigaud_core::io::LocalFile;
 use virtrigaud_core::{DiskContent, Extent, ReadAt};
 
 fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
             panic!("qemu-img not found and VIRTRIGAUD_IT=1");
@@ -63,7 +66,8 @@ fn make_source(dir: &Path) -> PathBuf {
     use std::os::unix::fs::FileExt;
     f.write_all_at(&noise(1, 70_001), 1000).unwrap();
     f.write_all_at(&vec![0x5a; 3 << 20], 5 << 20).unwrap();
-    f.write_all_at(&noise(2, 4 << 20), (9 << 20) + 4096).unwrap();
+    f.write_all_at(&noise(2, 4 << 20), (9 << 20) + 4096)
+        .unwrap();
     let text: Vec<u8> = b"virtrigaud vmdk oracle test "
         .iter()
         .copied()
@@ -81,7 +85,9 @@ async fn open(path: &Path) -> Arc<dyn ReadAt> {
 }
 
 async fn source_content(path: &Path) -> DiskContent {
-    raw::decode_random(open(path).await, &DecodeOptions::default()).await.unwrap()
+    raw::decode_random(open(path).await, &DecodeOptions::default())
+        .await
+        .unwrap()
 }
 
 async fn digest(c: DiskContent) -> String {
@@ -129,7 +135,10 @@ fn file_stream(path: &Path, piece: usize) -> virtrigaud_core::ExtentStream {
 fn info_create_type(path: &Path) -> String {
     let out = run("qemu-img", &["info", "--output=json", p(path)]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["format-specific"]["data"]["create-type"].as_str().unwrap_or("").to_string()
+    v["format-specific"]["data"]["create-type"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,20 +158,40 @@ async fn decodes_what_qemu_img_writes() {
         let out = dir.path().join(format!("{sub}.vmdk"));
         run(
             "qemu-img",
-            &["convert", "-f", "raw", "-O", "vmdk", "-o", &format!("subformat={sub}"), p(&src), p(&out)],
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                &format!("subformat={sub}"),
+                p(&src),
+                p(&out),
+            ],
         );
         let r = open(&out).await;
         assert_eq!(vmdk::probe(r.as_ref()).await.unwrap(), SIZE, "{sub}");
         let c = vmdk::decode_random(r.clone(), &opts).await.unwrap();
         let alloc = c.allocation.clone().unwrap();
         assert!(alloc.allocated_bytes() < SIZE / 2, "{sub}: {alloc:?}");
-        assert!(c.read_all().await.unwrap() == want, "{sub}: random decode differs");
+        assert!(
+            c.read_all().await.unwrap() == want,
+            "{sub}: random decode differs"
+        );
         let c = vmdk::decode_random(r, &opts).await.unwrap();
         assert_eq!(digest(c).await, want_digest, "{sub}");
         if sub == "streamOptimized" {
-            let c = vmdk::decode_sequential(None, file_stream(&out, 100_000), &opts).await.unwrap();
-            assert!(c.read_all().await.unwrap() == want, "sequential decode differs");
-            let c = vmdk::decode_sequential(None, file_stream(&out, 1 << 20), &opts).await.unwrap();
+            let c = vmdk::decode_sequential(None, file_stream(&out, 100_000), &opts)
+                .await
+                .unwrap();
+            assert!(
+                c.read_all().await.unwrap() == want,
+                "sequential decode differs"
+            );
+            let c = vmdk::decode_sequential(None, file_stream(&out, 1 << 20), &opts)
+                .await
+                .unwrap();
             assert_eq!(digest(c).await, want_digest);
         }
     }
@@ -170,12 +199,24 @@ async fn decodes_what_qemu_img_writes() {
     let out = dir.path().join("flat.vmdk");
     run(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat", p(&src), p(&out)],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            p(&src),
+            p(&out),
+        ],
     );
     let r = open(&out).await;
     assert_eq!(vmdk::probe(r.as_ref()).await.unwrap(), SIZE);
     let res = Arc::new(vmdk::LocalExtentResolver::new(dir.path()));
-    let c = vmdk::decode_flat(r.clone(), res.clone(), &opts).await.unwrap();
+    let c = vmdk::decode_flat(r.clone(), res.clone(), &opts)
+        .await
+        .unwrap();
     assert!(c.read_all().await.unwrap() == want, "flat decode differs");
     let c = vmdk::decode_flat(r, res, &opts).await.unwrap();
     assert_eq!(digest(c).await, want_digest);
@@ -192,7 +233,10 @@ async fn qemu_reads_what_we_write() {
     let eopts = EncodeOptions::default();
     let dopts = DecodeOptions::default();
 
-    for (sub, create) in [("stream", "streamOptimized"), ("sparse", "monolithicSparse")] {
+    for (sub, create) in [
+        ("stream", "streamOptimized"),
+        ("sparse", "monolithicSparse"),
+    ] {
         let out = dir.path().join(format!("ours-{sub}.vmdk"));
         let again = dir.path().join(format!("ours-{sub}-2.vmdk"));
         for target in [&out, &again] {
@@ -204,21 +248,41 @@ async fn qemu_reads_what_we_write() {
             };
             write_chunks(s, target).await;
         }
-        assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "{sub}: not deterministic");
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(),
+            "{sub}: not deterministic"
+        );
         run("qemu-img", &["check", "-f", "vmdk", p(&out)]);
-        run("qemu-img", &["compare", "-f", "raw", "-F", "vmdk", p(&src), p(&out)]);
+        run(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "vmdk", p(&src), p(&out)],
+        );
         assert_eq!(info_create_type(&out), create);
         // Our own decoders.
         let c = vmdk::decode_random(open(&out).await, &dopts).await.unwrap();
-        assert!(c.read_all().await.unwrap() == want, "{sub}: our random decode differs");
+        assert!(
+            c.read_all().await.unwrap() == want,
+            "{sub}: our random decode differs"
+        );
         if sub == "stream" {
-            let c = vmdk::decode_sequential(None, file_stream(&out, 77_777), &dopts).await.unwrap();
-            assert!(c.read_all().await.unwrap() == want, "our sequential decode differs");
+            let c = vmdk::decode_sequential(None, file_stream(&out, 77_777), &dopts)
+                .await
+                .unwrap();
+            assert!(
+                c.read_all().await.unwrap() == want,
+                "our sequential decode differs"
+            );
         }
         // qemu-nbd serves our file; compare through NBD.
         let sock = dir.path().join(format!("{sub}.sock"));
         let mut child = Command::new("qemu-nbd")
-            .args([&format!("--socket={}", p(&sock)), "--read-only", "-f", "vmdk", p(&out)])
+            .args([
+                &format!("--socket={}", p(&sock)),
+                "--read-only",
+                "-f",
+                "vmdk",
+                p(&out),
+            ])
             .spawn()
             .unwrap();
         let mut waited = 0;
@@ -233,8 +297,22 @@ async fn qemu_reads_what_we_write() {
             .unwrap();
         let _ = child.kill();
         let _ = child.wait();
-        assert!(o.status.success(), "nbd compare: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "nbd compare: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
+}
+
+/// User + system CPU seconds of this process (`who` = RUSAGE_SELF) or its waited-for children.
+fn cpu_secs(who: i32) -> f64 {
+    // SAFETY: getrusage fills a zeroed, owned struct.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `u` outlives the call.
+    unsafe { libc::getrusage(who, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
 }
 
 /// Not a test: prints our streamOptimized encode time against qemu-img convert.
@@ -245,33 +323,58 @@ async fn measure_stream_optimized_vs_qemu_img() {
     if !have_qemu() {
         return;
     }
+    // Random bytes (incompressible), then 4-bit symbols (compressible about 2:1, real deflate work).
+    measure("random", |b| b).await;
+    measure("4-bit symbols", |b| b'a' + (b & 0x0f)).await;
+}
+
+async fn measure(kind: &str, map: fn(u8) -> u8) {
+    println!("== 1 GiB virtual, 300 MiB of {kind}");
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("big.raw");
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::File::create(&src).unwrap();
         f.set_len(1 << 30).unwrap();
-        // 300 MiB of random data in 30 runs of 10 MiB spread over the disk.
+        // 300 MiB of data in 30 runs of 10 MiB spread over the disk.
         for i in 0..30u64 {
-            f.write_all_at(&noise(i + 7, 10 << 20), i * (34 << 20)).unwrap();
+            let d: Vec<u8> = noise(i + 7, 10 << 20).into_iter().map(map).collect();
+            f.write_all_at(&d, i * (34 << 20)).unwrap();
         }
         f.sync_all().unwrap();
     }
     let qout = dir.path().join("qemu.vmdk");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load before: {}", load.trim());
+    let c0 = cpu_secs(libc::RUSAGE_CHILDREN);
     let t = std::time::Instant::now();
     run(
         "qemu-img",
-        &["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", p(&src), p(&qout)],
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            p(&src),
+            p(&qout),
+        ],
     );
     let tq = t.elapsed();
+    let cq = cpu_secs(libc::RUSAGE_CHILDREN) - c0;
     let ours = dir.path().join("ours.vmdk");
+    let c0 = cpu_secs(libc::RUSAGE_SELF);
     let t = std::time::Instant::now();
     let c = source_content(&src).await;
     let s = vmdk::encode_stream_optimized(c, &EncodeOptions::default()).unwrap();
     write_chunks(s, &ours).await;
     let to = t.elapsed();
+    let co = cpu_secs(libc::RUSAGE_SELF) - c0;
+    println!("cpu: qemu-img {cq:.2}s, ours {co:.2}s");
     println!(
-        "streamOptimized 1 GiB / 300 MiB random: qemu-img {:.2}s ({} bytes), ours {:.2}s ({} bytes), ratio {:.2}",
+        "streamOptimized: qemu-img {:.2}s ({} bytes), ours {:.2}s ({} bytes), ratio {:.2}",
         tq.as_secs_f64(),
         std::fs::metadata(&qout).unwrap().len(),
         to.as_secs_f64(),
@@ -279,14 +382,25 @@ async fn measure_stream_optimized_vs_qemu_img() {
         to.as_secs_f64() / tq.as_secs_f64()
     );
     let t = std::time::Instant::now();
-    let c = vmdk::decode_random(open(&ours).await, &DecodeOptions::default()).await.unwrap();
+    let c = vmdk::decode_random(open(&ours).await, &DecodeOptions::default())
+        .await
+        .unwrap();
     let d = digest(c).await;
-    println!("our random decode + digest: {:.2}s", t.elapsed().as_secs_f64());
+    println!(
+        "our random decode + digest: {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
     let t = std::time::Instant::now();
     let c = vmdk::decode_sequential(None, file_stream(&ours, 4 << 20), &DecodeOptions::default())
         .await
         .unwrap();
     assert_eq!(digest(c).await, d);
-    println!("our sequential decode + digest (file in memory): {:.2}s", t.elapsed().as_secs_f64());
-    run("qemu-img", &["compare", "-f", "raw", "-F", "vmdk", p(&src), p(&ours)]);
+    println!(
+        "our sequential decode + digest (file in memory): {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
+    run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "vmdk", p(&src), p(&ours)],
+    );
 }

@@ -67,7 +67,9 @@ pub struct Descriptor {
 
 fn unquote(s: &str) -> &str {
     let s = s.trim();
-    s.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(s)
+    s.strip_prefix('"')
+        .and_then(|x| x.strip_suffix('"'))
+        .unwrap_or(s)
 }
 
 impl Descriptor {
@@ -106,7 +108,10 @@ impl Descriptor {
             }
             // Other lines are ignored, as VMware does.
         }
-        let total = d.extents.iter().try_fold(0u64, |a, e| a.checked_add(e.sectors));
+        let total = d
+            .extents
+            .iter()
+            .try_fold(0u64, |a, e| a.checked_add(e.sectors));
         match total {
             Some(t) if t <= MAX_CAPACITY_SECTORS => Ok(d),
             _ => Err(Error::corrupt("VMDK descriptor extents too large")),
@@ -115,7 +120,10 @@ impl Descriptor {
 
     /// Value of `key` (e.g. `ddb.adapterType`).
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Sum of the extent sizes, in bytes.
@@ -147,7 +155,11 @@ impl Descriptor {
 fn parse_extent(access: Access, line: &str) -> Result<ExtentLine> {
     let bad = || Error::corrupt(format!("bad VMDK extent line '{}'", line.escape_debug()));
     // RW <sectors> <TYPE> ["file" [offset]]
-    let mut rest = line.split_once(char::is_whitespace).ok_or_else(bad)?.1.trim_start();
+    let mut rest = line
+        .split_once(char::is_whitespace)
+        .ok_or_else(bad)?
+        .1
+        .trim_start();
     let (num, r) = rest.split_once(char::is_whitespace).ok_or_else(bad)?;
     let sectors: u64 = num.parse().map_err(|_| bad())?;
     rest = r.trim_start();
@@ -239,7 +251,10 @@ RDONLY 10 ZERO\nRW 4 VMFS \"b-flat.vmdk\" 7\n\n#DDB\nddb.adapterType = \"lsilogi
         assert_eq!(d.extents[0].kind, ExtentKind::Sparse);
         assert_eq!(d.get("ddb.adapterType"), Some("lsilogic"));
         assert_eq!(d.get("ddb.virtualHWVersion"), Some("4"));
-        assert_eq!(t, Descriptor::embedded_text("streamOptimized", 4096, "disk.vmdk"));
+        assert_eq!(
+            t,
+            Descriptor::embedded_text("streamOptimized", 4096, "disk.vmdk")
+        );
     }
 
     #[test]
@@ -250,7 +265,10 @@ RDONLY 10 ZERO\nRW 4 VMFS \"b-flat.vmdk\" 7\n\n#DDB\nddb.adapterType = \"lsilogi
         let huge = format!("RW {} FLAT \"a\"\nRW {} FLAT \"a\"", 1u64 << 40, 1u64 << 40);
         assert!(Descriptor::parse(huge.as_bytes()).is_err());
         for n in ["../x-flat.vmdk", "/etc/passwd", "a/b", "", "..", "a\\b"] {
-            assert_eq!(check_extent_name(n).unwrap_err().kind(), crate::ErrorKind::Corrupt);
+            assert_eq!(
+                check_extent_name(n).unwrap_err().kind(),
+                crate::ErrorKind::Corrupt
+            );
         }
         check_extent_name("disk-flat.vmdk").unwrap();
     }

@@ -130,7 +130,10 @@ impl SparseHeader {
             compress_algorithm: u16::from_le_bytes([b[77], b[78]]),
         };
         if !(1..=3).contains(&h.version) {
-            return Err(Error::unsupported(format!("VMDK version {} not supported", h.version)));
+            return Err(Error::unsupported(format!(
+                "VMDK version {} not supported",
+                h.version
+            )));
         }
         if h.flags & FLAG_VALID_NEWLINE != 0 && b[73..77] != *b"\n \r\n" {
             return Err(Error::corrupt(
@@ -139,7 +142,10 @@ impl SparseHeader {
         }
         if h.grain_size == 0 || h.grain_size > MAX_GRAIN_SECTORS || !h.grain_size.is_power_of_two()
         {
-            return Err(Error::corrupt(format!("VMDK grain size {} sectors invalid", h.grain_size)));
+            return Err(Error::corrupt(format!(
+                "VMDK grain size {} sectors invalid",
+                h.grain_size
+            )));
         }
         if h.num_gtes_per_gt != GTES_PER_GT {
             return Err(Error::corrupt(format!(
@@ -148,7 +154,10 @@ impl SparseHeader {
             )));
         }
         if h.capacity > MAX_CAPACITY_SECTORS {
-            return Err(Error::corrupt(format!("VMDK capacity {} sectors too large", h.capacity)));
+            return Err(Error::corrupt(format!(
+                "VMDK capacity {} sectors too large",
+                h.capacity
+            )));
         }
         if h.descriptor_size > 2048 {
             return Err(Error::corrupt(format!(
@@ -299,12 +308,30 @@ mod tests {
         assert_eq!(bad(&|b| b[0] = b'X'), Corrupt);
         assert_eq!(bad(&|b| b[4] = 9), Unsupported);
         assert_eq!(bad(&|b| b[75] = b'\n'), Corrupt);
-        assert_eq!(bad(&|b| b[20..28].copy_from_slice(&100u64.to_le_bytes())), Corrupt);
-        assert_eq!(bad(&|b| b[20..28].copy_from_slice(&0u64.to_le_bytes())), Corrupt);
-        assert_eq!(bad(&|b| b[20..28].copy_from_slice(&4096u64.to_le_bytes())), Corrupt);
-        assert_eq!(bad(&|b| b[44..48].copy_from_slice(&4096u32.to_le_bytes())), Corrupt);
-        assert_eq!(bad(&|b| b[12..20].copy_from_slice(&u64::MAX.to_le_bytes())), Corrupt);
-        assert_eq!(bad(&|b| b[36..44].copy_from_slice(&u64::MAX.to_le_bytes())), Corrupt);
+        assert_eq!(
+            bad(&|b| b[20..28].copy_from_slice(&100u64.to_le_bytes())),
+            Corrupt
+        );
+        assert_eq!(
+            bad(&|b| b[20..28].copy_from_slice(&0u64.to_le_bytes())),
+            Corrupt
+        );
+        assert_eq!(
+            bad(&|b| b[20..28].copy_from_slice(&4096u64.to_le_bytes())),
+            Corrupt
+        );
+        assert_eq!(
+            bad(&|b| b[44..48].copy_from_slice(&4096u32.to_le_bytes())),
+            Corrupt
+        );
+        assert_eq!(
+            bad(&|b| b[12..20].copy_from_slice(&u64::MAX.to_le_bytes())),
+            Corrupt
+        );
+        assert_eq!(
+            bad(&|b| b[36..44].copy_from_slice(&u64::MAX.to_le_bytes())),
+            Corrupt
+        );
         assert!(SparseHeader::parse(&good[..100]).is_err());
     }
 
@@ -313,12 +340,27 @@ mod tests {
         let g = Marker::grain_marker(256, 1234);
         let mut s = [0u8; 16];
         s[..12].copy_from_slice(&g);
-        assert_eq!(Marker::parse(&s).unwrap(), Marker::Grain { lba: 256, size: 1234 });
+        assert_eq!(
+            Marker::parse(&s).unwrap(),
+            Marker::Grain {
+                lba: 256,
+                size: 1234
+            }
+        );
         let m = Marker::meta_sector(4, MARKER_GT);
-        assert_eq!(Marker::parse(&m).unwrap(), Marker::Meta { sectors: 4, kind: MARKER_GT });
+        assert_eq!(
+            Marker::parse(&m).unwrap(),
+            Marker::Meta {
+                sectors: 4,
+                kind: MARKER_GT
+            }
+        );
         assert_eq!(
             Marker::parse(&[0u8; 512]).unwrap(),
-            Marker::Meta { sectors: 0, kind: MARKER_EOS }
+            Marker::Meta {
+                sectors: 0,
+                kind: MARKER_EOS
+            }
         );
     }
 }

@@ -12,7 +12,10 @@
 //! - `writer`: encoders, strictly sequential and deterministic. streamOptimized: header with
 //!   `gdOffset = GD_AT_END`, descriptor, compressed grains (all-zero grains skipped, compression on
 //!   `parallelism` blocking workers, results kept in order), then grain tables, grain directory,
-//!   footer and end-of-stream marker; only grain table entries are kept in memory (2 KiB per 32 MiB
+//!   footer and end-of-stream marker. A grain whose four 1 KiB samples do not shrink under a
+//!   fast deflate level (already compressed or encrypted data) is stored in a deflate stored
+//!   block instead of searched for matches: same size within bytes, a copy instead of a full
+//!   deflate, and still a function of the grain's bytes only. Only grain table entries are kept in memory (2 KiB per 32 MiB
 //!   of virtual disk that holds data). monolithicSparse: header, descriptor, redundant and primary
 //!   grain directory and tables computed from the allocation map (`None` = every grain allocated),
 //!   then the grains uncompressed in LBA order.
@@ -32,10 +35,10 @@ mod writer;
 
 pub use writer::{EMBEDDED_EXTENT_NAME, GRAIN_SECTORS};
 
+use crate::Result;
 use crate::extent::{DiskContent, ExtentStream};
 use crate::format::{ChunkStream, DecodeOptions, EncodeOptions};
 use crate::io::ReadAt;
-use crate::Result;
 use async_trait::async_trait;
 use std::path::PathBuf;
 use std::sync::Arc;

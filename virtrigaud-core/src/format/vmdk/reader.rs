@@ -29,11 +29,22 @@ pub(crate) async fn read_sparse_header(src: &dyn ReadAt) -> Result<SparseHeader>
     if end < 4 * SECTOR {
         return Err(Error::corrupt("streamOptimized VMDK truncated: no footer"));
     }
-    let foot = src.read_exact_at(end - 3 * SECTOR, 3 * SECTOR as usize).await?;
+    let foot = src
+        .read_exact_at(end - 3 * SECTOR, 3 * SECTOR as usize)
+        .await?;
     let fm = Marker::parse(&foot[..512])?;
     let eos = Marker::parse(&foot[1024..])?;
-    if !matches!(fm, Marker::Meta { kind: MARKER_FOOTER, .. })
-        || eos != (Marker::Meta { sectors: 0, kind: MARKER_EOS })
+    if !matches!(
+        fm,
+        Marker::Meta {
+            kind: MARKER_FOOTER,
+            ..
+        }
+    ) || eos
+        != (Marker::Meta {
+            sectors: 0,
+            kind: MARKER_EOS,
+        })
     {
         return Err(Error::corrupt(
             "streamOptimized VMDK truncated or damaged: no footer and end-of-stream marker",
@@ -89,14 +100,18 @@ async fn read_grain_tables(
         let desc_start = h.descriptor_offset.saturating_mul(SECTOR);
         let desc_end = desc_start.saturating_add(h.descriptor_size.saturating_mul(SECTOR));
         sector == 0
-            || (h.descriptor_size > 0 && sector.saturating_mul(SECTOR) < desc_end && end > desc_start)
+            || (h.descriptor_size > 0
+                && sector.saturating_mul(SECTOR) < desc_end
+                && end > desc_start)
     };
     if gt_count == 0 {
         return Ok(Vec::new());
     }
     if in_header(h.gd_offset, gd_bytes) {
-        return Err(Error::corrupt("VMDK grain directory points into the header")
-            .with_offset(h.gd_offset.saturating_mul(SECTOR)));
+        return Err(
+            Error::corrupt("VMDK grain directory points into the header")
+                .with_offset(h.gd_offset.saturating_mul(SECTOR)),
+        );
     }
     let gd_start = h
         .gd_offset
@@ -116,17 +131,24 @@ async fn read_grain_tables(
     drop(gd_raw);
     let gt_bytes = u64::from(h.num_gtes_per_gt) * 4;
     // Distinct tables, sorted by file offset, every one inside the file.
-    let mut tables: Vec<u64> = gd.iter().filter(|&&e| e != 0).map(|&e| u64::from(e)).collect();
+    let mut tables: Vec<u64> = gd
+        .iter()
+        .filter(|&&e| e != 0)
+        .map(|&e| u64::from(e))
+        .collect();
     tables.sort_unstable();
     let n_before = tables.len();
     tables.dedup();
     if tables.len() != n_before {
-        return Err(Error::corrupt("VMDK grain directory names one grain table twice"));
+        return Err(Error::corrupt(
+            "VMDK grain directory names one grain table twice",
+        ));
     }
     for &t in &tables {
         if in_header(t, gt_bytes) {
-            return Err(Error::corrupt("VMDK grain table points into the header")
-                .with_offset(t * SECTOR));
+            return Err(
+                Error::corrupt("VMDK grain table points into the header").with_offset(t * SECTOR)
+            );
         }
         if t * SECTOR + gt_bytes > size {
             return Err(Error::corrupt(format!(
@@ -167,8 +189,8 @@ async fn read_grain_tables(
         if t == 0 {
             continue;
         }
-        let table = table_at(u64::from(t))
-            .ok_or_else(|| Error::corrupt("VMDK grain table not read"))?;
+        let table =
+            table_at(u64::from(t)).ok_or_else(|| Error::corrupt("VMDK grain table not read"))?;
         for (j, c) in table.chunks_exact(4).enumerate() {
             let index = gi as u64 * u64::from(h.num_gtes_per_gt) + j as u64;
             if index >= grain_count {
@@ -191,8 +213,10 @@ async fn read_grain_tables(
                 .with_offset(sector * SECTOR));
             }
             if in_header(sector, need) {
-                return Err(Error::corrupt(format!("VMDK grain {index} points into the header"))
-                    .with_offset(sector * SECTOR));
+                return Err(
+                    Error::corrupt(format!("VMDK grain {index} points into the header"))
+                        .with_offset(sector * SECTOR),
+                );
             }
             grains.push(Grain { index, sector });
         }
@@ -222,10 +246,16 @@ pub(crate) fn inflate(data: &[u8], max: usize, d: &mut Decompress) -> Result<Vec
         let before_out = d.total_out();
         let consumed = before_in as usize;
         let status = d
-            .decompress_vec(data.get(consumed..).unwrap_or(&[]), &mut out, FlushDecompress::Finish)
+            .decompress_vec(
+                data.get(consumed..).unwrap_or(&[]),
+                &mut out,
+                FlushDecompress::Finish,
+            )
             .map_err(|e| Error::corrupt(format!("VMDK grain does not inflate: {e}")))?;
         if out.len() > max {
-            return Err(Error::corrupt("VMDK grain inflates to more than the grain size"));
+            return Err(Error::corrupt(
+                "VMDK grain inflates to more than the grain size",
+            ));
         }
         match status {
             Status::StreamEnd => return Ok(out),
@@ -366,8 +396,9 @@ async fn read_compressed_batch(
             .with_offset(at));
         }
         if csize == 0 || csize > maxc {
-            return Err(Error::corrupt(format!("VMDK compressed grain of {csize} bytes"))
-                .with_offset(at));
+            return Err(
+                Error::corrupt(format!("VMDK compressed grain of {csize} bytes")).with_offset(at),
+            );
         }
         if at + 12 + csize > size {
             return Err(Error::corrupt("VMDK compressed grain beyond end of file").with_offset(at));
@@ -396,14 +427,20 @@ async fn read_compressed_batch(
                 Some((o, b)) if *o + b.len() as u64 == off => b.extend_from_slice(&g),
                 _ => {
                     if let Some((o, b)) = run.take() {
-                        out.push(Extent::Data { offset: o, bytes: b.freeze() });
+                        out.push(Extent::Data {
+                            offset: o,
+                            bytes: b.freeze(),
+                        });
                     }
                     run = Some((off, BytesMut::from(&g[..])));
                 }
             }
         }
         if let Some((o, b)) = run.take() {
-            out.push(Extent::Data { offset: o, bytes: b.freeze() });
+            out.push(Extent::Data {
+                offset: o,
+                bytes: b.freeze(),
+            });
         }
         Ok(out)
     })
@@ -424,7 +461,13 @@ pub(crate) struct SeqReader {
 
 impl SeqReader {
     pub(crate) fn new(stream: ExtentStream) -> Self {
-        SeqReader { stream, pos: 0, zeros: 0, buf: Bytes::new(), eof: false }
+        SeqReader {
+            stream,
+            pos: 0,
+            zeros: 0,
+            buf: Bytes::new(),
+            eof: false,
+        }
     }
 
     /// File offset of the next byte.
@@ -512,6 +555,8 @@ impl SeqReader {
 
 /// Grains handed to one inflate worker.
 const SEQ_BATCH_GRAINS: usize = 16;
+/// Compressed bytes handed to one inflate worker (at most, plus one grain).
+const SEQ_BATCH_BYTES: usize = 1 << 20;
 
 /// Parser state of a streamOptimized stream.
 struct SeqParser {
@@ -525,8 +570,9 @@ impl SeqParser {
     /// Reads markers up to the next batch of compressed grains (LBA, data).
     async fn next_batch(&mut self) -> Result<Option<Vec<(u64, Bytes)>>> {
         let mut batch = Vec::new();
+        let mut bytes = 0usize;
         let maxc = max_compressed(&self.h);
-        while !self.done && batch.len() < SEQ_BATCH_GRAINS {
+        while !self.done && batch.len() < SEQ_BATCH_GRAINS && bytes < SEQ_BATCH_BYTES {
             let at = self.r.pos();
             let m = self.r.read_exact(12).await.map_err(|e| {
                 Error::corrupt("streamOptimized VMDK truncated: no end-of-stream marker")
@@ -537,8 +583,10 @@ impl SeqParser {
             if size != 0 {
                 let csize = u64::from(size);
                 if csize > maxc {
-                    return Err(Error::corrupt(format!("VMDK compressed grain of {csize} bytes"))
-                        .with_offset(at));
+                    return Err(
+                        Error::corrupt(format!("VMDK compressed grain of {csize} bytes"))
+                            .with_offset(at),
+                    );
                 }
                 if val % self.h.grain_size != 0 || val >= self.h.capacity {
                     return Err(Error::corrupt(format!(
@@ -557,6 +605,7 @@ impl SeqParser {
                 let data = self.r.read_exact(csize as usize).await?;
                 let used = 12 + csize;
                 self.r.skip(used.next_multiple_of(SECTOR) - used).await?;
+                bytes += data.len();
                 batch.push((val, data));
                 continue;
             }
@@ -572,8 +621,10 @@ impl SeqParser {
                     self.r.skip(n).await?;
                 }
                 other => {
-                    return Err(Error::corrupt(format!("VMDK marker of unknown type {other}"))
-                        .with_offset(at));
+                    return Err(
+                        Error::corrupt(format!("VMDK marker of unknown type {other}"))
+                            .with_offset(at),
+                    );
                 }
             }
         }
@@ -595,14 +646,23 @@ pub(crate) async fn decode_sequential(
             "a monolithicSparse VMDK needs random access; it cannot be decoded as a stream",
         ));
     }
-    let start = h.overhead.checked_mul(SECTOR).unwrap_or(u64::MAX).max(SECTOR);
+    let start = h
+        .overhead
+        .checked_mul(SECTOR)
+        .unwrap_or(u64::MAX)
+        .max(SECTOR);
     if size.is_some_and(|s| start > s) {
         return Err(Error::corrupt("VMDK overhead beyond end of file"));
     }
     r.skip(start - SECTOR).await?;
     let cap = h.capacity_bytes();
     let gb = h.grain_bytes();
-    let parser = SeqParser { r, h, next_lba: 0, done: false };
+    let parser = SeqParser {
+        r,
+        h,
+        next_lba: 0,
+        done: false,
+    };
     let workers = opts.read_ahead.max(1) * 2;
     let extents = stream::try_unfold(parser, |mut p| async move {
         Ok(p.next_batch().await?.map(|b| (b, p)))
@@ -615,7 +675,10 @@ pub(crate) async fn decode_sequential(
                 let off = lba * SECTOR;
                 let g = inflate(&data, gb as usize, &mut d).map_err(|e| e.with_offset(off))?;
                 let g = clip_to_capacity(g, off, cap)?;
-                out.push(Extent::Data { offset: off, bytes: Bytes::from(g) });
+                out.push(Extent::Data {
+                    offset: off,
+                    bytes: Bytes::from(g),
+                });
             }
             Ok(out)
         })
@@ -626,7 +689,11 @@ pub(crate) async fn decode_sequential(
     .map_ok(|v| stream::iter(v.into_iter().map(Ok)))
     .try_flatten()
     .boxed();
-    Ok(DiskContent { virtual_size: cap, allocation: None, extents })
+    Ok(DiskContent {
+        virtual_size: cap,
+        allocation: None,
+        extents,
+    })
 }
 
 /// Decodes a monolithicFlat descriptor and its flat extents.

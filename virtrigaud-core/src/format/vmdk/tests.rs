@@ -45,13 +45,24 @@ fn pattern(size: u64) -> (Vec<u8>, Vec<Extent>) {
     let mut disk = vec![0u8; size as usize];
     let mut ext = Vec::new();
     let mut put = |off: u64, len: u64, seed: u8, ext: &mut Vec<Extent>| {
-        let v: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+        let v: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
         disk[off as usize..(off + len) as usize].copy_from_slice(&v);
-        ext.push(Extent::Data { offset: off, bytes: Bytes::from(v) });
+        ext.push(Extent::Data {
+            offset: off,
+            bytes: Bytes::from(v),
+        });
     };
     put(1000, 3000, 1, &mut ext);
-    ext.push(Extent::Zero { offset: 4000, len: 60000 });
-    ext.push(Extent::Data { offset: 64000, bytes: Bytes::from(vec![0u8; 200_000]) });
+    ext.push(Extent::Zero {
+        offset: 4000,
+        len: 60000,
+    });
+    ext.push(Extent::Data {
+        offset: 64000,
+        bytes: Bytes::from(vec![0u8; 200_000]),
+    });
     put(264_000, 70_001, 7, &mut ext);
     put(65536 * 10, 65536 * 3, 9, &mut ext); // aligned full grains
     put(65536 * 40 + 17, 100, 3, &mut ext);
@@ -86,9 +97,15 @@ fn as_stream(img: &[u8], piece: usize) -> ExtentStream {
         let n = piece.min(img.len() - o);
         let b = &img[o..o + n];
         if crate::extent::is_zero(b) {
-            v.push(Ok(Extent::Zero { offset: o as u64, len: n as u64 }));
+            v.push(Ok(Extent::Zero {
+                offset: o as u64,
+                len: n as u64,
+            }));
         } else {
-            v.push(Ok(Extent::Data { offset: o as u64, bytes: Bytes::copy_from_slice(b) }));
+            v.push(Ok(Extent::Data {
+                offset: o as u64,
+                bytes: Bytes::copy_from_slice(b),
+            }));
         }
         o += n;
     }
@@ -100,10 +117,14 @@ const SIZE: u64 = 5 * 65536 * 9 + 7 * 512; // not a multiple of the grain
 #[tokio::test]
 async fn stream_optimized_round_trip_random_and_sequential() {
     let (disk, ext) = pattern(SIZE);
-    let img = collect(encode_stream_optimized(content(SIZE, &ext), &opts(3)).unwrap()).await.unwrap();
+    let img = collect(encode_stream_optimized(content(SIZE, &ext), &opts(3)).unwrap())
+        .await
+        .unwrap();
     assert_eq!(&img[..4], b"KDMV");
     assert_eq!(img.len() % 512, 0);
-    let again = collect(encode_stream_optimized(content(SIZE, &ext), &opts(1)).unwrap()).await.unwrap();
+    let again = collect(encode_stream_optimized(content(SIZE, &ext), &opts(1)).unwrap())
+        .await
+        .unwrap();
     assert_eq!(img, again, "deterministic whatever the parallelism");
     assert_eq!(probe(mem(&img).as_ref()).await.unwrap(), SIZE);
 
@@ -128,12 +149,17 @@ async fn monolithic_sparse_round_trip_with_and_without_map() {
     for alloc in [
         None,
         Some(AllocationMap::from_ranges(
-            ext.iter().filter(|e| e.is_data()).map(|e| e.offset()..e.end()).collect(),
+            ext.iter()
+                .filter(|e| e.is_data())
+                .map(|e| e.offset()..e.end())
+                .collect(),
         )),
     ] {
         let mut c = content(SIZE, &ext);
         c.allocation = alloc.clone();
-        let img = collect(encode_monolithic_sparse(c, &opts(2)).unwrap()).await.unwrap();
+        let img = collect(encode_monolithic_sparse(c, &opts(2)).unwrap())
+            .await
+            .unwrap();
         assert_eq!(img.len() % 512, 0);
         let h = SparseHeader::parse(&img).unwrap();
         assert_eq!(h.capacity * 512, SIZE);
@@ -145,7 +171,9 @@ async fn monolithic_sparse_round_trip_with_and_without_map() {
         }
         assert_eq!(c.read_all().await.unwrap(), disk);
         // A monolithicSparse stream needs random access.
-        let e = decode_sequential(None, as_stream(&img, 4096), &dopts()).await.unwrap_err();
+        let e = decode_sequential(None, as_stream(&img, 4096), &dopts())
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
     }
 }
@@ -155,7 +183,9 @@ async fn monolithic_sparse_refuses_data_outside_map() {
     let (_, ext) = pattern(SIZE);
     let mut c = content(SIZE, &ext);
     c.allocation = Some(AllocationMap::from_ranges(vec![0..65536]));
-    let e = collect(encode_monolithic_sparse(c, &opts(1)).unwrap()).await.unwrap_err();
+    let e = collect(encode_monolithic_sparse(c, &opts(1)).unwrap())
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput);
 }
 
@@ -163,13 +193,19 @@ async fn monolithic_sparse_refuses_data_outside_map() {
 async fn empty_and_tiny_disks() {
     for size in [0u64, 512, 65536, 65536 + 512] {
         let c = DiskContent::from_extents(size, vec![]);
-        let img = collect(encode_stream_optimized(c, &opts(2)).unwrap()).await.unwrap();
+        let img = collect(encode_stream_optimized(c, &opts(2)).unwrap())
+            .await
+            .unwrap();
         let d = decode_random(mem(&img), &dopts()).await.unwrap();
         assert_eq!(d.read_all().await.unwrap(), vec![0u8; size as usize]);
-        let d = decode_sequential(None, as_stream(&img, 1000), &dopts()).await.unwrap();
+        let d = decode_sequential(None, as_stream(&img, 1000), &dopts())
+            .await
+            .unwrap();
         assert_eq!(d.read_all().await.unwrap(), vec![0u8; size as usize]);
         let c = DiskContent::from_extents(size, vec![]);
-        let img = collect(encode_monolithic_sparse(c, &opts(2)).unwrap()).await.unwrap();
+        let img = collect(encode_monolithic_sparse(c, &opts(2)).unwrap())
+            .await
+            .unwrap();
         let d = decode_random(mem(&img), &dopts()).await.unwrap();
         assert_eq!(d.read_all().await.unwrap(), vec![0u8; size as usize]);
     }
@@ -177,12 +213,16 @@ async fn empty_and_tiny_disks() {
 
 async fn sparse_image() -> Vec<u8> {
     let (_, ext) = pattern(SIZE);
-    collect(encode_monolithic_sparse(content(SIZE, &ext), &opts(1)).unwrap()).await.unwrap()
+    collect(encode_monolithic_sparse(content(SIZE, &ext), &opts(1)).unwrap())
+        .await
+        .unwrap()
 }
 
 async fn stream_image() -> Vec<u8> {
     let (_, ext) = pattern(SIZE);
-    collect(encode_stream_optimized(content(SIZE, &ext), &opts(1)).unwrap()).await.unwrap()
+    collect(encode_stream_optimized(content(SIZE, &ext), &opts(1)).unwrap())
+        .await
+        .unwrap()
 }
 
 async fn decode_all_random(img: &[u8]) -> Result<Vec<u8>> {
@@ -190,18 +230,30 @@ async fn decode_all_random(img: &[u8]) -> Result<Vec<u8>> {
 }
 
 async fn decode_all_seq(img: &[u8]) -> Result<Vec<u8>> {
-    decode_sequential(Some(img.len() as u64), as_stream(img, 3000), &dopts()).await?.read_all().await
+    decode_sequential(Some(img.len() as u64), as_stream(img, 3000), &dopts())
+        .await?
+        .read_all()
+        .await
 }
 
 #[tokio::test]
 async fn grain_directory_pointing_into_the_header_is_corrupt() {
     let mut img = sparse_image().await;
     img[56..64].copy_from_slice(&0u64.to_le_bytes());
-    assert_eq!(decode_all_random(&img).await.unwrap_err().kind(), ErrorKind::Corrupt);
+    assert_eq!(
+        decode_all_random(&img).await.unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
     img[56..64].copy_from_slice(&3u64.to_le_bytes()); // inside the descriptor
-    assert_eq!(decode_all_random(&img).await.unwrap_err().kind(), ErrorKind::Corrupt);
+    assert_eq!(
+        decode_all_random(&img).await.unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
     img[56..64].copy_from_slice(&(u64::MAX - 5).to_le_bytes());
-    assert_eq!(decode_all_random(&img).await.unwrap_err().kind(), ErrorKind::Corrupt);
+    assert_eq!(
+        decode_all_random(&img).await.unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
 }
 
 #[tokio::test]
@@ -211,7 +263,10 @@ async fn grain_table_past_eof_is_corrupt() {
     let gd = (h.gd_offset * 512) as usize;
     let past = img.len() as u32 / 512 + 10;
     img[gd..gd + 4].copy_from_slice(&past.to_le_bytes());
-    assert_eq!(decode_all_random(&img).await.unwrap_err().kind(), ErrorKind::Corrupt);
+    assert_eq!(
+        decode_all_random(&img).await.unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
 }
 
 /// Offsets of grain markers in a streamOptimized image.
@@ -224,7 +279,10 @@ fn grain_markers(img: &[u8]) -> Vec<usize> {
                 v.push(p);
                 p += (12 + size as usize).next_multiple_of(512);
             }
-            Marker::Meta { sectors: 0, kind: 0 } => break,
+            Marker::Meta {
+                sectors: 0,
+                kind: 0,
+            } => break,
             Marker::Meta { sectors, .. } => p += 512 + sectors as usize * 512,
         }
     }
@@ -236,11 +294,23 @@ async fn compressed_grain_beyond_the_file_is_corrupt() {
     let mut img = stream_image().await;
     let last = *grain_markers(&img).last().unwrap();
     img[last + 8..last + 12].copy_from_slice(&(2 * 65536u32 - 1).to_le_bytes());
-    assert_eq!(decode_all_random(&img).await.unwrap_err().kind(), ErrorKind::Corrupt);
-    assert_eq!(decode_all_seq(&img).await.unwrap_err().kind(), ErrorKind::Corrupt);
+    assert_eq!(
+        decode_all_random(&img).await.unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
+    assert_eq!(
+        decode_all_seq(&img).await.unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
     img[last + 8..last + 12].copy_from_slice(&u32::MAX.to_le_bytes());
-    assert_eq!(decode_all_random(&img).await.unwrap_err().kind(), ErrorKind::Corrupt);
-    assert_eq!(decode_all_seq(&img).await.unwrap_err().kind(), ErrorKind::Corrupt);
+    assert_eq!(
+        decode_all_random(&img).await.unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
+    assert_eq!(
+        decode_all_seq(&img).await.unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
 }
 
 #[tokio::test]
@@ -250,8 +320,14 @@ async fn out_of_order_grains_are_corrupt_in_a_stream() {
     // Second grain claims the first grain's LBA.
     let lba0 = img[m[0]..m[0] + 8].to_vec();
     img[m[1]..m[1] + 8].copy_from_slice(&lba0);
-    assert_eq!(decode_all_seq(&img).await.unwrap_err().kind(), ErrorKind::Corrupt);
-    assert_eq!(decode_all_random(&img).await.unwrap_err().kind(), ErrorKind::Corrupt);
+    assert_eq!(
+        decode_all_seq(&img).await.unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
+    assert_eq!(
+        decode_all_random(&img).await.unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
 }
 
 #[tokio::test]
@@ -288,25 +364,43 @@ fn flat_descriptor(name: &str, sectors: u64) -> Vec<u8> {
 #[tokio::test]
 async fn flat_extent_outside_its_directory_is_corrupt() {
     for name in ["../x-flat.vmdk", "/etc/passwd", "sub/x-flat.vmdk"] {
-        let r = Arc::new(CountingResolver(AtomicUsize::new(0), Bytes::from(vec![1u8; 4096])));
-        let e = decode_flat(mem(&flat_descriptor(name, 8)), r.clone(), &dopts()).await.unwrap_err();
+        let r = Arc::new(CountingResolver(
+            AtomicUsize::new(0),
+            Bytes::from(vec![1u8; 4096]),
+        ));
+        let e = decode_flat(mem(&flat_descriptor(name, 8)), r.clone(), &dopts())
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt, "{name}");
-        assert_eq!(r.0.load(Ordering::SeqCst), 0, "resolver must not be asked for {name}");
+        assert_eq!(
+            r.0.load(Ordering::SeqCst),
+            0,
+            "resolver must not be asked for {name}"
+        );
         let local = LocalExtentResolver::new("/tmp");
-        assert_eq!(local.open(name).await.err().map(|e| e.kind()), Some(ErrorKind::Corrupt));
+        assert_eq!(
+            local.open(name).await.err().map(|e| e.kind()),
+            Some(ErrorKind::Corrupt)
+        );
     }
 }
 
 #[tokio::test]
 async fn flat_descriptor_reads_its_extent() {
     let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
-    let r = Arc::new(CountingResolver(AtomicUsize::new(0), Bytes::from(data.clone())));
+    let r = Arc::new(CountingResolver(
+        AtomicUsize::new(0),
+        Bytes::from(data.clone()),
+    ));
     let d = flat_descriptor("disk-flat.vmdk", 16);
     assert_eq!(probe(mem(&d).as_ref()).await.unwrap(), 8192);
     let c = decode_flat(mem(&d), r, &dopts()).await.unwrap();
     assert_eq!(c.read_all().await.unwrap(), data);
     // Extent shorter than the descriptor says.
-    let r = Arc::new(CountingResolver(AtomicUsize::new(0), Bytes::from(vec![0u8; 100])));
+    let r = Arc::new(CountingResolver(
+        AtomicUsize::new(0),
+        Bytes::from(vec![0u8; 100]),
+    ));
     let e = decode_flat(mem(&d), r, &dopts()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt);
 }
@@ -322,9 +416,18 @@ mod fuzz {
             rt.block_on(async {
                 let size = 8 * 65536 + 1024;
                 let ext = vec![
-                    Extent::Data { offset: 100, bytes: Bytes::from(vec![7u8; 3000]) },
-                    Extent::Data { offset: 3 * 65536, bytes: Bytes::from(vec![9u8; 65536]) },
-                    Extent::Data { offset: size - 600, bytes: Bytes::from(vec![1u8; 600]) },
+                    Extent::Data {
+                        offset: 100,
+                        bytes: Bytes::from(vec![7u8; 3000]),
+                    },
+                    Extent::Data {
+                        offset: 3 * 65536,
+                        bytes: Bytes::from(vec![9u8; 65536]),
+                    },
+                    Extent::Data {
+                        offset: size - 600,
+                        bytes: Bytes::from(vec![1u8; 600]),
+                    },
                 ];
                 let so = collect(encode_stream_optimized(content(size, &ext), &opts(1)).unwrap())
                     .await

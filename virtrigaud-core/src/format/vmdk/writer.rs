@@ -25,7 +25,9 @@ const GT_SECTORS: u64 = 4;
 fn capacity_of(virtual_size: u64) -> Result<u64> {
     let cap = virtual_size.div_ceil(SECTOR);
     if cap > MAX_CAPACITY_SECTORS {
-        return Err(Error::invalid(format!("disk of {virtual_size} bytes too large for VMDK")));
+        return Err(Error::invalid(format!(
+            "disk of {virtual_size} bytes too large for VMDK"
+        )));
     }
     Ok(cap)
 }
@@ -123,22 +125,62 @@ impl GrainAssembler {
     }
 }
 
+/// Runs one deflate stream over `data` into `buf` (cleared first).
+fn deflate_into(c: &mut Compress, data: &[u8], buf: &mut Vec<u8>) -> Result<()> {
+    c.reset();
+    buf.clear();
+    buf.reserve(data.len() + data.len() / 8 + 64);
+    loop {
+        let consumed = c.total_in() as usize;
+        let st = c
+            .compress_vec(
+                data.get(consumed..).unwrap_or(&[]),
+                buf,
+                FlushCompress::Finish,
+            )
+            .map_err(|e| Error::new(crate::ErrorKind::Io, format!("deflate failed: {e}")))?;
+        match st {
+            Status::StreamEnd => return Ok(()),
+            _ => buf.reserve(buf.capacity().max(4096)),
+        }
+    }
+}
+
+/// Bytes of each of the four samples [`incompressible`] tries.
+const SAMPLE: usize = 1024;
+
+/// Whether four samples of the grain (at 0, ¼, ½, ¾) all fail to shrink by 3 % under a fast
+/// deflate level (2, dynamic Huffman trees): such grains (already compressed or encrypted data) are stored, not deflated,
+/// which costs a copy instead of a full deflate search. Depends only on the grain's bytes, so
+/// the output stays deterministic.
+fn incompressible(data: &[u8], fast: &mut Compress, scratch: &mut Vec<u8>) -> Result<bool> {
+    if data.len() < 4 * SAMPLE {
+        return Ok(false);
+    }
+    for k in 0..4 {
+        let at = data.len() / 4 * k;
+        deflate_into(fast, &data[at..at + SAMPLE], scratch)?;
+        if scratch.len() * 100 < SAMPLE * 97 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Compresses grains into zlib streams, one after the other on this thread.
 fn compress_batch(grains: Vec<(u64, Bytes)>, level: u32) -> Result<Vec<(u64, Vec<u8>)>> {
-    let mut c = Compress::new(Compression::new(level.min(9)), true);
+    let level = level.min(9);
+    let mut c = Compress::new(Compression::new(level), true);
+    let mut stored = Compress::new(Compression::none(), true);
+    let mut fast = Compress::new(Compression::new(2), false);
+    let mut scratch = Vec::with_capacity(2 * SAMPLE);
     let mut out = Vec::with_capacity(grains.len());
     for (idx, data) in grains {
-        c.reset();
-        let mut buf = Vec::with_capacity(data.len() + data.len() / 8 + 64);
-        loop {
-            let consumed = c.total_in() as usize;
-            let st = c
-                .compress_vec(data.get(consumed..).unwrap_or(&[]), &mut buf, FlushCompress::Finish)
-                .map_err(|e| Error::new(crate::ErrorKind::Io, format!("deflate failed: {e}")))?;
-            match st {
-                Status::StreamEnd => break,
-                _ => buf.reserve(buf.capacity().max(4096)),
-            }
+        let mut buf = Vec::new();
+        if level > 1 && incompressible(&data, &mut fast, &mut scratch)? {
+            deflate_into(&mut stored, &data, &mut buf)?;
+        } else {
+            deflate_into(&mut c, &data, &mut buf)?;
         }
         out.push((idx, buf));
     }
@@ -165,7 +207,10 @@ struct SoWriter {
 
 impl SoWriter {
     fn place(&mut self, batch: Vec<(u64, Vec<u8>)>) -> Result<Bytes> {
-        let total: usize = batch.iter().map(|(_, d)| (12 + d.len()).next_multiple_of(512)).sum();
+        let total: usize = batch
+            .iter()
+            .map(|(_, d)| (12 + d.len()).next_multiple_of(512))
+            .sum();
         let mut out = BytesMut::with_capacity(total);
         for (idx, data) in batch {
             let sector = u32::try_from(self.sector).map_err(|_| {
@@ -342,7 +387,11 @@ impl SparseLayout {
         let meta_end = self.gt_start + self.tables.len() as u64 * GT_SECTORS;
         let pad = (self.header.overhead - meta_end) * SECTOR;
         pieces.into_iter().flat_map(move |(what, copy)| {
-            let base = if copy == 0 { self.rgt_start } else { self.gt_start };
+            let base = if copy == 0 {
+                self.rgt_start
+            } else {
+                self.gt_start
+            };
             let mut v: Vec<Chunk> = Vec::new();
             if what == 0 {
                 let mut b = BytesMut::with_capacity((gd_sectors * SECTOR) as usize);
