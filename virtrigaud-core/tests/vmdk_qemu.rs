@@ -404,3 +404,51 @@ async fn measure(kind: &str, map: fn(u8) -> u8) {
         &["compare", "-f", "raw", "-F", "vmdk", p(&src), p(&ours)],
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decodes_zeroed_grains_written_by_qemu_io() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("z.vmdk");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "vmdk",
+            "-o",
+            "zeroed_grain=on",
+            p(&img),
+            "4M",
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "vmdk",
+            "-c",
+            "write -P 0x33 0 1M",
+            "-c",
+            "write -z 256k 256k",
+            "-c",
+            "write -P 0x44 3M 100k",
+            p(&img),
+        ],
+    );
+    let mut want = vec![0u8; 4 << 20];
+    want[..1 << 20].fill(0x33);
+    want[256 << 10..512 << 10].fill(0);
+    want[3 << 20..(3 << 20) + (100 << 10)].fill(0x44);
+    let c = vmdk::decode_random(open(&img).await, &DecodeOptions::default())
+        .await
+        .unwrap();
+    let alloc = c.allocation.clone().unwrap();
+    assert!(
+        !alloc.intersects((256 << 10)..(512 << 10)),
+        "zeroed grains are not allocated: {alloc:?}"
+    );
+    assert!(c.read_all().await.unwrap() == want);
+}

@@ -646,11 +646,7 @@ pub(crate) async fn decode_sequential(
             "a monolithicSparse VMDK needs random access; it cannot be decoded as a stream",
         ));
     }
-    let start = h
-        .overhead
-        .checked_mul(SECTOR)
-        .unwrap_or(u64::MAX)
-        .max(SECTOR);
+    let start = h.overhead.saturating_mul(SECTOR).max(SECTOR);
     if size.is_some_and(|s| start > s) {
         return Err(Error::corrupt("VMDK overhead beyond end of file"));
     }
@@ -727,7 +723,7 @@ pub(crate) async fn decode_flat(
                         foff + len
                     )));
                 }
-                let ranges = match f.data_ranges().await? {
+                let ranges: Vec<std::ops::Range<u64>> = match f.data_ranges().await? {
                     Some(r) => AllocationMap::from_ranges(r)
                         .ranges()
                         .iter()
@@ -737,7 +733,7 @@ pub(crate) async fn decode_flat(
                             (en > s).then_some(s..en)
                         })
                         .collect(),
-                    None => vec![foff..foff + len],
+                    None => std::iter::once(foff..foff + len).collect(),
                 };
                 for r in ranges {
                     let g = guest + (r.start - foff);

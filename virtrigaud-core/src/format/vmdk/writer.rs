@@ -168,7 +168,7 @@ fn incompressible(data: &[u8], fast: &mut Compress, scratch: &mut Vec<u8>) -> Re
 }
 
 /// Compresses grains into zlib streams, one after the other on this thread.
-fn compress_batch(grains: Vec<(u64, Bytes)>, level: u32) -> Result<Vec<(u64, Vec<u8>)>> {
+fn compress_batch(grains: Vec<(u64, Bytes)>, level: u32) -> Result<CompressedBatch> {
     let level = level.min(9);
     let mut c = Compress::new(Compression::new(level), true);
     let mut stored = Compress::new(Compression::none(), true);
@@ -187,6 +187,9 @@ fn compress_batch(grains: Vec<(u64, Bytes)>, level: u32) -> Result<Vec<(u64, Vec
     Ok(out)
 }
 
+/// Compressed grains (grain index, zlib stream), in order.
+type CompressedBatch = Vec<(u64, Vec<u8>)>;
+
 /// State of the streamOptimized writer.
 enum SoState {
     Header(Bytes, u64),
@@ -197,7 +200,7 @@ enum SoState {
 
 struct SoWriter {
     state: SoState,
-    body: stream::BoxStream<'static, Result<Vec<(u64, Vec<u8>)>>>,
+    body: stream::BoxStream<'static, Result<CompressedBatch>>,
     header: SparseHeader,
     /// Next free sector.
     sector: u64,
@@ -206,7 +209,7 @@ struct SoWriter {
 }
 
 impl SoWriter {
-    fn place(&mut self, batch: Vec<(u64, Vec<u8>)>) -> Result<Bytes> {
+    fn place(&mut self, batch: CompressedBatch) -> Result<Bytes> {
         let total: usize = batch
             .iter()
             .map(|(_, d)| (12 + d.len()).next_multiple_of(512))
