@@ -85,6 +85,59 @@ async fn read_big(src: &dyn ReadAt, off: u64, len: u64, piece: usize) -> Result<
     Ok(out)
 }
 
+/// Whether `len` bytes at `sector` overlap the header sector or the embedded descriptor.
+fn in_header(h: &SparseHeader, sector: u64, len: u64) -> bool {
+    let end = sector.saturating_mul(SECTOR).saturating_add(len);
+    let desc_start = h.descriptor_offset.saturating_mul(SECTOR);
+    let desc_end = desc_start.saturating_add(h.descriptor_size.saturating_mul(SECTOR));
+    sector == 0
+        || (h.descriptor_size > 0 && sector.saturating_mul(SECTOR) < desc_end && end > desc_start)
+}
+
+/// Appends the allocated grains of grain table `gi` (raw entries in `table`), checking each
+/// against the header and a file of `size` bytes.
+fn parse_table(
+    h: &SparseHeader,
+    gi: u64,
+    table: &[u8],
+    size: u64,
+    grains: &mut Vec<Grain>,
+) -> Result<()> {
+    let grain_count = h.grain_count();
+    let cap = h.capacity_bytes();
+    let gb = h.grain_bytes();
+    for (j, c) in table.chunks_exact(4).enumerate() {
+        let index = gi * u64::from(h.num_gtes_per_gt) + j as u64;
+        if index >= grain_count {
+            break;
+        }
+        let e = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        if e == 0 || (e == GTE_ZEROED && h.zeroed_gte()) {
+            continue;
+        }
+        let sector = u64::from(e);
+        let need = if h.compressed() {
+            12
+        } else {
+            gb.min(cap - index * gb)
+        };
+        if sector * SECTOR + need > size {
+            return Err(Error::corrupt(format!(
+                "VMDK grain {index} at sector {sector} beyond end of file"
+            ))
+            .with_offset(sector * SECTOR));
+        }
+        if in_header(h, sector, need) {
+            return Err(
+                Error::corrupt(format!("VMDK grain {index} points into the header"))
+                    .with_offset(sector * SECTOR),
+            );
+        }
+        grains.push(Grain { index, sector });
+    }
+    Ok(())
+}
+
 /// Reads the grain directory and grain tables; returns allocated grains in guest order and the
 /// zeroed grains count. Every offset is checked against the file before it is used.
 async fn read_grain_tables(
@@ -95,15 +148,7 @@ async fn read_grain_tables(
     let size = src.size();
     let gt_count = h.gt_count();
     let gd_bytes = gt_count * 4;
-    let in_header = |sector: u64, len: u64| {
-        let end = sector.saturating_mul(SECTOR).saturating_add(len);
-        let desc_start = h.descriptor_offset.saturating_mul(SECTOR);
-        let desc_end = desc_start.saturating_add(h.descriptor_size.saturating_mul(SECTOR));
-        sector == 0
-            || (h.descriptor_size > 0
-                && sector.saturating_mul(SECTOR) < desc_end
-                && end > desc_start)
-    };
+    let in_header = |sector: u64, len: u64| in_header(h, sector, len);
     if gt_count == 0 {
         return Ok(Vec::new());
     }
@@ -181,9 +226,6 @@ async fn read_grain_tables(
         let (bs, b) = &bufs[i];
         b.get((s - bs) as usize..(s - bs + gt_bytes) as usize)
     };
-    let grain_count = h.grain_count();
-    let cap = h.capacity_bytes();
-    let gb = h.grain_bytes();
     let mut grains = Vec::new();
     for (gi, &t) in gd.iter().enumerate() {
         if t == 0 {
@@ -191,35 +233,7 @@ async fn read_grain_tables(
         }
         let table =
             table_at(u64::from(t)).ok_or_else(|| Error::corrupt("VMDK grain table not read"))?;
-        for (j, c) in table.chunks_exact(4).enumerate() {
-            let index = gi as u64 * u64::from(h.num_gtes_per_gt) + j as u64;
-            if index >= grain_count {
-                break;
-            }
-            let e = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            if e == 0 || (e == GTE_ZEROED && h.zeroed_gte()) {
-                continue;
-            }
-            let sector = u64::from(e);
-            let need = if h.compressed() {
-                12
-            } else {
-                gb.min(cap - index * gb)
-            };
-            if sector * SECTOR + need > size {
-                return Err(Error::corrupt(format!(
-                    "VMDK grain {index} at sector {sector} beyond end of file"
-                ))
-                .with_offset(sector * SECTOR));
-            }
-            if in_header(sector, need) {
-                return Err(
-                    Error::corrupt(format!("VMDK grain {index} points into the header"))
-                        .with_offset(sector * SECTOR),
-                );
-            }
-            grains.push(Grain { index, sector });
-        }
+        parse_table(h, gi as u64, table, size, &mut grains)?;
     }
     Ok(grains)
 }
@@ -641,9 +655,12 @@ pub(crate) async fn decode_sequential(
     let mut r = SeqReader::new(stream);
     let head = r.read_exact(SECTOR as usize).await?;
     let h = SparseHeader::parse(&head)?;
-    if !h.markers() || !h.compressed() {
+    if !h.markers() {
+        return decode_sequential_sparse(r, h, size, opts).await;
+    }
+    if !h.compressed() {
         return Err(Error::unsupported(
-            "a monolithicSparse VMDK needs random access; it cannot be decoded as a stream",
+            "VMDK with markers but uncompressed grains",
         ));
     }
     let start = h.overhead.saturating_mul(SECTOR).max(SECTOR);
@@ -688,6 +705,132 @@ pub(crate) async fn decode_sequential(
     Ok(DiskContent {
         virtual_size: cap,
         allocation: None,
+        extents,
+    })
+}
+
+/// Most grain directory plus grain table bytes a monolithicSparse stream may make us hold
+/// (32 MiB of tables map 512 GiB of 64 KiB grains).
+const MAX_SEQ_METADATA: u64 = 32 << 20;
+
+/// A monolithicSparse file arriving as a stream: the grain directory and tables come before the
+/// grains, so they are read first; the grains must then follow in guest order (what qemu-img and
+/// our encoder write). Anything else needs random access and is `Unsupported`.
+async fn decode_sequential_sparse(
+    mut r: SeqReader,
+    h: SparseHeader,
+    size: Option<u64>,
+    opts: &DecodeOptions,
+) -> Result<DiskContent> {
+    let needs_random = |why: &str| {
+        Error::unsupported(format!(
+            "this monolithicSparse VMDK needs random access ({why}); it cannot be read as a stream"
+        ))
+    };
+    if h.compressed() {
+        return Err(Error::unsupported("compressed VMDK grains without markers"));
+    }
+    if h.gd_offset == GD_AT_END {
+        return Err(Error::corrupt("VMDK grain directory at end but no markers"));
+    }
+    let limit = size.unwrap_or(u64::MAX);
+    let gt_count = h.gt_count();
+    let gd_bytes = gt_count * 4;
+    let gt_bytes = u64::from(h.num_gtes_per_gt) * 4;
+    let cap = h.capacity_bytes();
+    let gb = h.grain_bytes();
+    let mut grains: Vec<Grain> = Vec::new();
+    if gt_count > 0 {
+        if in_header(&h, h.gd_offset, gd_bytes) {
+            return Err(Error::corrupt(
+                "VMDK grain directory points into the header",
+            ));
+        }
+        let gd_start = h
+            .gd_offset
+            .checked_mul(SECTOR)
+            .filter(|s| s.checked_add(gd_bytes).is_some_and(|e| e <= limit))
+            .ok_or_else(|| Error::corrupt("VMDK grain directory beyond end of file"))?;
+        if gd_bytes > MAX_SEQ_METADATA {
+            return Err(needs_random("grain directory too large"));
+        }
+        if gd_start < r.pos() {
+            return Err(needs_random("grain directory before the read position"));
+        }
+        r.skip(gd_start - r.pos()).await?;
+        let mut gd: Vec<u32> = Vec::new();
+        let mut left = gd_bytes;
+        while left > 0 {
+            let n = left.min(1 << 20);
+            let b = r.read_exact(n as usize).await?;
+            gd.extend(
+                b.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+            left -= n;
+        }
+        let mut tables: Vec<(u64, u64)> = gd
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t != 0)
+            .map(|(gi, t)| (u64::from(*t), gi as u64))
+            .collect();
+        drop(gd);
+        tables.sort_unstable();
+        if tables.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(Error::corrupt(
+                "VMDK grain directory names one grain table twice",
+            ));
+        }
+        if tables.len() as u64 * gt_bytes > MAX_SEQ_METADATA {
+            return Err(needs_random("grain tables too large"));
+        }
+        for (t, gi) in tables {
+            if in_header(&h, t, gt_bytes) {
+                return Err(Error::corrupt("VMDK grain table points into the header"));
+            }
+            if t * SECTOR + gt_bytes > limit {
+                return Err(Error::corrupt(format!(
+                    "VMDK grain table at sector {t} beyond end of file"
+                )));
+            }
+            if t * SECTOR < r.pos() {
+                return Err(needs_random("grain table before the grain directory"));
+            }
+            r.skip(t * SECTOR - r.pos()).await?;
+            let table = r.read_exact(gt_bytes as usize).await?;
+            parse_table(&h, gi, &table, limit, &mut grains)?;
+        }
+        grains.sort_unstable_by_key(|g| g.sector);
+        for w in grains.windows(2) {
+            if w[1].sector < w[0].sector + h.grain_size {
+                return Err(Error::corrupt("VMDK grains overlap in the file")
+                    .with_offset(w[1].sector * SECTOR));
+            }
+            if w[1].index <= w[0].index {
+                return Err(needs_random("grains not in guest order"));
+            }
+        }
+        if grains.first().is_some_and(|g| g.sector * SECTOR < r.pos()) {
+            return Err(needs_random("grains before the grain tables"));
+        }
+    }
+    let allocation = allocation_of(&grains, gb, cap);
+    let _ = opts;
+    let extents = stream::try_unfold((r, grains.into_iter()), move |(mut r, mut it)| async move {
+        let Some(g) = it.next() else {
+            return Ok(None);
+        };
+        let off = g.index * gb;
+        let len = gb.min(cap - off);
+        r.skip(g.sector * SECTOR - r.pos()).await?;
+        let bytes = r.read_exact(len as usize).await?;
+        Ok(Some((Extent::Data { offset: off, bytes }, (r, it))))
+    })
+    .boxed();
+    Ok(DiskContent {
+        virtual_size: cap,
+        allocation: Some(allocation),
         extents,
     })
 }
