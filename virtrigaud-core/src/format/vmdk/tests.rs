@@ -566,3 +566,31 @@ async fn incompressible_grains_are_stored_and_round_trip() {
         .unwrap();
     assert_eq!(c.read_all().await.unwrap(), want);
 }
+
+#[tokio::test]
+async fn format_dispatch_detects_and_decodes() {
+    use crate::format::{DiskFormat, VmdkSubformat, decode};
+    use crate::io::ImageSource;
+    let (disk, _) = pattern(SIZE);
+    for (img, sub) in [
+        (stream_image().await, VmdkSubformat::StreamOptimized),
+        (sparse_image().await, VmdkSubformat::MonolithicSparse),
+    ] {
+        let (f, c) = decode(ImageSource::RandomAccess(mem(&img)), None, &dopts())
+            .await
+            .unwrap();
+        assert_eq!(f, DiskFormat::Vmdk(sub));
+        assert_eq!(c.read_all().await.unwrap(), disk);
+        let src = ImageSource::Sequential {
+            size: Some(img.len() as u64),
+            stream: as_stream(&img, 5000),
+        };
+        let (f, c) = decode(src, None, &dopts()).await.unwrap();
+        assert_eq!(f, DiskFormat::Vmdk(sub));
+        assert_eq!(c.read_all().await.unwrap(), disk);
+        assert_eq!(
+            crate::format::probe(mem(&img).as_ref()).await.unwrap(),
+            (DiskFormat::Vmdk(sub), SIZE)
+        );
+    }
+}
