@@ -239,7 +239,7 @@ impl SoWriter {
     }
 
     /// Grain tables, grain directory, footer and end-of-stream marker, in ~1 MiB chunks.
-    fn tail(&mut self) -> Vec<Chunk> {
+    fn tail(&mut self) -> Result<Vec<Chunk>> {
         let gt_count = self.header.gt_count();
         let mut gd = vec![0u32; gt_count as usize];
         let mut chunks = Vec::new();
@@ -249,7 +249,8 @@ impl SoWriter {
             cur.put_slice(&Marker::meta_sector(GT_SECTORS, MARKER_GT));
             self.sector += 1;
             if let Some(slot) = gd.get_mut(t as usize) {
-                *slot = self.sector as u32;
+                *slot = u32::try_from(self.sector)
+                    .map_err(|_| Error::unsupported("streamOptimized VMDK output beyond 2 TiB"))?;
             }
             for e in entries {
                 cur.put_u32_le(e);
@@ -276,7 +277,7 @@ impl SoWriter {
         cur.put_slice(&Marker::meta_sector(0, MARKER_EOS));
         self.sector += 3;
         chunks.push(Chunk::Data(cur.freeze()));
-        chunks
+        Ok(chunks)
     }
 }
 
@@ -336,7 +337,7 @@ pub(crate) fn encode_stream_optimized(
                         return Ok(Some((vec![Chunk::Data(b)], w)));
                     }
                     None => {
-                        let t = w.tail();
+                        let t = w.tail()?;
                         w.state = SoState::Tail(t.into_iter());
                     }
                 },
