@@ -5,20 +5,30 @@
 //! - [`descriptor`]: the text descriptor (embedded in sparse files, or a file of its own for
 //!   monolithicFlat).
 //! - `reader`: decoders. A sparse file read by ranges goes header (and footer when
-//!   `gdOffset` is `GD_AT_END`) → grain directory → grain tables → grains; the allocation map comes
-//!   from the grain tables alone. A streamOptimized file arriving as one stream (an NFC export) is
-//!   read strictly once: header, then markers; grains are inflated in parallel and emitted as they
-//!   arrive, and must come in increasing LBA order. A monolithicSparse file needs random access.
+//!   `gdOffset` is `GD_AT_END`) → grain directory → grain tables → grains; the allocation map
+//!   comes from the grain tables alone (zeroed grain entries are holes), and grains adjacent in
+//!   the file are read together in pieces of up to `read_size`, `read_ahead` at once, inflated on
+//!   blocking workers. A streamOptimized file arriving as one stream (an NFC export) is read
+//!   strictly once: header, then markers from `overHead`; grains are inflated in parallel and
+//!   emitted as they arrive, and must come in increasing LBA order (else `Corrupt`). A
+//!   monolithicSparse file arriving as a stream is read too when its grain directory and tables
+//!   precede the grains and the grains follow in guest order (what qemu-img and our encoder
+//!   write); otherwise it is `Unsupported` ("needs random access"). monolithicFlat: the
+//!   descriptor (at most 64 KiB) names `FLAT`/`VMFS`/`ZERO` extents, opened through an
+//!   [`ExtentResolver`] after their names are checked; holes of the extent files are skipped.
 //! - `writer`: encoders, strictly sequential and deterministic. streamOptimized: header with
-//!   `gdOffset = GD_AT_END`, descriptor, compressed grains (all-zero grains skipped, compression on
-//!   `parallelism` blocking workers, results kept in order), then grain tables, grain directory,
-//!   footer and end-of-stream marker. A grain whose four 1 KiB samples do not shrink under a
-//!   fast deflate level (already compressed or encrypted data) is stored in a deflate stored
-//!   block instead of searched for matches: same size within bytes, a copy instead of a full
-//!   deflate, and still a function of the grain's bytes only. Only grain table entries are kept in memory (2 KiB per 32 MiB
-//!   of virtual disk that holds data). monolithicSparse: header, descriptor, redundant and primary
-//!   grain directory and tables computed from the allocation map (`None` = every grain allocated),
-//!   then the grains uncompressed in LBA order.
+//!   `gdOffset = GD_AT_END`, descriptor, compressed grains (all-zero grains skipped, compression
+//!   on `parallelism` blocking workers in batches of 16 grains, at most `2 × parallelism` batches
+//!   in flight, results kept in order), then grain tables (only those that map a grain; the
+//!   others are 0 in the directory), grain directory, footer and end-of-stream marker. A grain
+//!   whose four 1 KiB samples do not shrink under a fast deflate level (already compressed or
+//!   encrypted data) is put in deflate stored blocks instead of searched for matches: the same
+//!   size within bytes, a copy instead of a full deflate, and still a function of the grain's
+//!   bytes only. Only grain table entries are kept in memory (2 KiB per 32 MiB of virtual disk
+//!   that holds data), never the data. monolithicSparse: header, descriptor, redundant and
+//!   primary grain directory and tables computed from the allocation map (`None` = every grain
+//!   allocated), then the grains uncompressed in LBA order (mapped grains with no data are
+//!   written as zeros; data outside the map is `InvalidInput`).
 //!
 //! Every header and descriptor field is hostile input: sizes are bounded, every table offset is
 //! checked against the file size before it is read, extent names cannot leave their directory.
