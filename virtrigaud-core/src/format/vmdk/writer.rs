@@ -300,16 +300,25 @@ pub(crate) fn encode_stream_optimized(
     let pad = h.overhead * SECTOR - head.len() as u64;
     let level = opts.compression_level;
     let workers = opts.parallelism.max(1);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(workers));
     let grains = GrainAssembler::new(content.validated().extents, h.grain_bytes());
     let body = stream::try_unfold(grains, |mut g| async move {
         Ok(g.next().await?.map(|x| (x, g)))
     })
     .chunks(BATCH_GRAINS)
-    .map(move |batch| async move {
-        let batch: Vec<(u64, Bytes)> = batch.into_iter().collect::<Result<_>>()?;
-        tokio::task::spawn_blocking(move || compress_batch(batch, level))
-            .await
-            .map_err(join_err)?
+    .map(move |batch| {
+        let permits = permits.clone();
+        async move {
+            let batch: Vec<(u64, Bytes)> = batch.into_iter().collect::<Result<_>>()?;
+            // Exactly `workers` compressions at once; twice as many batches queued behind them.
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::new(crate::ErrorKind::Io, "compression workers closed"))?;
+            tokio::task::spawn_blocking(move || compress_batch(batch, level))
+                .await
+                .map_err(join_err)?
+        }
     })
     .buffered(workers * 2)
     .boxed();
