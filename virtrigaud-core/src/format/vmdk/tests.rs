@@ -594,3 +594,27 @@ async fn format_dispatch_detects_and_decodes() {
         );
     }
 }
+
+#[tokio::test]
+async fn stream_skips_interleaved_metadata_and_refuses_unknown_markers() {
+    let (disk, _) = pattern(SIZE);
+    let img = stream_image().await;
+    let m = grain_markers(&img);
+    // A grain table between two grains, as VMware writes them.
+    let mut v = img[..m[1]].to_vec();
+    v.extend_from_slice(&Marker::meta_sector(4, MARKER_GT));
+    v.extend_from_slice(&[0u8; 2048]);
+    v.extend_from_slice(&img[m[1]..]);
+    let c = decode_sequential(None, as_stream(&v, 700), &dopts())
+        .await
+        .unwrap();
+    assert_eq!(c.read_all().await.unwrap(), disk);
+    // An unknown marker type.
+    let mut v = img[..m[1]].to_vec();
+    v.extend_from_slice(&Marker::meta_sector(0, 77));
+    v.extend_from_slice(&img[m[1]..]);
+    assert_eq!(
+        decode_all_seq(&v).await.unwrap_err().kind(),
+        ErrorKind::Corrupt
+    );
+}
