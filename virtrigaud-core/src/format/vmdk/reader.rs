@@ -663,7 +663,16 @@ pub(crate) async fn decode_sequential(
             "VMDK with markers but uncompressed grains",
         ));
     }
-    let start = h.overhead.saturating_mul(SECTOR).max(SECTOR);
+    // Markers start after the metadata (`overHead`), and never inside the embedded descriptor.
+    let desc_end = h
+        .descriptor_offset
+        .saturating_add(h.descriptor_size)
+        .saturating_mul(SECTOR);
+    let start = h
+        .overhead
+        .saturating_mul(SECTOR)
+        .max(SECTOR)
+        .max(if h.descriptor_size > 0 { desc_end } else { 0 });
     if size.is_some_and(|s| start > s) {
         return Err(Error::corrupt("VMDK overhead beyond end of file"));
     }
