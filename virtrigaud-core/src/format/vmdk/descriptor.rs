@@ -272,4 +272,30 @@ RDONLY 10 ZERO\nRW 4 VMFS \"b-flat.vmdk\" 7\n\n#DDB\nddb.adapterType = \"lsilogi
         }
         check_extent_name("disk-flat.vmdk").unwrap();
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..Default::default()
+        })]
+        #[test]
+        fn parse_never_panics(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let _ = Descriptor::parse(&raw);
+        }
+
+        #[test]
+        fn extent_lines_never_panic(
+            access in "(RW|RDONLY|NOACCESS)",
+            n in "[0-9]{0,25}",
+            kind in "(FLAT|VMFS|SPARSE|ZERO|XYZ)?",
+            name in "\\PC{0,12}",
+            off in "[0-9 x-]{0,25}",
+        ) {
+            let line = format!("{access} {n} {kind} \"{name}\" {off}\n");
+            if let Ok(d) = Descriptor::parse(line.as_bytes()) {
+                let _ = d.virtual_size();
+            }
+        }
+    }
 }
