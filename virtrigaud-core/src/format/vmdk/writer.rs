@@ -1,0 +1,601 @@
+//! VMDK encoders: streamOptimized (grains compressed in parallel, metadata at the end) and
+//! monolithicSparse (metadata first from the allocation map, then the grains).
+
+use super::descriptor::Descriptor;
+use super::header::*;
+use crate::extent::{DiskContent, Extent, ExtentStream, is_zero};
+use crate::format::{Chunk, ChunkStream, EncodeOptions};
+use crate::io::join_err;
+use crate::{Error, Result};
+use bytes::{BufMut, Bytes, BytesMut};
+use flate2::{Compress, Compression, FlushCompress, Status};
+use futures::stream::{self, StreamExt, TryStreamExt};
+
+/// Grain size written, in sectors (64 KiB).
+pub const GRAIN_SECTORS: u64 = 128;
+/// Descriptor area written, in sectors.
+const DESCRIPTOR_SECTORS: u64 = 20;
+/// Name of the (only) extent in the embedded descriptor.
+pub const EMBEDDED_EXTENT_NAME: &str = "disk.vmdk";
+/// Grains handed to one compression worker.
+const BATCH_GRAINS: usize = 16;
+/// Sectors in one grain table (512 entries of 4 bytes).
+const GT_SECTORS: u64 = 4;
+
+fn capacity_of(virtual_size: u64) -> Result<u64> {
+    let cap = virtual_size.div_ceil(SECTOR);
+    if cap > MAX_CAPACITY_SECTORS {
+        return Err(Error::invalid(format!(
+            "disk of {virtual_size} bytes too large for VMDK"
+        )));
+    }
+    Ok(cap)
+}
+
+/// Header sector plus the descriptor area.
+fn header_and_descriptor(h: &SparseHeader, create_type: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(((1 + DESCRIPTOR_SECTORS) * SECTOR) as usize);
+    b.put_slice(&h.to_bytes());
+    let text = Descriptor::embedded_text(create_type, h.capacity, EMBEDDED_EXTENT_NAME);
+    b.put_slice(text.as_bytes());
+    b.resize(((1 + DESCRIPTOR_SECTORS) * SECTOR) as usize, 0);
+    b.freeze()
+}
+
+/// Cuts an extent stream into whole grains (`grain` bytes each, zero-padded at the end of the
+/// disk) that hold at least one non-zero byte, in order.
+struct GrainAssembler {
+    extents: ExtentStream,
+    grain: u64,
+    cur: Option<(u64, Vec<u8>)>,
+    ready: std::collections::VecDeque<(u64, Bytes)>,
+    done: bool,
+}
+
+impl GrainAssembler {
+    fn new(extents: ExtentStream, grain: u64) -> Self {
+        GrainAssembler {
+            extents,
+            grain,
+            cur: None,
+            ready: Default::default(),
+            done: false,
+        }
+    }
+
+    fn flush_cur(&mut self) {
+        if let Some((i, buf)) = self.cur.take()
+            && !is_zero(&buf)
+        {
+            self.ready.push_back((i, Bytes::from(buf)));
+        }
+    }
+
+    fn add(&mut self, offset: u64, bytes: Bytes) {
+        let g = self.grain;
+        let mut o = offset;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let idx = o / g;
+            let in_g = (o % g) as usize;
+            let n = ((g - o % g) as usize).min(rest.len());
+            let piece = rest.split_to(n);
+            o += n as u64;
+            if self.cur.as_ref().is_some_and(|(i, _)| *i != idx) {
+                self.flush_cur();
+            }
+            if in_g == 0 && n as u64 == g {
+                if !is_zero(&piece) {
+                    self.ready.push_back((idx, piece));
+                }
+                continue;
+            }
+            if self.cur.is_none() {
+                if is_zero(&piece) {
+                    continue;
+                }
+                self.cur = Some((idx, vec![0u8; g as usize]));
+            }
+            if let Some((_, buf)) = &mut self.cur {
+                buf[in_g..in_g + n].copy_from_slice(&piece);
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<(u64, Bytes)>> {
+        loop {
+            if let Some(x) = self.ready.pop_front() {
+                return Ok(Some(x));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            match self.extents.next().await {
+                Some(item) => {
+                    if let Extent::Data { offset, bytes } = item? {
+                        self.add(offset, bytes);
+                    }
+                }
+                None => {
+                    self.done = true;
+                    self.flush_cur();
+                }
+            }
+        }
+    }
+}
+
+/// Runs one deflate stream over `data` into `buf` (cleared first).
+fn deflate_into(c: &mut Compress, data: &[u8], buf: &mut Vec<u8>) -> Result<()> {
+    c.reset();
+    buf.clear();
+    buf.reserve(data.len() + data.len() / 8 + 64);
+    loop {
+        let consumed = c.total_in() as usize;
+        let st = c
+            .compress_vec(
+                data.get(consumed..).unwrap_or(&[]),
+                buf,
+                FlushCompress::Finish,
+            )
+            .map_err(|e| Error::new(crate::ErrorKind::Io, format!("deflate failed: {e}")))?;
+        match st {
+            Status::StreamEnd => return Ok(()),
+            _ => buf.reserve(buf.capacity().max(4096)),
+        }
+    }
+}
+
+/// Bytes of each of the four samples [`incompressible`] tries.
+const SAMPLE: usize = 1024;
+
+/// Whether four samples of the grain (at 0, ¼, ½, ¾) all fail to shrink by 3 % under a fast
+/// deflate level (2, dynamic Huffman trees): such grains (already compressed or encrypted data) are stored, not deflated,
+/// which costs a copy instead of a full deflate search. Depends only on the grain's bytes, so
+/// the output stays deterministic.
+fn incompressible(data: &[u8], fast: &mut Compress, scratch: &mut Vec<u8>) -> Result<bool> {
+    if data.len() < 4 * SAMPLE {
+        return Ok(false);
+    }
+    for k in 0..4 {
+        let at = data.len() / 4 * k;
+        deflate_into(fast, &data[at..at + SAMPLE], scratch)?;
+        if scratch.len() * 100 < SAMPLE * 97 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Compresses grains into zlib streams, one after the other on this thread.
+fn compress_batch(grains: Vec<(u64, Bytes)>, level: u32) -> Result<CompressedBatch> {
+    let level = level.min(9);
+    let mut c = Compress::new(Compression::new(level), true);
+    let mut stored = Compress::new(Compression::none(), true);
+    let mut fast = Compress::new(Compression::new(2), false);
+    let mut scratch = Vec::with_capacity(2 * SAMPLE);
+    let mut out = Vec::with_capacity(grains.len());
+    for (idx, data) in grains {
+        let mut buf = Vec::new();
+        if level > 1 && incompressible(&data, &mut fast, &mut scratch)? {
+            deflate_into(&mut stored, &data, &mut buf)?;
+        } else {
+            deflate_into(&mut c, &data, &mut buf)?;
+        }
+        out.push((idx, buf));
+    }
+    Ok(out)
+}
+
+/// Compressed grains (grain index, zlib stream), in order.
+type CompressedBatch = Vec<(u64, Vec<u8>)>;
+
+/// State of the streamOptimized writer.
+enum SoState {
+    Header(Bytes, u64),
+    Body,
+    Tail(std::vec::IntoIter<Chunk>),
+    Done,
+}
+
+struct SoWriter {
+    state: SoState,
+    body: stream::BoxStream<'static, Result<CompressedBatch>>,
+    header: SparseHeader,
+    /// Next free sector.
+    sector: u64,
+    /// Grain tables holding at least one grain: (table index, entries).
+    gts: Vec<(u64, Vec<u32>)>,
+}
+
+impl SoWriter {
+    fn place(&mut self, batch: CompressedBatch) -> Result<Bytes> {
+        let total: usize = batch
+            .iter()
+            .map(|(_, d)| (12 + d.len()).next_multiple_of(512))
+            .sum();
+        let mut out = BytesMut::with_capacity(total);
+        for (idx, data) in batch {
+            let sector = u32::try_from(self.sector).map_err(|_| {
+                Error::unsupported("streamOptimized VMDK output beyond 2 TiB of compressed data")
+            })?;
+            let gt = idx / u64::from(GTES_PER_GT);
+            let slot = (idx % u64::from(GTES_PER_GT)) as usize;
+            if self.gts.last().is_none_or(|(t, _)| *t != gt) {
+                self.gts.push((gt, vec![0u32; GTES_PER_GT as usize]));
+            }
+            if let Some((_, entries)) = self.gts.last_mut() {
+                entries[slot] = sector;
+            }
+            let lba = idx * self.header.grain_size;
+            out.put_slice(&Marker::grain_marker(lba, data.len() as u32));
+            out.put_slice(&data);
+            let used = 12 + data.len();
+            let padded = used.next_multiple_of(512);
+            out.resize(out.len() + (padded - used), 0);
+            self.sector += (padded / 512) as u64;
+        }
+        Ok(out.freeze())
+    }
+
+    /// Grain tables, grain directory, footer and end-of-stream marker, in ~1 MiB chunks.
+    fn tail(&mut self) -> Result<Vec<Chunk>> {
+        let gt_count = self.header.gt_count();
+        let mut gd = vec![0u32; gt_count as usize];
+        let mut chunks = Vec::new();
+        let mut cur = BytesMut::new();
+        let gts = std::mem::take(&mut self.gts);
+        for (t, entries) in gts {
+            cur.put_slice(&Marker::meta_sector(GT_SECTORS, MARKER_GT));
+            self.sector += 1;
+            if let Some(slot) = gd.get_mut(t as usize) {
+                *slot = u32::try_from(self.sector)
+                    .map_err(|_| Error::unsupported("streamOptimized VMDK output beyond 2 TiB"))?;
+            }
+            for e in entries {
+                cur.put_u32_le(e);
+            }
+            self.sector += GT_SECTORS;
+            if cur.len() >= 1 << 20 {
+                chunks.push(Chunk::Data(cur.split().freeze()));
+            }
+        }
+        let gd_sectors = (gt_count * 4).div_ceil(SECTOR);
+        cur.put_slice(&Marker::meta_sector(gd_sectors, MARKER_GD));
+        self.sector += 1;
+        let gd_sector = self.sector;
+        let start = cur.len();
+        for e in gd {
+            cur.put_u32_le(e);
+        }
+        cur.resize(start + (gd_sectors * SECTOR) as usize, 0);
+        self.sector += gd_sectors;
+        cur.put_slice(&Marker::meta_sector(1, MARKER_FOOTER));
+        let mut footer = self.header.clone();
+        footer.gd_offset = gd_sector;
+        cur.put_slice(&footer.to_bytes());
+        cur.put_slice(&Marker::meta_sector(0, MARKER_EOS));
+        self.sector += 3;
+        chunks.push(Chunk::Data(cur.freeze()));
+        Ok(chunks)
+    }
+}
+
+pub(crate) fn encode_stream_optimized(
+    content: DiskContent,
+    opts: &EncodeOptions,
+) -> Result<ChunkStream> {
+    let capacity = capacity_of(content.virtual_size)?;
+    let mut h = SparseHeader::new(capacity);
+    h.version = 3;
+    h.flags = FLAG_VALID_NEWLINE | FLAG_COMPRESSED | FLAG_MARKERS;
+    h.grain_size = GRAIN_SECTORS;
+    h.gd_offset = GD_AT_END;
+    h.rgd_offset = 0;
+    h.descriptor_offset = 1;
+    h.descriptor_size = DESCRIPTOR_SECTORS;
+    h.overhead = 128;
+    h.compress_algorithm = COMPRESS_DEFLATE;
+    let head = header_and_descriptor(&h, "streamOptimized");
+    let pad = h.overhead * SECTOR - head.len() as u64;
+    let level = opts.compression_level;
+    let workers = opts.parallelism.max(1);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(workers));
+    let grains = GrainAssembler::new(content.validated().extents, h.grain_bytes());
+    let body = stream::try_unfold(grains, |mut g| async move {
+        Ok(g.next().await?.map(|x| (x, g)))
+    })
+    .chunks(BATCH_GRAINS)
+    .map(move |batch| {
+        let permits = permits.clone();
+        async move {
+            let batch: Vec<(u64, Bytes)> = batch.into_iter().collect::<Result<_>>()?;
+            // Exactly `workers` compressions at once; twice as many batches queued behind them.
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::new(crate::ErrorKind::Io, "compression workers closed"))?;
+            tokio::task::spawn_blocking(move || compress_batch(batch, level))
+                .await
+                .map_err(join_err)?
+        }
+    })
+    .buffered(workers * 2)
+    .boxed();
+    let w = SoWriter {
+        state: SoState::Header(head, pad),
+        body,
+        sector: h.overhead,
+        header: h,
+        gts: Vec::new(),
+    };
+    Ok(stream::try_unfold(w, |mut w| async move {
+        loop {
+            match std::mem::replace(&mut w.state, SoState::Done) {
+                SoState::Header(head, pad) => {
+                    w.state = SoState::Header(Bytes::new(), pad);
+                    if !head.is_empty() {
+                        return Ok(Some((vec![Chunk::Data(head), Chunk::Zeros(pad)], w)));
+                    }
+                    w.state = SoState::Body;
+                }
+                SoState::Body => match w.body.next().await {
+                    Some(batch) => {
+                        let b = w.place(batch?)?;
+                        w.state = SoState::Body;
+                        return Ok(Some((vec![Chunk::Data(b)], w)));
+                    }
+                    None => {
+                        let t = w.tail()?;
+                        w.state = SoState::Tail(t.into_iter());
+                    }
+                },
+                SoState::Tail(mut it) => {
+                    let c = it.next();
+                    w.state = SoState::Tail(it);
+                    match c {
+                        Some(c) => return Ok(Some((vec![c], w))),
+                        None => w.state = SoState::Done,
+                    }
+                }
+                SoState::Done => return Ok::<_, Error>(None),
+            }
+        }
+    })
+    .map_ok(|v| stream::iter(v.into_iter().filter(|c| !c.is_empty()).map(Ok)))
+    .try_flatten()
+    .boxed())
+}
+
+/// Layout of a monolithicSparse file computed from the allocation map.
+struct SparseLayout {
+    /// Allocated grain ranges (grain indexes), merged and sorted.
+    runs: Vec<(u64, u64)>,
+    /// Allocated grains before each run.
+    before: Vec<u64>,
+    /// Grain tables holding at least one allocated grain.
+    tables: Vec<u64>,
+    header: SparseHeader,
+    rgt_start: u64,
+    gt_start: u64,
+}
+
+impl SparseLayout {
+    fn grain_sector(&self, g: u64) -> Option<u64> {
+        let i = self.runs.partition_point(|r| r.1 <= g);
+        let r = self.runs.get(i)?;
+        (r.0 <= g).then(|| self.header.overhead + (self.before[i] + g - r.0) * GRAIN_SECTORS)
+    }
+
+    /// The metadata after the descriptor: redundant GD, redundant GTs, GD, GTs, padding to the
+    /// first grain, produced lazily in pieces.
+    fn metadata(self) -> impl Iterator<Item = Chunk> + Send {
+        let gt_count = self.header.gt_count();
+        let gd_sectors = (gt_count * 4).div_ceil(SECTOR);
+        let mut pieces: Vec<(u8, u64)> = Vec::new(); // (0 = gd, 1 = gts from index), (copy)
+        for copy in [0u64, 1] {
+            pieces.push((0, copy));
+            pieces.push((1, copy));
+        }
+        let meta_end = self.gt_start + self.tables.len() as u64 * GT_SECTORS;
+        let pad = (self.header.overhead - meta_end) * SECTOR;
+        pieces.into_iter().flat_map(move |(what, copy)| {
+            let base = if copy == 0 {
+                self.rgt_start
+            } else {
+                self.gt_start
+            };
+            let mut v: Vec<Chunk> = Vec::new();
+            if what == 0 {
+                let mut b = BytesMut::with_capacity((gd_sectors * SECTOR) as usize);
+                let mut ti = 0usize;
+                for t in 0..gt_count {
+                    if self.tables.get(ti) == Some(&t) {
+                        b.put_u32_le((base + ti as u64 * GT_SECTORS) as u32);
+                        ti += 1;
+                    } else {
+                        b.put_u32_le(0);
+                    }
+                }
+                b.resize((gd_sectors * SECTOR) as usize, 0);
+                v.push(Chunk::Data(b.freeze()));
+            } else {
+                for part in self.tables.chunks(256) {
+                    let mut b = BytesMut::with_capacity(part.len() * 2048);
+                    for &t in part {
+                        for j in 0..u64::from(GTES_PER_GT) {
+                            let g = t * u64::from(GTES_PER_GT) + j;
+                            b.put_u32_le(self.grain_sector(g).unwrap_or(0) as u32);
+                        }
+                    }
+                    v.push(Chunk::Data(b.freeze()));
+                }
+                if copy == 1 && pad > 0 {
+                    v.push(Chunk::Zeros(pad));
+                }
+            }
+            v
+        })
+    }
+}
+
+pub(crate) fn encode_monolithic_sparse(
+    content: DiskContent,
+    opts: &EncodeOptions,
+) -> Result<ChunkStream> {
+    let _ = opts;
+    let capacity = capacity_of(content.virtual_size)?;
+    let mut h = SparseHeader::new(capacity);
+    h.version = 1;
+    h.flags = FLAG_VALID_NEWLINE | FLAG_REDUNDANT_GD;
+    h.grain_size = GRAIN_SECTORS;
+    let gb = h.grain_bytes();
+    let grain_count = h.grain_count();
+    let runs: Vec<(u64, u64)> = match &content.allocation {
+        Some(a) => a
+            .aligned(gb, grain_count * gb)
+            .ranges()
+            .iter()
+            .map(|r| (r.start / gb, r.end.div_ceil(gb)))
+            .filter(|r| r.1 > r.0)
+            .collect(),
+        None if grain_count > 0 => vec![(0, grain_count)],
+        None => Vec::new(),
+    };
+    let mut before = Vec::with_capacity(runs.len());
+    let mut allocated = 0u64;
+    let mut tables: Vec<u64> = Vec::new();
+    let per = u64::from(GTES_PER_GT);
+    for &(s, e) in &runs {
+        before.push(allocated);
+        allocated += e - s;
+        for t in s / per..=(e - 1) / per {
+            if tables.last() != Some(&t) {
+                tables.push(t);
+            }
+        }
+    }
+    let gt_count = h.gt_count();
+    let gd_sectors = (gt_count * 4).div_ceil(SECTOR);
+    h.descriptor_offset = 1;
+    h.descriptor_size = DESCRIPTOR_SECTORS;
+    h.rgd_offset = 1 + DESCRIPTOR_SECTORS;
+    let rgt_start = h.rgd_offset + gd_sectors;
+    h.gd_offset = rgt_start + tables.len() as u64 * GT_SECTORS;
+    let gt_start = h.gd_offset + gd_sectors;
+    let meta_end = gt_start + tables.len() as u64 * GT_SECTORS;
+    h.overhead = meta_end.next_multiple_of(GRAIN_SECTORS);
+    let file_sectors = h.overhead + allocated * GRAIN_SECTORS;
+    if file_sectors > u64::from(u32::MAX) {
+        return Err(Error::unsupported(
+            "monolithicSparse VMDK limited to 2 TiB of allocated grains",
+        ));
+    }
+    let head = header_and_descriptor(&h, "monolithicSparse");
+    let alloc_bytes: Vec<(u64, u64)> = runs.iter().map(|&(s, e)| (s * gb, e * gb)).collect();
+    let layout = SparseLayout {
+        runs,
+        before,
+        tables,
+        header: h,
+        rgt_start,
+        gt_start,
+    };
+    let meta = stream::iter(
+        std::iter::once(Chunk::Data(head))
+            .chain(layout.metadata())
+            .map(Ok),
+    );
+    let mut place = SparsePlacer {
+        ranges: alloc_bytes,
+        idx: 0,
+        cursor: 0,
+    };
+    let data = content
+        .validated()
+        .extents
+        .map(Some)
+        .chain(stream::once(async { None }))
+        .map(move |item| -> Result<Vec<Chunk>> {
+            let mut out = Vec::new();
+            match item {
+                Some(e) => {
+                    if let Extent::Data { offset, bytes } = e? {
+                        place.data(offset, bytes, &mut out)?;
+                    }
+                }
+                None => place.zeros_until(u64::MAX, &mut out),
+            }
+            Ok(out)
+        })
+        .map_ok(|v| stream::iter(v.into_iter().map(Ok)))
+        .try_flatten();
+    Ok(meta.chain(data).boxed())
+}
+
+/// Places guest data into the allocated grains of a monolithicSparse file, in order.
+struct SparsePlacer {
+    /// Allocated byte ranges of the guest.
+    ranges: Vec<(u64, u64)>,
+    idx: usize,
+    /// Guest offset up to which output was produced.
+    cursor: u64,
+}
+
+impl SparsePlacer {
+    fn zeros_until(&mut self, target: u64, out: &mut Vec<Chunk>) {
+        while let Some(&(s, e)) = self.ranges.get(self.idx) {
+            if self.cursor < s {
+                self.cursor = s;
+            }
+            if target <= self.cursor {
+                break;
+            }
+            let end = target.min(e);
+            out.push(Chunk::Zeros(end - self.cursor));
+            self.cursor = end;
+            if self.cursor == e {
+                self.idx += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn data(&mut self, offset: u64, bytes: Bytes, out: &mut Vec<Chunk>) -> Result<()> {
+        let mut o = offset;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            // Skip ranges that end before o.
+            while self.ranges.get(self.idx).is_some_and(|r| r.1 <= o) {
+                self.zeros_until(self.ranges[self.idx].1, out);
+            }
+            let next = self.ranges.get(self.idx).copied();
+            match next {
+                Some((s, e)) if s <= o => {
+                    let n = ((e - o) as usize).min(rest.len());
+                    self.zeros_until(o, out);
+                    out.push(Chunk::Data(rest.split_to(n)));
+                    o += n as u64;
+                    self.cursor = o;
+                    if self.cursor == e {
+                        self.idx += 1;
+                    }
+                }
+                _ => {
+                    let gap_end = next.map_or(u64::MAX, |r| r.0);
+                    let n = ((gap_end - o).min(rest.len() as u64)) as usize;
+                    if !is_zero(&rest[..n]) {
+                        return Err(Error::invalid(format!(
+                            "data at {o} outside the allocation map given for a \
+                             monolithicSparse VMDK"
+                        )));
+                    }
+                    let _ = rest.split_to(n);
+                    o += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+}
