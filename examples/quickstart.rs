@@ -1,19 +1,24 @@
 //! Quickstart: no server needed.
 //!
-//! Creates a sample VM with a sparse 1 GiB disk in a temp directory, exports the disk to a
-//! `file://` store with its manifest, imports it into a second directory, verifies the content
-//! digest end to end, and prints a short report. Exits non-zero on any mismatch.
+//! Creates a sample VM with a sparse 1 GiB **qcow2** disk in a temp directory, exports the disk
+//! to a `file://` store as a **streamOptimized VMDK** with its manifest (what vSphere imports),
+//! imports it into a second directory as **qcow2** again, verifies the content digest end to end
+//! (and re-reads the imported disk to digest it independently), and prints a short report.
+//! Exits non-zero on any mismatch.
 //!
 //! ```text
 //! cargo run --release --example quickstart [-- --keep]
 //! ```
 
-use std::io::{Seek, SeekFrom, Write};
+use futures::StreamExt;
 use std::process::ExitCode;
 use std::time::Instant;
+use virtrigaud::format::{self, EncodeOptions, VmdkSubformat};
+use virtrigaud::io::LocalFileSink;
 use virtrigaud::{
-    DiskBus, DiskInfo, ExportOptions, Firmware, ImportOptions, LocalProvider, NicInfo, PowerState,
-    Provider, VmDiskSpec, VmInfo, VmSpec, digest_disk, export_disk, import_disk,
+    AllocationMap, ByteSink, DiskBus, DiskContent, DiskFormat, DiskInfo, ExportOptions, Extent,
+    Firmware, ImportOptions, LocalProvider, NicInfo, PowerState, Provider, VmDiskSpec, VmInfo,
+    VmSpec, digest_disk, export_disk, import_disk,
 };
 
 const GIB: u64 = 1 << 30;
@@ -51,16 +56,28 @@ async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
     let root = dir.path();
     println!("working in {}", root.display());
 
-    // 1. A sample VM: 1 GiB virtual disk, 48 MiB of data in 12 pieces at scattered offsets.
+    // 1. A sample VM: 1 GiB virtual qcow2 disk, 48 MiB of data in 12 pieces at scattered offsets,
+    //    written by our own one-pass qcow2 encoder.
     let source = LocalProvider::new(root.join("source"));
-    std::fs::create_dir_all(root.join("source/demo"))?;
-    let mut f = std::fs::File::create(root.join("source/demo/disk0.raw"))?;
-    f.set_len(GIB)?;
-    for i in 0..12u64 {
-        f.seek(SeekFrom::Start(i * 85 * MIB + i * 12_345))?;
-        f.write_all(&pattern(4 * MIB as usize, i))?;
+    let pieces: Vec<Extent> = (0..12u64)
+        .map(|i| Extent::Data {
+            offset: i * 85 * MIB + i * 12_345,
+            bytes: pattern(4 * MIB as usize, i).into(),
+        })
+        .collect();
+    let map = AllocationMap::from_ranges(pieces.iter().map(|e| e.offset()..e.end()).collect());
+    let mut content = DiskContent::from_extents(GIB, pieces);
+    content.allocation = Some(map);
+    let mut chunks = format::encode(content, DiskFormat::Qcow2, &EncodeOptions::default())?;
+    let mut sink: Box<dyn ByteSink> =
+        Box::new(LocalFileSink::create(root.join("source/demo/disk0.qcow2"), false).await?);
+    while let Some(c) = chunks.next().await {
+        match c? {
+            format::Chunk::Data(b) => sink.write(b).await?,
+            format::Chunk::Zeros(n) => sink.write_zeros(n).await?,
+        }
     }
-    drop(f);
+    sink.commit().await?;
     source
         .write_vm(
             &VmInfo {
@@ -78,7 +95,7 @@ async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
                     allocation: None,
                     format: None,
                     bus: Some(DiskBus::Virtio),
-                    location: "disk0.raw".into(),
+                    location: "disk0.qcow2".into(),
                 }],
                 nics: vec![NicInfo {
                     mac: Some("52:54:00:00:00:01".into()),
@@ -90,34 +107,27 @@ async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
         )
         .await?;
 
-    // 2. Export to a file:// store, with its manifest.
+    // 2. Export to a file:// store as a streamOptimized VMDK, with its manifest.
     let store_url = format!("file://{}", root.join("store").display());
     let store = virtrigaud::storage::open(&store_url)?;
-    let key = "demo/disk0.raw";
+    let key = "demo/disk0.vmdk";
+    let export_opts = ExportOptions {
+        format: DiskFormat::Vmdk(VmdkSubformat::StreamOptimized),
+        ..Default::default()
+    };
     let t = Instant::now();
-    let exported = export_disk(
-        &source,
-        "demo",
-        "disk0",
-        &*store,
-        key,
-        &ExportOptions::default(),
-    )
-    .await?;
+    let exported = export_disk(&source, "demo", "disk0", &*store, key, &export_opts).await?;
     let export_time = t.elapsed();
 
-    // 3. Import into a second directory (verified against the manifest before it is visible).
+    // 3. Import into a second directory as qcow2 (verified against the manifest before it is
+    //    visible).
     let target = LocalProvider::new(root.join("target"));
+    let import_opts = ImportOptions {
+        format: Some(DiskFormat::Qcow2),
+        ..Default::default()
+    };
     let t = Instant::now();
-    let imported = import_disk(
-        &*store,
-        key,
-        &target,
-        "demo",
-        "disk0",
-        &ImportOptions::default(),
-    )
-    .await?;
+    let imported = import_disk(&*store, key, &target, "demo", "disk0", &import_opts).await?;
     let import_time = t.elapsed();
 
     // 4. Create the target VM from the hardware description recorded in the manifest, then
@@ -173,7 +183,16 @@ async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
         export_time.as_secs_f64(),
         t.data_bytes_read as f64 / MIB as f64 / export_time.as_secs_f64()
     );
-    println!("import            {:>10.2} s", import_time.as_secs_f64());
+    println!(
+        "import            {:>10.2} s, as {} ({})",
+        import_time.as_secs_f64(),
+        imported.format,
+        imported.location
+    );
+    println!(
+        "source            qcow2 -> stored {} -> target {}",
+        m.format, imported.format
+    );
     if keep {
         let kept = dir.keep();
         println!("kept {}", kept.display());

@@ -757,7 +757,7 @@ async fn sixty_four_gib_disk_exports_to_qcow2_and_back_at_the_cost_of_its_data()
 async fn every_stored_format_imports_as_every_target_format_with_equal_content_digest() {
     use virtrigaud::format::VmdkSubformat::*;
     let tmp = tempfile::tempdir().unwrap();
-    let size = (24u64 << 20) + 12_345; // not a multiple of any cluster or grain size
+    let size = (24u64 << 20) + 12_288; // a multiple of 512, but not of any cluster or grain size
     let pieces = vec![
         (0u64, pattern(70_000, 1)),
         (5 << 20, pattern(2 << 20, 2)),
@@ -822,4 +822,21 @@ async fn every_stored_format_imports_as_every_target_format_with_equal_content_d
             assert_eq!(again, digest, "re-read {stored} -> {target}");
         }
     }
+    // A size VMDK cannot represent is refused rather than rounded.
+    let odd = provider_with_disk(&tmp.path().join("odd"), 1_000_001, &[(0, vec![1; 10])]).await;
+    let e = export_disk(
+        &odd,
+        "vm1",
+        "disk0",
+        &*store,
+        "odd.vmdk",
+        &ExportOptions {
+            format: DiskFormat::Vmdk(StreamOptimized),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(!store.exists("odd.vmdk").await.unwrap());
 }

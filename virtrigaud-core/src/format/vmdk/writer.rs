@@ -23,7 +23,14 @@ const BATCH_GRAINS: usize = 16;
 const GT_SECTORS: u64 = 4;
 
 fn capacity_of(virtual_size: u64) -> Result<u64> {
-    let cap = virtual_size.div_ceil(SECTOR);
+    // A VMDK counts its capacity in 512-byte sectors: rounding up would silently change the
+    // disk (and its content digest), so refuse sizes it cannot represent.
+    if !virtual_size.is_multiple_of(SECTOR) {
+        return Err(Error::invalid(format!(
+            "a VMDK cannot hold a disk of {virtual_size} bytes: its size must be a multiple of              512 (use raw or qcow2 for this disk)"
+        )));
+    }
+    let cap = virtual_size / SECTOR;
     if cap > MAX_CAPACITY_SECTORS {
         return Err(Error::invalid(format!(
             "disk of {virtual_size} bytes too large for VMDK"
