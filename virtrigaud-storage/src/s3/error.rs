@@ -3,7 +3,7 @@
 //!
 //! | answer | kind | retried |
 //! |---|---|---|
-//! | 403 `InvalidAccessKeyId`, `SignatureDoesNotMatch`, `ExpiredToken`, `InvalidToken`, …; 401 | `Auth` | no |
+//! | 403 `InvalidAccessKeyId`, `NotSignedUp`, `SignatureDoesNotMatch`, `ExpiredToken`, `InvalidToken`, …; 401 | `Auth` | no |
 //! | 403 `AccessDenied` and other 403 | `Permission` | no |
 //! | 404 `NoSuchKey`, `NoSuchBucket`, `NoSuchUpload` | `NotFound` | no |
 //! | 409 | `Conflict` | no |
@@ -24,6 +24,8 @@ use virtrigaud_core::{Error, ErrorKind};
 /// S3 codes that mean "these credentials are wrong", as opposed to "not allowed".
 const AUTH_CODES: &[&str] = &[
     "InvalidAccessKeyId",
+    // s3s's answer to an unknown access key
+    "NotSignedUp",
     "SignatureDoesNotMatch",
     "ExpiredToken",
     "InvalidToken",
