@@ -42,7 +42,9 @@ pub fn open(url: &str) -> Result<Arc<dyn StorageBackend>> {
     match StorageUrl::parse(url)? {
         StorageUrl::File { root } => Ok(Arc::new(FsBackend::new(root))),
         #[cfg(feature = "s3")]
-        StorageUrl::S3 { bucket, prefix } => Ok(Arc::new(s3::S3Backend::from_env(&bucket, &prefix)?)),
+        StorageUrl::S3 { bucket, prefix } => {
+            Ok(Arc::new(s3::S3Backend::from_env(&bucket, &prefix)?))
+        }
         other => Err(Error::unsupported(format!(
             "the {}:// storage backend is not implemented yet in this version of virtrigaud",
             other.scheme()

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
-use virtrigaud_core::{ErrorKind, PutOptions, StorageBackend, StorageExt};
 use virtrigaud_core::io::ByteSink;
+use virtrigaud_core::{ErrorKind, PutOptions, StorageBackend, StorageExt};
 use virtrigaud_storage::s3::{DropPolicy, RetryConfig, S3Backend, S3Config};
 
 const ACCESS_KEY: &str = "VRGTESTACCESSKEY";
@@ -221,7 +221,9 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             if e.file_type().unwrap().is_dir() {
                 stack.push(e.path());
@@ -319,7 +321,10 @@ async fn wrong_credentials_fail_fast_with_auth_and_write_nothing() {
         assert_eq!(e.kind(), ErrorKind::Auth, "{e}");
         assert!(!e.is_retryable());
         let msg = e.to_string();
-        assert!(msg.contains("s3://wrong-creds/staging/vm/disk.raw"), "{msg}");
+        assert!(
+            msg.contains("s3://wrong-creds/staging/vm/disk.raw"),
+            "{msg}"
+        );
         assert!(!msg.contains(sk) && !msg.contains(SECRET_KEY), "{msg}");
         // multipart
         let e = async {
@@ -353,7 +358,11 @@ async fn wrong_credentials_fail_fast_with_auth_and_write_nothing() {
             .iter()
             .filter(|r| r.method == "PUT" || r.method == "POST")
             .count();
-        assert!(puts <= 2, "auth failures were retried: {:?}", peer.requests());
+        assert!(
+            puts <= 2,
+            "auth failures were retried: {:?}",
+            peer.requests()
+        );
     }
     assert!(good.list("").await.unwrap().is_empty());
     assert!(files_under(&peer.root.join(&bucket)).is_empty());
@@ -389,7 +398,11 @@ async fn an_interrupted_put_resumes_in_a_new_backend_without_resending_parts() {
     drop(w);
     drop(first);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let sent_first: Vec<u32> = peer.requests().iter().filter_map(Logged::part_number).collect();
+    let sent_first: Vec<u32> = peer
+        .requests()
+        .iter()
+        .filter_map(Logged::part_number)
+        .collect();
     assert_eq!(sent_first.len(), 3, "{sent_first:?}");
     assert!(!peer.upload_files().is_empty(), "upload kept for resume");
 
@@ -408,17 +421,35 @@ async fn an_interrupted_put_resumes_in_a_new_backend_without_resending_parts() {
     let stats = w.stats();
     Box::new(w).commit().await.unwrap();
     let sent_second: Vec<u32> = {
-        let mut v: Vec<u32> = peer.requests().iter().filter_map(Logged::part_number).collect();
+        let mut v: Vec<u32> = peer
+            .requests()
+            .iter()
+            .filter_map(Logged::part_number)
+            .collect();
         v.sort();
         v
     };
     // 40 MiB + a bit in 5 MiB parts = 9 parts; 1..=3 were stored by the first process.
-    assert_eq!(sent_second, (4..=9).collect::<Vec<_>>(), "server saw these UploadParts");
+    assert_eq!(
+        sent_second,
+        (4..=9).collect::<Vec<_>>(),
+        "server saw these UploadParts"
+    );
+    assert!(
+        peer.requests()
+            .iter()
+            .filter(|r| r.part_number().is_some())
+            .all(|r| r.path == "/resume/staging/vm/disk.qcow2"),
+        "{:?}",
+        peer.requests()
+    );
     // (counted before commit, which sends the last part)
     assert_eq!(stats.parts_skipped, 3);
     assert_eq!(stats.parts_uploaded, 5);
     assert!(
-        peer.requests().iter().any(|r| r.query.contains("uploadId") && r.method == "GET"),
+        peer.requests()
+            .iter()
+            .any(|r| r.query.contains("uploadId") && r.method == "GET"),
         "ListParts was asked"
     );
 
@@ -430,11 +461,20 @@ async fn an_interrupted_put_resumes_in_a_new_backend_without_resending_parts() {
         .put_bytes("vm/uninterrupted.qcow2", Bytes::from(data.clone()))
         .await
         .unwrap();
-    assert_eq!(sha_of_object(&second, "vm/uninterrupted.qcow2").await.1, sha);
+    assert_eq!(
+        sha_of_object(&second, "vm/uninterrupted.qcow2").await.1,
+        sha
+    );
     // checkpoint and upload gone
     assert!(second.checkpoint("vm/disk.qcow2").await.unwrap().is_none());
     assert!(peer.upload_files().is_empty(), "{:?}", peer.upload_files());
-    let keys: Vec<String> = second.list("vm/").await.unwrap().into_iter().map(|m| m.key).collect();
+    let keys: Vec<String> = second
+        .list("vm/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
     assert_eq!(keys, ["vm/disk.qcow2", "vm/uninterrupted.qcow2"]);
 }
 
@@ -448,7 +488,10 @@ async fn abort_and_drop_leave_no_upload_and_no_checkpoint() {
     let data = pattern(12 * MIB, 3);
 
     // explicit abort
-    let mut w = b.put_resumable("vm/a.raw", &PutOptions::default()).await.unwrap();
+    let mut w = b
+        .put_resumable("vm/a.raw", &PutOptions::default())
+        .await
+        .unwrap();
     feed(&mut w, &data).await;
     w.wait_parts().await.unwrap();
     assert!(b.checkpoint("vm/a.raw").await.unwrap().is_some());
@@ -457,8 +500,16 @@ async fn abort_and_drop_leave_no_upload_and_no_checkpoint() {
     Box::new(w).abort().await.unwrap();
     assert!(b.checkpoint("vm/a.raw").await.unwrap().is_none());
     assert!(peer.upload_files().is_empty(), "{:?}", peer.upload_files());
-    assert_eq!(b.stat("vm/a.raw").await.unwrap_err().kind(), ErrorKind::NotFound);
-    assert!(b.list_parts("vm/a.raw", &id).await.unwrap_or_default().is_empty());
+    assert_eq!(
+        b.stat("vm/a.raw").await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert!(
+        b.list_parts("vm/a.raw", &id)
+            .await
+            .unwrap_or_default()
+            .is_empty()
+    );
     match b.list_multipart_uploads("").await {
         Ok(ups) => assert!(ups.is_empty(), "{ups:?}"),
         // s3s-fs 0.14.1 does not implement ListMultipartUploads (501): the on-disk check above
@@ -467,7 +518,10 @@ async fn abort_and_drop_leave_no_upload_and_no_checkpoint() {
     }
 
     // drop without commit (default policy: abort in the background)
-    let mut w = b.put_resumable("vm/b.raw", &PutOptions::default()).await.unwrap();
+    let mut w = b
+        .put_resumable("vm/b.raw", &PutOptions::default())
+        .await
+        .unwrap();
     feed(&mut w, &data).await;
     w.wait_parts().await.unwrap();
     drop(w);
@@ -512,9 +566,22 @@ async fn a_put_survives_a_server_restart_by_retrying() {
         peer.restart().await;
         peer
     });
+    let t0 = std::time::Instant::now();
     feed(&mut *w, &data[11 * MIB..]).await;
     w.commit().await.unwrap();
+    // parts 3..=6 could only be stored once the server was back
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        t0.elapsed()
+    );
     let peer = restarter.await.unwrap();
+    let late: Vec<u32> = peer
+        .requests()
+        .iter()
+        .filter_map(Logged::part_number)
+        .collect();
+    assert!(late.contains(&3) && late.contains(&6), "{late:?}");
     assert_eq!(peer.addr, addr);
     let (n, sha) = sha_of_object(&b, "vm/disk.raw").await;
     assert_eq!(n, data.len() as u64);
@@ -565,7 +632,9 @@ async fn open_builds_the_backend_from_aws_environment_variables() {
     }
     let b = virtrigaud_storage::open("s3://from-env/some/prefix").unwrap();
     assert_eq!(b.location(), "s3://from-env/some/prefix");
-    b.put_bytes("k", Bytes::from_static(b"hello")).await.unwrap();
+    b.put_bytes("k", Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
     assert!(peer.root.join(&bucket).join("some/prefix/k").is_file());
     assert_eq!(b.get_bytes("k", 100).await.unwrap().as_ref(), b"hello");
     b.delete("k").await.unwrap();

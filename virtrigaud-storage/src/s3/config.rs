@@ -278,17 +278,26 @@ mod tests {
             5 << 40,
         ] {
             let p = choose_part_size(Some(size), None).unwrap();
-            assert!(p >= MIN_PART_SIZE && p <= MAX_PART_SIZE, "{size}: {p}");
+            assert!((MIN_PART_SIZE..=MAX_PART_SIZE).contains(&p), "{size}: {p}");
             assert_eq!(p % MIB, 0, "{size}: {p}");
             assert!(size.div_ceil(p) <= MAX_PARTS, "{size}: {p}");
         }
         assert_eq!(choose_part_size(Some(5 << 40), None).unwrap(), 525 * MIB);
         assert_eq!(choose_part_size(Some(1 << 40), None).unwrap(), 105 * MIB);
         // a configured size is a floor, raised when the hint needs it
-        assert_eq!(choose_part_size(Some(1 << 30), Some(64 * MIB)).unwrap(), 64 * MIB);
-        assert_eq!(choose_part_size(Some(1 << 40), Some(64 * MIB)).unwrap(), 105 * MIB);
+        assert_eq!(
+            choose_part_size(Some(1 << 30), Some(64 * MIB)).unwrap(),
+            64 * MIB
+        );
+        assert_eq!(
+            choose_part_size(Some(1 << 40), Some(64 * MIB)).unwrap(),
+            105 * MIB
+        );
         // no hint: 8 MiB, so the cap is 78.125 GiB unless the config raises it
-        assert_eq!(choose_part_size(None, None).unwrap() * MAX_PARTS, 80_000 * MIB);
+        assert_eq!(
+            choose_part_size(None, None).unwrap() * MAX_PARTS,
+            80_000 * MIB
+        );
         assert_eq!(
             choose_part_size((5u64 << 40).checked_add(1), None)
                 .unwrap_err()

@@ -3,7 +3,7 @@
 
 use super::config::{RetryConfig, S3Config};
 use super::error::{self as s3err, parse_error_body};
-use super::sign::{Signer, canonical_query, sha256_hex, uri_encode};
+use super::sign::{SignTarget, Signer, canonical_query, sha256_hex, uri_encode};
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use reqwest::Method;
@@ -185,7 +185,11 @@ impl S3Core {
 
     fn canonical_uri(&self, key: Option<&str>) -> String {
         match (self.path_style, key) {
-            (true, Some(k)) => format!("/{}/{}", uri_encode(&self.bucket, false), uri_encode(k, true)),
+            (true, Some(k)) => format!(
+                "/{}/{}",
+                uri_encode(&self.bucket, false),
+                uri_encode(k, true)
+            ),
             (true, None) => format!("/{}", uri_encode(&self.bucket, false)),
             (false, Some(k)) => format!("/{}", uri_encode(k, true)),
             (false, None) => "/".to_string(),
@@ -209,10 +213,12 @@ impl S3Core {
         let mut headers = req.headers.clone();
         match &self.signer {
             Some(s) => s.sign(
-                req.method.as_str(),
-                &self.host,
-                &uri,
-                &req.query,
+                SignTarget {
+                    method: req.method.as_str(),
+                    host: &self.host,
+                    canonical_uri: &uri,
+                    query: &req.query,
+                },
                 &mut headers,
                 &payload,
                 SystemTime::now(),
@@ -234,7 +240,12 @@ impl S3Core {
         let status = resp.status().as_u16();
         let resp_headers = resp.headers().clone();
         let body = read_body(resp, op, &self.bucket, key).await?;
-        tracing::trace!(op, status, elapsed_ms = started.elapsed().as_millis() as u64, "s3 request");
+        tracing::trace!(
+            op,
+            status,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "s3 request"
+        );
         if !(200..300).contains(&status) {
             return Err(s3err::from_response(op, &self.bucket, key, status, &body));
         }
@@ -391,7 +402,8 @@ impl S3Core {
             let resp = self.send(op, &req).await?;
             let page: ListPartsResult = parse_xml(&resp.body, op, &self.bucket, key)?;
             for p in page.parts {
-                let (Ok(number), Ok(size)) = (p.number.trim().parse::<u32>(), p.size.trim().parse::<u64>())
+                let (Ok(number), Ok(size)) =
+                    (p.number.trim().parse::<u32>(), p.size.trim().parse::<u64>())
                 else {
                     return Err(self.bad_answer(op, key, "part without a valid number or size"));
                 };
@@ -444,7 +456,9 @@ impl S3Core {
                 .query("uploads", "")
                 .query("prefix", prefix);
             if let Some((k, u)) = &markers {
-                req = req.query("key-marker", k.clone()).query("upload-id-marker", u.clone());
+                req = req
+                    .query("key-marker", k.clone())
+                    .query("upload-id-marker", u.clone());
             }
             let resp = self.send(op, &req).await?;
             let page: ListMultipartUploadsResult = parse_xml(&resp.body, op, &self.bucket, prefix)?;
@@ -457,7 +471,9 @@ impl S3Core {
                 .is_truncated
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("true"));
             match (page.next_key, page.next_upload) {
-                (Some(k), Some(u)) if truncated && markers.as_ref() != Some(&(k.clone(), u.clone())) => {
+                (Some(k), Some(u))
+                    if truncated && markers.as_ref() != Some(&(k.clone(), u.clone())) =>
+                {
                     markers = Some((k, u))
                 }
                 _ => break,
@@ -530,7 +546,10 @@ impl S3Core {
     fn bad_answer(&self, op: &str, key: &str, why: &str) -> Error {
         Error::new(
             ErrorKind::Storage,
-            format!("S3 {op} on s3://{}/{key}: unexpected answer: {why}", self.bucket),
+            format!(
+                "S3 {op} on s3://{}/{key}: unexpected answer: {why}",
+                self.bucket
+            ),
         )
         .with_operation(format!("s3.{op}"))
         .with_target(s3err::target(&self.bucket, Some(key)))
@@ -562,15 +581,23 @@ async fn read_body(
     Ok(Bytes::from(buf))
 }
 
-fn parse_xml<T: serde::de::DeserializeOwned>(body: &[u8], op: &str, bucket: &str, key: &str) -> Result<T> {
+fn parse_xml<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    op: &str,
+    bucket: &str,
+    key: &str,
+) -> Result<T> {
     let text = std::str::from_utf8(body).map_err(|_| {
         Error::new(ErrorKind::Storage, format!("S3 {op}: answer is not UTF-8"))
             .with_target(s3err::target(bucket, Some(key)))
     })?;
     quick_xml::de::from_str(text.trim()).map_err(|e| {
-        Error::new(ErrorKind::Storage, format!("S3 {op}: unexpected XML answer: {e}"))
-            .with_operation(format!("s3.{op}"))
-            .with_target(s3err::target(bucket, Some(key)))
+        Error::new(
+            ErrorKind::Storage,
+            format!("S3 {op}: unexpected XML answer: {e}"),
+        )
+        .with_operation(format!("s3.{op}"))
+        .with_target(s3err::target(bucket, Some(key)))
     })
 }
 

@@ -112,7 +112,12 @@ pub(crate) fn from_response(
 }
 
 /// An error for a failed exchange (no HTTP answer, or a body cut short).
-pub(crate) fn from_transport(op: &str, bucket: &str, key: Option<&str>, e: reqwest::Error) -> Error {
+pub(crate) fn from_transport(
+    op: &str,
+    bucket: &str,
+    key: Option<&str>,
+    e: reqwest::Error,
+) -> Error {
     let target = target(bucket, key);
     let kind = if e.is_timeout() {
         ErrorKind::Timeout
@@ -161,13 +166,18 @@ pub(crate) fn from_opendal(op: &str, bucket: &str, key: Option<&str>, e: opendal
 
 /// Maps an I/O error that wraps an opendal error (from a GET stream).
 pub(crate) fn from_stream_io(bucket: &str, key: &str, e: std::io::Error) -> Error {
-    if e.get_ref().is_some_and(|inner| inner.is::<opendal::Error>()) {
+    if e.get_ref()
+        .is_some_and(|inner| inner.is::<opendal::Error>())
+    {
         match e.into_inner().map(|b| b.downcast::<opendal::Error>()) {
             Some(Ok(oe)) => return from_opendal("get", bucket, Some(key), *oe),
             Some(Err(other)) => {
-                return Error::new(ErrorKind::Network, format!("S3 get on s3://{bucket}/{key}: {other}"))
-                    .with_operation("s3.get")
-                    .with_target(target(bucket, Some(key)));
+                return Error::new(
+                    ErrorKind::Network,
+                    format!("S3 get on s3://{bucket}/{key}: {other}"),
+                )
+                .with_operation("s3.get")
+                .with_target(target(bucket, Some(key)));
             }
             None => {}
         }
@@ -216,9 +226,21 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Auth);
         assert!(!e.is_retryable());
         assert!(e.to_string().contains("s3://b/k"), "{e}");
-        let e = from_response("get", "b", Some("k"), 403, b"<Error><Code>AccessDenied</Code></Error>");
+        let e = from_response(
+            "get",
+            "b",
+            Some("k"),
+            403,
+            b"<Error><Code>AccessDenied</Code></Error>",
+        );
         assert_eq!(e.kind(), ErrorKind::Permission);
-        let e = from_response("get", "b", Some("k"), 404, b"<Error><Code>NoSuchBucket</Code></Error>");
+        let e = from_response(
+            "get",
+            "b",
+            Some("k"),
+            404,
+            b"<Error><Code>NoSuchBucket</Code></Error>",
+        );
         assert_eq!(e.kind(), ErrorKind::NotFound);
         assert!(e.to_string().contains("no such bucket"), "{e}");
         for (status, body) in [
@@ -236,13 +258,22 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         let e = from_response("put_object", "b", Some("k"), 412, b"");
         assert_eq!(e.kind(), ErrorKind::AlreadyExists);
-        let e = from_response("complete", "b", Some("k"), 400, b"<Error><Code>InvalidPart</Code></Error>");
+        let e = from_response(
+            "complete",
+            "b",
+            Some("k"),
+            400,
+            b"<Error><Code>InvalidPart</Code></Error>",
+        );
         assert!(!e.is_retryable());
     }
 
     #[test]
     fn hostile_messages_are_bounded() {
-        let long = format!("<Error><Code>X</Code><Message>{}</Message></Error>", "a".repeat(100_000));
+        let long = format!(
+            "<Error><Code>X</Code><Message>{}</Message></Error>",
+            "a".repeat(100_000)
+        );
         let e = from_response("get", "b", Some("k"), 400, long.as_bytes());
         assert!(e.to_string().len() < 1000);
     }

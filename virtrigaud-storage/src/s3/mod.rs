@@ -294,7 +294,9 @@ impl S3Backend {
     /// Parts the server holds for an upload (ListParts).
     pub async fn list_parts(&self, key: &str, upload_id: &str) -> Result<Vec<RemotePart>> {
         validate_key(key)?;
-        self.core.list_parts(&self.core.full_key(key), upload_id).await
+        self.core
+            .list_parts(&self.core.full_key(key), upload_id)
+            .await
     }
 
     /// Aborts an upload of `key` and removes its checkpoint (to clean up orphans).
@@ -341,8 +343,10 @@ impl StorageBackend for S3Backend {
         validate_key(key)?;
         if let Some(r) = &range {
             if r.start > r.end {
-                return Err(Error::invalid(format!("invalid range {}..{}", r.start, r.end))
-                    .with_target(self.target(key)));
+                return Err(
+                    Error::invalid(format!("invalid range {}..{}", r.start, r.end))
+                        .with_target(self.target(key)),
+                );
             }
             if r.start == r.end {
                 let meta = self.stat(key).await?;
@@ -438,12 +442,14 @@ impl StorageBackend for S3Backend {
             Some(i) => &prefix[..=i],
             None => "",
         };
-        let entries = self
-            .op
-            .list_with(dir)
-            .recursive(true)
-            .await
-            .map_err(|e| s3err::from_opendal("list", &self.cfg.bucket, Some(&self.core.full_key(prefix)), e))?;
+        let entries = self.op.list_with(dir).recursive(true).await.map_err(|e| {
+            s3err::from_opendal(
+                "list",
+                &self.cfg.bucket,
+                Some(&self.core.full_key(prefix)),
+                e,
+            )
+        })?;
         let mut out: Vec<ObjectMeta> = entries
             .into_iter()
             .filter(|e| e.metadata().is_file() && e.path().starts_with(prefix))

@@ -111,20 +111,32 @@ fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
+/// What a request is sent to: method, `host[:port]`, encoded path and query parameters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SignTarget<'a> {
+    pub method: &'a str,
+    pub host: &'a str,
+    pub canonical_uri: &'a str,
+    pub query: &'a [(String, String)],
+}
+
 impl Signer {
     /// Signs a request. `headers` holds every header to sign except `host`, `x-amz-date`,
     /// `x-amz-content-sha256` and `x-amz-security-token`, which are added to it; on return it
     /// holds every header to send, `authorization` included.
     pub(crate) fn sign(
         &self,
-        method: &str,
-        host: &str,
-        canonical_uri: &str,
-        query: &[(String, String)],
+        target: SignTarget<'_>,
         headers: &mut Vec<(String, String)>,
         payload_sha256: &str,
         now: SystemTime,
     ) {
+        let SignTarget {
+            method,
+            host,
+            canonical_uri,
+            query,
+        } = target;
         let (amz, date) = amz_date(now);
         headers.push(("x-amz-date".into(), amz.clone()));
         headers.push(("x-amz-content-sha256".into(), payload_sha256.to_string()));
@@ -209,10 +221,12 @@ mod tests {
         let mut headers = vec![("range".to_string(), "bytes=0-9".to_string())];
         let empty = sha256_hex(b"");
         s.sign(
-            "GET",
-            "examplebucket.s3.amazonaws.com",
-            "/test.txt",
-            &[],
+            SignTarget {
+                method: "GET",
+                host: "examplebucket.s3.amazonaws.com",
+                canonical_uri: "/test.txt",
+                query: &[],
+            },
             &mut headers,
             &empty,
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_369_353_600),

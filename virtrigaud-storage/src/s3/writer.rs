@@ -220,10 +220,11 @@ impl S3Writer {
 
     /// The multipart upload id, once the upload exists (or when resuming one).
     pub fn upload_id(&self) -> Option<&str> {
-        self.upload
-            .as_ref()
-            .map(|u| &*u.upload_id)
-            .or_else(|| self.resume.as_ref().map(|r| r.checkpoint.upload_id.as_str()))
+        self.upload.as_ref().map(|u| &*u.upload_id).or_else(|| {
+            self.resume
+                .as_ref()
+                .map(|r| r.checkpoint.upload_id.as_str())
+        })
     }
 
     /// Whether this put continues an upload found through its checkpoint.
@@ -256,7 +257,10 @@ impl S3Writer {
         r
     }
 
-    fn record(&mut self, r: std::result::Result<Result<PartDone>, tokio::task::JoinError>) -> Result<()> {
+    fn record(
+        &mut self,
+        r: std::result::Result<Result<PartDone>, tokio::task::JoinError>,
+    ) -> Result<()> {
         let part = r.map_err(|e| {
             Error::new(ErrorKind::Storage, format!("S3 part task failed: {e}"))
                 .with_target(format!("s3://{}/{}", self.core.bucket, self.key))
@@ -296,10 +300,16 @@ impl S3Writer {
         let Some(cp) = self.checkpoint() else {
             return Ok(());
         };
-        let json = serde_json::to_vec(&cp)
-            .map_err(|e| Error::new(ErrorKind::Storage, format!("cannot encode checkpoint: {e}")))?;
+        let json = serde_json::to_vec(&cp).map_err(|e| {
+            Error::new(ErrorKind::Storage, format!("cannot encode checkpoint: {e}"))
+        })?;
         self.core
-            .put_object(&self.checkpoint_key, Bytes::from(json), Some("application/json"), false)
+            .put_object(
+                &self.checkpoint_key,
+                Bytes::from(json),
+                Some("application/json"),
+                false,
+            )
             .await?;
         self.checkpoint_dirty = false;
         self.last_checkpoint = Instant::now();
@@ -386,11 +396,25 @@ impl S3Writer {
                 .map_err(|e| Error::new(ErrorKind::Storage, format!("hashing task failed: {e}")))?;
                 if let Some(etag) = known.and_then(|k| k.reusable_etag(size, &md5)) {
                     tracing::debug!("part already stored, not sent again");
-                    return Ok(PartDone { number, size, md5, etag, skipped: true });
+                    return Ok(PartDone {
+                        number,
+                        size,
+                        md5,
+                        etag,
+                        skipped: true,
+                    });
                 }
-                let etag = core.upload_part(&key, &upload_id, number, data, sha).await?;
+                let etag = core
+                    .upload_part(&key, &upload_id, number, data, sha)
+                    .await?;
                 tracing::debug!(%etag, "part uploaded");
-                Ok(PartDone { number, size, md5, etag, skipped: false })
+                Ok(PartDone {
+                    number,
+                    size,
+                    md5,
+                    etag,
+                    skipped: false,
+                })
             }
             .instrument(span),
         );
@@ -414,7 +438,12 @@ impl S3Writer {
             // Everything fits in one part: a single PutObject.
             let data = std::mem::take(&mut self.buf).freeze();
             self.core
-                .put_object(&self.key, data, self.content_type.as_deref(), self.if_none_match)
+                .put_object(
+                    &self.key,
+                    data,
+                    self.content_type.as_deref(),
+                    self.if_none_match,
+                )
                 .await?;
             if let Some(r) = self.resume.take() {
                 // An earlier, larger attempt left an upload: it is not needed any more.
@@ -434,13 +463,21 @@ impl S3Writer {
         }
         let upload_id = match &self.upload {
             Some(u) => u.upload_id.clone(),
-            None => return Err(Error::new(ErrorKind::Storage, "no multipart upload to complete")),
+            None => {
+                return Err(Error::new(
+                    ErrorKind::Storage,
+                    "no multipart upload to complete",
+                ));
+            }
         };
         let parts: Vec<(u32, String)> = (1..self.next_part)
             .map(|n| {
-                self.done.get(&n).map(|p| (n, p.etag.clone())).ok_or_else(|| {
-                    Error::new(ErrorKind::Storage, format!("part {n} is missing at commit"))
-                })
+                self.done
+                    .get(&n)
+                    .map(|p| (n, p.etag.clone()))
+                    .ok_or_else(|| {
+                        Error::new(ErrorKind::Storage, format!("part {n} is missing at commit"))
+                    })
             })
             .collect::<Result<_>>()?;
         let total: u64 = self.done.values().map(|p| p.size).sum();
@@ -578,15 +615,46 @@ mod tests {
         let md5 = "0123456789abcdef0123456789abcdef";
         let other = "ffffffffffffffffffffffffffffffff";
         let remote = vec![
-            RemotePart { number: 1, size: 10, etag: Some(md5.into()) },
-            RemotePart { number: 2, size: 10, etag: None },
-            RemotePart { number: 3, size: 10, etag: Some("kms-etag".into()) },
-            RemotePart { number: 4, size: 10, etag: None },
+            RemotePart {
+                number: 1,
+                size: 10,
+                etag: Some(md5.into()),
+            },
+            RemotePart {
+                number: 2,
+                size: 10,
+                etag: None,
+            },
+            RemotePart {
+                number: 3,
+                size: 10,
+                etag: Some("kms-etag".into()),
+            },
+            RemotePart {
+                number: 4,
+                size: 10,
+                etag: None,
+            },
         ];
         let c = cp(vec![
-            CheckpointPart { number: 2, size: 10, md5: md5.into(), etag: "\"E2\"".into() },
-            CheckpointPart { number: 3, size: 10, md5: md5.into(), etag: "kms-etag".into() },
-            CheckpointPart { number: 5, size: 10, md5: md5.into(), etag: "e5".into() },
+            CheckpointPart {
+                number: 2,
+                size: 10,
+                md5: md5.into(),
+                etag: "\"E2\"".into(),
+            },
+            CheckpointPart {
+                number: 3,
+                size: 10,
+                md5: md5.into(),
+                etag: "kms-etag".into(),
+            },
+            CheckpointPart {
+                number: 5,
+                size: 10,
+                md5: md5.into(),
+                etag: "e5".into(),
+            },
         ]);
         let k = known_parts(&remote, &c);
         // ETag listed by the server equals the local MD5
@@ -606,7 +674,12 @@ mod tests {
 
     #[test]
     fn checkpoint_round_trips_as_json() {
-        let c = cp(vec![CheckpointPart { number: 1, size: 5, md5: "a".into(), etag: "b".into() }]);
+        let c = cp(vec![CheckpointPart {
+            number: 1,
+            size: 5,
+            md5: "a".into(),
+            etag: "b".into(),
+        }]);
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<Checkpoint>(&s).unwrap(), c);
         let old: Checkpoint = serde_json::from_str(
