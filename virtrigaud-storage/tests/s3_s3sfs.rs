@@ -604,6 +604,7 @@ async fn presigned_get_urls_work_with_plain_http() {
         .unwrap();
     assert!(url.starts_with(&peer.endpoint()), "{url}");
     assert!(!url.contains(SECRET_KEY));
+    assert!(!format!("{b:?}").contains(SECRET_KEY));
     let resp = reqwest::get(&url).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.bytes().await.unwrap().as_ref(), &data[..]);
@@ -638,4 +639,73 @@ async fn open_builds_the_backend_from_aws_environment_variables() {
     assert!(peer.root.join(&bucket).join("some/prefix/k").is_file());
     assert_eq!(b.get_bytes("k", 100).await.unwrap().as_ref(), b"hello");
     b.delete("k").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_checkpoint_starts_a_fresh_upload() {
+    let peer = peer!();
+    let bucket = peer.bucket("stale");
+    let mut cfg = peer.config(&bucket);
+    cfg.part_size = Some(5 << 20);
+    let b = S3Backend::new(cfg).unwrap();
+    // a checkpoint whose upload no longer exists on the server
+    let dir = peer.root.join(&bucket).join("staging/vm");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("x.raw.upload.json"),
+        r#"{"version":1,"key":"staging/vm/x.raw","upload_id":"5f0c4a4e-0000-4000-8000-000000000000","part_size":5242880,"created_unix":1,"parts":[{"number":1,"size":5242880,"md5":"00","etag":"00"}]}"#,
+    )
+    .unwrap();
+    let data = pattern(12 * MIB, 21);
+    let mut w = b
+        .put_resumable("vm/x.raw", &PutOptions::default())
+        .await
+        .unwrap();
+    assert!(!w.is_resuming());
+    feed(&mut w, &data).await;
+    Box::new(w).commit().await.unwrap();
+    assert_eq!(
+        sha_of_object(&b, "vm/x.raw").await.1,
+        Sha256::digest(&data).to_vec()
+    );
+    assert!(b.checkpoint("vm/x.raw").await.unwrap().is_none());
+    assert!(peer.upload_files().is_empty());
+}
+
+/// Throughput figures (not a timed assertion): `cargo test --features s3 --test s3_s3sfs --
+/// --ignored --nocapture throughput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_put_and_get_256_mib() {
+    let peer = peer!();
+    let bucket = peer.bucket("throughput");
+    let b = S3Backend::new(peer.config(&bucket)).unwrap();
+    let size = 256 * MIB;
+    let chunk = Bytes::from(pattern(4 * MIB, 99));
+    let t = std::time::Instant::now();
+    let mut w = b
+        .put(
+            "big",
+            &PutOptions {
+                size_hint: Some(size as u64),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for _ in 0..size / chunk.len() {
+        w.write(chunk.clone()).await.unwrap();
+    }
+    w.commit().await.unwrap();
+    let put = t.elapsed();
+    let t = std::time::Instant::now();
+    let (n, _) = sha_of_object(&b, "big").await;
+    let get = t.elapsed();
+    assert_eq!(n, size as u64);
+    let mibs = |d: Duration| size as f64 / MIB as f64 / d.as_secs_f64();
+    println!(
+        "s3s-fs in-process, 256 MiB: put {:.0} MiB/s ({put:?}), get+sha256 {:.0} MiB/s ({get:?})",
+        mibs(put),
+        mibs(get)
+    );
 }

@@ -166,26 +166,20 @@ pub(crate) fn from_opendal(op: &str, bucket: &str, key: Option<&str>, e: opendal
 
 /// Maps an I/O error that wraps an opendal error (from a GET stream).
 pub(crate) fn from_stream_io(bucket: &str, key: &str, e: std::io::Error) -> Error {
-    if e.get_ref()
+    if !e
+        .get_ref()
         .is_some_and(|inner| inner.is::<opendal::Error>())
     {
-        match e.into_inner().map(|b| b.downcast::<opendal::Error>()) {
-            Some(Ok(oe)) => return from_opendal("get", bucket, Some(key), *oe),
-            Some(Err(other)) => {
-                return Error::new(
-                    ErrorKind::Network,
-                    format!("S3 get on s3://{bucket}/{key}: {other}"),
-                )
-                .with_operation("s3.get")
-                .with_target(target(bucket, Some(key)));
-            }
-            None => {}
-        }
-        return Error::new(ErrorKind::Network, "S3 get stream failed");
+        return Error::io(e, "S3 get stream failed")
+            .with_operation("s3.get")
+            .with_target(target(bucket, Some(key)));
     }
-    Error::io(e, "S3 get stream failed")
-        .with_operation("s3.get")
-        .with_target(target(bucket, Some(key)))
+    match e.into_inner().map(|b| b.downcast::<opendal::Error>()) {
+        Some(Ok(oe)) => from_opendal("get", bucket, Some(key), *oe),
+        _ => Error::new(ErrorKind::Network, "S3 get stream failed")
+            .with_operation("s3.get")
+            .with_target(target(bucket, Some(key))),
+    }
 }
 
 /// `s3://bucket/key` for messages.

@@ -92,11 +92,20 @@ use virtrigaud_core::{
 const MAX_PRESIGN: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// An S3 bucket (and key prefix) used as intermediate storage.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct S3Backend {
     cfg: Arc<S3Config>,
     core: Arc<S3Core>,
     op: opendal::Operator,
+}
+
+impl std::fmt::Debug for S3Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The config prints its secrets as `***`; opendal's operator is left out.
+        f.debug_struct("S3Backend")
+            .field("config", &self.cfg)
+            .finish_non_exhaustive()
+    }
 }
 
 impl S3Backend {
@@ -237,6 +246,13 @@ impl S3Backend {
             }
             Err(e) => return Err(e),
         };
+        if remote.is_empty() {
+            // Nothing to reuse; some servers (s3s) also list nothing for an upload that no
+            // longer exists. A fresh upload is the safe choice.
+            tracing::info!(key = %full_key, upload_id = %checkpoint.upload_id, "checkpointed S3 upload holds no part: starting over");
+            self.drop_upload(full_key, &checkpoint.upload_id).await;
+            return Ok(None);
+        }
         *part_size = checkpoint.part_size;
         let known = known_parts(&remote, &checkpoint);
         Ok(Some(Resume { checkpoint, known }))
