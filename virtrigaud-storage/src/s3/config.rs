@@ -89,8 +89,11 @@ pub struct S3Config {
     pub drop_policy: DropPolicy,
     /// Retry policy.
     pub retry: RetryConfig,
-    /// Timeout of one request (a part upload included).
+    /// Timeout of one whole request, a part upload included (default 15 min: raise it for
+    /// large parts over slow links).
     pub request_timeout: Duration,
+    /// Longest wait for the next bytes of an answer (default 60 s).
+    pub idle_timeout: Duration,
     /// Timeout of establishing a connection.
     pub connect_timeout: Duration,
 }
@@ -112,7 +115,8 @@ impl S3Config {
             tls_verify: true,
             drop_policy: DropPolicy::Abort,
             retry: RetryConfig::default(),
-            request_timeout: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(900),
+            idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
         }
     }

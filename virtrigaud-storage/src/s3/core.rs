@@ -125,6 +125,7 @@ pub(crate) fn http_client(cfg: &S3Config) -> Result<reqwest::Client> {
         .danger_accept_invalid_certs(!cfg.tls_verify)
         .connect_timeout(cfg.connect_timeout)
         .timeout(cfg.request_timeout)
+        .read_timeout(cfg.idle_timeout)
         .pool_idle_timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| Error::invalid(format!("cannot build the S3 HTTP client: {e}")))
@@ -256,20 +257,29 @@ impl S3Core {
         })
     }
 
-    /// Sends `req`, retrying retryable failures with exponential backoff and jitter.
-    pub(crate) async fn send(&self, op: &str, req: &Request) -> Result<Response> {
+    /// Runs `f` until it succeeds, fails with an error that is not retryable, or the retry
+    /// budget is spent; exponential backoff with jitter between attempts.
+    pub(crate) async fn retry<T, F, Fut>(&self, op: &str, f: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry.min_delay)
             .with_max_delay(self.retry.max_delay)
             .with_max_times(self.retry.max_retries)
             .with_jitter();
-        (|| self.send_once(op, req))
-            .retry(backoff)
+        f.retry(backoff)
             .when(Error::is_retryable)
             .notify(|e: &Error, after: Duration| {
                 tracing::warn!(op, error = %e, retry_in_ms = after.as_millis() as u64, "S3 request failed, retrying");
             })
             .await
+    }
+
+    /// Sends `req`, retrying retryable failures.
+    pub(crate) async fn send(&self, op: &str, req: &Request) -> Result<Response> {
+        self.retry(op, || self.send_once(op, req)).await
     }
 
     /// CreateMultipartUpload; returns the upload id.
@@ -340,22 +350,18 @@ impl S3Core {
         }
         let op = "complete_multipart_upload";
         // S3 may answer 200 and put an <Error> in the body: check the body on each attempt.
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(self.retry.min_delay)
-            .with_max_delay(self.retry.max_delay)
-            .with_max_times(self.retry.max_retries)
-            .with_jitter();
-        (|| async {
+        self.retry(op, || async {
             let resp = self.send_once(op, &req).await?;
             if parse_error_body(&resp.body).is_some() {
-                return Err(s3err::from_response(op, &self.bucket, Some(key), resp.status, &resp.body));
+                return Err(s3err::from_response(
+                    op,
+                    &self.bucket,
+                    Some(key),
+                    resp.status,
+                    &resp.body,
+                ));
             }
             Ok(())
-        })
-        .retry(backoff)
-        .when(Error::is_retryable)
-        .notify(|e: &Error, after: Duration| {
-            tracing::warn!(op, error = %e, retry_in_ms = after.as_millis() as u64, "S3 request failed, retrying");
         })
         .await
     }

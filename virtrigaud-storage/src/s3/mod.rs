@@ -372,6 +372,104 @@ impl StorageBackend for S3Backend {
                 return Ok(futures::stream::empty().boxed());
             }
         }
+        // Opening is retried; a stream that breaks later is not (the caller re-reads).
+        self.core
+            .retry("get", || self.open_stream(key, range.clone()))
+            .await
+    }
+
+    async fn stat(&self, key: &str) -> Result<ObjectMeta> {
+        validate_key(key)?;
+        let m = self
+            .core
+            .retry("stat", || async {
+                self.op
+                    .stat(key)
+                    .await
+                    .map_err(|e| self.od_err("stat", key, e))
+            })
+            .await?;
+        if !m.is_file() {
+            return Err(Error::not_found(format!("no object {}", self.target(key)))
+                .with_target(self.target(key)));
+        }
+        Ok(ObjectMeta {
+            key: key.to_string(),
+            size: m.content_length(),
+            etag: m.etag().map(core::normalize_etag),
+            last_modified: m.last_modified().map(std::time::SystemTime::from),
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        validate_key(key)?;
+        self.core
+            .retry("delete", || async {
+                match self.op.delete(key).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(self.od_err("delete", key, e)),
+                }
+            })
+            .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        validate_prefix(prefix)?;
+        // List the enclosing "directory" recursively and keep keys starting with `prefix`.
+        let dir = match prefix.rfind('/') {
+            Some(i) => &prefix[..=i],
+            None => "",
+        };
+        let entries = self
+            .core
+            .retry("list", || async {
+                self.op.list_with(dir).recursive(true).await.map_err(|e| {
+                    s3err::from_opendal(
+                        "list",
+                        &self.cfg.bucket,
+                        Some(&self.core.full_key(prefix)),
+                        e,
+                    )
+                })
+            })
+            .await?;
+        let mut out: Vec<ObjectMeta> = entries
+            .into_iter()
+            .filter(|e| e.metadata().is_file() && e.path().starts_with(prefix))
+            .map(|e| {
+                let m = e.metadata();
+                ObjectMeta {
+                    key: e.path().to_string(),
+                    size: m.content_length(),
+                    etag: m.etag().map(core::normalize_etag),
+                    last_modified: m.last_modified().map(std::time::SystemTime::from),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn presign_get(&self, key: &str, expires: Duration) -> Result<String> {
+        validate_key(key)?;
+        if expires.is_zero() || expires > MAX_PRESIGN {
+            return Err(Error::invalid(
+                "presigned URLs must expire within 1 s and 7 days",
+            ));
+        }
+        let req = self
+            .op
+            .presign_read(key, expires)
+            .await
+            .map_err(|e| self.od_err("presign", key, e))?;
+        Ok(req.uri().to_string())
+    }
+}
+
+impl S3Backend {
+    /// Opens a GET stream (one attempt, plus one more GET for a range past the end).
+    async fn open_stream(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream> {
         let reader = self
             .op
             .reader(key)
@@ -423,83 +521,6 @@ impl StorageBackend for S3Backend {
             .boxed())
     }
 
-    async fn stat(&self, key: &str) -> Result<ObjectMeta> {
-        validate_key(key)?;
-        let m = self
-            .op
-            .stat(key)
-            .await
-            .map_err(|e| self.od_err("stat", key, e))?;
-        if !m.is_file() {
-            return Err(Error::not_found(format!("no object {}", self.target(key)))
-                .with_target(self.target(key)));
-        }
-        Ok(ObjectMeta {
-            key: key.to_string(),
-            size: m.content_length(),
-            etag: m.etag().map(core::normalize_etag),
-            last_modified: m.last_modified().map(std::time::SystemTime::from),
-        })
-    }
-
-    async fn delete(&self, key: &str) -> Result<()> {
-        validate_key(key)?;
-        match self.op.delete(key).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(self.od_err("delete", key, e)),
-        }
-    }
-
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
-        validate_prefix(prefix)?;
-        // List the enclosing "directory" recursively and keep keys starting with `prefix`.
-        let dir = match prefix.rfind('/') {
-            Some(i) => &prefix[..=i],
-            None => "",
-        };
-        let entries = self.op.list_with(dir).recursive(true).await.map_err(|e| {
-            s3err::from_opendal(
-                "list",
-                &self.cfg.bucket,
-                Some(&self.core.full_key(prefix)),
-                e,
-            )
-        })?;
-        let mut out: Vec<ObjectMeta> = entries
-            .into_iter()
-            .filter(|e| e.metadata().is_file() && e.path().starts_with(prefix))
-            .map(|e| {
-                let m = e.metadata();
-                ObjectMeta {
-                    key: e.path().to_string(),
-                    size: m.content_length(),
-                    etag: m.etag().map(core::normalize_etag),
-                    last_modified: m.last_modified().map(std::time::SystemTime::from),
-                }
-            })
-            .collect();
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
-    }
-
-    async fn presign_get(&self, key: &str, expires: Duration) -> Result<String> {
-        validate_key(key)?;
-        if expires.is_zero() || expires > MAX_PRESIGN {
-            return Err(Error::invalid(
-                "presigned URLs must expire within 1 s and 7 days",
-            ));
-        }
-        let req = self
-            .op
-            .presign_read(key, expires)
-            .await
-            .map_err(|e| self.od_err("presign", key, e))?;
-        Ok(req.uri().to_string())
-    }
-}
-
-impl S3Backend {
     /// Maps a failed GET; `416` at exactly the end of the object is an empty read.
     async fn get_error(
         &self,
