@@ -611,6 +611,23 @@ async fn presigned_get_urls_work_with_plain_http() {
     // without the signature it is refused
     let bare = url.split('?').next().unwrap();
     assert_eq!(reqwest::get(bare).await.unwrap().status(), 403);
+    // overwrite: false refuses an existing object and keeps it
+    let e = b
+        .put(
+            "vm/disk 1.qcow2",
+            &PutOptions {
+                overwrite: false,
+                ..Default::default()
+            },
+        )
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(
+        b.stat("vm/disk 1.qcow2").await.unwrap().size,
+        data.len() as u64
+    );
     assert_eq!(
         b.presign_get("vm/disk 1.qcow2", Duration::from_secs(8 * 24 * 3600))
             .await

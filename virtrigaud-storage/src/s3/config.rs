@@ -67,8 +67,9 @@ pub struct S3Config {
     /// Endpoint URL (`https://s3.example:9000`); `None` means AWS
     /// (`https://s3.<region>.amazonaws.com`).
     pub endpoint: Option<String>,
-    /// Signing region (`us-east-1` when unset in the environment).
-    pub region: String,
+    /// Signing region; `None` takes `AWS_REGION`/`AWS_DEFAULT_REGION` in
+    /// [`S3Config::from_env`], else `us-east-1` (see [`S3Config::region`]).
+    pub region: Option<String>,
     /// Path-style addressing (`endpoint/bucket/key`) instead of virtual-host style
     /// (`bucket.endpoint/key`). Defaults to `true` for a custom endpoint, `false` for AWS.
     pub path_style: bool,
@@ -105,7 +106,7 @@ impl S3Config {
             bucket: bucket.into(),
             prefix: String::new(),
             endpoint: None,
-            region: "us-east-1".to_string(),
+            region: None,
             path_style: false,
             access_key_id: None,
             secret_access_key: None,
@@ -143,8 +144,8 @@ impl S3Config {
         if self.session_token.is_none() {
             self.session_token = get("AWS_SESSION_TOKEN").map(Secret::new);
         }
-        if let Some(r) = get("AWS_REGION").or_else(|| get("AWS_DEFAULT_REGION")) {
-            self.region = r;
+        if self.region.is_none() {
+            self.region = get("AWS_REGION").or_else(|| get("AWS_DEFAULT_REGION"));
         }
         if self.endpoint.is_none()
             && let Some(e) = get("AWS_ENDPOINT_URL_S3").or_else(|| get("AWS_ENDPOINT_URL"))
@@ -170,8 +171,13 @@ impl S3Config {
 
     /// Sets the signing region.
     pub fn with_region(mut self, region: impl Into<String>) -> S3Config {
-        self.region = region.into();
+        self.region = Some(region.into());
         self
+    }
+
+    /// The signing region: the configured one, or `us-east-1`.
+    pub fn region(&self) -> &str {
+        self.region.as_deref().unwrap_or("us-east-1")
     }
 
     /// Sets static credentials.
@@ -322,7 +328,7 @@ mod tests {
         };
         let c = S3Config::new("bucket").with_prefix("/vms/").with_env(env);
         assert_eq!(c.prefix, "vms");
-        assert_eq!(c.region, "eu-west-3");
+        assert_eq!(c.region(), "eu-west-3");
         assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         assert!(c.path_style);
         assert_eq!(c.access_key_id.as_deref(), Some("AKIDEXAMPLE"));
@@ -332,6 +338,11 @@ mod tests {
             .with_credentials("mine", "s")
             .with_env(env);
         assert_eq!(explicit.access_key_id.as_deref(), Some("mine"));
+        let explicit = S3Config::new("bucket")
+            .with_region("ap-south-1")
+            .with_env(env);
+        assert_eq!(explicit.region(), "ap-south-1");
+        assert_eq!(S3Config::new("bucket").region(), "us-east-1");
     }
 
     #[test]

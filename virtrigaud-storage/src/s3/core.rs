@@ -102,7 +102,7 @@ pub(crate) fn endpoint_parts(cfg: &S3Config) -> Result<(String, String)> {
     match &cfg.endpoint {
         None => Ok((
             "https".to_string(),
-            format!("s3.{}.amazonaws.com", cfg.region),
+            format!("s3.{}.amazonaws.com", cfg.region()),
         )),
         Some(e) => {
             let u = url::Url::parse(e)
@@ -159,7 +159,7 @@ impl S3Core {
                 access_key_id: ak.clone(),
                 secret_access_key: sk.clone(),
                 session_token: cfg.session_token.clone(),
-                region: cfg.region.clone(),
+                region: cfg.region().to_string(),
             }),
             _ => None,
         };

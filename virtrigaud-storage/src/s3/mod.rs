@@ -118,7 +118,7 @@ impl S3Backend {
         let mut b = opendal::services::S3::default()
             .bucket(&cfg.bucket)
             .root(&format!("/{}", cfg.prefix))
-            .region(&cfg.region)
+            .region(cfg.region())
             .endpoint(&format!("{scheme}://{host}"))
             .disable_config_load()
             .disable_ec2_metadata();

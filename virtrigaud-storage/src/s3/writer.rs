@@ -232,6 +232,12 @@ impl S3Writer {
         self.resume.is_some()
     }
 
+    /// Changes what dropping this writer without `commit`/`abort` does (the backend's
+    /// [`S3Config::drop_policy`](super::S3Config::drop_policy) by default).
+    pub fn set_drop_policy(&mut self, policy: DropPolicy) {
+        self.drop_policy = policy;
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> WriterStats {
         self.stats
@@ -321,8 +327,13 @@ impl S3Writer {
         while let Some(r) = self.inflight.try_join_next() {
             self.record(r)?;
         }
-        if self.checkpoint_dirty && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-            self.write_checkpoint().await?;
+        if self.checkpoint_dirty
+            && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
+            && let Err(e) = self.write_checkpoint().await
+        {
+            // A refresh only saves work on resume (ListParts stays the authority): keep going.
+            tracing::warn!(key = %self.key, error = %e, "cannot refresh the S3 upload checkpoint");
+            self.last_checkpoint = Instant::now();
         }
         Ok(())
     }
