@@ -377,24 +377,6 @@ impl S3Core {
 
     /// ListParts (every page).
     pub(crate) async fn list_parts(&self, key: &str, upload_id: &str) -> Result<Vec<RemotePart>> {
-        #[derive(Deserialize, Default)]
-        struct Part {
-            #[serde(rename = "PartNumber", default)]
-            number: String,
-            #[serde(rename = "ETag", default)]
-            etag: Option<String>,
-            #[serde(rename = "Size", default)]
-            size: String,
-        }
-        #[derive(Deserialize)]
-        struct ListPartsResult {
-            #[serde(rename = "IsTruncated", default)]
-            is_truncated: Option<String>,
-            #[serde(rename = "NextPartNumberMarker", default)]
-            next_marker: Option<String>,
-            #[serde(rename = "Part", default)]
-            parts: Vec<Part>,
-        }
         let op = "list_parts";
         let mut out = Vec::new();
         let mut marker: Option<String> = None;
@@ -406,24 +388,11 @@ impl S3Core {
                 req = req.query("part-number-marker", m.clone());
             }
             let resp = self.send(op, &req).await?;
-            let page: ListPartsResult = parse_xml(&resp.body, op, &self.bucket, key)?;
-            for p in page.parts {
-                let (Ok(number), Ok(size)) =
-                    (p.number.trim().parse::<u32>(), p.size.trim().parse::<u64>())
-                else {
-                    return Err(self.bad_answer(op, key, "part without a valid number or size"));
-                };
-                out.push(RemotePart {
-                    number,
-                    size,
-                    etag: p.etag.map(|e| normalize_etag(&e)).filter(|e| !e.is_empty()),
-                });
-            }
-            let truncated = page
-                .is_truncated
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("true"));
-            match page.next_marker.filter(|m| !m.trim().is_empty()) {
-                Some(m) if truncated && marker.as_deref() != Some(m.as_str()) => marker = Some(m),
+            let (parts, next) =
+                parse_parts_page(&resp.body).map_err(|why| self.bad_answer(op, key, &why))?;
+            out.extend(parts);
+            match next {
+                Some(m) if marker.as_deref() != Some(m.as_str()) => marker = Some(m),
                 _ => break,
             }
         }
@@ -434,26 +403,6 @@ impl S3Core {
 
     /// ListMultipartUploads of keys starting with `prefix` (full key prefix, every page).
     pub(crate) async fn list_multipart_uploads(&self, prefix: &str) -> Result<Vec<PendingUpload>> {
-        #[derive(Deserialize, Default)]
-        struct Upload {
-            #[serde(rename = "Key", default)]
-            key: String,
-            #[serde(rename = "UploadId", default)]
-            upload_id: String,
-            #[serde(rename = "Initiated", default)]
-            initiated: Option<String>,
-        }
-        #[derive(Deserialize)]
-        struct ListMultipartUploadsResult {
-            #[serde(rename = "IsTruncated", default)]
-            is_truncated: Option<String>,
-            #[serde(rename = "NextKeyMarker", default)]
-            next_key: Option<String>,
-            #[serde(rename = "NextUploadIdMarker", default)]
-            next_upload: Option<String>,
-            #[serde(rename = "Upload", default)]
-            uploads: Vec<Upload>,
-        }
         let op = "list_multipart_uploads";
         let mut out = Vec::new();
         let mut markers: Option<(String, String)> = None;
@@ -467,21 +416,11 @@ impl S3Core {
                     .query("upload-id-marker", u.clone());
             }
             let resp = self.send(op, &req).await?;
-            let page: ListMultipartUploadsResult = parse_xml(&resp.body, op, &self.bucket, prefix)?;
-            out.extend(page.uploads.into_iter().map(|u| PendingUpload {
-                key: u.key,
-                upload_id: u.upload_id,
-                initiated: u.initiated,
-            }));
-            let truncated = page
-                .is_truncated
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("true"));
-            match (page.next_key, page.next_upload) {
-                (Some(k), Some(u))
-                    if truncated && markers.as_ref() != Some(&(k.clone(), u.clone())) =>
-                {
-                    markers = Some((k, u))
-                }
+            let (uploads, next) =
+                parse_uploads_page(&resp.body).map_err(|why| self.bad_answer(op, prefix, &why))?;
+            out.extend(uploads);
+            match next {
+                Some(m) if markers.as_ref() != Some(&m) => markers = Some(m),
                 _ => break,
             }
         }
@@ -562,6 +501,105 @@ impl S3Core {
     }
 }
 
+fn is_true(v: &Option<String>) -> bool {
+    v.as_deref()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("true"))
+}
+
+fn xml_text(body: &[u8]) -> std::result::Result<&str, String> {
+    std::str::from_utf8(body)
+        .map(str::trim)
+        .map_err(|_| "answer is not UTF-8".to_string())
+}
+
+/// One page of ListParts: the parts, and the next marker when the listing is truncated.
+pub(crate) fn parse_parts_page(
+    body: &[u8],
+) -> std::result::Result<(Vec<RemotePart>, Option<String>), String> {
+    #[derive(Deserialize, Default)]
+    struct Part {
+        #[serde(rename = "PartNumber", default)]
+        number: String,
+        #[serde(rename = "ETag", default)]
+        etag: Option<String>,
+        #[serde(rename = "Size", default)]
+        size: String,
+    }
+    #[derive(Deserialize)]
+    struct ListPartsResult {
+        #[serde(rename = "IsTruncated", default)]
+        is_truncated: Option<String>,
+        #[serde(rename = "NextPartNumberMarker", default)]
+        next_marker: Option<String>,
+        #[serde(rename = "Part", default)]
+        parts: Vec<Part>,
+    }
+    let page: ListPartsResult = quick_xml::de::from_str(xml_text(body)?)
+        .map_err(|e| format!("unexpected ListParts XML: {e}"))?;
+    let mut parts = Vec::with_capacity(page.parts.len());
+    for p in page.parts {
+        let (Ok(number), Ok(size)) = (p.number.trim().parse::<u32>(), p.size.trim().parse::<u64>())
+        else {
+            return Err("part without a valid number or size".to_string());
+        };
+        parts.push(RemotePart {
+            number,
+            size,
+            etag: p.etag.map(|e| normalize_etag(&e)).filter(|e| !e.is_empty()),
+        });
+    }
+    let next = page
+        .next_marker
+        .filter(|m| is_true(&page.is_truncated) && !m.trim().is_empty());
+    Ok((parts, next))
+}
+
+/// `(key-marker, upload-id-marker)` of the next ListMultipartUploads page.
+type UploadMarkers = (String, String);
+
+/// One page of ListMultipartUploads: the uploads, and the next (key, upload id) markers when
+/// the listing is truncated.
+pub(crate) fn parse_uploads_page(
+    body: &[u8],
+) -> std::result::Result<(Vec<PendingUpload>, Option<UploadMarkers>), String> {
+    #[derive(Deserialize, Default)]
+    struct Upload {
+        #[serde(rename = "Key", default)]
+        key: String,
+        #[serde(rename = "UploadId", default)]
+        upload_id: String,
+        #[serde(rename = "Initiated", default)]
+        initiated: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct ListMultipartUploadsResult {
+        #[serde(rename = "IsTruncated", default)]
+        is_truncated: Option<String>,
+        #[serde(rename = "NextKeyMarker", default)]
+        next_key: Option<String>,
+        #[serde(rename = "NextUploadIdMarker", default)]
+        next_upload: Option<String>,
+        #[serde(rename = "Upload", default)]
+        uploads: Vec<Upload>,
+    }
+    let page: ListMultipartUploadsResult = quick_xml::de::from_str(xml_text(body)?)
+        .map_err(|e| format!("unexpected ListMultipartUploads XML: {e}"))?;
+    let uploads = page
+        .uploads
+        .into_iter()
+        .map(|u| PendingUpload {
+            key: u.key,
+            upload_id: u.upload_id,
+            initiated: u.initiated,
+        })
+        .collect();
+    let next = match (is_true(&page.is_truncated), page.next_key, page.next_upload) {
+        (true, Some(k), Some(u)) => Some((k, u)),
+        _ => None,
+    };
+    Ok((uploads, next))
+}
+
 /// Reads an answer body, refusing more than [`MAX_RESPONSE_BODY`] bytes.
 async fn read_body(
     mut resp: reqwest::Response,
@@ -615,6 +653,69 @@ mod tests {
     fn etags_are_normalized() {
         assert_eq!(normalize_etag("\"ABCdef\""), "abcdef");
         assert_eq!(normalize_etag("W/\"x-2\""), "x-2");
+    }
+
+    /// ListParts and ListMultipartUploads answers in the form the S3 API reference shows.
+    #[test]
+    fn listing_pages_parse() {
+        let parts = br#"<?xml version="1.0" encoding="UTF-8"?>
+<ListPartsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Bucket>example-bucket</Bucket><Key>example-object</Key>
+  <UploadId>XXBsb2FkIElEIGZvciBlbHZpbmcncyVcdS1tb3ZpZS5tMnRzEEEwbG9hZA</UploadId>
+  <PartNumberMarker>1</PartNumberMarker><NextPartNumberMarker>3</NextPartNumberMarker>
+  <MaxParts>2</MaxParts><IsTruncated>true</IsTruncated>
+  <Part><PartNumber>2</PartNumber><LastModified>2010-11-10T20:48:34.000Z</LastModified>
+    <ETag>"7778aef83f66abc1fa1e8477f296d394"</ETag><Size>10485760</Size></Part>
+  <Part><PartNumber>3</PartNumber><LastModified>2010-11-10T20:48:33.000Z</LastModified>
+    <ETag>&quot;AAAA2f83f66abc1fa1e8477f296d394&quot;</ETag><Size>10485760</Size></Part>
+</ListPartsResult>"#;
+        let (p, next) = parse_parts_page(parts).unwrap();
+        assert_eq!(next.as_deref(), Some("3"));
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].number, 2);
+        assert_eq!(p[0].size, 10_485_760);
+        assert_eq!(
+            p[0].etag.as_deref(),
+            Some("7778aef83f66abc1fa1e8477f296d394")
+        );
+        assert_eq!(
+            p[1].etag.as_deref(),
+            Some("aaaa2f83f66abc1fa1e8477f296d394")
+        );
+        let last = b"<ListPartsResult><IsTruncated>false</IsTruncated><NextPartNumberMarker>9</NextPartNumberMarker></ListPartsResult>";
+        assert_eq!(parse_parts_page(last).unwrap(), (vec![], None));
+        assert!(
+            parse_parts_page(
+                b"<ListPartsResult><Part><PartNumber>x</PartNumber></Part></ListPartsResult>"
+            )
+            .is_err()
+        );
+
+        let uploads = br#"<?xml version="1.0" encoding="UTF-8"?>
+<ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Bucket>bucket</Bucket><KeyMarker></KeyMarker><UploadIdMarker></UploadIdMarker>
+  <NextKeyMarker>my-movie.m2ts</NextKeyMarker>
+  <NextUploadIdMarker>YW55IGlkZWEgd2h5IGVsdmluZydzIHVwbG9hZCBmYWlsZWQ</NextUploadIdMarker>
+  <MaxUploads>3</MaxUploads><IsTruncated>true</IsTruncated>
+  <Upload><Key>my-divisor</Key><UploadId>XMgbGlrZSBlbHZpbmcncyBub3QgaGF2aW5nIG11Y2ggbHVjaw</UploadId>
+    <Initiator><ID>arn:aws:iam::111122223333:user/user1</ID><DisplayName>u</DisplayName></Initiator>
+    <StorageClass>STANDARD</StorageClass><Initiated>2010-11-10T20:48:33.000Z</Initiated></Upload>
+  <Upload><Key>my-movie.m2ts</Key><UploadId>VXBsb2FkIElEIGZvciBlbHZpbmcncyBteS1tb3ZpZS5tMnRzIHVwbG9hZA</UploadId>
+    <Initiated>2010-11-10T20:48:33.000Z</Initiated></Upload>
+</ListMultipartUploadsResult>"#;
+        let (u, next) = parse_uploads_page(uploads).unwrap();
+        assert_eq!(u.len(), 2);
+        assert_eq!(u[1].key, "my-movie.m2ts");
+        assert_eq!(u[0].initiated.as_deref(), Some("2010-11-10T20:48:33.000Z"));
+        assert_eq!(
+            next,
+            Some((
+                "my-movie.m2ts".to_string(),
+                "YW55IGlkZWEgd2h5IGVsdmluZydzIHVwbG9hZCBmYWlsZWQ".to_string()
+            ))
+        );
+        let empty = b"<ListMultipartUploadsResult><IsTruncated>false</IsTruncated></ListMultipartUploadsResult>";
+        assert_eq!(parse_uploads_page(empty).unwrap(), (vec![], None));
     }
 
     #[test]
