@@ -427,6 +427,29 @@ impl S3Core {
         Ok(out)
     }
 
+    /// CreateBucket (with a location constraint outside `us-east-1`); a bucket we already own
+    /// counts as created.
+    pub(crate) async fn create_bucket(&self, region: &str) -> Result<()> {
+        let mut req = Request::new(Method::PUT, None);
+        if region != "us-east-1" {
+            let xml = format!(
+                "<CreateBucketConfiguration><LocationConstraint>{}</LocationConstraint></CreateBucketConfiguration>",
+                xml_escape(region)
+            );
+            req = req.body(Bytes::from(xml), None);
+        }
+        match self.send("create_bucket", &req).await {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.kind() == ErrorKind::Conflict
+                    && e.message().contains("BucketAlreadyOwnedByYou") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// PutObject in one request.
     pub(crate) async fn put_object(
         &self,

@@ -271,6 +271,12 @@ impl S3Backend {
             .await;
     }
 
+    /// Creates the configured bucket (setup and tests; a bucket this account already owns
+    /// counts as created).
+    pub async fn create_bucket(&self) -> Result<()> {
+        self.core.create_bucket(self.cfg.region()).await
+    }
+
     /// The checkpoint of an upload in progress for `key`, if any.
     pub async fn checkpoint(&self, key: &str) -> Result<Option<Checkpoint>> {
         validate_key(key)?;
