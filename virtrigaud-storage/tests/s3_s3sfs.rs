@@ -726,3 +726,35 @@ async fn throughput_put_and_get_256_mib() {
         mibs(get)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_with_special_characters_round_trip() {
+    let peer = peer!();
+    let bucket = peer.bucket("special-keys");
+    let mut cfg = peer.config(&bucket);
+    cfg.part_size = Some(5 << 20);
+    let b = S3Backend::new(cfg).unwrap();
+    let small = "vm 1/disk+a=b&c é~(x)[y].raw";
+    b.put_bytes(small, Bytes::from_static(b"small"))
+        .await
+        .unwrap();
+    assert_eq!(b.get_bytes(small, 100).await.unwrap().as_ref(), b"small");
+    // the multipart path signs and encodes the same way
+    let big = "vm 1/big+disk é.qcow2";
+    let data = pattern(11 * MIB, 4);
+    let mut w = b.put(big, &PutOptions::default()).await.unwrap();
+    feed(&mut *w, &data).await;
+    w.commit().await.unwrap();
+    assert_eq!(b.stat(big).await.unwrap().size, data.len() as u64);
+    let keys: Vec<String> = b
+        .list("vm 1/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    assert_eq!(keys, [big, small]);
+    b.delete(small).await.unwrap();
+    b.delete(big).await.unwrap();
+    assert!(b.list("").await.unwrap().is_empty());
+}
