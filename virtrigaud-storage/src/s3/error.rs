@@ -1,5 +1,5 @@
 //! Mapping S3 answers (HTTP status + S3 error code) and transport failures to
-//! [`ErrorKind`](virtrigaud_core::ErrorKind).
+//! [`ErrorKind`].
 //!
 //! | answer | kind | retried |
 //! |---|---|---|

