@@ -5,7 +5,7 @@
 //! | scheme | backend | status |
 //! |---|---|---|
 //! | `file:///path` (or a bare absolute path) | [`FsBackend`]: local or NFS-mounted directory | available |
-//! | `s3://bucket/prefix` | S3 with resumable multipart (feature `s3`) | not implemented yet |
+//! | `s3://bucket/prefix` | [`s3::S3Backend`]: S3 with resumable multipart (feature `s3`) | available |
 //! | `http(s)://…` | WebDAV PUT / plain HTTP GET (feature `http`) | not implemented yet |
 //! | `nfs://host/export/path` | native NFSv3 (feature `nfs`) | not implemented yet |
 //!
@@ -16,6 +16,8 @@
 
 pub mod conformance;
 pub mod fs;
+#[cfg(feature = "s3")]
+pub mod s3;
 pub mod url;
 
 pub use fs::FsBackend;
@@ -29,12 +31,20 @@ use virtrigaud_core::{Error, Result, StorageBackend};
 /// ```
 /// let b = virtrigaud_storage::open("file:///tmp/virtrigaud-doc").unwrap();
 /// assert_eq!(b.location(), "file:///tmp/virtrigaud-doc");
-/// let e = virtrigaud_storage::open("s3://bucket/prefix").unwrap_err();
-/// assert_eq!(e.kind(), virtrigaud_core::ErrorKind::Unsupported);
+/// let e = virtrigaud_storage::open("ftp://host/x").unwrap_err();
+/// assert_eq!(e.kind(), virtrigaud_core::ErrorKind::InvalidInput);
 /// ```
+///
+/// `s3://bucket/prefix` (feature `s3`) takes its endpoint, region and credentials from the
+/// standard `AWS_*` environment variables (see [`s3::S3Config::from_env`]); build an
+/// [`s3::S3Backend`] from an [`s3::S3Config`] to set them explicitly.
 pub fn open(url: &str) -> Result<Arc<dyn StorageBackend>> {
     match StorageUrl::parse(url)? {
         StorageUrl::File { root } => Ok(Arc::new(FsBackend::new(root))),
+        #[cfg(feature = "s3")]
+        StorageUrl::S3 { bucket, prefix } => {
+            Ok(Arc::new(s3::S3Backend::from_env(&bucket, &prefix)?))
+        }
         other => Err(Error::unsupported(format!(
             "the {}:// storage backend is not implemented yet in this version of virtrigaud",
             other.scheme()
