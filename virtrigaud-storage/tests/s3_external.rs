@@ -35,6 +35,11 @@ fn unique(tag: &str) -> String {
 /// A backend on the external server under a fresh prefix, or `None` (SKIP) when unconfigured.
 async fn backend(tag: &str, adjust: impl FnOnce(&mut S3Config)) -> Option<S3Backend> {
     let Ok(endpoint) = std::env::var("VIRTRIGAUD_S3_ENDPOINT") else {
+        if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
+            panic!(
+                "VIRTRIGAUD_IT=1 but VIRTRIGAUD_S3_ENDPOINT is not set: scripts/test.sh starts SeaweedFS"
+            );
+        }
         println!("SKIP: VIRTRIGAUD_S3_ENDPOINT is not set (no external S3 server configured)");
         return None;
     };
