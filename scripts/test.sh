@@ -9,22 +9,40 @@ export CARGO_TERM_COLOR=never
 export RUST_BACKTRACE=1
 
 log() { printf '\n== %s\n' "$*"; }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 # --- system packages ---------------------------------------------------------------------------
 # qemu-img/qemu-io/qemu-nbd are the format oracle. The machine ships qemu 10; Debian's
 # qemu-utils (7.2) would replace it, so install it only when qemu-img is missing.
-apt_pkgs=()
-command -v qemu-img >/dev/null 2>&1 || apt_pkgs+=(qemu-utils)
-if ((${#apt_pkgs[@]})); then
-    log "installing ${apt_pkgs[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
-fi
+command -v qemu-img >/dev/null 2>&1 || apt_install qemu-utils
+command -v curl >/dev/null 2>&1 || apt_install curl
 qemu-img --version | head -1
 
 # --- peers ---------------------------------------------------------------------------------------
-# (none yet: the filesystem backend and the local provider need no server)
+# Each scripts/peers/NAME.sh knows `install`, `start STATE_DIR` (writes STATE_DIR/NAME.env with
+# the variables the tests read, and NAME.pid) and `stop STATE_DIR`. All bind to 127.0.0.1 and are
+# stopped by PID when this script exits, whatever happened.
+STATE=$(mktemp -d /tmp/virtrigaud-peers.XXXXXX)
+started=()
+stop_peers() {
+    for p in "${started[@]}"; do "scripts/peers/$p.sh" stop "$STATE" || true; done
+    rm -rf "$STATE"
+}
+trap stop_peers EXIT
+for script in scripts/peers/*.sh; do
+    name=$(basename "$script" .sh)
+    log "peer $name: install"
+    "$script" install
+done
+for script in scripts/peers/*.sh; do
+    name=$(basename "$script" .sh)
+    log "peer $name: start"
+    started+=("$name")
+    "$script" start "$STATE"
+    # shellcheck disable=SC1090
+    [ -f "$STATE/$name.env" ] && source "$STATE/$name.env"
+done
 
 # --- checks --------------------------------------------------------------------------------------
 log "cargo fmt --check"

@@ -4,6 +4,7 @@
 #   seaweedfs.sh start STATE_DIR      starts it; writes STATE_DIR/seaweedfs.env and .pid
 #   seaweedfs.sh stop STATE_DIR       stops it by PID
 set -euo pipefail
+source "$(dirname "$0")/../lib.sh"
 cmd=${1:?install|start|stop}
 state=${2:-}
 PORT=${VRG_SEAWEED_PORT:-18333}
@@ -25,11 +26,7 @@ JSON
         -s3.port="$PORT" -s3.config="$state/seaweedfs/identities.json" \
         -webdav=false -admin.ui=false >"$state/seaweedfs/log" 2>&1 &
     echo $! >"$state/seaweedfs.pid"
-    for _ in $(seq 1 120); do
-        if curl -s -o /dev/null "http://127.0.0.1:$PORT/"; then break; fi
-        sleep 0.5
-    done
-    curl -s -o /dev/null "http://127.0.0.1:$PORT/" || { echo "seaweedfs did not start"; tail -20 "$state/seaweedfs/log"; exit 1; }
+    wait_port "$PORT" 300 || { echo "seaweedfs did not start"; tail -20 "$state/seaweedfs/log"; exit 1; }
     cat >"$state/seaweedfs.env" <<ENV
 export VIRTRIGAUD_S3_ENDPOINT=http://127.0.0.1:$PORT
 export VIRTRIGAUD_S3_ACCESS_KEY=$ACCESS
@@ -38,12 +35,6 @@ export VIRTRIGAUD_S3_REGION=us-east-1
 ENV
     ;;
 stop)
-    if [ -f "$state/seaweedfs.pid" ]; then
-        pid=$(cat "$state/seaweedfs.pid")
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-        kill -9 "$pid" 2>/dev/null || true
-        rm -f "$state/seaweedfs.pid"
-    fi
+    stop_pid "$state/seaweedfs.pid"
     ;;
 esac
