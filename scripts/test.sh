@@ -15,9 +15,7 @@ source scripts/lib.sh
 # --- system packages ---------------------------------------------------------------------------
 # qemu-img/qemu-io/qemu-nbd are the format oracle. The machine ships qemu 10; Debian's
 # qemu-utils (7.2) would replace it, so install it only when qemu-img is missing.
-command -v qemu-img >/dev/null 2>&1 || apt_install qemu-utils
 command -v curl >/dev/null 2>&1 || apt_install curl
-qemu-img --version | head -1
 
 # --- peers ---------------------------------------------------------------------------------------
 # Each scripts/peers/NAME.sh knows `install`, `start STATE_DIR` (writes STATE_DIR/NAME.env with
@@ -35,6 +33,10 @@ for script in scripts/peers/*.sh; do
     log "peer $name: install"
     "$script" install
 done
+# Installing qemu-system-x86 (libvirt peer) removes a newer hand-installed qemu-utils, so check
+# for the format oracle only after the peers are installed.
+command -v qemu-img >/dev/null 2>&1 || apt_install qemu-utils
+qemu-img --version | head -1
 for script in scripts/peers/*.sh; do
     name=$(basename "$script" .sh)
     log "peer $name: start"
