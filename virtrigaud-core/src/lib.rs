@@ -40,5 +40,5 @@ pub use storage::{ObjectMeta, PutOptions, StorageBackend, StorageCapabilities, S
 pub use tokio_util::sync::CancellationToken;
 pub use transfer::{
     ExportOptions, ExportReport, ImportOptions, ImportReport, digest_disk, export_disk,
-    import_disk, read_manifest, verify_object,
+    export_image, import_disk, read_manifest, verify_object,
 };

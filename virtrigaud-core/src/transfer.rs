@@ -98,100 +98,129 @@ pub async fn export_disk(
             .open_disk(vm, disk, opts.snapshot.as_ref())
             .await
             .map_err(ctx)?;
-        let (_, content) = format::decode(opened.source, opened.info.format, &opts.decode)
-            .await
-            .map_err(ctx)?;
-        let sink = storage
-            .put(key, &PutOptions::default())
-            .await
-            .map_err(|e| ctx(e).with_target(key.to_string()))?;
-        let (report, sink) = pipeline::run(
-            content,
-            sink,
-            pipeline::Job {
-                format: opts.format,
-                encode: &opts.encode,
-                hash_object: true,
-                phase: Phase::Export,
-                label: disk,
-            },
-            &opts.pipeline,
+        let source = SourceRef {
+            provider: provider.kind().into(),
+            vm: vm.into(),
+            disk: disk.into(),
+            snapshot: opts.snapshot.as_ref().map(|s| s.name.clone()),
+        };
+        export_image(
+            opened.source,
+            opened.info.format,
+            storage,
+            key,
+            Some(source),
+            vm_info,
+            opts,
         )
         .await
-        .map_err(ctx)?;
-        let Some((object_sha, chunks)) = report.object.clone() else {
-            let _ = sink.abort().await;
-            return Err(Error::new(ErrorKind::Io, "object digest missing"));
-        };
-        let manifest = Manifest {
-            schema_version: SCHEMA_VERSION,
-            format: opts.format,
-            virtual_size: report.virtual_size,
-            stored_size: report.stored_size,
-            allocated_bytes: report.allocated_bytes,
-            object_digest: DigestValue {
-                algorithm: OBJECT_ALGORITHM.into(),
-                value: object_sha,
-                block_size: None,
-            },
-            content_digest: DigestValue {
-                algorithm: CONTENT_ALGORITHM.into(),
-                value: report.content_digest.clone(),
-                block_size: Some(CONTENT_BLOCK as u64),
-            },
-            chunks: ChunkDigests {
-                algorithm: OBJECT_ALGORITHM.into(),
-                chunk_size: opts.pipeline.chunk_size,
-                digests: chunks,
-            },
-            allocation: Some(
-                report
-                    .allocation
-                    .aligned(opts.pipeline.zero_block, report.virtual_size)
-                    .ranges()
-                    .iter()
-                    .map(|r| [r.start, r.end])
-                    .collect(),
-            ),
-            source: Some(SourceRef {
-                provider: provider.kind().into(),
-                vm: vm.into(),
-                disk: disk.into(),
-                snapshot: opts.snapshot.as_ref().map(|s| s.name.clone()),
-            }),
-            vm: vm_info,
-            created: now_rfc3339(),
-            library: LIBRARY.into(),
-        };
-        manifest.check()?;
-        let json = manifest.to_json()?;
-        if opts.pipeline.cancel.is_cancelled() {
-            let _ = sink.abort().await;
-            return Err(Error::cancelled());
-        }
-        sink.commit()
-            .await
-            .map_err(|e| ctx(e).with_target(key.to_string()))?;
-        if let Err(e) = storage
-            .put_bytes(&manifest_key(key), Bytes::from(json))
-            .await
-        {
-            let _ = storage.delete(key).await;
-            return Err(ctx(e).with_target(manifest_key(key)));
-        }
-        info!(
-            stored = report.stored_size,
-            allocated = report.allocated_bytes,
-            content = %report.content_digest,
-            "disk exported"
-        );
-        Ok(ExportReport {
-            manifest,
-            transfer: report,
-        })
+        .map_err(ctx)
     }
     .instrument(span)
     .await
+}
+
+/// Exports any disk image (native bytes from a file, a stream, a URL) to `storage` at `key`,
+/// plus its manifest. [`export_disk`] is this with the bytes, source and hardware description
+/// taken from a provider.
+#[allow(clippy::too_many_arguments)]
+pub async fn export_image(
+    source: ImageSource,
+    format_hint: Option<DiskFormat>,
+    storage: &dyn StorageBackend,
+    key: &str,
+    source_ref: Option<SourceRef>,
+    vm_info: Option<crate::provider::VmInfo>,
+    opts: &ExportOptions,
+) -> Result<ExportReport> {
+    validate_key(key)?;
+    let ctx = |e: Error| e.with_operation("export_image");
+    let (_, content) = format::decode(source, format_hint, &opts.decode)
+        .await
+        .map_err(ctx)?;
+    let sink = storage
+        .put(key, &PutOptions::default())
+        .await
+        .map_err(|e| ctx(e).with_target(key.to_string()))?;
+    let (report, sink) = pipeline::run(
+        content,
+        sink,
+        pipeline::Job {
+            format: opts.format,
+            encode: &opts.encode,
+            hash_object: true,
+            phase: Phase::Export,
+            label: key,
+        },
+        &opts.pipeline,
+    )
+    .await
+    .map_err(ctx)?;
+    let Some((object_sha, chunks)) = report.object.clone() else {
+        let _ = sink.abort().await;
+        return Err(Error::new(ErrorKind::Io, "object digest missing"));
+    };
+    let manifest = Manifest {
+        schema_version: SCHEMA_VERSION,
+        format: opts.format,
+        virtual_size: report.virtual_size,
+        stored_size: report.stored_size,
+        allocated_bytes: report.allocated_bytes,
+        object_digest: DigestValue {
+            algorithm: OBJECT_ALGORITHM.into(),
+            value: object_sha,
+            block_size: None,
+        },
+        content_digest: DigestValue {
+            algorithm: CONTENT_ALGORITHM.into(),
+            value: report.content_digest.clone(),
+            block_size: Some(CONTENT_BLOCK as u64),
+        },
+        chunks: ChunkDigests {
+            algorithm: OBJECT_ALGORITHM.into(),
+            chunk_size: opts.pipeline.chunk_size,
+            digests: chunks,
+        },
+        allocation: Some(
+            report
+                .allocation
+                .aligned(opts.pipeline.zero_block, report.virtual_size)
+                .ranges()
+                .iter()
+                .map(|r| [r.start, r.end])
+                .collect(),
+        ),
+        source: source_ref,
+        vm: vm_info,
+        created: now_rfc3339(),
+        library: LIBRARY.into(),
+    };
+    manifest.check()?;
+    let json = manifest.to_json()?;
+    if opts.pipeline.cancel.is_cancelled() {
+        let _ = sink.abort().await;
+        return Err(Error::cancelled());
+    }
+    sink.commit()
+        .await
+        .map_err(|e| ctx(e).with_target(key.to_string()))?;
+    if let Err(e) = storage
+        .put_bytes(&manifest_key(key), Bytes::from(json))
+        .await
+    {
+        let _ = storage.delete(key).await;
+        return Err(ctx(e).with_target(manifest_key(key)));
+    }
+    info!(
+        stored = report.stored_size,
+        allocated = report.allocated_bytes,
+        content = %report.content_digest,
+        "disk exported"
+    );
+    Ok(ExportReport {
+        manifest,
+        transfer: report,
+    })
 }
 
 /// Reads and checks the manifest of the object at `key`.
