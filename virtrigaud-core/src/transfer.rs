@@ -138,8 +138,18 @@ pub async fn export_image(
     let (_, content) = format::decode(source, format_hint, &opts.decode)
         .await
         .map_err(ctx)?;
+    // An upper bound of the stored size (data, plus format metadata) lets multipart backends
+    // choose a part size that fits any disk.
+    let bound = content
+        .virtual_size
+        .saturating_add(content.virtual_size / 64)
+        .saturating_add(64 << 20);
+    let put = PutOptions {
+        size_hint: Some(bound),
+        ..Default::default()
+    };
     let sink = storage
-        .put(key, &PutOptions::default())
+        .put(key, &put)
         .await
         .map_err(|e| ctx(e).with_target(key.to_string()))?;
     let (report, sink) = pipeline::run(

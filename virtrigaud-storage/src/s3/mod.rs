@@ -103,6 +103,10 @@ use virtrigaud_core::{
 /// Longest validity of a presigned URL (SigV4 limit).
 const MAX_PRESIGN: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Bytes of parts buffered at once that a put aims to stay under: the concurrency is lowered
+/// when big objects need big parts (e.g. 105 MiB parts for 1 TiB run one at a time).
+const MEMORY_BUDGET: u64 = 96 << 20;
+
 /// An S3 bucket (and key prefix) used as intermediate storage.
 #[derive(Clone)]
 pub struct S3Backend {
@@ -208,7 +212,12 @@ impl S3Backend {
             WriterParams {
                 key: full,
                 part_size,
-                concurrency: self.cfg.concurrency,
+                // Memory is about part size × (concurrency + 1): keep it near
+                // MEMORY_BUDGET whatever the part size big objects need.
+                concurrency: self
+                    .cfg
+                    .concurrency
+                    .min((MEMORY_BUDGET / part_size).max(1) as usize),
                 content_type: opts.content_type.clone(),
                 if_none_match: !opts.overwrite,
                 drop_policy: self.cfg.drop_policy,
