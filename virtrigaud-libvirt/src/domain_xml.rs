@@ -439,7 +439,7 @@ pub fn generate_domain(spec: &VmSpec, opts: &DomainOptions) -> Result<String> {
             let _ = writeln!(x, "    <type arch='{}'>hvm</type>", e(arch));
         }
     }
-    let _ = writeln!(x, "    <boot dev='hd'/>\n  </os>");
+    let _ = writeln!(x, "  </os>");
     let _ = writeln!(x, "  <features><acpi/><apic/></features>");
     let _ = writeln!(x, "  <on_poweroff>destroy</on_poweroff>");
     let _ = writeln!(x, "  <devices>");

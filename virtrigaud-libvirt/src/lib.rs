@@ -457,11 +457,28 @@ fn create_snapshot_blocking(c: &Connect, vm: &str, name: &str) -> Result<Snapsho
     let esc = quick_xml::escape::escape(name);
     let snap = if dom.is_active().op("domain.is_active")? {
         let parsed = parse_dom(&dom)?;
+        let suffix: String = name
+            .chars()
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' {
+                    ch
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         let mut disks = String::new();
         for d in &parsed.disks {
+            // Name the overlay explicitly next to its base (libvirt cannot derive a name for
+            // pool volumes): `<base path>.<snapshot>`.
+            let base = resolve_volume(c, &d.source)
+                .and_then(|v| v.path().op("volume.path"))
+                .map_err(|e| e.with_disk(d.target.clone()))?;
             disks.push_str(&format!(
-                "<disk name='{}' snapshot='external'/>",
-                quick_xml::escape::escape(&d.target)
+                "<disk name='{}' snapshot='external' type='file'><driver type='qcow2'/>\
+                 <source file='{}'/></disk>",
+                quick_xml::escape::escape(&d.target),
+                quick_xml::escape::escape(&format!("{base}.{suffix}"))
             ));
         }
         let xml = format!(
