@@ -478,7 +478,7 @@ fn create_snapshot_blocking(c: &Connect, vm: &str, name: &str) -> Result<Snapsho
                 "<disk name='{}' snapshot='external' type='file'><driver type='qcow2'/>\
                  <source file='{}'/></disk>",
                 quick_xml::escape::escape(&d.target),
-                quick_xml::escape::escape(&format!("{base}.{suffix}"))
+                quick_xml::escape::escape(format!("{base}.{suffix}"))
             ));
         }
         let xml = format!(
