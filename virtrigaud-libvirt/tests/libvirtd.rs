@@ -220,6 +220,32 @@ async fn round_trip_qcow2_and_sparse_raw() {
 
     let p = LibvirtProvider::new(&uri);
     p.validate().await.unwrap();
+    // The raw volume arrives as a sparse stream: holes are Zero extents, not bytes.
+    {
+        use futures::StreamExt;
+        let opened = p.open_disk(&src_vm, "vdb", None).await.unwrap();
+        assert_eq!(opened.info.capacity, 64 * MIB);
+        let virtrigaud_core::ImageSource::Sequential { size, mut stream } = opened.source else {
+            panic!("expected a sequential source");
+        };
+        assert_eq!(size, Some(64 * MIB));
+        let (mut data, mut holes, mut end) = (0u64, 0u64, 0u64);
+        while let Some(e) = stream.next().await {
+            let e = e.unwrap();
+            assert_eq!(e.offset(), end, "extents must be contiguous");
+            end = e.end();
+            if e.is_data() {
+                data += e.len();
+            } else {
+                holes += e.len();
+            }
+        }
+        assert_eq!(end, 64 * MIB);
+        assert!(
+            holes >= 56 * MIB && data <= 8 * MIB,
+            "data {data}, holes {holes}"
+        );
+    }
     let store_dir = tempfile::tempdir().unwrap();
     let storage = FsBackend::new(store_dir.path());
     let dst_vm = unique("rt-dst");
@@ -561,6 +587,34 @@ async fn export_over_tcp() {
     assert_eq!(exp.manifest.content_digest.value, d_local);
     assert_eq!(exp.manifest.source.as_ref().unwrap().provider, "libvirt");
     assert_eq!(exp.manifest.vm.as_ref().unwrap().name, name);
+    // And back in over TCP, as a raw volume uploaded with a sparse stream.
+    let imp = import_disk(
+        &storage,
+        "tcp/vda.qcow2",
+        &remote,
+        &name,
+        "copy",
+        &ImportOptions {
+            format: Some(DiskFormat::Raw),
+            placement: Some(pool.name.clone()),
+            ..ImportOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let copy = pool.path(imp.location.split_once('/').unwrap().1);
+    qemu_img(&[
+        "compare",
+        "-F",
+        "raw",
+        q.to_str().unwrap(),
+        copy.to_str().unwrap(),
+    ]);
+    let allocated = std::fs::metadata(&copy).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.blocks() * 512
+    });
+    assert!(allocated.unwrap() < 8 * MIB, "upload was not sparse");
 }
 
 /// A 512-byte x86 boot sector that writes `VIRTRIGAUD-BOOT-OK` to COM1 and halts.
