@@ -25,6 +25,11 @@
 //!   an internal snapshot (its disks do not change while it stays stopped; the live volume is
 //!   read).
 //!
+//! Conventions: a disk location is `pool/volume` for pool volumes or an absolute path on the
+//! libvirt host for file disks ([`CreatedDisk::location`] is always `pool/volume`); a NIC
+//! network is a libvirt network name, `bridge:NAME` for a host bridge, or none for user-mode
+//! networking. [`Provider::delete_vm`] keeps the volumes: in libvirt they belong to pools.
+//!
 //! Every libvirt call runs in `tokio::task::spawn_blocking` (long transfers on their own
 //! thread); libvirt's default printing of errors to stderr is switched off. libvirt errors map
 //! to [`ErrorKind`]s in [`error`].
@@ -469,6 +474,14 @@ fn create_snapshot_blocking(c: &Connect, vm: &str, name: &str) -> Result<Snapsho
             .collect();
         let mut disks = String::new();
         for d in &parsed.disks {
+            if let DiskSource::Other(_) = d.source {
+                // Network disks and the like cannot be streamed anyway: leave them alone.
+                disks.push_str(&format!(
+                    "<disk name='{}' snapshot='no'/>",
+                    quick_xml::escape::escape(&d.target)
+                ));
+                continue;
+            }
             // Name the overlay explicitly next to its base (libvirt cannot derive a name for
             // pool volumes): `<base path>.<snapshot>`.
             let base = resolve_volume(c, &d.source)
