@@ -44,7 +44,11 @@ CONF
         /usr/sbin/virtlogd >"$state/libvirt/virtlogd.log" 2>&1 &
         echo $! >"$state/virtlogd.pid"
     fi
-    /usr/sbin/libvirtd --listen -f "$state/libvirt/libvirtd.conf" >"$state/libvirt/libvirtd.log" 2>&1 &
+    # A plain system PATH: libvirtd looks up qemu-img in its PATH once at start; started with
+    # this machine's login PATH it found none and offline snapshots failed ("unable to find
+    # qemu-img").
+    env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        /usr/sbin/libvirtd --listen -f "$state/libvirt/libvirtd.conf" >"$state/libvirt/libvirtd.log" 2>&1 &
     echo $! >"$state/libvirt.pid"
     ok=
     for _ in $(seq 1 150); do
