@@ -883,3 +883,79 @@ async fn stopped_vm_internal_snapshot() {
         .unwrap();
     assert!(!String::from_utf8_lossy(&out.stdout).contains("vrg-int"));
 }
+
+/// Figures (run on demand: `cargo test -p virtrigaud-libvirt --test libvirtd -- --ignored`):
+/// sparse download and upload rates of a 1 GiB raw volume holding 256 MiB of data, over the
+/// local socket and over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_figures() {
+    use futures::StreamExt;
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    let tcp = std::env::var("VIRTRIGAUD_LIBVIRT_TCP_URI").ok();
+    let pool = TestPool::new(&uri, "tput");
+    let size = 1024 * MIB;
+    let src = pool.path("big.raw");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(size).unwrap();
+    let chunk: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8 ^ 0x5a).collect();
+    for i in 0..64u64 {
+        f.write_all_at(&chunk, i * 16 * MIB).unwrap();
+    }
+    drop(f);
+    pool.refresh();
+    let name = unique("tput");
+    let _g = guard(&uri, &name);
+    let scratch = tempfile::tempdir().unwrap();
+    define_xml(
+        &uri,
+        scratch.path(),
+        &domain_xml(&name, &file_disk_xml(&src, "raw", "vda", "virtio")),
+    );
+    for u in std::iter::once(uri.clone()).chain(tcp) {
+        let p = LibvirtProvider::new(&u);
+        let t = Instant::now();
+        let opened = p.open_disk(&name, "vda", None).await.unwrap();
+        let virtrigaud_core::ImageSource::Sequential { mut stream, .. } = opened.source else {
+            panic!()
+        };
+        let mut data = 0u64;
+        while let Some(e) = stream.next().await {
+            let e = e.unwrap();
+            if e.is_data() {
+                data += e.len();
+            }
+        }
+        let el = t.elapsed().as_secs_f64();
+        eprintln!(
+            "download {u}: {} MiB data of 1 GiB in {el:.2} s = {:.0} MiB/s of data",
+            data / MIB,
+            data as f64 / MIB as f64 / el
+        );
+        let t = Instant::now();
+        let created = p
+            .create_disk(&DiskCreateSpec {
+                vm: name.clone(),
+                name: format!("up{}", u.len()),
+                capacity: size,
+                format: Some(DiskFormat::Raw),
+                placement: Some(pool.name.clone()),
+                overwrite: true,
+            })
+            .await
+            .unwrap();
+        let mut sink = created.sink;
+        for _ in 0..64 {
+            sink.write(bytes::Bytes::from(chunk.clone())).await.unwrap();
+            sink.write_zeros(12 * MIB).await.unwrap();
+        }
+        sink.commit().await.unwrap();
+        let el = t.elapsed().as_secs_f64();
+        eprintln!(
+            "upload {u}: 256 MiB data + 768 MiB holes in {el:.2} s = {:.0} MiB/s of data",
+            256.0 / el
+        );
+    }
+}
