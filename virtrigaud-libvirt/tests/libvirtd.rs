@@ -959,3 +959,70 @@ async fn throughput_figures() {
         );
     }
 }
+
+/// `create_vm` with UEFI, q35, a SATA disk by path and NICs on a network and a bridge; the
+/// definition reads back the same; `overwrite` replaces it.
+#[tokio::test]
+async fn create_vm_uefi_nics_and_overwrite() {
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    let pool = TestPool::new(&uri, "uefi");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        pool.path("u.qcow2").to_str().unwrap(),
+        "10M",
+    ]);
+    pool.refresh();
+    let p = LibvirtProvider::new(&uri).with_domain_type("qemu");
+    let mut spec = VmSpec {
+        name: unique("uefi"),
+        cpus: 2,
+        memory_mib: 256,
+        firmware: Firmware::Uefi,
+        machine: Some("q35".into()),
+        guest_os: None,
+        disks: vec![VmDiskSpec {
+            location: pool.path("u.qcow2").display().to_string(),
+            bus: DiskBus::Sata,
+            format: DiskFormat::Qcow2,
+        }],
+        nics: vec![
+            NicInfo {
+                mac: Some("52:54:00:01:02:03".into()),
+                model: Some("e1000e".into()),
+                network: Some("default".into()),
+            },
+            NicInfo {
+                mac: None,
+                model: None,
+                network: Some("bridge:br-vrg".into()),
+            },
+        ],
+        overwrite: false,
+    };
+    let _g = guard(&uri, &spec.name);
+    let info = p.create_vm(&spec).await.unwrap();
+    assert_eq!(info.firmware, Firmware::Uefi);
+    assert!(info.machine.as_deref().unwrap().contains("q35"));
+    assert_eq!((info.cpus, info.memory_mib), (2, 256));
+    assert_eq!(info.disks.len(), 1);
+    assert_eq!(info.disks[0].id, "sda");
+    assert_eq!(info.disks[0].bus, Some(DiskBus::Sata));
+    assert_eq!(info.disks[0].capacity, 10 * MIB);
+    assert_eq!(info.nics.len(), 2);
+    assert_eq!(info.nics[0].mac.as_deref(), Some("52:54:00:01:02:03"));
+    assert_eq!(info.nics[0].model.as_deref(), Some("e1000e"));
+    assert_eq!(info.nics[0].network.as_deref(), Some("default"));
+    assert_eq!(info.nics[1].network.as_deref(), Some("bridge:br-vrg"));
+    assert!(info.nics[1].mac.is_some(), "libvirt assigns a MAC");
+    spec.overwrite = true;
+    spec.cpus = 3;
+    let info2 = p.create_vm(&spec).await.unwrap();
+    assert_eq!(info2.cpus, 3);
+    assert_ne!(info2.id, info.id);
+    p.delete_vm(&spec.name).await.unwrap();
+}
