@@ -534,6 +534,38 @@ async fn clear_errors() {
     pool.refresh();
     let vols = virsh(&uri, &["vol-list", &pool.name]);
     assert!(!vols.contains("ab-d.raw"), "{vols}");
+
+    // So does dropping one without commit (cleanup runs on a background thread).
+    let created = p
+        .create_disk(&DiskCreateSpec {
+            vm: "dr".into(),
+            name: "d".into(),
+            capacity: 4 * MIB,
+            format: None,
+            placement: Some(pool.name.clone()),
+            overwrite: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(created.format, DiskFormat::Qcow2);
+    assert_eq!(created.location, format!("{}/dr-d.qcow2", pool.name));
+    let mut sink = created.sink;
+    sink.write(bytes::Bytes::from_static(b"partial"))
+        .await
+        .unwrap();
+    drop(sink);
+    let t = Instant::now();
+    loop {
+        pool.refresh();
+        if !virsh(&uri, &["vol-list", &pool.name]).contains("dr-d.qcow2") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "dropped upload left its volume"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The same export over `qemu+tcp://`: equal content digest to the local connection's.
