@@ -37,12 +37,19 @@ pub fn physical_size(vol: &StorageVol) -> Result<u64> {
 /// Streams a volume's bytes as a sparse sequential source.
 pub fn download(conn: Arc<Connect>, vol: StorageVol, size: u64) -> ImageSource {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Extent>>(CHANNEL_DEPTH);
-    std::thread::spawn(move || {
-        let r = download_loop(&conn, &vol, &tx);
-        if let Err(e) = r {
-            let _ = tx.blocking_send(Err(e));
-        }
-    });
+    let err_tx = tx.clone();
+    let spawned = std::thread::Builder::new()
+        .name("vrg-libvirt-download".into())
+        .spawn(move || {
+            let r = download_loop(&conn, &vol, &tx);
+            if let Err(e) = r {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+    if let Err(e) = spawned {
+        let _ = err_tx.try_send(Err(Error::io(e, "cannot start the download thread")));
+    }
+    drop(err_tx);
     ImageSource::Sequential {
         size: Some(size),
         stream: futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed(),
@@ -201,9 +208,11 @@ impl Drop for UploadSink {
     fn drop(&mut self) {
         if let Some(state) = self.state.take() {
             // Dropped without commit: abort the stream and remove the volume off-thread.
-            std::thread::spawn(move || {
-                let _ = discard(state);
-            });
+            let _ = std::thread::Builder::new()
+                .name("vrg-libvirt-upload-cleanup".into())
+                .spawn(move || {
+                    let _ = discard(state);
+                });
         }
     }
 }
