@@ -1,0 +1,1060 @@
+//! Tests against a real libvirtd (see `scripts/peers/libvirt.sh`).
+//!
+//! `VIRTRIGAUD_LIBVIRT_URI` (e.g. `qemu:///system`) and, for the remote test,
+//! `VIRTRIGAUD_LIBVIRT_TCP_URI` (`qemu+tcp://127.0.0.1/system`) name the daemon. Without them a
+//! test prints `SKIP: …` and passes, unless `VIRTRIGAUD_IT=1`, when it fails.
+//!
+//! Every test uses its own transient `dir` pools under a temp dir and unique domain names, and
+//! removes them (guards run on panic too). Disk images are prepared with `qemu-img`; libvirt
+//! objects are set up with `virsh` where the provider is not what is being tested.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use virtrigaud_core::transfer::{
+    ExportOptions, ImportOptions, digest_disk, export_disk, import_disk,
+};
+use virtrigaud_core::{
+    DiskBus, DiskCreateSpec, DiskFormat, ErrorKind, Firmware, NicInfo, PowerOp, PowerState,
+    Provider, VmDiskSpec, VmSpec,
+};
+use virtrigaud_libvirt::LibvirtProvider;
+use virtrigaud_libvirt::domain_xml::DomainOptions;
+use virtrigaud_storage::FsBackend;
+
+const MIB: u64 = 1 << 20;
+
+fn env_uri(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
+                panic!("{var} is not set but VIRTRIGAUD_IT=1: start scripts/peers/libvirt.sh");
+            }
+            eprintln!("SKIP: {var} is not set (start scripts/peers/libvirt.sh)");
+            None
+        }
+    }
+}
+
+fn unique(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "vrg-{tag}-{}-{t:x}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn virsh(uri: &str, args: &[&str]) -> String {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()
+        .expect("run virsh");
+    assert!(
+        out.status.success(),
+        "virsh {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn virsh_quiet(uri: &str, args: &[&str]) {
+    let _ = Command::new("virsh").arg("-c").arg(uri).args(args).output();
+}
+
+/// A transient dir pool over a temp dir; destroyed (and its files removed) on drop.
+struct TestPool {
+    uri: String,
+    name: String,
+    dir: tempfile::TempDir,
+}
+
+impl TestPool {
+    fn new(uri: &str, tag: &str) -> TestPool {
+        let dir = tempfile::Builder::new()
+            .prefix("vrg-libvirt-pool")
+            .tempdir()
+            .unwrap();
+        let name = unique(tag);
+        let target = dir.path().to_str().unwrap().to_string();
+        virsh(uri, &["pool-create-as", &name, "dir", "--target", &target]);
+        TestPool {
+            uri: uri.to_string(),
+            name,
+            dir,
+        }
+    }
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+    fn refresh(&self) {
+        virsh(&self.uri, &["pool-refresh", &self.name]);
+    }
+}
+
+impl Drop for TestPool {
+    fn drop(&mut self) {
+        virsh_quiet(&self.uri, &["pool-destroy", &self.name]);
+    }
+}
+
+/// Destroys and undefines a domain on drop.
+struct DomainGuard {
+    uri: String,
+    name: String,
+}
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        virsh_quiet(&self.uri, &["destroy", &self.name]);
+        virsh_quiet(
+            &self.uri,
+            &["undefine", "--snapshots-metadata", "--nvram", &self.name],
+        );
+        virsh_quiet(&self.uri, &["undefine", &self.name]);
+    }
+}
+
+fn guard(uri: &str, name: &str) -> DomainGuard {
+    DomainGuard {
+        uri: uri.to_string(),
+        name: name.to_string(),
+    }
+}
+
+/// Writes a 64 MiB sparse raw file with patterned data at a few offsets.
+fn write_patterned_raw(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for (off, len, byte) in [
+        (0u64, 64 * 1024u64, 0x11u8),
+        (MIB, 2 * MIB, 0xab),
+        (40 * MIB + 4096, 512 * 1024, 0xcd),
+        (size - 4096, 4096, 0xef),
+    ] {
+        let buf: Vec<u8> = (0..len).map(|i| byte ^ (i as u8).wrapping_mul(7)).collect();
+        f.write_all_at(&buf, off).unwrap();
+    }
+}
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn define_xml(uri: &str, dir: &Path, xml: &str) {
+    let f = dir.join(format!("{}.xml", unique("def")));
+    std::fs::write(&f, xml).unwrap();
+    virsh(uri, &["define", f.to_str().unwrap()]);
+    let _ = std::fs::remove_file(f);
+}
+
+fn file_disk_xml(path: &Path, fmt: &str, dev: &str, bus: &str) -> String {
+    format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>\
+         <source file='{}'/><target dev='{dev}' bus='{bus}'/></disk>",
+        path.display()
+    )
+}
+
+fn domain_xml(name: &str, devices: &str) -> String {
+    format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{devices}</devices></domain>"
+    )
+}
+
+/// A qcow2 and a sparse raw disk in pool A, exported to storage, imported into pool B (qcow2 and
+/// raw), attached to a VM made with `create_vm`; content digests of source and target match,
+/// the raw import stays sparse and `qemu-img compare` agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_qcow2_and_sparse_raw() {
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    let pa = TestPool::new(&uri, "rt-a");
+    let pb = TestPool::new(&uri, "rt-b");
+    let scratch = tempfile::tempdir().unwrap();
+    let raw_src = pa.path("data.raw");
+    write_patterned_raw(&raw_src, 64 * MIB);
+    let tmp_raw = scratch.path().join("q.raw");
+    write_patterned_raw(&tmp_raw, 48 * MIB);
+    let q_src = pa.path("sys.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        tmp_raw.to_str().unwrap(),
+        q_src.to_str().unwrap(),
+    ]);
+    pa.refresh();
+    let src_vm = unique("rt-src");
+    let _g1 = guard(&uri, &src_vm);
+    define_xml(
+        &uri,
+        scratch.path(),
+        &domain_xml(
+            &src_vm,
+            &(file_disk_xml(&q_src, "qcow2", "vda", "virtio")
+                + &file_disk_xml(&raw_src, "raw", "vdb", "virtio")),
+        ),
+    );
+
+    let p = LibvirtProvider::new(&uri);
+    p.validate().await.unwrap();
+    // The raw volume arrives as a sparse stream: holes are Zero extents, not bytes.
+    {
+        use futures::StreamExt;
+        let opened = p.open_disk(&src_vm, "vdb", None).await.unwrap();
+        assert_eq!(opened.info.capacity, 64 * MIB);
+        let virtrigaud_core::ImageSource::Sequential { size, mut stream } = opened.source else {
+            panic!("expected a sequential source");
+        };
+        assert_eq!(size, Some(64 * MIB));
+        let (mut data, mut holes, mut end) = (0u64, 0u64, 0u64);
+        while let Some(e) = stream.next().await {
+            let e = e.unwrap();
+            assert_eq!(e.offset(), end, "extents must be contiguous");
+            end = e.end();
+            if e.is_data() {
+                data += e.len();
+            } else {
+                holes += e.len();
+            }
+        }
+        assert_eq!(end, 64 * MIB);
+        assert!(
+            holes >= 56 * MIB && data <= 8 * MIB,
+            "data {data}, holes {holes}"
+        );
+    }
+    let store_dir = tempfile::tempdir().unwrap();
+    let storage = FsBackend::new(store_dir.path());
+    let dst_vm = unique("rt-dst");
+    let _g2 = guard(&uri, &dst_vm);
+    let mut disks = Vec::new();
+    for (disk, target_format) in [("vda", DiskFormat::Qcow2), ("vdb", DiskFormat::Raw)] {
+        let key = format!("rt/{disk}.qcow2");
+        let t = Instant::now();
+        let exp = export_disk(&p, &src_vm, disk, &storage, &key, &ExportOptions::default())
+            .await
+            .unwrap();
+        let t_exp = t.elapsed();
+        let t = Instant::now();
+        let imp = import_disk(
+            &storage,
+            &key,
+            &p,
+            &dst_vm,
+            disk,
+            &ImportOptions {
+                format: Some(target_format),
+                placement: Some(pb.name.clone()),
+                ..ImportOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        eprintln!(
+            "{disk}: virtual {} MiB, allocated {} KiB, stored {} KiB; export {:?}, import {:?}",
+            exp.manifest.virtual_size / MIB,
+            exp.manifest.allocated_bytes / 1024,
+            exp.manifest.stored_size / 1024,
+            t_exp,
+            t.elapsed()
+        );
+        assert_eq!(imp.format, target_format);
+        assert!(imp.location.starts_with(&format!("{}/", pb.name)));
+        assert!(
+            exp.manifest.allocated_bytes < 8 * MIB,
+            "holes were transferred as data: {}",
+            exp.manifest.allocated_bytes
+        );
+        disks.push((disk, imp, exp.manifest.content_digest.value.clone()));
+    }
+    // An existing target volume is refused without overwrite.
+    let again = p
+        .create_disk(&DiskCreateSpec {
+            vm: dst_vm.clone(),
+            name: "vda".into(),
+            capacity: 64 * MIB,
+            format: Some(DiskFormat::Qcow2),
+            placement: Some(pb.name.clone()),
+            overwrite: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.kind(), ErrorKind::AlreadyExists, "{again}");
+
+    let spec = VmSpec {
+        name: dst_vm.clone(),
+        cpus: 1,
+        memory_mib: 64,
+        firmware: Firmware::Bios,
+        machine: None,
+        guest_os: None,
+        disks: disks
+            .iter()
+            .map(|(_, imp, _)| VmDiskSpec {
+                location: imp.location.clone(),
+                bus: DiskBus::Virtio,
+                format: imp.format,
+            })
+            .collect(),
+        nics: vec![],
+        overwrite: false,
+    };
+    let info = p.create_vm(&spec).await.unwrap();
+    assert_eq!(info.disks.len(), 2);
+    assert_eq!(info.disks[0].capacity, 48 * MIB);
+    assert_eq!(info.disks[1].capacity, 64 * MIB);
+    assert_eq!(info.disks[0].format, Some(DiskFormat::Qcow2));
+    assert_eq!(info.disks[1].format, Some(DiskFormat::Raw));
+    assert!(info.disks[1].allocation.unwrap() < 16 * MIB, "{info:?}");
+    // Defining it again is refused without overwrite.
+    let e = p.create_vm(&spec).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+
+    let opts = ImportOptions::default();
+    for (i, (disk, _, manifest_digest)) in disks.iter().enumerate() {
+        let src = digest_disk(&p, &src_vm, disk, &opts).await.unwrap();
+        let dst = digest_disk(&p, &dst_vm, &info.disks[i].id, &opts)
+            .await
+            .unwrap();
+        assert_eq!(&src, manifest_digest);
+        assert_eq!(src, dst, "{disk}");
+    }
+    // Independent oracle.
+    let vol_b = |loc: &str| pb.path(loc.split_once('/').unwrap().1);
+    qemu_img(&[
+        "compare",
+        q_src.to_str().unwrap(),
+        vol_b(&disks[0].1.location).to_str().unwrap(),
+    ]);
+    qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        raw_src.to_str().unwrap(),
+        vol_b(&disks[1].1.location).to_str().unwrap(),
+    ]);
+    p.delete_vm(&dst_vm).await.unwrap();
+    p.delete_vm(&src_vm).await.unwrap();
+    let e = p.describe_vm(&dst_vm).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+}
+
+/// Describe of a domain with a qcow2 file disk, a raw pool volume on SCSI, a CD-ROM (ignored)
+/// and two NICs (network and bridge), defined from XML.
+#[tokio::test]
+async fn describe_multi_disk_multi_nic() {
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    let pool = TestPool::new(&uri, "desc");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        pool.path("os.qcow2").to_str().unwrap(),
+        "100M",
+    ]);
+    virsh(
+        &uri,
+        &[
+            "vol-create-as",
+            &pool.name,
+            "data.raw",
+            "32M",
+            "--format",
+            "raw",
+        ],
+    );
+    pool.refresh();
+    let name = unique("desc");
+    let _g = guard(&uri, &name);
+    let devices = format!(
+        "{}<disk type='volume' device='disk'><driver name='qemu' type='raw'/>\
+         <source pool='{}' volume='data.raw'/><target dev='sdb' bus='scsi'/></disk>\
+         <disk type='file' device='cdrom'><target dev='sdc' bus='sata'/><readonly/></disk>\
+         <controller type='scsi' model='virtio-scsi'/>\
+         <interface type='network'><mac address='52:54:00:12:34:56'/><source network='default'/>\
+         <model type='virtio'/></interface>\
+         <interface type='bridge'><mac address='52:54:00:12:34:57'/><source bridge='br-vrg'/>\
+         <model type='e1000'/></interface>",
+        file_disk_xml(&pool.path("os.qcow2"), "qcow2", "vda", "virtio"),
+        pool.name
+    );
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>1536</memory>\
+         <vcpu>3</vcpu><os><type arch='x86_64' machine='q35'>hvm</type></os>\
+         <devices>{devices}</devices></domain>"
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    define_xml(&uri, scratch.path(), &xml);
+    let p = LibvirtProvider::new(&uri);
+    let info = p.describe_vm(&name).await.unwrap();
+    eprintln!("{info:#?}");
+    assert_eq!(info.name, name);
+    assert_eq!(info.id.len(), 36);
+    assert_eq!((info.cpus, info.memory_mib), (3, 1536));
+    assert_eq!(info.firmware, Firmware::Bios);
+    assert!(info.machine.as_deref().unwrap().contains("q35"));
+    assert_eq!(info.state, PowerState::Stopped);
+    assert_eq!(info.disks.len(), 2);
+    let d0 = &info.disks[0];
+    assert_eq!(d0.id, "vda");
+    assert_eq!(d0.bus, Some(DiskBus::Virtio));
+    assert_eq!(d0.format, Some(DiskFormat::Qcow2));
+    assert_eq!(d0.capacity, 100 * MIB);
+    assert!(d0.allocation.unwrap() < MIB);
+    assert_eq!(d0.location, pool.path("os.qcow2").display().to_string());
+    let d1 = &info.disks[1];
+    assert_eq!(d1.id, "sdb");
+    assert_eq!(d1.bus, Some(DiskBus::Scsi));
+    assert_eq!(d1.format, Some(DiskFormat::Raw));
+    assert_eq!(d1.capacity, 32 * MIB);
+    assert_eq!(d1.location, format!("{}/data.raw", pool.name));
+    assert_eq!(info.nics.len(), 2);
+    assert_eq!(info.nics[0].mac.as_deref(), Some("52:54:00:12:34:56"));
+    assert_eq!(info.nics[0].model.as_deref(), Some("virtio"));
+    assert_eq!(info.nics[0].network.as_deref(), Some("default"));
+    assert_eq!(info.nics[1].model.as_deref(), Some("e1000"));
+    assert_eq!(info.nics[1].network.as_deref(), Some("bridge:br-vrg"));
+    // By UUID too, and listed.
+    assert_eq!(p.describe_vm(&info.id).await.unwrap().name, name);
+    assert!(p.list_vms().await.unwrap().iter().any(|v| v.name == name));
+    // A missing disk id.
+    let e = p.open_disk(&name, "vdz", None).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+}
+
+/// Errors: missing VM, pool, volume; a VM whose disk file is in no pool.
+#[tokio::test]
+async fn clear_errors() {
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    let p = LibvirtProvider::new(&uri);
+    let missing = unique("missing");
+    let e = p.describe_vm(&missing).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains(&missing), "{e}");
+    let e = p.power(&missing, PowerOp::On).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+
+    let e = p
+        .create_disk(&DiskCreateSpec {
+            vm: "x".into(),
+            name: "d".into(),
+            capacity: MIB,
+            format: None,
+            placement: Some(unique("nopool")),
+            overwrite: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("pool"), "{e}");
+
+    let pool = TestPool::new(&uri, "err");
+    let spec = VmSpec {
+        name: unique("novol"),
+        cpus: 1,
+        memory_mib: 64,
+        firmware: Firmware::Bios,
+        machine: None,
+        guest_os: None,
+        disks: vec![VmDiskSpec {
+            location: format!("{}/absent.qcow2", pool.name),
+            bus: DiskBus::Virtio,
+            format: DiskFormat::Qcow2,
+        }],
+        nics: vec![NicInfo::default()],
+        overwrite: false,
+    };
+    let _g = guard(&uri, &spec.name);
+    let e = p.create_vm(&spec).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("absent.qcow2"), "{e}");
+
+    // A disk file outside every pool cannot be streamed.
+    let outside = tempfile::tempdir().unwrap();
+    let f = outside.path().join("loose.raw");
+    std::fs::File::create(&f).unwrap().set_len(MIB).unwrap();
+    let name = unique("loose");
+    let _g2 = guard(&uri, &name);
+    define_xml(
+        &uri,
+        outside.path(),
+        &domain_xml(&name, &file_disk_xml(&f, "raw", "vda", "virtio")),
+    );
+    let e = p.open_disk(&name, "vda", None).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("pool"), "{e}");
+
+    // Aborting an upload leaves no volume behind.
+    let created = p
+        .create_disk(&DiskCreateSpec {
+            vm: "ab".into(),
+            name: "d".into(),
+            capacity: 4 * MIB,
+            format: Some(DiskFormat::Raw),
+            placement: Some(pool.name.clone()),
+            overwrite: false,
+        })
+        .await
+        .unwrap();
+    let mut sink = created.sink;
+    sink.write(bytes::Bytes::from_static(b"partial"))
+        .await
+        .unwrap();
+    sink.abort().await.unwrap();
+    pool.refresh();
+    let vols = virsh(&uri, &["vol-list", &pool.name]);
+    assert!(!vols.contains("ab-d.raw"), "{vols}");
+
+    // So does dropping one without commit (cleanup runs on a background thread).
+    let created = p
+        .create_disk(&DiskCreateSpec {
+            vm: "dr".into(),
+            name: "d".into(),
+            capacity: 4 * MIB,
+            format: None,
+            placement: Some(pool.name.clone()),
+            overwrite: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(created.format, DiskFormat::Qcow2);
+    assert_eq!(created.location, format!("{}/dr-d.qcow2", pool.name));
+    let mut sink = created.sink;
+    sink.write(bytes::Bytes::from_static(b"partial"))
+        .await
+        .unwrap();
+    drop(sink);
+    let t = Instant::now();
+    loop {
+        pool.refresh();
+        if !virsh(&uri, &["vol-list", &pool.name]).contains("dr-d.qcow2") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "dropped upload left its volume"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The same export over `qemu+tcp://`: equal content digest to the local connection's.
+#[tokio::test]
+async fn export_over_tcp() {
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    let Some(tcp) = env_uri("VIRTRIGAUD_LIBVIRT_TCP_URI") else {
+        return;
+    };
+    let pool = TestPool::new(&uri, "tcp");
+    let scratch = tempfile::tempdir().unwrap();
+    let tmp_raw = scratch.path().join("t.raw");
+    write_patterned_raw(&tmp_raw, 32 * MIB);
+    let q = pool.path("t.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        tmp_raw.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    pool.refresh();
+    let name = unique("tcp");
+    let _g = guard(&uri, &name);
+    define_xml(
+        &uri,
+        scratch.path(),
+        &domain_xml(&name, &file_disk_xml(&q, "qcow2", "vda", "virtio")),
+    );
+    let local = LibvirtProvider::new(&uri);
+    let remote = LibvirtProvider::new(&tcp);
+    let store = tempfile::tempdir().unwrap();
+    let storage = FsBackend::new(store.path());
+    let exp = export_disk(
+        &remote,
+        &name,
+        "vda",
+        &storage,
+        "tcp/vda.qcow2",
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    let d_local = digest_disk(&local, &name, "vda", &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(exp.manifest.content_digest.value, d_local);
+    assert_eq!(exp.manifest.source.as_ref().unwrap().provider, "libvirt");
+    assert_eq!(exp.manifest.vm.as_ref().unwrap().name, name);
+    // And back in over TCP, as a raw volume uploaded with a sparse stream.
+    let imp = import_disk(
+        &storage,
+        "tcp/vda.qcow2",
+        &remote,
+        &name,
+        "copy",
+        &ImportOptions {
+            format: Some(DiskFormat::Raw),
+            placement: Some(pool.name.clone()),
+            ..ImportOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let copy = pool.path(imp.location.split_once('/').unwrap().1);
+    qemu_img(&[
+        "compare",
+        "-F",
+        "raw",
+        q.to_str().unwrap(),
+        copy.to_str().unwrap(),
+    ]);
+    let allocated = std::fs::metadata(&copy).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.blocks() * 512
+    });
+    assert!(allocated.unwrap() < 8 * MIB, "upload was not sparse");
+}
+
+/// A 512-byte x86 boot sector that writes `VIRTRIGAUD-BOOT-OK` to COM1 and halts.
+fn boot_sector() -> [u8; 512] {
+    let mut s = [0u8; 512];
+    let code: &[u8] = &[
+        0x31, 0xC0, // xor ax, ax
+        0x8E, 0xD8, // mov ds, ax
+        0xFC, // cld
+        0xBE, 0x17, 0x7C, // mov si, 0x7C17 (msg)
+        0xBA, 0xF8, 0x03, // mov dx, 0x3F8 (COM1)
+        0xAC, // loop: lodsb
+        0x84, 0xC0, // test al, al
+        0x74, 0x03, // jz done
+        0xEE, // out dx, al
+        0xEB, 0xF8, // jmp loop
+        0xFA, // done: cli
+        0xF4, // hlt
+        0xEB, 0xFC, // jmp done
+    ];
+    assert_eq!(code.len(), 0x17);
+    s[..code.len()].copy_from_slice(code);
+    let msg = b"VIRTRIGAUD-BOOT-OK\r\n\0";
+    s[code.len()..code.len() + msg.len()].copy_from_slice(msg);
+    s[510] = 0x55;
+    s[511] = 0xAA;
+    s
+}
+
+/// Boot proof: a boot sector on a 64 MiB sparse qcow2 in pool A, exported to storage, imported
+/// into pool B, defined with `create_vm` (BIOS, TCG, serial to a file), started; the marker
+/// appears on the serial log. Then, while it runs: a disk-only external snapshot is read
+/// point-in-time and deleted (block commit + pivot), a graceful shutdown times out (the guest
+/// ignores ACPI) and a forced one powers it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_proof_and_running_snapshot() {
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    let pa = TestPool::new(&uri, "boot-a");
+    let pb = TestPool::new(&uri, "boot-b");
+    let scratch = tempfile::tempdir().unwrap();
+    let raw = scratch.path().join("boot.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(64 * MIB).unwrap();
+    f.write_all_at(&boot_sector(), 0).unwrap();
+    drop(f);
+    let src_img = pa.path("boot.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        src_img.to_str().unwrap(),
+    ]);
+    pa.refresh();
+    let src_vm = unique("boot-src");
+    let _g1 = guard(&uri, &src_vm);
+    define_xml(
+        &uri,
+        scratch.path(),
+        &domain_xml(&src_vm, &file_disk_xml(&src_img, "qcow2", "vda", "virtio")),
+    );
+    let p = LibvirtProvider::new(&uri);
+    let store = tempfile::tempdir().unwrap();
+    let storage = FsBackend::new(store.path());
+    export_disk(
+        &p,
+        &src_vm,
+        "vda",
+        &storage,
+        "boot/vda.qcow2",
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    let vm = unique("boot");
+    let _g2 = guard(&uri, &vm);
+    let imp = import_disk(
+        &storage,
+        "boot/vda.qcow2",
+        &p,
+        &vm,
+        "vda",
+        &ImportOptions {
+            placement: Some(pb.name.clone()),
+            ..ImportOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(imp.format, DiskFormat::Qcow2);
+    let serial = scratch.path().join("serial.log");
+    let spec = VmSpec {
+        name: vm.clone(),
+        cpus: 1,
+        memory_mib: 64,
+        firmware: Firmware::Bios,
+        machine: Some("pc".into()),
+        guest_os: None,
+        disks: vec![VmDiskSpec {
+            location: imp.location.clone(),
+            bus: DiskBus::Virtio,
+            format: imp.format,
+        }],
+        nics: vec![],
+        overwrite: false,
+    };
+    let info = p
+        .create_vm_with(
+            &spec,
+            &DomainOptions {
+                domain_type: Some("qemu".into()),
+                serial_file: Some(serial.display().to_string()),
+                arch: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(info.state, PowerState::Stopped);
+    let t = Instant::now();
+    p.power(&vm, PowerOp::On).await.unwrap();
+    let marker = "VIRTRIGAUD-BOOT-OK";
+    loop {
+        let log = std::fs::read(&serial).unwrap_or_default();
+        if String::from_utf8_lossy(&log).contains(marker) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no boot marker after 60 s; serial log: {:?}",
+            String::from_utf8_lossy(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("boot marker seen after {:?}", t.elapsed());
+    assert_eq!(p.describe_vm(&vm).await.unwrap().state, PowerState::Running);
+
+    // Reboot is a guest request (ACPI); this guest ignores it and keeps running.
+    p.power(&vm, PowerOp::Reboot).await.unwrap();
+    assert_eq!(p.describe_vm(&vm).await.unwrap().state, PowerState::Running);
+
+    // Point-in-time read of a running VM through an external disk-only snapshot.
+    let before = digest_disk(&p, &vm, "vda", &ImportOptions::default())
+        .await
+        .unwrap();
+    let snap = p.create_snapshot(&vm, "vrg-pit").await.unwrap();
+    let during = p.describe_vm(&vm).await.unwrap();
+    assert!(during.disks[0].location.ends_with(".vrg-pit"), "{during:?}");
+    let exp = export_disk(
+        &p,
+        &vm,
+        "vda",
+        &storage,
+        "boot/pit.qcow2",
+        &ExportOptions {
+            snapshot: Some(snap.clone()),
+            ..ExportOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(exp.manifest.content_digest.value, before);
+    assert_eq!(
+        exp.manifest.source.as_ref().unwrap().snapshot.as_deref(),
+        Some("vrg-pit")
+    );
+    p.delete_snapshot(&vm, &snap).await.unwrap();
+    let after = p.describe_vm(&vm).await.unwrap();
+    assert_eq!(after.disks[0].location, imp.location, "{after:?}");
+    pb.refresh();
+    let vols = virsh(&uri, &["vol-list", &pb.name]);
+    assert!(!vols.contains("vrg-pit"), "overlay left behind: {vols}");
+
+    // The guest halts with interrupts off: ACPI shutdown is ignored.
+    let e = p
+        .power(
+            &vm,
+            PowerOp::Shutdown {
+                timeout: Duration::from_secs(2),
+                force: false,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    p.power(
+        &vm,
+        PowerOp::Shutdown {
+            timeout: Duration::from_secs(1),
+            force: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(p.describe_vm(&vm).await.unwrap().state, PowerState::Stopped);
+    p.delete_vm(&vm).await.unwrap();
+}
+
+/// A stopped VM gets an internal snapshot; reading with it gives the same content; deleting it
+/// leaves no snapshot in libvirt or in the qcow2 file.
+#[tokio::test]
+async fn stopped_vm_internal_snapshot() {
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    let pool = TestPool::new(&uri, "isnap");
+    let scratch = tempfile::tempdir().unwrap();
+    let tmp_raw = scratch.path().join("i.raw");
+    write_patterned_raw(&tmp_raw, 16 * MIB);
+    let q = pool.path("i.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        tmp_raw.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    pool.refresh();
+    let name = unique("isnap");
+    let _g = guard(&uri, &name);
+    define_xml(
+        &uri,
+        scratch.path(),
+        &domain_xml(&name, &file_disk_xml(&q, "qcow2", "vda", "virtio")),
+    );
+    let p = LibvirtProvider::new(&uri);
+    let before = digest_disk(&p, &name, "vda", &ImportOptions::default())
+        .await
+        .unwrap();
+    let snap = p.create_snapshot(&name, "vrg-int").await.unwrap();
+    assert!(virsh(&uri, &["snapshot-list", &name]).contains("vrg-int"));
+    let store = tempfile::tempdir().unwrap();
+    let storage = FsBackend::new(store.path());
+    let exp = export_disk(
+        &p,
+        &name,
+        "vda",
+        &storage,
+        "i/vda.vmdk",
+        &ExportOptions {
+            snapshot: Some(snap.clone()),
+            format: DiskFormat::Vmdk(virtrigaud_core::format::VmdkSubformat::StreamOptimized),
+            ..ExportOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(exp.manifest.content_digest.value, before);
+    assert!(
+        exp.manifest.stored_size < 4 * MIB,
+        "holes stored: {}",
+        exp.manifest.stored_size
+    );
+    p.delete_snapshot(&name, &snap).await.unwrap();
+    assert!(!virsh(&uri, &["snapshot-list", &name]).contains("vrg-int"));
+    let e = p.delete_snapshot(&name, &snap).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    let out = Command::new("qemu-img")
+        .args(["snapshot", "-l", q.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("vrg-int"));
+}
+
+/// Figures (run on demand: `cargo test -p virtrigaud-libvirt --test libvirtd -- --ignored`):
+/// sparse download and upload rates of a 1 GiB raw volume holding 256 MiB of data, over the
+/// local socket and over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput_figures() {
+    use futures::StreamExt;
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    let tcp = std::env::var("VIRTRIGAUD_LIBVIRT_TCP_URI").ok();
+    let pool = TestPool::new(&uri, "tput");
+    let size = 1024 * MIB;
+    let src = pool.path("big.raw");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(size).unwrap();
+    let chunk: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8 ^ 0x5a).collect();
+    for i in 0..64u64 {
+        f.write_all_at(&chunk, i * 16 * MIB).unwrap();
+    }
+    drop(f);
+    pool.refresh();
+    let name = unique("tput");
+    let _g = guard(&uri, &name);
+    let scratch = tempfile::tempdir().unwrap();
+    define_xml(
+        &uri,
+        scratch.path(),
+        &domain_xml(&name, &file_disk_xml(&src, "raw", "vda", "virtio")),
+    );
+    for u in std::iter::once(uri.clone()).chain(tcp) {
+        let p = LibvirtProvider::new(&u);
+        let t = Instant::now();
+        let opened = p.open_disk(&name, "vda", None).await.unwrap();
+        let virtrigaud_core::ImageSource::Sequential { mut stream, .. } = opened.source else {
+            panic!()
+        };
+        let mut data = 0u64;
+        while let Some(e) = stream.next().await {
+            let e = e.unwrap();
+            if e.is_data() {
+                data += e.len();
+            }
+        }
+        let el = t.elapsed().as_secs_f64();
+        eprintln!(
+            "download {u}: {} MiB data of 1 GiB in {el:.2} s = {:.0} MiB/s of data",
+            data / MIB,
+            data as f64 / MIB as f64 / el
+        );
+        let t = Instant::now();
+        let created = p
+            .create_disk(&DiskCreateSpec {
+                vm: name.clone(),
+                name: format!("up{}", u.len()),
+                capacity: size,
+                format: Some(DiskFormat::Raw),
+                placement: Some(pool.name.clone()),
+                overwrite: true,
+            })
+            .await
+            .unwrap();
+        let mut sink = created.sink;
+        for _ in 0..64 {
+            sink.write(bytes::Bytes::from(chunk.clone())).await.unwrap();
+            sink.write_zeros(12 * MIB).await.unwrap();
+        }
+        sink.commit().await.unwrap();
+        let el = t.elapsed().as_secs_f64();
+        eprintln!(
+            "upload {u}: 256 MiB data + 768 MiB holes in {el:.2} s = {:.0} MiB/s of data",
+            256.0 / el
+        );
+    }
+}
+
+/// `create_vm` with UEFI, q35, a SATA disk by path and NICs on a network and a bridge; the
+/// definition reads back the same; `overwrite` replaces it.
+#[tokio::test]
+async fn create_vm_uefi_nics_and_overwrite() {
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    let pool = TestPool::new(&uri, "uefi");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        pool.path("u.qcow2").to_str().unwrap(),
+        "10M",
+    ]);
+    pool.refresh();
+    let p = LibvirtProvider::new(&uri).with_domain_type("qemu");
+    let mut spec = VmSpec {
+        name: unique("uefi"),
+        cpus: 2,
+        memory_mib: 256,
+        firmware: Firmware::Uefi,
+        machine: Some("q35".into()),
+        guest_os: None,
+        disks: vec![VmDiskSpec {
+            location: pool.path("u.qcow2").display().to_string(),
+            bus: DiskBus::Sata,
+            format: DiskFormat::Qcow2,
+        }],
+        nics: vec![
+            NicInfo {
+                mac: Some("52:54:00:01:02:03".into()),
+                model: Some("e1000e".into()),
+                network: Some("default".into()),
+            },
+            NicInfo {
+                mac: None,
+                model: None,
+                network: Some("bridge:br-vrg".into()),
+            },
+        ],
+        overwrite: false,
+    };
+    let _g = guard(&uri, &spec.name);
+    let info = p.create_vm(&spec).await.unwrap();
+    assert_eq!(info.firmware, Firmware::Uefi);
+    assert!(info.machine.as_deref().unwrap().contains("q35"));
+    assert_eq!((info.cpus, info.memory_mib), (2, 256));
+    assert_eq!(info.disks.len(), 1);
+    assert_eq!(info.disks[0].id, "sda");
+    assert_eq!(info.disks[0].bus, Some(DiskBus::Sata));
+    assert_eq!(info.disks[0].capacity, 10 * MIB);
+    assert_eq!(info.nics.len(), 2);
+    assert_eq!(info.nics[0].mac.as_deref(), Some("52:54:00:01:02:03"));
+    assert_eq!(info.nics[0].model.as_deref(), Some("e1000e"));
+    assert_eq!(info.nics[0].network.as_deref(), Some("default"));
+    assert_eq!(info.nics[1].network.as_deref(), Some("bridge:br-vrg"));
+    assert!(info.nics[1].mac.is_some(), "libvirt assigns a MAC");
+    spec.overwrite = true;
+    spec.cpus = 3;
+    let info2 = p.create_vm(&spec).await.unwrap();
+    assert_eq!(info2.cpus, 3);
+    assert_ne!(info2.id, info.id);
+    p.delete_vm(&spec.name).await.unwrap();
+}
