@@ -840,3 +840,71 @@ async fn every_stored_format_imports_as_every_target_format_with_equal_content_d
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
     assert!(!store.exists("odd.vmdk").await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_without_allocation_map_falls_back_to_a_sparse_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 256u64 << 20;
+    // A sparse stream, as a libvirt volume download delivers it: data, then holes.
+    let items: Vec<Extent> = vec![
+        Extent::Data {
+            offset: 0,
+            bytes: Bytes::from(pattern(1 << 20, 1)),
+        },
+        Extent::Zero {
+            offset: 1 << 20,
+            len: 100 << 20,
+        },
+        Extent::Data {
+            offset: 101 << 20,
+            bytes: Bytes::from(pattern(1 << 20, 2)),
+        },
+        Extent::Zero {
+            offset: 102 << 20,
+            len: size - (102 << 20),
+        },
+    ];
+    let source = || ImageSource::Sequential {
+        size: Some(size),
+        stream: futures::stream::iter(items.clone().into_iter().map(Ok)).boxed(),
+    };
+    let store = virtrigaud_storage_fs(tmp.path().join("store"));
+    let r = export_image(
+        source(),
+        Some(DiskFormat::Raw),
+        &*store,
+        "s/a.img",
+        None,
+        None,
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.manifest.format,
+        DiskFormat::Vmdk(virtrigaud::format::VmdkSubformat::StreamOptimized)
+    );
+    assert!(
+        r.manifest.stored_size < 4 << 20,
+        "{}",
+        r.manifest.stored_size
+    );
+    // Without a fallback, qcow2 is honoured (and stores every cluster).
+    let opts = ExportOptions {
+        fallback_format: None,
+        ..Default::default()
+    };
+    let r2 = export_image(
+        source(),
+        Some(DiskFormat::Raw),
+        &*store,
+        "s/b.img",
+        None,
+        None,
+        &opts,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r2.manifest.format, DiskFormat::Qcow2);
+    assert_eq!(r2.manifest.content_digest, r.manifest.content_digest);
+}

@@ -289,11 +289,12 @@ impl<'a> Migration<'a> {
                     .iter()
                     .map(|d| DiskState {
                         id: d.id.clone(),
+                        // No format extension: the stored format may fall back (see
+                        // ExportOptions::fallback_format); the manifest says what it is.
                         key: format!(
-                            "{}/{}.{}",
+                            "{}/{}.img",
                             plan.prefix.trim_end_matches('/'),
-                            sanitize(&d.id),
-                            plan.stored_format.extension()
+                            sanitize(&d.id)
                         ),
                         bus: plan.bus_override.or(d.bus),
                         ..Default::default()

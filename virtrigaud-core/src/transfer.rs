@@ -34,10 +34,13 @@ pub const LIBRARY: &str = concat!("virtrigaud ", env!("CARGO_PKG_VERSION"));
 #[derive(Debug, Clone)]
 pub struct ExportOptions {
     /// Format of the stored object (default qcow2: sparse, and every hypervisor imports it).
-    /// qcow2 needs the source's allocation map up front; for a source that cannot tell it
-    /// (a plain byte stream) choose streamOptimized VMDK, which needs none, or every cluster
-    /// is stored.
     pub format: DiskFormat,
+    /// qcow2 and monolithicSparse VMDK lay out their tables before the data, so they need the
+    /// source's allocation map up front. A source that cannot tell it (a sequential stream such
+    /// as a libvirt volume download) would get every cluster stored; then this format is used
+    /// instead (default streamOptimized VMDK, which needs no map and stays sparse). `None`
+    /// keeps `format` whatever it costs. The manifest records the format actually stored.
+    pub fallback_format: Option<DiskFormat>,
     /// Read from this snapshot (point-in-time) instead of the live disk.
     pub snapshot: Option<SnapshotRef>,
     /// Record the VM's hardware description in the manifest.
@@ -54,6 +57,9 @@ impl Default for ExportOptions {
     fn default() -> Self {
         ExportOptions {
             format: DiskFormat::Qcow2,
+            fallback_format: Some(DiskFormat::Vmdk(
+                crate::format::VmdkSubformat::StreamOptimized,
+            )),
             snapshot: None,
             include_vm: true,
             pipeline: PipelineOptions::default(),
@@ -138,6 +144,18 @@ pub async fn export_image(
     let (_, content) = format::decode(source, format_hint, &opts.decode)
         .await
         .map_err(ctx)?;
+    let needs_map = matches!(
+        opts.format,
+        DiskFormat::Qcow2 | DiskFormat::Vmdk(crate::format::VmdkSubformat::MonolithicSparse)
+    );
+    let format = match opts.fallback_format {
+        Some(fallback) if needs_map && content.allocation.is_none() => {
+            tracing::info!(wanted = %opts.format, stored = %fallback,
+                "the source cannot tell its allocation map up front: storing the fallback format");
+            fallback
+        }
+        _ => opts.format,
+    };
     // An upper bound of the stored size (data, plus format metadata) lets multipart backends
     // choose a part size that fits any disk.
     let bound = content
@@ -156,7 +174,7 @@ pub async fn export_image(
         content,
         sink,
         pipeline::Job {
-            format: opts.format,
+            format,
             encode: &opts.encode,
             hash_object: true,
             phase: Phase::Export,
@@ -172,7 +190,7 @@ pub async fn export_image(
     };
     let manifest = Manifest {
         schema_version: SCHEMA_VERSION,
-        format: opts.format,
+        format,
         virtual_size: report.virtual_size,
         stored_size: report.stored_size,
         allocated_bytes: report.allocated_bytes,
