@@ -957,6 +957,7 @@ pub(crate) async fn decode_sequential(
     let h_cs = h.cluster_size();
     s.h = Some(h);
     s.drop_range(0, h_cs);
+    let allocation = prefetch_allocation(&mut s).await?;
     let extents = stream::unfold(s, |mut s| async move {
         if s.failed {
             return None;
@@ -973,7 +974,36 @@ pub(crate) async fn decode_sequential(
     .boxed();
     Ok(DiskContent {
         virtual_size,
-        allocation: None,
+        allocation,
         extents,
     })
+}
+
+/// Reads ahead until the L1 table and every L2 table have arrived, and returns the allocation
+/// map they describe — possible without holding data when the tables precede the data (our
+/// encoder's layout, and `qemu-img convert`'s for most images). Gives up (returns `None`,
+/// leaving everything buffered for the lazy path) as soon as more than half the data budget
+/// or half the table budget is waiting, or the input ends.
+async fn prefetch_allocation(s: &mut Seq) -> Result<Option<AllocationMap>> {
+    loop {
+        s.parse_metadata()?;
+        if s.l1.is_some() && s.l2_wanted.is_empty() {
+            break;
+        }
+        if s.buf_bytes > SEQ_BUDGET / 2
+            || s.buf.len() > 50_000
+            || s.tables_bytes > SEQ_TABLE_BUDGET / 2
+            || !s.pull().await?
+        {
+            return Ok(None);
+        }
+    }
+    let h = s.hdr()?.clone();
+    let mut ranges = Vec::new();
+    for (&i, t) in &s.tables {
+        let mut runs = Vec::new();
+        tables::l2_runs(&h, t, i as u64 * h.l1_coverage(), s.size, &mut runs)?;
+        tables::data_ranges(&runs, &mut ranges);
+    }
+    Ok(Some(AllocationMap::from_ranges(ranges)))
 }

@@ -386,3 +386,30 @@ proptest::proptest! {
         });
     }
 }
+
+#[tokio::test]
+async fn sequential_decoder_learns_the_allocation_map_when_tables_come_first() {
+    let (c, flat) = sample_disk(1 << 20, true);
+    let (file, _) = encode_vec(c, 4096).await.unwrap();
+    let random = decode_random(
+        Arc::new(Mem(Bytes::copy_from_slice(&file))),
+        &DecodeOptions::default(),
+    )
+    .await
+    .unwrap()
+    .allocation
+    .unwrap();
+    let seq = decode_sequential(
+        Some(file.len() as u64),
+        as_stream(&file, 333),
+        &DecodeOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        seq.allocation.as_ref(),
+        Some(&random),
+        "same map as the random-access decoder"
+    );
+    assert_eq!(seq.read_all().await.unwrap(), flat);
+}
