@@ -547,21 +547,15 @@ pub(crate) fn parse_multistatus(xml: &[u8]) -> Result<Vec<DavEntry>> {
                     _ => {}
                 }
             }
-            Event::Text(t) => {
-                if field.is_some() {
-                    text.push_str(&t.into_inner());
-                }
-            }
-            Event::GeneralRef(r) => {
-                if field.is_some() {
-                    if let Some(ch) = r.resolve_char_ref().map_err(|e| bad(&e))? {
-                        text.push(ch);
-                    } else {
-                        let name = r.into_inner();
-                        let v = quick_xml::escape::resolve_predefined_entity(&name)
-                            .ok_or_else(|| bad(&format!("unknown entity &{name};")))?;
-                        text.push_str(v);
-                    }
+            Event::Text(t) if field.is_some() => text.push_str(&t.into_inner()),
+            Event::GeneralRef(r) if field.is_some() => {
+                if let Some(ch) = r.resolve_char_ref().map_err(|e| bad(&e))? {
+                    text.push(ch);
+                } else {
+                    let name = r.into_inner();
+                    let v = quick_xml::escape::resolve_predefined_entity(&name)
+                        .ok_or_else(|| bad(&format!("unknown entity &{name};")))?;
+                    text.push_str(v);
                 }
             }
             Event::End(e) => {
@@ -680,6 +674,8 @@ mod tests {
         assert!(e[1].last_modified.is_some());
         let xml = br#"<multistatus xmlns="DAV:"><response><href>/x</href><propstat><prop><getcontentlength>7</getcontentlength></prop></propstat></response></multistatus>"#;
         assert_eq!(parse_multistatus(xml).unwrap()[0].size, 7);
+        let xml = br#"<multistatus xmlns="DAV:"><response><href>/d/a&amp;b&#x20;c</href></response></multistatus>"#;
+        assert_eq!(parse_multistatus(xml).unwrap()[0].path, "/d/a&b c");
         assert!(parse_multistatus(b"<a><b></a>").is_err());
     }
 
