@@ -8,11 +8,14 @@
 #
 # Locations:  /dav/  WebDAV with HTTP basic auth (user below), data in STATE_DIR/nginx/data/dav
 #             /pub/  read-only plain HTTP, no auth, data in STATE_DIR/nginx/data/pub
+#             /busy/ always 503 (retry tests count its requests in the access log)
+#             https://127.0.0.1:TLS_PORT/pub/  the same files over TLS with a self-signed cert
 set -euo pipefail
 source "$(dirname "$0")/../lib.sh"
 cmd=${1:?install|start|stop}
 state=${2:-}
 PORT=${VRG_NGINX_PORT:-18080}
+TLS_PORT=${VRG_NGINX_TLS_PORT:-18443}
 USER_NAME=vrgdav
 PASSWORD=vrgdav-test-password-not-a-real-one
 DAV_EXT=/usr/lib/nginx/modules/ngx_http_dav_ext_module.so
@@ -30,6 +33,10 @@ start)
     chmod 755 "$state" "$base" "$base/data" "$base/tmp"
     chown -R nobody "$base/data" "$base/tmp"
     chmod -R u+rwX "$base/data"
+    # A self-signed certificate for the TLS server (clients must refuse it by default).
+    [ -f "$base/tls.key" ] || openssl req -x509 -newkey rsa:2048 -nodes -days 30 \
+        -subj "/CN=127.0.0.1" -keyout "$base/tls.key" -out "$base/tls.crt" >/dev/null 2>&1
+    chmod 644 "$base/tls.crt"
     hash=$(openssl passwd -apr1 "$PASSWORD")
     printf '%s:%s\n' "$USER_NAME" "$hash" >"$base/htpasswd"
     chmod 644 "$base/htpasswd"
@@ -69,6 +76,19 @@ http {
             alias $base/data/pub/;
             limit_except GET HEAD { deny all; }
         }
+        location /busy/ {
+            return 503;
+        }
+    }
+    server {
+        listen 127.0.0.1:$TLS_PORT ssl;
+        server_name localhost;
+        ssl_certificate $base/tls.crt;
+        ssl_certificate_key $base/tls.key;
+        location /pub/ {
+            alias $base/data/pub/;
+            limit_except GET HEAD { deny all; }
+        }
     }
 }
 CONF
@@ -84,6 +104,9 @@ export VIRTRIGAUD_WEBDAV_PASSWORD=$PASSWORD
 export VIRTRIGAUD_WEBDAV_DATA_DIR=$base/data/dav
 export VIRTRIGAUD_HTTP_URL=http://127.0.0.1:$PORT/pub/
 export VIRTRIGAUD_HTTP_DATA_DIR=$base/data/pub
+export VIRTRIGAUD_HTTP_BUSY_URL=http://127.0.0.1:$PORT/busy/
+export VIRTRIGAUD_HTTPS_URL=https://127.0.0.1:$TLS_PORT/pub/
+export VIRTRIGAUD_NGINX_ACCESS_LOG=$base/logs/access.log
 ENV
     ;;
 stop)

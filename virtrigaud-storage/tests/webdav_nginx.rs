@@ -318,14 +318,19 @@ async fn big_put_streams_with_bounded_memory() {
     let Some(p) = peer("big_put_streams_with_bounded_memory") else {
         return;
     };
-    // 256 MiB in 1 MiB chunks; the writer holds at most queue_depth chunks, so the object is
-    // never in memory. Throughput is printed, not asserted.
+    // 256 MiB (or VIRTRIGAUD_WEBDAV_BIG_MIB) in 1 MiB chunks; the writer holds at most
+    // queue_depth chunks, so the object is never in memory. Throughput and the process's peak
+    // RSS are printed, not asserted (other tests share the process).
+    let mib: u64 = std::env::var("VIRTRIGAUD_WEBDAV_BIG_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
     let b = dav(&p);
     let key = format!("{}/big", unique("big"));
     let chunk = Bytes::from(vec![0x5au8; 1 << 20]);
     let t = Instant::now();
     let mut s = b.put(&key, &PutOptions::default()).await.unwrap();
-    for _ in 0..256 {
+    for _ in 0..mib {
         s.write(chunk.clone()).await.unwrap();
     }
     s.commit().await.unwrap();
@@ -337,11 +342,84 @@ async fn big_put_streams_with_bounded_memory() {
         n += c.unwrap().len() as u64;
     }
     let get = t.elapsed();
-    assert_eq!(n, 256 << 20);
+    assert_eq!(n, mib << 20);
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l.trim_start_matches("VmHWM:").trim().to_string())
+        })
+        .unwrap_or_default();
     println!(
-        "nginx WebDAV 256 MiB: put {:.0} MiB/s, get {:.0} MiB/s",
-        256.0 / put.as_secs_f64(),
-        256.0 / get.as_secs_f64()
+        "nginx WebDAV {mib} MiB: put {:.0} MiB/s, get {:.0} MiB/s, peak RSS of the test process {peak}",
+        mib as f64 / put.as_secs_f64(),
+        mib as f64 / get.as_secs_f64()
     );
     b.delete(&key).await.unwrap();
+}
+
+#[tokio::test]
+async fn tls_is_verified_by_default_and_off_only_when_asked() {
+    let Some(p) = peer("tls_is_verified_by_default_and_off_only_when_asked") else {
+        return;
+    };
+    let Ok(https) = std::env::var("VIRTRIGAUD_HTTPS_URL") else {
+        println!("SKIP: no VIRTRIGAUD_HTTPS_URL");
+        return;
+    };
+    let dir = unique("tls");
+    std::fs::create_dir_all(p.http_dir.join(&dir)).unwrap();
+    std::fs::write(p.http_dir.join(&dir).join("f"), b"over tls").unwrap();
+    let key = format!("{dir}/f");
+    // nginx's certificate is self-signed: refused by default.
+    let strict = HttpSource::new(WebdavConfig::new(&https).with_retry(fast_retry())).unwrap();
+    let t = Instant::now();
+    let e = strict.stat(&key).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Network, "{e}");
+    assert!(
+        !e.is_retryable(),
+        "a refused certificate is not retried: {e}"
+    );
+    assert!(e.to_string().contains("tls_verify"), "{e}");
+    let e = HttpSource::open_url(&format!("{https}{key}"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Network, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // Accepted only when verification is turned off explicitly.
+    let lax = HttpSource::new(
+        WebdavConfig::new(&https)
+            .with_tls_verify(false)
+            .with_retry(fast_retry()),
+    )
+    .unwrap();
+    assert_eq!(lax.stat(&key).await.unwrap().size, 8);
+    assert_eq!(lax.get_bytes(&key, 100).await.unwrap(), &b"over tls"[..]);
+    std::fs::remove_dir_all(p.http_dir.join(&dir)).unwrap();
+}
+
+#[tokio::test]
+async fn busy_server_is_retried_then_storage_error() {
+    if peer("busy_server_is_retried_then_storage_error").is_none() {
+        return;
+    }
+    let (Ok(busy), Ok(log)) = (
+        std::env::var("VIRTRIGAUD_HTTP_BUSY_URL"),
+        std::env::var("VIRTRIGAUD_NGINX_ACCESS_LOG"),
+    ) else {
+        println!("SKIP: no VIRTRIGAUD_HTTP_BUSY_URL / VIRTRIGAUD_NGINX_ACCESS_LOG");
+        return;
+    };
+    let src = HttpSource::new(WebdavConfig::new(&busy).with_retry(fast_retry())).unwrap();
+    let key = unique("busy");
+    let e = src.stat(&key).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Storage, "{e}");
+    assert!(e.is_retryable());
+    assert!(e.to_string().contains("503"), "{e}");
+    // nginx writes its access log line when the request ends; give it a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = std::fs::read_to_string(log).unwrap();
+    let attempts = text.lines().filter(|l| l.contains(&key)).count();
+    assert_eq!(attempts, 3, "1 attempt + 2 retries");
 }

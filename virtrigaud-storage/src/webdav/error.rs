@@ -12,6 +12,7 @@
 //! | 408, 429, 500, 502, 503, 504, other 5xx except 501/507 | `Storage` | yes |
 //! | 507, 413, other 4xx, 3xx (redirects are not followed by the WebDAV client) | `Storage` | no |
 //! | connection refused/reset, body cut short | `Network` | yes |
+//! | TLS certificate refused | `Network` | no |
 //! | timeout | `Timeout` | yes |
 //!
 //! Messages name the operation, the URL (credentials never are part of it: they travel in a
@@ -73,9 +74,18 @@ pub(crate) fn from_transport(op: &str, target: &str, e: reqwest::Error) -> Error
     } else {
         ErrorKind::Network
     };
-    let retryable = kind != ErrorKind::InvalidInput;
     let e = e.without_url();
-    Error::new(kind, format!("HTTP {op} on {target}: {}", error_chain(&e)))
+    let chain = error_chain(&e);
+    // A certificate the client refuses stays refused: not worth a retry.
+    let tls = chain.to_ascii_lowercase().contains("certificate");
+    let retryable = kind != ErrorKind::InvalidInput && !tls;
+    let mut msg = format!("HTTP {op} on {target}: {chain}");
+    if tls {
+        msg.push_str(
+            " (TLS verification failed; turn `tls_verify` off only for a server you trust)",
+        );
+    }
+    Error::new(kind, msg)
         .with_retryable(retryable)
         .with_operation(format!("http.{op}"))
         .with_target(target.to_string())
