@@ -225,3 +225,30 @@ impl StorageBackend for WebdavBackend {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_maps_webdav_urls_to_this_backend() {
+        let b = crate::open("webdav://u:secret@dav.example:8080/images").unwrap();
+        assert_eq!(b.location(), "http://dav.example:8080/images/");
+        assert!(!format!("{b:?}").contains("secret"));
+        let b = crate::open("webdavs://dav.example/x/").unwrap();
+        assert_eq!(b.location(), "https://dav.example/x/");
+        assert!(b.capabilities().atomic_put);
+        let b = crate::open("https://dav.example/").unwrap();
+        assert_eq!(b.location(), "https://dav.example/");
+    }
+
+    #[tokio::test]
+    async fn temporary_keys_and_bad_keys_are_refused_before_any_request() {
+        // Port 9 (discard) on 127.0.0.1: nothing is sent for an invalid key.
+        let b = WebdavBackend::new(WebdavConfig::new("http://127.0.0.1:9/dav/")).unwrap();
+        for k in ["a/.x.1.vrg-tmp", "../x", "a//b"] {
+            let e = b.put(k, &PutOptions::default()).await.err().unwrap();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{k}");
+        }
+    }
+}
