@@ -207,6 +207,16 @@ async fn overwrite_false_refuses_existing_objects() {
     s.write(Bytes::from_static(b"new")).await.unwrap();
     s.commit().await.unwrap();
     let dir = key.rsplit_once('/').unwrap().0;
+    // A put never replaces a collection.
+    b.put_bytes(&format!("{key}-col/inner"), Bytes::from_static(b"keep"))
+        .await
+        .unwrap();
+    let e = b
+        .put_bytes(&format!("{key}-col"), Bytes::from_static(b"over"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    b.delete(&format!("{key}-col/inner")).await.unwrap();
     let listed: Vec<String> = b
         .list(&format!("{dir}/"))
         .await

@@ -80,6 +80,17 @@ pub(crate) struct DavEntry {
     pub last_modified: Option<SystemTime>,
 }
 
+/// What a HEAD found.
+#[derive(Debug)]
+pub(crate) enum Head {
+    /// An object.
+    Object(ObjectMeta),
+    /// Nothing (404, 410).
+    Missing,
+    /// A redirect: for a WebDAV server, a collection named without its trailing `/`.
+    Redirect,
+}
+
 /// Shared state of the requests: client, base URL, authorization header, retry policy.
 pub(crate) struct DavCore {
     client: reqwest::Client,
@@ -228,14 +239,25 @@ impl DavCore {
     /// HEAD: the object's metadata, `None` if absent (404) or not an object (a redirect, as
     /// nginx answers for a collection without its trailing `/`).
     pub(crate) async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        Ok(match self.head_outcome(key).await? {
+            Head::Object(m) => Some(m),
+            Head::Missing | Head::Redirect => None,
+        })
+    }
+
+    /// HEAD, telling a redirect (a collection, for WebDAV servers) from a missing resource.
+    pub(crate) async fn head_outcome(&self, key: &str) -> Result<Head> {
         let url = self.url(key);
         self.retry("head", || async {
             let resp = self
                 .send_once("head", &url, self.request(Method::HEAD, &url))
                 .await?;
             let st = resp.status();
-            if st == StatusCode::NOT_FOUND || st == StatusCode::GONE || st.is_redirection() {
-                return Ok(None);
+            if st == StatusCode::NOT_FOUND || st == StatusCode::GONE {
+                return Ok(Head::Missing);
+            }
+            if st.is_redirection() {
+                return Ok(Head::Redirect);
             }
             if !st.is_success() {
                 return Err(from_status("head", &url, st, b""));
@@ -252,7 +274,7 @@ impl DavCore {
                     )
                     .with_operation("http.head")
                 })?;
-            Ok(Some(ObjectMeta {
+            Ok(Head::Object(ObjectMeta {
                 key: key.to_string(),
                 size,
                 etag: header_str(resp.headers(), header::ETAG).map(normalize_etag),

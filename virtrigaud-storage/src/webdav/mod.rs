@@ -19,7 +19,7 @@
 //!
 //! | operation | request |
 //! |---|---|
-//! | put | `MKCOL` of the parent (and of each missing ancestor, on 409), then one chunked `PUT` of `<dir>/.<name>.<unique>.vrg-tmp` streamed from the writer; commit: `MOVE` with `Overwrite: T` (or `HEAD` + `Overwrite: F` when the put must not overwrite) |
+//! | put | `MKCOL` of the parent (and of each missing ancestor, on 409), then one chunked `PUT` of `<dir>/.<name>.<unique>.vrg-tmp` streamed from the writer; commit: `HEAD` of the key (a collection is refused with `Conflict`; an existing object with `AlreadyExists` when the put must not overwrite), then `MOVE` with `Overwrite: T` (`F` when it must not) |
 //! | get | `GET` with `Range: bytes=a-b`, streamed; a server that ignores `Range` (200) is skipped and cut locally |
 //! | stat | `HEAD` (size from `Content-Length`, `ETag`, `Last-Modified`) |
 //! | delete | `DELETE` (404 counts as deleted) |

@@ -4,11 +4,12 @@
 //! Bytes handed to [`write`](ByteSink::write) go through a bounded channel
 //! ([`WebdavConfig::queue_depth`](super::WebdavConfig::queue_depth) chunks) into the body of a
 //! PUT that runs in its own task, so memory stays bounded whatever the object size. Commit ends
-//! the body, waits for the server's answer, then MOVEs the temporary object over the key
-//! (`Overwrite: F` and a HEAD first when the put must not overwrite). Abort (or drop) cancels
+//! the body, waits for the server's answer, HEADs the key (a collection is never replaced),
+//! then MOVEs the temporary object over it (`Overwrite: F` when the put must not overwrite).
+//! Abort (or drop) cancels
 //! the request — the server never completes the temporary object — and DELETEs it anyway.
 
-use super::core::DavCore;
+use super::core::{DavCore, Head};
 use super::error::from_transport;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -109,8 +110,19 @@ impl WebdavWriter {
         drop(self.tx.take());
         self.join().await?;
         let target = self.core.url(&self.key);
-        if !self.overwrite && self.core.head(&self.key).await?.is_some() {
-            return Err(exists(&target));
+        // Never MOVE over a collection (`Overwrite: T` would delete it on some servers), and
+        // refuse an existing object when asked not to overwrite.
+        match self.core.head_outcome(&self.key).await? {
+            Head::Redirect => {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("{target} is a collection, not an object"),
+                )
+                .with_operation("http.put")
+                .with_target(target));
+            }
+            Head::Object(_) if !self.overwrite => return Err(exists(&target)),
+            _ => {}
         }
         match self
             .core
