@@ -433,3 +433,28 @@ async fn busy_server_is_retried_then_storage_error() {
     let attempts = text.lines().filter(|l| l.contains(&key)).count();
     assert_eq!(attempts, 3, "1 attempt + 2 retries");
 }
+
+#[tokio::test]
+async fn slow_writer_outlives_the_idle_timeout() {
+    let Some(p) = peer("slow_writer_outlives_the_idle_timeout") else {
+        return;
+    };
+    // The server says nothing while a PUT body flows; a writer slower than the idle timeout
+    // in total (but never silent that long) must still succeed.
+    let cfg = WebdavConfig {
+        idle_timeout: Duration::from_millis(800),
+        ..WebdavConfig::new(&p.url)
+            .with_basic_auth(&p.user, p.password.as_str())
+            .with_retry(fast_retry())
+    };
+    let b = WebdavBackend::new(cfg).unwrap();
+    let key = format!("{}/slow", unique("slow"));
+    let mut s = b.put(&key, &PutOptions::default()).await.unwrap();
+    for _ in 0..6 {
+        s.write(Bytes::from(vec![1u8; 64 << 10])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    s.commit().await.unwrap();
+    assert_eq!(b.stat(&key).await.unwrap().size, 6 * (64 << 10));
+    b.delete(&key).await.unwrap();
+}

@@ -94,6 +94,10 @@ pub(crate) enum Head {
 /// Shared state of the requests: client, base URL, authorization header, retry policy.
 pub(crate) struct DavCore {
     client: reqwest::Client,
+    /// The client of streamed PUTs (no read timeout, see [`DavCore::new`]).
+    put_client: reqwest::Client,
+    /// Longest silence allowed (reads; chunks accepted by a PUT; a PUT's final answer).
+    pub(crate) idle_timeout: Duration,
     /// Base URL, ending with `/`.
     base: String,
     /// Decoded path of the base URL, ending with `/`.
@@ -122,12 +126,22 @@ impl DavCore {
         } else {
             reqwest::redirect::Policy::none()
         };
-        let client = reqwest::Client::builder()
-            .danger_accept_invalid_certs(!cfg.tls_verify)
-            .connect_timeout(cfg.connect_timeout)
+        let builder = || {
+            reqwest::Client::builder()
+                .danger_accept_invalid_certs(!cfg.tls_verify)
+                .connect_timeout(cfg.connect_timeout)
+                .pool_idle_timeout(Duration::from_secs(30))
+        };
+        let client = builder()
             .read_timeout(cfg.idle_timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
             .redirect(policy)
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot build the HTTP client: {e}")))?;
+        // The server is silent while a PUT body flows, for as long as the caller takes to
+        // produce it: a read timeout would cut slow uploads. The writer bounds each chunk and
+        // the final answer by `idle_timeout` itself.
+        let put_client = builder()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::invalid(format!("cannot build the HTTP client: {e}")))?;
         let auth = match (&cfg.user, &cfg.password, &cfg.bearer_token) {
@@ -155,6 +169,8 @@ impl DavCore {
             .into_owned();
         Ok(DavCore {
             client,
+            put_client,
+            idle_timeout: cfg.idle_timeout,
             base: u.to_string(),
             base_path,
             auth,
@@ -186,6 +202,15 @@ impl DavCore {
     /// A request with the authorization header.
     pub(crate) fn request(&self, method: Method, url: &str) -> reqwest::RequestBuilder {
         let mut r = self.client.request(method, url);
+        if let Some(a) = &self.auth {
+            r = r.header(header::AUTHORIZATION, a.clone());
+        }
+        r
+    }
+
+    /// A PUT request with the authorization header (client without read timeout).
+    pub(crate) fn put_request(&self, url: &str) -> reqwest::RequestBuilder {
+        let mut r = self.put_client.put(url);
         if let Some(a) = &self.auth {
             r = r.header(header::AUTHORIZATION, a.clone());
         }

@@ -15,7 +15,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::SinkExt;
 use futures::channel::mpsc;
-use reqwest::Method;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 use virtrigaud_core::io::ByteSink;
@@ -53,7 +52,7 @@ impl WebdavWriter {
         let c = core.clone();
         let task = tokio::spawn(async move {
             let req = c
-                .request(Method::PUT, &url)
+                .put_request(&url)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                 .body(reqwest::Body::wrap_stream(rx));
             let resp = req
@@ -106,9 +105,42 @@ impl WebdavWriter {
         }
     }
 
+    /// A `Timeout` error: the server stalled the PUT.
+    fn stalled(&self, what: &str) -> Error {
+        Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "the server {what} for {:?} during the PUT of {}",
+                self.core.idle_timeout,
+                self.core.url(&self.temp)
+            ),
+        )
+        .with_operation("http.put")
+        .with_target(self.core.url(&self.key))
+    }
+
+    /// Cancels the PUT request mid-body (the server discards it).
+    fn cancel(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        if let Some(mut tx) = self.tx.take() {
+            // Ends the body with an error, so the server never completes the temporary object.
+            let _ = tx.try_send(Err(std::io::Error::other("put cancelled")));
+        }
+    }
+
     async fn finish_put(&mut self) -> Result<()> {
         drop(self.tx.take());
-        self.join().await?;
+        let idle = self.core.idle_timeout;
+        match tokio::time::timeout(idle, self.join()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                let e = self.stalled("did not answer");
+                self.cancel();
+                return Err(e);
+            }
+        }
         let target = self.core.url(&self.key);
         // Never MOVE over a collection (`Overwrite: T` would delete it on some servers), and
         // refuse an existing object when asked not to overwrite.
@@ -167,12 +199,27 @@ impl ByteSink for WebdavWriter {
         let Some(tx) = self.tx.as_mut() else {
             return Err(Error::invalid("write after the put ended"));
         };
-        if tx.send(Ok(data)).await.is_err() {
+        let sent = match tokio::time::timeout(self.core.idle_timeout, tx.send(Ok(data))).await {
+            Ok(r) => r,
+            Err(_) => {
+                let e = self.stalled("accepted no data");
+                self.cancel();
+                self.remove_temp().await;
+                return Err(e.with_offset(self.written));
+            }
+        };
+        if sent.is_err() {
             // The request stopped reading its body: its answer says why.
             self.tx = None;
-            let e = match self.join().await {
-                Err(e) => e,
-                Ok(()) => Error::new(
+            let idle = self.core.idle_timeout;
+            let e = match tokio::time::timeout(idle, self.join()).await {
+                Err(_) => {
+                    let e = self.stalled("did not answer");
+                    self.cancel();
+                    e
+                }
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => Error::new(
                     ErrorKind::Network,
                     format!(
                         "the server ended the PUT of {} before the body",
@@ -199,13 +246,7 @@ impl ByteSink for WebdavWriter {
 
     async fn abort(mut self: Box<Self>) -> Result<()> {
         self.finished = true;
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-        if let Some(mut tx) = self.tx.take() {
-            // Ends the body with an error, so the server never completes the temporary object.
-            let _ = tx.try_send(Err(std::io::Error::other("put aborted")));
-        }
+        self.cancel();
         self.core.delete(&self.temp).await
     }
 }
@@ -215,12 +256,7 @@ impl Drop for WebdavWriter {
         if self.finished {
             return;
         }
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-        if let Some(mut tx) = self.tx.take() {
-            let _ = tx.try_send(Err(std::io::Error::other("put dropped")));
-        }
+        self.cancel();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let core = self.core.clone();
             let temp = std::mem::take(&mut self.temp);
