@@ -458,3 +458,34 @@ async fn slow_writer_outlives_the_idle_timeout() {
     assert_eq!(b.stat(&key).await.unwrap().size, 6 * (64 << 10));
     b.delete(&key).await.unwrap();
 }
+
+#[tokio::test]
+async fn slow_reader_outlives_the_idle_timeout() {
+    let Some(p) = peer("slow_reader_outlives_the_idle_timeout") else {
+        return;
+    };
+    // A consumer that pauses longer than the idle timeout between chunks (back-pressure
+    // from a slow target) must still read the whole object.
+    let cfg = WebdavConfig {
+        idle_timeout: Duration::from_millis(500),
+        ..WebdavConfig::new(&p.url)
+            .with_basic_auth(&p.user, p.password.as_str())
+            .with_retry(fast_retry())
+    };
+    let b = WebdavBackend::new(cfg).unwrap();
+    let key = format!("{}/obj", unique("slowread"));
+    let data: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 253) as u8).collect();
+    b.put_bytes(&key, Bytes::from(data.clone())).await.unwrap();
+    let mut s = b.get(&key, None).await.unwrap();
+    let mut got = Vec::new();
+    let mut pauses = 0;
+    while let Some(c) = s.next().await {
+        got.extend_from_slice(&c.unwrap());
+        if pauses < 3 {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            pauses += 1;
+        }
+    }
+    assert_eq!(got, data);
+    b.delete(&key).await.unwrap();
+}

@@ -44,7 +44,9 @@ pub struct WebdavConfig {
     pub tls_verify: bool,
     /// Time allowed to establish a connection.
     pub connect_timeout: Duration,
-    /// Longest silence on a connection (no byte received) before a request fails.
+    /// Longest wait for the network before a request fails: an answer, the next chunk of a GET
+    /// body, the server accepting the next chunk of a PUT body, the answer to a finished PUT.
+    /// Time the caller spends producing or consuming data does not count.
     pub idle_timeout: Duration,
     /// Retries of each request (a streamed PUT body cannot be replayed and is not retried).
     pub retry: RetryConfig,

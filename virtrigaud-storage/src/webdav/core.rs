@@ -94,8 +94,8 @@ pub(crate) enum Head {
 /// Shared state of the requests: client, base URL, authorization header, retry policy.
 pub(crate) struct DavCore {
     client: reqwest::Client,
-    /// The client of streamed PUTs (no read timeout, see [`DavCore::new`]).
-    put_client: reqwest::Client,
+    /// The client of streamed PUTs and GETs (no read timeout, see [`DavCore::new`]).
+    stream_client: reqwest::Client,
     /// Longest silence allowed (reads; chunks accepted by a PUT; a PUT's final answer).
     pub(crate) idle_timeout: Duration,
     /// Base URL, ending with `/`.
@@ -137,10 +137,11 @@ impl DavCore {
             .redirect(policy)
             .build()
             .map_err(|e| Error::invalid(format!("cannot build the HTTP client: {e}")))?;
-        // The server is silent while a PUT body flows, for as long as the caller takes to
-        // produce it: a read timeout would cut slow uploads. The writer bounds each chunk and
-        // the final answer by `idle_timeout` itself.
-        let put_client = builder()
+        // Streams (PUT bodies, GET bodies) need their idle bound counted only while *we* wait
+        // for the network: the server is silent while a PUT body flows, for as long as the
+        // caller takes to produce it, and reqwest's read timeout also fires when a GET consumer
+        // merely pauses longer than it. The writer and `idle_stream` bound waits themselves.
+        let stream_client = builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::invalid(format!("cannot build the HTTP client: {e}")))?;
@@ -169,7 +170,7 @@ impl DavCore {
             .into_owned();
         Ok(DavCore {
             client,
-            put_client,
+            stream_client,
             idle_timeout: cfg.idle_timeout,
             base: u.to_string(),
             base_path,
@@ -208,9 +209,10 @@ impl DavCore {
         r
     }
 
-    /// A PUT request with the authorization header (client without read timeout).
-    pub(crate) fn put_request(&self, url: &str) -> reqwest::RequestBuilder {
-        let mut r = self.put_client.put(url);
+    /// A request of a streamed body (PUT, GET) with the authorization header, on the client
+    /// without read timeout.
+    pub(crate) fn stream_request(&self, method: Method, url: &str) -> reqwest::RequestBuilder {
+        let mut r = self.stream_client.request(method, url);
         if let Some(a) = &self.auth {
             r = r.header(header::AUTHORIZATION, a.clone());
         }
@@ -332,7 +334,7 @@ impl DavCore {
         }
         let resp = self
             .retry("get", || async {
-                let mut req = self.request(Method::GET, &url);
+                let mut req = self.stream_request(Method::GET, &url);
                 if let Some(r) = &range {
                     req = req.header(header::RANGE, format!("bytes={}-{}", r.start, r.end - 1));
                 }
@@ -368,7 +370,11 @@ impl DavCore {
         let body = resp
             .bytes_stream()
             .map(move |c| c.map_err(|e| from_transport("get", &target, e)));
-        Ok(skip_take(body.boxed(), skip, take))
+        Ok(skip_take(
+            idle_stream(body.boxed(), self.idle_timeout, url),
+            skip,
+            take,
+        ))
     }
 
     /// DELETE; an absent object counts as deleted.
@@ -526,6 +532,32 @@ fn range_outside(r: &Range<u64>, size: u64) -> Error {
         "range {}..{} outside object of {size} bytes",
         r.start, r.end
     ))
+}
+
+/// Fails a stream with `Timeout` when one chunk takes longer than `idle` to arrive (time
+/// counted only while the consumer waits, unlike reqwest's read timeout).
+fn idle_stream(s: ByteStream, idle: Duration, url: String) -> ByteStream {
+    futures::stream::unfold(Some(s), move |st| {
+        let url = url.clone();
+        async move {
+            let mut s = st?;
+            match tokio::time::timeout(idle, s.next()).await {
+                Ok(Some(item)) => Some((item, Some(s))),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!("no data from {url} for {idle:?}"),
+                    )
+                    .with_retryable(true)
+                    .with_operation("http.get")
+                    .with_target(url)),
+                    None,
+                )),
+            }
+        }
+    })
+    .boxed()
 }
 
 /// Skips `skip` bytes of a stream and ends it after `take` more.

@@ -52,7 +52,7 @@ impl WebdavWriter {
         let c = core.clone();
         let task = tokio::spawn(async move {
             let req = c
-                .put_request(&url)
+                .stream_request(reqwest::Method::PUT, &url)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                 .body(reqwest::Body::wrap_stream(rx));
             let resp = req
