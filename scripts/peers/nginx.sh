@@ -22,6 +22,13 @@ DAV_EXT=/usr/lib/nginx/modules/ngx_http_dav_ext_module.so
 
 case $cmd in
 install)
+    # Debian's postinst would start the packaged nginx (port 80) through invoke-rc.d: forbid
+    # it for the duration of the install unless a policy already does (container images).
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt_install nginx libnginx-mod-http-dav-ext openssl
     ;;
 start)

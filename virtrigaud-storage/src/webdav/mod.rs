@@ -55,8 +55,23 @@
 //!
 //! `tests/webdav_nginx.rs`: Debian 12's nginx 1.22 with `dav_methods PUT DELETE MKCOL COPY
 //! MOVE`, the dav-ext module for PROPFIND and HTTP basic auth, started by
-//! `scripts/peers/nginx.sh` (conformance suite, wrong password, `overwrite: false`, ranged
-//! reads from a plain read-only location, an unreachable server).
+//! `scripts/peers/nginx.sh`: the conformance suite (nothing left on the server's disk, temporary
+//! objects included); a wrong password (`Auth`, not retried, nothing written); `overwrite:
+//! false` (refused up front, and at commit through `Overwrite: F` when the object appeared
+//! meanwhile); no put over a collection; a 2 GiB put streamed with an 11 MiB peak RSS; writers
+//! and readers slower than the idle timeout; the plain HTTP source on a read-only location
+//! (ranged reads, HEAD size, `NotFound`, `Unsupported` writes) and over TLS with a self-signed
+//! certificate (refused by default, not retried; accepted only with `tls_verify` off); a
+//! location answering 503 (exactly 1 + `max_retries` requests, then a retryable `Storage`
+//! error); an unreachable port (`Network` within the bounded retries).
+//!
+//! ## Timeouts
+//!
+//! [`WebdavConfig::idle_timeout`] bounds every wait for the network — an answer, the next GET
+//! chunk, the server accepting the next PUT chunk, the answer to a finished PUT — and never
+//! the time the caller spends producing or consuming data. (reqwest's own read timeout is not
+//! used for streams: it fails a GET whose consumer pauses longer than it, and a PUT whose
+//! producer is slower than it in total.)
 
 pub mod config;
 pub mod core;
