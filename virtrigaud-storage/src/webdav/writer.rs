@@ -83,18 +83,22 @@ impl WebdavWriter {
     }
 
     /// The result of the PUT task (after the body ended or the request stopped reading it).
+    /// The handle stays in place until the task ended, so a caller that gives up waiting
+    /// (timeout) can still [`cancel`](Self::cancel) the request.
     async fn join(&mut self) -> Result<()> {
-        match self.task.take() {
-            Some(t) => match t.await {
-                Ok(r) => r,
-                Err(e) => Err(Error::new(
-                    ErrorKind::Network,
-                    format!("the PUT task of {} failed: {e}", self.core.url(&self.temp)),
-                )),
-            },
-            None => Err(Error::new(
+        let Some(t) = self.task.as_mut() else {
+            return Err(Error::new(
                 ErrorKind::Network,
                 "the PUT request already ended",
+            ));
+        };
+        let r = t.await;
+        self.task = None;
+        match r {
+            Ok(r) => r,
+            Err(e) => Err(Error::new(
+                ErrorKind::Network,
+                format!("the PUT task of {} failed: {e}", self.core.url(&self.temp)),
             )),
         }
     }
