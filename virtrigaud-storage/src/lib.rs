@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `file:///path` (or a bare absolute path) | [`FsBackend`]: local or NFS-mounted directory | available |
 //! | `s3://bucket/prefix` | [`s3::S3Backend`]: S3 with resumable multipart (feature `s3`) | available |
-//! | `http(s)://…` | WebDAV PUT / plain HTTP GET (feature `http`) | not implemented yet |
+//! | `http(s)://…`, `webdav(s)://…` | [`webdav::WebdavBackend`]: WebDAV with atomic streamed puts (feature `http`); [`webdav::HttpSource`] reads any web server | available |
 //! | `nfs://host/export/path` | native NFSv3 (feature `nfs`) | not implemented yet |
 //!
 //! [`open`] turns a URL into a backend; a scheme whose backend does not exist yet gives an
@@ -19,6 +19,8 @@ pub mod fs;
 #[cfg(feature = "s3")]
 pub mod s3;
 pub mod url;
+#[cfg(feature = "http")]
+pub mod webdav;
 
 pub use fs::FsBackend;
 pub use url::StorageUrl;
@@ -38,6 +40,10 @@ use virtrigaud_core::{Error, Result, StorageBackend};
 /// `s3://bucket/prefix` (feature `s3`) takes its endpoint, region and credentials from the
 /// standard `AWS_*` environment variables (see [`s3::S3Config::from_env`]); build an
 /// [`s3::S3Backend`] from an [`s3::S3Config`] to set them explicitly.
+///
+/// `http(s)://` and `webdav(s)://` (feature `http`) open a [`webdav::WebdavBackend`] with the
+/// credentials of the URL or of `VIRTRIGAUD_WEBDAV_USER` / `_PASSWORD` / `_TOKEN`; a read-only
+/// web server is a [`webdav::HttpSource`], built explicitly.
 pub fn open(url: &str) -> Result<Arc<dyn StorageBackend>> {
     match StorageUrl::parse(url)? {
         StorageUrl::File { root } => Ok(Arc::new(FsBackend::new(root))),
@@ -45,6 +51,8 @@ pub fn open(url: &str) -> Result<Arc<dyn StorageBackend>> {
         StorageUrl::S3 { bucket, prefix } => {
             Ok(Arc::new(s3::S3Backend::from_env(&bucket, &prefix)?))
         }
+        #[cfg(feature = "http")]
+        StorageUrl::Http { .. } => Ok(Arc::new(webdav::WebdavBackend::from_url(url)?)),
         other => Err(Error::unsupported(format!(
             "the {}:// storage backend is not implemented yet in this version of virtrigaud",
             other.scheme()
