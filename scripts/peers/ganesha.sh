@@ -49,8 +49,9 @@ start)
     dir="$state/ganesha"
     mkdir -p "$dir/export" "$dir/recov"
     chmod 0777 "$dir/export"
-    # rpcbind: ganesha registers its services with it. Reuse one that runs already.
-    if ! pgrep -x rpcbind >/dev/null 2>&1; then
+    # rpcbind: ganesha registers its services with it. Reuse one that answers already (a
+    # process-name check would also match a defunct one).
+    if ! (exec 3<>/dev/tcp/127.0.0.1/111) 2>/dev/null; then
         mkdir -p /run/rpcbind
         rpcbind -f -w >"$dir/rpcbind.log" 2>&1 &
         echo $! >"$state/rpcbind.pid"
@@ -62,6 +63,8 @@ NFS_CORE_PARAM {
     Protocols = 3, 4;
     Enable_NLM = false;
     Enable_RQUOTA = false;
+    # NFSv3 clients mount the Pseudo path (nfs://127.0.0.1/vrg), as NFSv4 clients do.
+    Mount_Path_Pseudo = true;
 }
 NFSV4 {
     Graceless = true;
@@ -87,7 +90,9 @@ CONF
     echo $! >"$state/ganesha.pid"
     if ! wait_port 2049 150; then
         echo "ganesha did not start" >&2
-        tail -30 "$dir/ganesha.log" "$dir/stdout.log" >&2 || true
+        tail -n 30 "$dir/ganesha.log" "$dir/stdout.log" >&2 || true
+        stop_pid "$state/ganesha.pid"
+        stop_pid "$state/rpcbind.pid"
         exit 1
     fi
     cat >"$state/ganesha.env" <<ENV
