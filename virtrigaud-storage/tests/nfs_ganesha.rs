@@ -90,10 +90,18 @@ fn local_names(dir: &std::path::Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_through_open() {
-    let Some((url, _)) = peer() else { return };
+    let Some((url, export_dir)) = peer() else {
+        return;
+    };
     let b = virtrigaud_storage::open(&url).unwrap();
     assert!(b.location().starts_with("nfs://"), "{}", b.location());
-    virtrigaud_storage::conformance::run_all(b, &unique("conf")).await;
+    let prefix = unique("conf");
+    virtrigaud_storage::conformance::run_all(b, &prefix).await;
+    if let Some(d) = export_dir {
+        // Deletes, aborts and drops removed the directories they had created.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!d.join(&prefix).exists(), "{:?}", local_names(&d.join(&prefix)));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -534,8 +534,14 @@ impl NfsCore {
         }
     }
 
-    /// MKDIR of `name` in `dir` (mode 0755). An existing directory is not an error.
-    pub async fn mkdir(&self, dir: &FileHandle, name: &str, target: &str) -> Result<FileHandle> {
+    /// MKDIR of `name` in `dir` (mode 0755). An existing directory is not an error; the flag
+    /// says whether this call created it.
+    pub async fn mkdir(
+        &self,
+        dir: &FileHandle,
+        name: &str,
+        target: &str,
+    ) -> Result<(FileHandle, bool)> {
         let res = rpc!(self, "mkdir", target, |c| c.mkdir(&MKDIR3args {
             where_: diropargs(dir, name),
             attributes: sattr3 {
@@ -543,15 +549,14 @@ impl NfsCore {
                 ..Default::default()
             },
         }))?;
-        let existing = match res {
+        let created = match res {
             Nfs3Result::Ok(ok) => match ok.obj {
-                Nfs3Option::Some(fh) => return Ok(fh),
+                Nfs3Option::Some(fh) => return Ok((fh, true)),
                 Nfs3Option::None => true,
             },
-            Nfs3Result::Err((nfsstat3::NFS3ERR_EXIST, _)) => true,
+            Nfs3Result::Err((nfsstat3::NFS3ERR_EXIST, _)) => false,
             Nfs3Result::Err((stat, _)) => return Err(error::from_status(stat, "mkdir", target)),
         };
-        debug_assert!(existing);
         match self.lookup(dir, name, target).await? {
             Some((fh, attr)) => {
                 let attr = match attr {
@@ -566,7 +571,7 @@ impl NfsCore {
                     .with_operation("nfs.mkdir")
                     .with_target(target.to_string()));
                 }
-                Ok(fh)
+                Ok((fh, created))
             }
             None => Err(Error::new(ErrorKind::Storage, "directory vanished after MKDIR")
                 .with_retryable(true)

@@ -152,17 +152,29 @@ impl NfsBackend {
         Ok((attr.type_ == ftype3::NF3DIR).then_some(fh))
     }
 
-    /// The directory that holds `dirs` below the root, created as needed.
-    async fn make_dirs(&self, dirs: &[&str], target: &str) -> Result<FileHandle> {
+    /// The directory that holds `dirs` below the root, created as needed; also the
+    /// directories this call created, as (parent, name), outermost first.
+    async fn make_dirs(
+        &self,
+        dirs: &[&str],
+        target: &str,
+    ) -> Result<(FileHandle, Vec<(FileHandle, String)>)> {
         let root_segs = self.core.config().root_segments();
         let mut fh = self.core.root().await?;
+        let mut created = Vec::new();
         for seg in root_segs.iter().map(String::as_str).chain(dirs.iter().copied()) {
             fh = match self.lookup_dir(&fh, seg, target).await? {
                 Some(d) => d,
-                None => self.core.mkdir(&fh, seg, target).await?,
+                None => {
+                    let (d, new) = self.core.mkdir(&fh, seg, target).await?;
+                    if new {
+                        created.push((fh.clone(), seg.to_string()));
+                    }
+                    d
+                }
             };
         }
-        Ok(fh)
+        Ok((fh, created))
     }
 
     /// The regular file `key`: its directory, handle and attributes; `None` if absent.
@@ -198,7 +210,7 @@ impl NfsBackend {
         loop {
             attempt += 1;
             let res = async {
-                let dir = self.make_dirs(&dirs, key).await?;
+                let (dir, created_dirs) = self.make_dirs(&dirs, key).await?;
                 if !opts.overwrite && self.core.lookup(&dir, name, key).await?.is_some() {
                     return Err(Error::new(
                         ErrorKind::AlreadyExists,
@@ -217,6 +229,7 @@ impl NfsBackend {
                     final_name: name.to_string(),
                     fh,
                     overwrite: opts.overwrite,
+                    created_dirs,
                 })
             }
             .await;

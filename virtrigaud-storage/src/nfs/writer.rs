@@ -11,7 +11,8 @@
 //! server's write verifier did not change, which would mean it restarted and lost data), then
 //! renames the temp over the target. Without `overwrite`, the temp is hard-linked (LINK) to the
 //! target name instead — which fails atomically if the name exists — and then removed; a server
-//! without LINK gets a check-then-rename. `abort` and drop remove the temp file.
+//! without LINK gets a check-then-rename. `abort`, drop and a failed commit remove the temp
+//! file, and the directories the put created if they are still empty.
 
 use super::core::{FileHandle, NfsCore};
 use bytes::{Buf, Bytes, BytesMut};
@@ -38,6 +39,22 @@ pub(crate) struct Target {
     pub(crate) final_name: String,
     pub(crate) fh: FileHandle,
     pub(crate) overwrite: bool,
+    /// Directories this put created, as (parent, name), outermost first: removed again (when
+    /// empty) if the put does not commit.
+    pub(crate) created_dirs: Vec<(FileHandle, String)>,
+}
+
+impl Target {
+    /// Removes the temp file, then the directories this put created if they are empty.
+    async fn discard(&self, core: &NfsCore) -> Result<()> {
+        core.remove(&self.dir, &self.tmp_name, &self.key).await?;
+        for (parent, name) in self.created_dirs.iter().rev() {
+            if !core.rmdir(parent, name, &self.key).await.unwrap_or(false) {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A streaming put to an NFS export: invisible until `commit`, gone after `abort` or drop.
@@ -215,10 +232,7 @@ impl NfsWriter {
 
     async fn remove_temp(&mut self) -> Result<()> {
         self.inflight.shutdown().await;
-        self.core
-            .remove(&self.t.dir, &self.t.tmp_name, &self.t.key)
-            .await
-            .map(|_| ())
+        self.t.discard(&self.core).await
     }
 }
 
@@ -334,7 +348,7 @@ impl Drop for NfsWriter {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let (core, t) = (self.core.clone(), self.t.clone());
             handle.spawn(async move {
-                if let Err(e) = core.remove(&t.dir, &t.tmp_name, &t.key).await {
+                if let Err(e) = t.discard(&core).await {
                     tracing::warn!(key = %t.key, tmp = %t.tmp_name, error = %e,
                         "could not remove the temp file of a dropped NFS put");
                 }
