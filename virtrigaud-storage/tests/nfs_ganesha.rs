@@ -100,7 +100,11 @@ async fn conformance_through_open() {
     if let Some(d) = export_dir {
         // Deletes, aborts and drops removed the directories they had created.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!d.join(&prefix).exists(), "{:?}", local_names(&d.join(&prefix)));
+        assert!(
+            !d.join(&prefix).exists(),
+            "{:?}",
+            local_names(&d.join(&prefix))
+        );
     }
 }
 
@@ -222,7 +226,11 @@ async fn zero_runs_become_holes_and_read_back_as_zeros() {
     let got = read_all(&b, &key).await;
     assert_eq!(got.len(), total);
     assert_eq!(&got[..head.len()], &head[..]);
-    assert!(got[head.len()..head.len() + 40 * MIB].iter().all(|&x| x == 0));
+    assert!(
+        got[head.len()..head.len() + 40 * MIB]
+            .iter()
+            .all(|&x| x == 0)
+    );
     let m = head.len() + 40 * MIB;
     assert_eq!(&got[m..m + mid.len()], &mid[..]);
     assert!(got[m + mid.len()..].iter().all(|&x| x == 0));
@@ -248,15 +256,29 @@ async fn keys_cannot_escape_the_root() {
     let b = NfsBackend::connect(config(&url).with_path(format!("{prefix}/root")))
         .await
         .unwrap();
-    for key in ["../x", "a/../../x", "/etc/passwd", "a/./b", "a//b", "", "a\\..\\b"] {
+    for key in [
+        "../x",
+        "a/../../x",
+        "/etc/passwd",
+        "a/./b",
+        "a//b",
+        "",
+        "a\\..\\b",
+    ] {
         let e = b.put(key, &PutOptions::default()).await.err().unwrap();
         assert_eq!(e.kind(), ErrorKind::InvalidInput, "{key:?}");
         assert_eq!(
             b.get(key, None).await.err().unwrap().kind(),
             ErrorKind::InvalidInput
         );
-        assert_eq!(b.stat(key).await.unwrap_err().kind(), ErrorKind::InvalidInput);
-        assert_eq!(b.delete(key).await.unwrap_err().kind(), ErrorKind::InvalidInput);
+        assert_eq!(
+            b.stat(key).await.unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            b.delete(key).await.unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
     }
     assert!(b.list("../").await.is_err());
     let e = b
@@ -290,15 +312,28 @@ async fn keys_cannot_escape_the_root() {
         b.stat("file-link").await.unwrap_err().kind(),
         ErrorKind::NotFound
     );
-    assert!(b.put_bytes("link/new", Bytes::from_static(b"x")).await.is_err());
-    let listed: Vec<String> = b.list("").await.unwrap().into_iter().map(|m| m.key).collect();
+    assert!(
+        b.put_bytes("link/new", Bytes::from_static(b"x"))
+            .await
+            .is_err()
+    );
+    let listed: Vec<String> = b
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
     assert_eq!(listed, vec!["inside.txt".to_string()]);
     assert_eq!(local_names(outside.path()), vec!["secret".to_string()]);
     // Files planted on the server are visible as objects.
     std::fs::create_dir_all(root.join("planted")).unwrap();
     std::fs::write(root.join("planted/obj"), b"planted").unwrap();
     std::fs::write(root.join("planted/.obj.1.vrg-tmp"), b"tmp").unwrap();
-    assert_eq!(b.get_bytes("planted/obj", 100).await.unwrap(), &b"planted"[..]);
+    assert_eq!(
+        b.get_bytes("planted/obj", 100).await.unwrap(),
+        &b"planted"[..]
+    );
     let listed: Vec<String> = b
         .list("planted/")
         .await
@@ -352,7 +387,11 @@ async fn a_dead_server_is_a_quick_network_error() {
     let b = virtrigaud_storage::open(&format!("nfs://127.0.0.1/vrg?portmapper={port}")).unwrap();
     assert_eq!(b.stat("x").await.unwrap_err().kind(), ErrorKind::Network);
     assert_eq!(
-        b.put("x", &PutOptions::default()).await.err().unwrap().kind(),
+        b.put("x", &PutOptions::default())
+            .await
+            .err()
+            .unwrap()
+            .kind(),
         ErrorKind::Network
     );
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());

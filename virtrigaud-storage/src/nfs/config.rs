@@ -238,7 +238,9 @@ impl NfsConfig {
             return Err(Error::invalid("AUTH_UNIX allows at most 16 extra groups"));
         }
         if self.machine_name.len() > 255 {
-            return Err(Error::invalid("AUTH_UNIX machine name longer than 255 bytes"));
+            return Err(Error::invalid(
+                "AUTH_UNIX machine name longer than 255 bytes",
+            ));
         }
         Ok(())
     }

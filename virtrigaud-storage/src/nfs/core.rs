@@ -20,8 +20,8 @@ use nfs3_client::net::Connector;
 use nfs3_client::nfs3_types::nfs3::{
     COMMIT3args, CREATE3args, FSINFO3args, GETATTR3args, LINK3args, LOOKUP3args, MKDIR3args,
     Nfs3Option, Nfs3Result, READ3args, READDIRPLUS3args, REMOVE3args, RENAME3args, RMDIR3args,
-    SETATTR3args, WRITE3args, cookieverf3, createhow3, createverf3, diropargs3, fattr3,
-    filename3, ftype3, nfs_fh3, nfsstat3, sattr3, stable_how,
+    SETATTR3args, WRITE3args, cookieverf3, createhow3, createverf3, diropargs3, fattr3, filename3,
+    ftype3, nfs_fh3, nfsstat3, sattr3, stable_how,
 };
 use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
@@ -376,11 +376,10 @@ impl NfsCore {
             builder = builder.nfs3_port(p);
         }
         let limit = cfg.connect_timeout + cfg.request_timeout;
-        let conn = tokio::time::timeout(limit, builder.mount())
+        let mut conn = tokio::time::timeout(limit, builder.mount())
             .await
             .map_err(|_| error::timeout("mount", &cfg.export, limit))?
             .map_err(|e| error::from_connect(e, &server, &cfg.export))?;
-        let mut conn = conn;
         let root = conn.root_nfs_fh3();
         let nfs_addr = SocketAddr::new(ip, conn.nfs3_port);
         let target = cfg.export.as_str();
@@ -475,9 +474,8 @@ impl NfsCore {
 
     /// GETATTR.
     pub async fn getattr(&self, fh: &FileHandle, target: &str) -> Result<fattr3> {
-        let res = rpc!(self, "getattr", target, |c| c.getattr(&GETATTR3args {
-            object: fh.clone()
-        }))?;
+        let res = rpc!(self, "getattr", target, |c| c
+            .getattr(&GETATTR3args { object: fh.clone() }))?;
         match res {
             Nfs3Result::Ok(ok) => Ok(ok.obj_attributes),
             Nfs3Result::Err((stat, _)) => Err(error::from_status(stat, "getattr", target)),
@@ -573,9 +571,11 @@ impl NfsCore {
                 }
                 Ok((fh, created))
             }
-            None => Err(Error::new(ErrorKind::Storage, "directory vanished after MKDIR")
-                .with_retryable(true)
-                .with_target(target.to_string())),
+            None => Err(
+                Error::new(ErrorKind::Storage, "directory vanished after MKDIR")
+                    .with_retryable(true)
+                    .with_target(target.to_string()),
+            ),
         }
     }
 
@@ -601,7 +601,10 @@ impl NfsCore {
                 if ok.count > count {
                     return Err(Error::new(
                         ErrorKind::Storage,
-                        format!("server claims to have written {} of {count} bytes", ok.count),
+                        format!(
+                            "server claims to have written {} of {count} bytes",
+                            ok.count
+                        ),
                     )
                     .with_target(target.to_string())
                     .with_offset(offset));
@@ -798,7 +801,9 @@ fn file_attrs() -> sattr3 {
     }
 }
 
-fn option<T: nfs3_client::nfs3_types::xdr_codec::Pack + nfs3_client::nfs3_types::xdr_codec::Unpack>(
+fn option<
+    T: nfs3_client::nfs3_types::xdr_codec::Pack + nfs3_client::nfs3_types::xdr_codec::Unpack,
+>(
     o: Nfs3Option<T>,
 ) -> Option<T> {
     match o {

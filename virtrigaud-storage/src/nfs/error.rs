@@ -74,10 +74,13 @@ pub fn from_io(e: &std::io::Error, op: &str, target: &str) -> Error {
     } else {
         ErrorKind::Network
     };
-    Error::new(kind, format!("NFS {op} of {target:?}: connection failed: {e}"))
-        .with_retryable(true)
-        .with_operation(format!("nfs.{op}"))
-        .with_target(target.to_string())
+    Error::new(
+        kind,
+        format!("NFS {op} of {target:?}: connection failed: {e}"),
+    )
+    .with_retryable(true)
+    .with_operation(format!("nfs.{op}"))
+    .with_target(target.to_string())
 }
 
 /// A request that got no answer in time.

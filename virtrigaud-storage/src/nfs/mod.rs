@@ -162,7 +162,11 @@ impl NfsBackend {
         let root_segs = self.core.config().root_segments();
         let mut fh = self.core.root().await?;
         let mut created = Vec::new();
-        for seg in root_segs.iter().map(String::as_str).chain(dirs.iter().copied()) {
+        for seg in root_segs
+            .iter()
+            .map(String::as_str)
+            .chain(dirs.iter().copied())
+        {
             fh = match self.lookup_dir(&fh, seg, target).await? {
                 Some(d) => d,
                 None => {
@@ -369,7 +373,9 @@ impl StorageBackend for NfsBackend {
         if let Some((_, Some(attr))) = self.core.lookup(dir, name, key).await?
             && attr.type_ == ftype3::NF3DIR
         {
-            return Err(Error::invalid(format!("{key:?} is a directory, not an object")));
+            return Err(Error::invalid(format!(
+                "{key:?} is a directory, not an object"
+            )));
         }
         self.core
             .remove(dir, name, key)

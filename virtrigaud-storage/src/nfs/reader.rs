@@ -57,11 +57,10 @@ pub(crate) fn stream(
         .buffered(concurrency)
         .map(move |r| match r {
             Ok(r) => r,
-            Err(e) => Err(Error::new(
-                ErrorKind::Storage,
-                format!("NFS read task failed: {e}"),
-            )
-            .with_target(key2.clone())),
+            Err(e) => Err(
+                Error::new(ErrorKind::Storage, format!("NFS read task failed: {e}"))
+                    .with_target(key2.clone()),
+            ),
         })
         // Stop after the first error.
         .scan(false, |failed, item| {

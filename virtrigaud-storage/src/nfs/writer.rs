@@ -258,12 +258,11 @@ async fn write_all(
     while !data.is_empty() {
         let r = core.write(&t.fh, offset, &data, stable, &t.key).await?;
         if r.count == 0 {
-            return Err(Error::new(
-                ErrorKind::Storage,
-                "NFS server accepted 0 bytes of a WRITE",
-            )
-            .with_target(t.key.clone())
-            .with_offset(offset));
+            return Err(
+                Error::new(ErrorKind::Storage, "NFS server accepted 0 bytes of a WRITE")
+                    .with_target(t.key.clone())
+                    .with_offset(offset),
+            );
         }
         if r.committed != stable_how::FILE_SYNC {
             match unstable_verf {
