@@ -98,6 +98,7 @@ CONF
     cat >"$state/ganesha.env" <<ENV
 export VIRTRIGAUD_NFS_URL=nfs://127.0.0.1$EXPORT_PATH
 export VIRTRIGAUD_NFS_EXPORT_DIR=$dir/export
+export VIRTRIGAUD_NFS_STATE_DIR=$state
 ENV
     ;;
 stop)

@@ -110,14 +110,23 @@ async fn conformance_through_open() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_below_a_path_with_small_requests_and_file_sync() {
-    let Some((url, _)) = peer() else { return };
-    let mut cfg = config(&url).with_path(format!("{}/root", unique("sub")));
+    let Some((url, export_dir)) = peer() else {
+        return;
+    };
+    let top = unique("sub");
+    let mut cfg = config(&url).with_path(format!("{top}/root"));
     cfg.request_size = 256 << 10;
     cfg.concurrency = 3;
     cfg.max_connections = 4;
     cfg.stability = virtrigaud_storage::nfs::WriteStability::FileSync;
     let b: Arc<dyn StorageBackend> = Arc::new(NfsBackend::connect(cfg).await.unwrap());
     virtrigaud_storage::conformance::run_all(b, "p").await;
+    if let Some(d) = export_dir {
+        // Only the backend root remains (deletes stop there).
+        assert_eq!(local_names(&d.join(&top)), vec!["root".to_string()]);
+        assert!(local_names(&d.join(&top).join("root")).is_empty());
+        std::fs::remove_dir_all(d.join(&top)).unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,6 +416,70 @@ async fn missing_export_is_not_found() {
         matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Permission),
         "{e}"
     );
+}
+
+/// The backend survives a server restart: requests fail with `Network` while the server is
+/// down, and the same backend works again once it is back (stale pooled connections are
+/// replaced). Restarts the peer through `scripts/peers/ganesha.sh`, so it runs alone:
+/// `cargo test … --test nfs_ganesha server_restart -- --ignored` with `VIRTRIGAUD_NFS_STATE_DIR`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts the shared ganesha peer"]
+async fn server_restart_is_survived() {
+    let Some((url, _)) = peer() else { return };
+    let Ok(state) = std::env::var("VIRTRIGAUD_NFS_STATE_DIR") else {
+        println!("SKIP: VIRTRIGAUD_NFS_STATE_DIR not set");
+        return;
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/peers/ganesha.sh");
+    let peer_cmd = |cmd: &str| {
+        let st = std::process::Command::new("bash")
+            .args([script, cmd, &state])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ganesha.sh {cmd}");
+    };
+    let b = NfsBackend::connect(config(&url)).await.unwrap();
+    let key = format!("{}/obj", unique("restart"));
+    let data = pattern(3 * MIB, 5);
+    b.put_bytes(&key, Bytes::from(data.clone())).await.unwrap();
+    // Several idle pooled connections.
+    assert_eq!(read_all(&b, &key).await, data);
+
+    peer_cmd("stop");
+    let t = Instant::now();
+    let e = b.stat(&key).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Network, "{e}");
+    assert!(e.is_retryable());
+    assert!(t.elapsed() < Duration::from_secs(5));
+    peer_cmd("start");
+
+    assert_eq!(b.stat(&key).await.unwrap().size, data.len() as u64);
+    assert_eq!(read_all(&b, &key).await, data);
+    b.put_bytes(&key, Bytes::from_static(b"after"))
+        .await
+        .unwrap();
+    assert_eq!(read_all(&b, &key).await, b"after");
+
+    // A restart between UNSTABLE writes changes the write verifier: the put must fail
+    // (retryable) rather than commit data the server may have lost, and leave nothing behind.
+    let key2 = format!("{key}-unstable");
+    let mut s = b.put(&key2, &PutOptions::default()).await.unwrap();
+    s.write(Bytes::from(pattern(4 * MIB, 1))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the WRITEs finish
+    peer_cmd("stop");
+    peer_cmd("start");
+    let res = async {
+        s.write(Bytes::from(pattern(4 * MIB, 2))).await?;
+        s.commit().await
+    }
+    .await;
+    let e = res.unwrap_err();
+    println!("put across a restart: {e}");
+    assert!(e.is_retryable(), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Storage, "{e}");
+    assert!(e.to_string().contains("verifier"), "{e}");
+    assert_eq!(b.stat(&key2).await.unwrap_err().kind(), ErrorKind::NotFound);
+    b.delete(&key).await.unwrap();
 }
 
 /// Throughput of a 256 MiB put and get (run with `--release -- --ignored --nocapture`).

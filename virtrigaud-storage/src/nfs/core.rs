@@ -7,7 +7,8 @@
 //! and opens new ones up to [`NfsConfig::max_connections`]. A connection is put back only after
 //! a complete exchange; one whose call failed at the transport level, timed out or was
 //! cancelled is closed. A call that fails on a *reused* connection with a transport error (the
-//! server closed it while idle) is sent once more on a fresh connection.
+//! server closed it while idle, or restarted) closes all idle connections and is sent once more
+//! on a new connection.
 //!
 //! The transport wrapper checks each RPC record-marking fragment header before the crate
 //! allocates a buffer for it, so a hostile server cannot make us allocate more than
@@ -264,7 +265,7 @@ macro_rules! rpc {
         let core: &NfsCore = $core;
         let mut retried = false;
         loop {
-            let mut lease = core.lease($op, $target).await?;
+            let mut lease = core.lease($op, $target, retried).await?;
             let fresh = lease.fresh;
             let outcome = {
                 let $c = &mut lease.client;
@@ -280,6 +281,9 @@ macro_rules! rpc {
                         lease.release();
                     }
                     if matches!(e, RpcError::Io(_)) && !fresh && !retried {
+                        // The server dropped an idle connection (restart, idle timeout): the
+                        // other idle ones are likely dead too. Retry once on a new one.
+                        core.drop_idle();
                         retried = true;
                         continue;
                     }
@@ -418,7 +422,15 @@ impl NfsCore {
         Ok(m)
     }
 
-    async fn lease(&self, op: &str, target: &str) -> Result<Lease<'_>> {
+    /// Closes every idle connection.
+    fn drop_idle(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+
+    /// A connection: an idle one unless `fresh` is asked for, else a new one.
+    async fn lease(&self, op: &str, target: &str, fresh: bool) -> Result<Lease<'_>> {
         let mounted = self.mount().await?;
         let permit = self
             .slots
@@ -426,7 +438,11 @@ impl NfsCore {
             .acquire_owned()
             .await
             .map_err(|_| Error::new(ErrorKind::Storage, "NFS connection pool closed"))?;
-        let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let idle = if fresh {
+            None
+        } else {
+            self.idle.lock().ok().and_then(|mut v| v.pop())
+        };
         if let Some(client) = idle {
             return Ok(Lease {
                 core: self,
