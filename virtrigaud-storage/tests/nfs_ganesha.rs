@@ -206,6 +206,19 @@ async fn put_is_invisible_until_commit_and_abort_or_drop_leave_no_temp() {
         );
     }
 
+    // A name near the 255-byte limit still gets a temp name the server accepts.
+    let long_key = format!("{prefix}/vm/{}", "n".repeat(250));
+    b.put_bytes(&long_key, Bytes::from_static(b"long"))
+        .await
+        .unwrap();
+    assert_eq!(read_all(&b, &long_key).await, b"long");
+    b.delete(&long_key).await.unwrap();
+    let e = b
+        .put_bytes(&format!("{prefix}/vm/{}", "n".repeat(300)), Bytes::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+
     b.delete(&key).await.unwrap();
     b.delete(&key3).await.unwrap();
     assert!(b.list(&format!("{prefix}/")).await.unwrap().is_empty());

@@ -221,7 +221,7 @@ impl NfsBackend {
                         format!("{key:?} already exists (overwrite not requested)"),
                     ));
                 }
-                let tmp_name = format!(".{name}.{}{TMP_SUFFIX}", unique_suffix());
+                let tmp_name = temp_name(name);
                 let fh = self
                     .core
                     .create(&dir, &tmp_name, CreateMode::Guarded, key)
@@ -260,6 +260,16 @@ fn split_key(key: &str) -> (Vec<&str>, &str) {
     let mut parts: Vec<&str> = key.split('/').collect();
     let name = parts.pop().unwrap_or("");
     (parts, name)
+}
+
+/// The temp name of a put of `name`: `.<name>.<unique>.vrg-tmp`, with `name` cut to 100 bytes
+/// so that the temp name stays under the usual 255-byte limit whenever `name` is under it.
+fn temp_name(name: &str) -> String {
+    let mut end = name.len().min(100);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(".{}.{}{TMP_SUFFIX}", &name[..end], unique_suffix())
 }
 
 /// Whether a name is one of our temp files.
@@ -468,5 +478,9 @@ mod tests {
         assert!(is_temp_name(".disk.raw.123-abc-0.vrg-tmp"));
         assert!(!is_temp_name("disk.vrg-tmp"));
         assert!(!is_temp_name(".hidden"));
+        let long = "é".repeat(120);
+        let t = temp_name(&long);
+        assert!(is_temp_name(&t) && t.len() < 160, "{t}");
+        assert!(temp_name("disk.raw").starts_with(".disk.raw."));
     }
 }
