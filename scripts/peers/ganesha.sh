@@ -45,8 +45,14 @@ install)
     ;;
 start)
     [ -n "$state" ] || { echo "usage: $0 start STATE_DIR" >&2; exit 2; }
+    mkdir -p "$state"
     state=$(cd "$state" && pwd)
     dir="$state/ganesha"
+    # NFS has a fixed port: a server already on it would answer in our place.
+    if (exec 3<>/dev/tcp/127.0.0.1/2049) 2>/dev/null; then
+        echo "127.0.0.1:2049 is already in use (another NFS server?): stop it first" >&2
+        exit 1
+    fi
     mkdir -p "$dir/export" "$dir/recov"
     chmod 0777 "$dir/export"
     # rpcbind: ganesha registers its services with it. Reuse one that answers already (a
@@ -88,7 +94,7 @@ CONF
     ganesha.nfsd -F -L "$dir/ganesha.log" -f "$dir/ganesha.conf" -p "$dir/ganesha.nfsd.pid" \
         >"$dir/stdout.log" 2>&1 &
     echo $! >"$state/ganesha.pid"
-    if ! wait_port 2049 150; then
+    if ! wait_port 2049 150 || ! kill -0 "$(cat "$state/ganesha.pid")" 2>/dev/null; then
         echo "ganesha did not start" >&2
         tail -n 30 "$dir/ganesha.log" "$dir/stdout.log" >&2 || true
         stop_pid "$state/ganesha.pid"

@@ -42,12 +42,27 @@
 //!   backend root); deleting an absent key succeeds.
 //! * No resume, no presigned URLs, no multipart: a put that fails is repeated from the start.
 //!
+//! ## Errors and retries
+//!
+//! NFS status codes map to kinds as [`error`] tabulates (`NFS3ERR_NOENT` → `NotFound`,
+//! `ACCES`/`PERM` → `Permission`, `EXIST` → `AlreadyExists`, connection failures → `Network`,
+//! retryable). The backend itself re-sends a request only when a pooled connection turns out to
+//! be dead; every other retry is the caller's. A server restart in the middle of a put is
+//! detected by the WRITE/COMMIT verifier and fails the put (retryable) instead of committing
+//! data the server may have lost.
+//!
 //! ## Tested against
 //!
 //! `tests/nfs_ganesha.rs`: nfs-ganesha 4.3 (Debian `nfs-ganesha`, `nfs-ganesha-vfs`, VFS FSAL)
-//! on 127.0.0.1, started by `scripts/peers/ganesha.sh`: the conformance suite, invisibility until
-//! commit and no temp after abort or drop (checked in the exported directory too), escaping
-//! keys, `overwrite: false`, a dead server (`Network`), and the throughput of a 256 MiB put and get.
+//! on 127.0.0.1, started by `scripts/peers/ganesha.sh`: the conformance suite (through
+//! [`open`](crate::open), and below a path with 256 KiB FILE_SYNC writes), invisibility until
+//! commit and no temp after abort or drop (checked in the exported directory too), holes,
+//! `overwrite: false` (also two racing puts), escaping keys and planted symbolic links, the
+//! AUTH_UNIX uid/gid of created files, a dead server (`Network` in well under a second), a
+//! server restart (ignored by default: it restarts the shared peer), and the throughput of a
+//! 256 MiB put and get (ignored by default). Measured there on a loaded 2-core machine (release
+//! build, loopback): put ≈ 390 MiB/s with 1 request in flight and ≈ 850–950 MiB/s with 4–8;
+//! get (SHA-256 included) ≈ 600–900 MiB/s; 4 MiB requests (ganesha allows them) change little.
 
 pub mod config;
 pub mod core;
