@@ -7,7 +7,7 @@
 //! | `file:///path` (or a bare absolute path) | [`FsBackend`]: local or NFS-mounted directory | available |
 //! | `s3://bucket/prefix` | [`s3::S3Backend`]: S3 with resumable multipart (feature `s3`) | available |
 //! | `http(s)://…`, `webdav(s)://…` | [`webdav::WebdavBackend`]: WebDAV with atomic streamed puts (feature `http`); [`webdav::HttpSource`] reads any web server | available |
-//! | `nfs://host/export/path` | native NFSv3 (feature `nfs`) | not implemented yet |
+//! | `nfs://host/export/path` | [`nfs::NfsBackend`]: native NFSv3, no kernel mount (feature `nfs`) | available |
 //!
 //! [`open`] turns a URL into a backend; a scheme whose backend does not exist yet gives an
 //! `Unsupported` error that names it. [`conformance`] is the suite every backend must pass.
@@ -16,6 +16,8 @@
 
 pub mod conformance;
 pub mod fs;
+#[cfg(feature = "nfs")]
+pub mod nfs;
 #[cfg(feature = "s3")]
 pub mod s3;
 pub mod url;
@@ -44,6 +46,9 @@ use virtrigaud_core::{Error, Result, StorageBackend};
 /// `http(s)://` and `webdav(s)://` (feature `http`) open a [`webdav::WebdavBackend`] with the
 /// credentials of the URL or of `VIRTRIGAUD_WEBDAV_USER` / `_PASSWORD` / `_TOKEN`; a read-only
 /// web server is a [`webdav::HttpSource`], built explicitly.
+///
+/// `nfs://host/export/path` (feature `nfs`) mounts on first use; query parameters set the
+/// AUTH_UNIX identity, ports and sizes (see `nfs::NfsConfig::from_url`).
 pub fn open(url: &str) -> Result<Arc<dyn StorageBackend>> {
     match StorageUrl::parse(url)? {
         StorageUrl::File { root } => Ok(Arc::new(FsBackend::new(root))),
@@ -53,6 +58,8 @@ pub fn open(url: &str) -> Result<Arc<dyn StorageBackend>> {
         }
         #[cfg(feature = "http")]
         StorageUrl::Http { .. } => Ok(Arc::new(webdav::WebdavBackend::from_url(url)?)),
+        #[cfg(feature = "nfs")]
+        StorageUrl::Nfs { .. } => Ok(Arc::new(nfs::NfsBackend::from_url(url)?)),
         other => Err(Error::unsupported(format!(
             "the {}:// storage backend is not implemented yet in this version of virtrigaud",
             other.scheme()
