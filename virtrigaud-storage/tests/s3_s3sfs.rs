@@ -758,3 +758,182 @@ async fn keys_with_special_characters_round_trip() {
     b.delete(big).await.unwrap();
     assert!(b.list("").await.unwrap().is_empty());
 }
+
+/// The disk both halves of the kill test export: 48 MiB of deterministic data, in 1 MiB extents
+/// (with a pause before each one in the child, so the parent can kill it mid-upload).
+fn kill_test_source(pause: Duration) -> virtrigaud_core::io::ImageSource {
+    let size = 48u64 << 20;
+    let stream = futures::stream::unfold(0u64, move |off| async move {
+        if off >= size {
+            return None;
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        let bytes = Bytes::from(pattern(MIB, 1000 + off / MIB as u64));
+        Some((
+            Ok(virtrigaud_core::Extent::Data { offset: off, bytes }),
+            off + MIB as u64,
+        ))
+    });
+    virtrigaud_core::io::ImageSource::Sequential {
+        size: Some(size),
+        stream: stream.boxed(),
+    }
+}
+
+fn kill_test_export_options() -> virtrigaud_core::ExportOptions {
+    virtrigaud_core::ExportOptions {
+        format: virtrigaud_core::DiskFormat::Raw,
+        include_vm: false,
+        ..Default::default()
+    }
+}
+
+fn kill_test_config(endpoint: &str, bucket: &str) -> S3Config {
+    let mut c = S3Config::new(bucket)
+        .with_endpoint(endpoint)
+        .with_prefix("staging")
+        .with_credentials(ACCESS_KEY, SECRET_KEY);
+    c.part_size = Some(5 << 20);
+    c.concurrency = 2;
+    c
+}
+
+/// Child half of `an_export_killed_mid_upload_resumes_in_a_new_process`: runs only when that
+/// test spawns it (and is killed by it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "spawned by an_export_killed_mid_upload_resumes_in_a_new_process"]
+async fn kill_child_export() {
+    let (Ok(endpoint), Ok(bucket)) = (
+        std::env::var("VRG_KILL_CHILD_ENDPOINT"),
+        std::env::var("VRG_KILL_CHILD_BUCKET"),
+    ) else {
+        return;
+    };
+    let b = S3Backend::new(kill_test_config(&endpoint, &bucket)).unwrap();
+    let _ = virtrigaud_core::export_image(
+        kill_test_source(Duration::from_millis(60)),
+        None,
+        &b,
+        "vm/disk.img",
+        None,
+        None,
+        &kill_test_export_options(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_killed_mid_upload_resumes_in_a_new_process() {
+    let peer = peer!();
+    let bucket = peer.bucket("killed");
+    // A separate process exports, and is killed with SIGKILL after a few parts reached the
+    // server: no destructor runs, exactly like a crash.
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "kill_child_export", "--ignored", "--nocapture"])
+        .env("VRG_KILL_CHILD_ENDPOINT", peer.endpoint())
+        .env("VRG_KILL_CHILD_BUCKET", &bucket)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let parts = peer
+            .requests()
+            .iter()
+            .filter_map(Logged::part_number)
+            .count();
+        if parts >= 4 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child finished before it could be killed"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child uploaded no parts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the checkpoint (rewritten at most once a second) catch up, then kill.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before: Vec<u32> = peer
+        .requests()
+        .iter()
+        .filter_map(Logged::part_number)
+        .collect();
+
+    let b = S3Backend::new(kill_test_config(&peer.endpoint(), &bucket)).unwrap();
+    assert!(
+        !b.exists("vm/disk.img").await.unwrap(),
+        "no object after the kill"
+    );
+    assert!(
+        !b.exists(&virtrigaud_core::manifest::manifest_key("vm/disk.img"))
+            .await
+            .unwrap(),
+        "no manifest after the kill"
+    );
+    let cp = b
+        .checkpoint("vm/disk.img")
+        .await
+        .unwrap()
+        .expect("checkpoint left by the child");
+    let recorded: Vec<u32> = cp.parts.iter().map(|p| p.number).collect();
+    assert!(!recorded.is_empty(), "the checkpoint recorded parts");
+
+    // A new process (here: a new backend) runs the same export and resumes.
+    peer.clear_log();
+    let resumed = virtrigaud_core::export_image(
+        kill_test_source(Duration::ZERO),
+        None,
+        &b,
+        "vm/disk.img",
+        None,
+        None,
+        &kill_test_export_options(),
+    )
+    .await
+    .unwrap();
+    let after: Vec<u32> = peer
+        .requests()
+        .iter()
+        .filter_map(Logged::part_number)
+        .collect();
+    for n in &recorded {
+        assert!(
+            !after.contains(n),
+            "part {n} was sent again: before {before:?}, after {after:?}"
+        );
+    }
+    assert!(
+        after.len() < 10,
+        "only the missing parts are sent: {after:?}"
+    );
+
+    // The object and manifest equal an uninterrupted run's.
+    let clean = virtrigaud_core::export_image(
+        kill_test_source(Duration::ZERO),
+        None,
+        &b,
+        "vm/clean.img",
+        None,
+        None,
+        &kill_test_export_options(),
+    )
+    .await
+    .unwrap();
+    let (m1, mut m2) = (resumed.manifest, clean.manifest);
+    m2.created = m1.created.clone();
+    assert_eq!(m1, m2, "manifests differ beyond their creation time");
+    assert_eq!(
+        sha_of_object(&b, "vm/disk.img").await,
+        sha_of_object(&b, "vm/clean.img").await
+    );
+    assert!(b.checkpoint("vm/disk.img").await.unwrap().is_none());
+    assert!(peer.upload_files().is_empty(), "{:?}", peer.upload_files());
+}
