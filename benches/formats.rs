@@ -83,6 +83,34 @@ fn ours(rt: &tokio::runtime::Runtime, src: &Path, dst: &Path, to: DiskFormat) ->
     })
 }
 
+/// The codecs alone: decode → encode → file sink, no digest (what `qemu-img convert` does).
+fn codec_only(rt: &tokio::runtime::Runtime, src: &Path, dst: &Path, to: DiskFormat) -> Duration {
+    use futures::StreamExt;
+    use virtrigaud::ByteSink;
+    rt.block_on(async {
+        let _ = std::fs::remove_file(dst);
+        let t = Instant::now();
+        let f = LocalFile::open(src).await.unwrap();
+        let (_, content) = format::decode(
+            ImageSource::RandomAccess(Arc::new(f)),
+            None,
+            &DecodeOptions::default(),
+        )
+        .await
+        .unwrap();
+        let mut chunks = format::encode(content, to, &EncodeOptions::default()).unwrap();
+        let mut sink: Box<dyn ByteSink> = Box::new(LocalFileSink::create(dst, true).await.unwrap());
+        while let Some(c) = chunks.next().await {
+            match c.unwrap() {
+                format::Chunk::Data(b) => sink.write(b).await.unwrap(),
+                format::Chunk::Zeros(n) => sink.write_zeros(n).await.unwrap(),
+            }
+        }
+        sink.commit().await.unwrap();
+        t.elapsed()
+    })
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
