@@ -142,8 +142,17 @@ pub(crate) fn from_opendal(op: &str, bucket: &str, key: Option<&str>, e: opendal
     let target = target(bucket, key);
     let text = e.to_string();
     let auth = AUTH_CODES.iter().any(|c| text.contains(c));
+    let chain = error_chain(&e).to_ascii_lowercase();
+    // A refused certificate stays refused: not worth a retry.
+    let tls = chain.contains("certificate");
+    let transport = chain.contains("error sending request")
+        || chain.contains("connection refused")
+        || chain.contains("connection reset")
+        || chain.contains("timed out");
     let (kind, retryable) = match e.kind() {
         _ if auth => (ErrorKind::Auth, false),
+        _ if tls => (ErrorKind::Network, false),
+        _ if transport => (ErrorKind::Network, true),
         K::NotFound => (ErrorKind::NotFound, false),
         K::PermissionDenied => (ErrorKind::Permission, false),
         K::AlreadyExists | K::ConditionNotMatch => (ErrorKind::AlreadyExists, false),
@@ -156,6 +165,12 @@ pub(crate) fn from_opendal(op: &str, bucket: &str, key: Option<&str>, e: opendal
     let mut msg = format!("S3 {op} on {target} failed: {}", e.kind());
     if kind == ErrorKind::Auth {
         msg.push_str(" (check the access key id and secret access key)");
+    }
+    if tls {
+        msg.push_str(
+            " (TLS certificate refused: verification is on; trust the server's CA, or turn \
+             tls_verify off explicitly)",
+        );
     }
     Error::new(kind, msg)
         .with_retryable(retryable)
