@@ -2,7 +2,10 @@
 //!
 //! * **Object digest** — SHA-256 of the exact stored bytes ([`ObjectHasher`]), what `sha256sum`
 //!   prints on the stored object and what Proxmox accepts as `checksum`. The same hasher records
-//!   per-chunk SHA-256 digests (fixed chunk size) for resume and partial verification.
+//!   per-chunk CRC32C checksums (fixed chunk size, lower-case hex of the big-endian value) so an
+//!   import fails at the first damaged chunk; CRC32C runs at memory speed with SSE 4.2, so the
+//!   only sequential SHA-256 of a transfer is the whole-object one. (CRC32C detects accidental
+//!   damage; the object SHA-256, checked before anything becomes visible, covers the rest.)
 //! * **Content digest** — a digest of the guest-visible disk, independent of the image format
 //!   ([`ContentDigester`]), so a disk exported as streamOptimized VMDK and imported as qcow2 is
 //!   proven identical. Algorithm `vrg-blocksha256-v1`:
@@ -40,6 +43,8 @@ pub const CONTENT_ALGORITHM: &str = "vrg-blocksha256-v1";
 pub const CONTENT_BLOCK: usize = 65536;
 /// Name of the object digest algorithm.
 pub const OBJECT_ALGORITHM: &str = "sha256";
+/// Name of the per-chunk checksum algorithm.
+pub const CHUNK_ALGORITHM: &str = "crc32c";
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
@@ -107,7 +112,7 @@ impl ContentDigester {
             batch: Vec::new(),
             batch_bytes: 0,
             inflight: FuturesOrdered::new(),
-            max_inflight: parallelism.max(1) * 2,
+            max_inflight: parallelism.max(1),
             hashed_bytes: 0,
         }
     }
@@ -268,11 +273,11 @@ impl ContentDigester {
     }
 }
 
-/// The SHA-256 of a stored object and its per-chunk SHA-256 digests.
+/// The SHA-256 of a stored object and its per-chunk CRC32C checksums.
 #[derive(Clone)]
 pub struct ObjectHasher {
     whole: Sha256,
-    chunk: Sha256,
+    chunk: u32,
     chunk_size: u64,
     in_chunk: u64,
     total: u64,
@@ -292,7 +297,7 @@ impl ObjectHasher {
     pub fn new(chunk_size: u64) -> Self {
         ObjectHasher {
             whole: Sha256::new(),
-            chunk: Sha256::new(),
+            chunk: 0,
             chunk_size: chunk_size.max(1),
             in_chunk: 0,
             total: 0,
@@ -306,12 +311,12 @@ impl ObjectHasher {
         self.total += data.len() as u64;
         while !data.is_empty() {
             let take = ((self.chunk_size - self.in_chunk) as usize).min(data.len());
-            self.chunk.update(&data[..take]);
+            self.chunk = crc32c::crc32c_append(self.chunk, &data[..take]);
             self.in_chunk += take as u64;
             data = &data[take..];
             if self.in_chunk == self.chunk_size {
                 self.chunks
-                    .push(hex(&std::mem::take(&mut self.chunk).finalize()));
+                    .push(hex(&std::mem::take(&mut self.chunk).to_be_bytes()));
                 self.in_chunk = 0;
             }
         }
@@ -336,10 +341,10 @@ impl ObjectHasher {
         &self.chunks
     }
 
-    /// Finishes: (object SHA-256 hex, chunk digests including the last partial chunk).
+    /// Finishes: (object SHA-256 hex, chunk CRC32Cs including the last partial chunk).
     pub fn finish(mut self) -> (String, Vec<String>) {
         if self.in_chunk > 0 {
-            self.chunks.push(hex(&self.chunk.finalize()));
+            self.chunks.push(hex(&self.chunk.to_be_bytes()));
         }
         (hex(&self.whole.finalize()), self.chunks)
     }
@@ -468,8 +473,12 @@ mod tests {
         let (whole, chunks) = h.finish();
         assert_eq!(whole, sha256_hex(&data));
         assert_eq!(chunks.len(), 3);
-        assert_eq!(chunks[0], sha256_hex(&data[..4096]));
-        assert_eq!(chunks[2], sha256_hex(&data[8192..]));
+        assert_eq!(chunks[0], hex(&crc32c::crc32c(&data[..4096]).to_be_bytes()));
+        assert_eq!(chunks[2], hex(&crc32c::crc32c(&data[8192..]).to_be_bytes()));
+        // the standard CRC32C check value
+        let mut c = ObjectHasher::new(100);
+        c.update(b"123456789");
+        assert_eq!(c.finish().1, vec!["e3069283".to_string()]);
         let mut z = ObjectHasher::new(1 << 20);
         z.update_zeros(3 << 20);
         assert_eq!(z.finish().0, sha256_hex(&vec![0u8; 3 << 20]));

@@ -3,7 +3,7 @@
 //! Stored as `<key>.manifest.json`. Import reads it first and refuses any object whose size,
 //! SHA-256, chunk digests or content digest differ from it, before anything becomes visible.
 
-use crate::digest::{CONTENT_ALGORITHM, CONTENT_BLOCK, OBJECT_ALGORITHM};
+use crate::digest::{CHUNK_ALGORITHM, CONTENT_ALGORITHM, CONTENT_BLOCK, OBJECT_ALGORITHM};
 use crate::format::DiskFormat;
 use crate::provider::VmInfo;
 use crate::{Error, ErrorKind, Result};
@@ -31,14 +31,14 @@ pub struct DigestValue {
     pub block_size: Option<u64>,
 }
 
-/// Per-chunk digests of the stored bytes.
+/// Per-chunk checksums of the stored bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkDigests {
-    /// Algorithm (`sha256`).
+    /// Algorithm (`crc32c`).
     pub algorithm: String,
     /// Chunk size; the last chunk may be shorter.
     pub chunk_size: u64,
-    /// One hex digest per chunk.
+    /// One hex checksum per chunk (CRC32C, big-endian, 8 hex digits).
     pub digests: Vec<String>,
 }
 
@@ -144,7 +144,7 @@ impl Manifest {
                 self.content_digest.algorithm
             ));
         }
-        if self.chunks.algorithm != OBJECT_ALGORITHM || self.chunks.chunk_size == 0 {
+        if self.chunks.algorithm != CHUNK_ALGORITHM || self.chunks.chunk_size == 0 {
             return bad("chunk digests".into());
         }
         let expected = self.stored_size.div_ceil(self.chunks.chunk_size);
@@ -156,7 +156,7 @@ impl Manifest {
                 self.chunks.chunk_size
             ));
         }
-        if let Some(d) = self.chunks.digests.iter().find(|d| !is_hex(d, 64)) {
+        if let Some(d) = self.chunks.digests.iter().find(|d| !is_hex(d, 8)) {
             return bad(format!("chunk digest {d:?}"));
         }
         if self.allocated_bytes > self.virtual_size {
@@ -223,9 +223,9 @@ mod tests {
                 block_size: Some(CONTENT_BLOCK as u64),
             },
             chunks: ChunkDigests {
-                algorithm: "sha256".into(),
+                algorithm: "crc32c".into(),
                 chunk_size: 8,
-                digests: vec!["c".repeat(64), "d".repeat(64)],
+                digests: vec!["c".repeat(8), "d".repeat(8)],
             },
             allocation: Some(vec![[0, 4], [6, 10]]),
             source: None,

@@ -176,7 +176,14 @@ async fn run_inner(
 
     // Stage 1: read, zero-detect, content digest, hand extents to the encoder.
     let source = async {
-        let mut digester = ContentDigester::new(virtual_size, opts.parallelism);
+        // The object digest is one sequential SHA-256 stream on the critical path: leave it a
+        // core of its own, and give the (parallel) content digest the others.
+        let digest_workers = if hash_object {
+            opts.parallelism.saturating_sub(1).max(1)
+        } else {
+            opts.parallelism
+        };
+        let mut digester = ContentDigester::new(virtual_size, digest_workers);
         let mut extents = content.validated().extents;
         let (mut read, mut allocated) = (0u64, 0u64);
         let mut alloc = AllocationBuilder::new(opts.zero_block, 65_536);

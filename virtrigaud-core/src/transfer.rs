@@ -205,7 +205,7 @@ pub async fn export_image(
             block_size: Some(CONTENT_BLOCK as u64),
         },
         chunks: ChunkDigests {
-            algorithm: OBJECT_ALGORITHM.into(),
+            algorithm: crate::digest::CHUNK_ALGORITHM.into(),
             chunk_size: opts.pipeline.chunk_size,
             digests: chunks,
         },
