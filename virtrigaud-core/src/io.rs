@@ -225,13 +225,18 @@ fn seek_data_ranges(file: &std::fs::File, size: u64) -> Option<Vec<Range<u64>>> 
 /// commit. Zero runs become holes. The temp file is removed on abort or drop.
 #[derive(Debug)]
 pub struct LocalFileSink {
-    file: Option<std::fs::File>,
+    file: Option<Arc<std::fs::File>>,
     tmp: PathBuf,
     dest: PathBuf,
     pos: u64,
     overwrite: bool,
     committed: bool,
+    /// Positional writes in flight (page-cache copies run on several cores at once).
+    inflight: std::collections::VecDeque<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
+
+/// Writes a [`LocalFileSink`] keeps in flight.
+const FILE_WRITES_IN_FLIGHT: usize = 4;
 
 impl LocalFileSink {
     /// Creates the temp file next to `dest`. Fails with `AlreadyExists` if `dest` exists and
@@ -272,19 +277,30 @@ impl LocalFileSink {
             Error::io(e, msg).with_target(target)
         })?;
         Ok(LocalFileSink {
-            file: Some(file),
+            file: Some(Arc::new(file)),
             tmp,
             dest,
             pos: 0,
             overwrite,
             committed: false,
+            inflight: std::collections::VecDeque::new(),
         })
     }
 
-    fn file(&self) -> Result<&std::fs::File> {
+    fn file(&self) -> Result<&Arc<std::fs::File>> {
         self.file
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::Io, "sink already closed"))
+    }
+
+    /// Waits for the oldest write in flight and reports its error, if any.
+    async fn settle_one(&mut self) -> Result<()> {
+        if let Some(h) = self.inflight.pop_front() {
+            h.await.map_err(join_err)?.map_err(|e| {
+                Error::io(e, "write failed").with_target(self.dest.display().to_string())
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -308,15 +324,16 @@ pub fn unique_suffix() -> String {
 impl ByteSink for LocalFileSink {
     async fn write(&mut self, data: Bytes) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        let file = self.file()?.try_clone()?;
+        while self.inflight.len() >= FILE_WRITES_IN_FLIGHT {
+            self.settle_one().await?;
+        }
+        let file = self.file()?.clone();
         let pos = self.pos;
         let n = data.len() as u64;
-        tokio::task::spawn_blocking(move || file.write_all_at(&data, pos))
-            .await
-            .map_err(join_err)?
-            .map_err(|e| {
-                Error::io(e, "write failed").with_target(self.dest.display().to_string())
-            })?;
+        self.inflight
+            .push_back(tokio::task::spawn_blocking(move || {
+                file.write_all_at(&data, pos)
+            }));
         self.pos += n;
         Ok(())
     }
@@ -330,6 +347,9 @@ impl ByteSink for LocalFileSink {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
+        while !self.inflight.is_empty() {
+            self.settle_one().await?;
+        }
         let file = self
             .file
             .take()
@@ -367,6 +387,9 @@ impl ByteSink for LocalFileSink {
     }
 
     async fn abort(mut self: Box<Self>) -> Result<()> {
+        while let Some(h) = self.inflight.pop_front() {
+            let _ = h.await;
+        }
         self.file.take();
         let tmp = self.tmp.clone();
         self.committed = true; // nothing left for Drop to do
