@@ -37,6 +37,7 @@ fn backend(bucket: &str) -> S3Backend {
 
 /// The child process: one export with default settings, nothing else in the process.
 fn child(image: &str, bucket: &str, key: &str) {
+    virtrigaud::io::limit_allocator_retention();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -26,6 +26,7 @@ const MIB: u64 = 1 << 20;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    virtrigaud::io::limit_allocator_retention();
     let keep = std::env::args().any(|a| a == "--keep");
     match run(keep).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -34,6 +34,7 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    virtrigaud::io::limit_allocator_retention();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

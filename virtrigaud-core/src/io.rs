@@ -445,6 +445,21 @@ impl ByteSink for MemorySink {
     }
 }
 
+/// Makes glibc return freed multi-MiB transfer buffers to the system at once.
+///
+/// glibc raises its mmap threshold dynamically after large buffers are freed, so the next ones
+/// come from heap arenas that keep their pages: a transfer's peak RSS then creeps to several
+/// times its working set (measured: 191 MiB instead of 64 MiB for an S3 export). Call this once
+/// at program start in applications that move disks; it fixes the threshold at 1 MiB. It is a
+/// process-wide allocator setting, so the library never does it on its own. No-op elsewhere.
+pub fn limit_allocator_retention() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes an allocator tuning parameter; it is thread-safe in glibc.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
