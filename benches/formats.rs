@@ -130,6 +130,14 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let dir = tempfile::tempdir().unwrap();
+    // Outputs on tmpfs when there is one (VRG_BENCH_OUT overrides): this VM's disk writeback
+    // varies by 5x between runs and would drown the codecs' own cost.
+    let out_dir = match std::env::var("VRG_BENCH_OUT") {
+        Ok(d) => tempfile::tempdir_in(d).unwrap(),
+        Err(_) if Path::new("/dev/shm").is_dir() => tempfile::tempdir_in("/dev/shm").unwrap(),
+        Err(_) => tempfile::tempdir().unwrap(),
+    };
+    println!("outputs in {}", out_dir.path().display());
     let raw = dir.path().join("in.raw");
     let qcow = dir.path().join("in.qcow2");
     random_sparse(&raw, 1024, data_mib);
@@ -148,8 +156,8 @@ fn main() {
         .unwrap();
     println!("input: 1 GiB virtual, {data_mib} MiB random data; {runs} runs each, medians");
 
-    let out_q = dir.path().join("q.raw");
-    let out_o = dir.path().join("o.raw");
+    let out_q = out_dir.path().join("q.raw");
+    let out_o = out_dir.path().join("o.raw");
     let (mut q, mut o, mut c) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let _ = std::fs::remove_file(&out_q);
@@ -179,8 +187,8 @@ fn main() {
     if std::env::var("VRG_BENCH_ONLY").as_deref() == Ok("qcow2") {
         return;
     }
-    let out_q = dir.path().join("q.vmdk");
-    let out_o = dir.path().join("o.vmdk");
+    let out_q = out_dir.path().join("q.vmdk");
+    let out_o = out_dir.path().join("o.vmdk");
     let (mut q, mut o) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let _ = std::fs::remove_file(&out_q);
