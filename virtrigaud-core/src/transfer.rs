@@ -434,20 +434,8 @@ pub async fn import_disk(
             .get(key, None)
             .await
             .map_err(|e| e.with_target(key.to_string()))?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Extent>>(4);
-        let state = Arc::new(Mutex::new(VerifyState { mismatch: None }));
         let stop = CancellationToken::new();
-        let verifier = tokio::spawn(verify_stream(
-            stream,
-            manifest.clone(),
-            tx,
-            state.clone(),
-            stop.clone(),
-        ));
-        let source = ImageSource::Sequential {
-            size: Some(manifest.stored_size),
-            stream: futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed(),
-        };
+        let (source, verifier, state) = verified_source(stream, &manifest, stop.clone());
         let mismatch =
             |state: &Arc<Mutex<VerifyState>>| state.lock().ok().and_then(|s| s.mismatch.clone());
         let result = async {
@@ -552,29 +540,9 @@ pub async fn verify_object(
 ) -> Result<Manifest> {
     let manifest = read_manifest(storage, key).await?;
     let stream = storage.get(key, None).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Extent>>(4);
-    let state = Arc::new(Mutex::new(VerifyState { mismatch: None }));
-    let verifier = tokio::spawn(verify_stream(
-        stream,
-        manifest.clone(),
-        tx,
-        state,
-        CancellationToken::new(),
-    ));
-    let source = ImageSource::Sequential {
-        size: Some(manifest.stored_size),
-        stream: futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed(),
-    };
+    let (source, verifier, _) = verified_source(stream, &manifest, CancellationToken::new());
     let (_, content) = format::decode(source, Some(manifest.format), &opts.decode).await?;
-    let mut digester =
-        crate::digest::ContentDigester::new(content.virtual_size, opts.pipeline.parallelism);
-    let mut ex = content.extents;
-    while let Some(e) = ex.next().await {
-        for piece in crate::extent::zero_detect(e?, opts.pipeline.zero_block) {
-            digester.update(&piece).await?;
-        }
-    }
-    let digest = digester.finish().await?;
+    let digest = content_digest_of(content, &opts.pipeline).await?;
     verifier.await.map_err(join_err)??;
     if digest != manifest.content_digest.value {
         return Err(Error::new(
@@ -598,16 +566,50 @@ pub async fn digest_disk(
 ) -> Result<String> {
     let opened = provider.open_disk(vm, disk, None).await?;
     let (_, content) = format::decode(opened.source, opened.info.format, &opts.decode).await?;
-    let mut digester =
-        crate::digest::ContentDigester::new(content.virtual_size, opts.pipeline.parallelism);
+    content_digest_of(content, &opts.pipeline).await
+}
+
+/// The content digest of decoded content, zero-detected like the pipeline does it.
+async fn content_digest_of(
+    content: crate::extent::DiskContent,
+    opts: &PipelineOptions,
+) -> Result<String> {
+    let mut digester = crate::digest::ContentDigester::new(content.virtual_size, opts.parallelism);
     let mut ex = content.extents;
     while let Some(e) = ex.next().await {
-        if opts.pipeline.cancel.is_cancelled() {
+        if opts.cancel.is_cancelled() {
             return Err(Error::cancelled());
         }
-        for piece in crate::extent::zero_detect(e?, opts.pipeline.zero_block) {
+        for piece in crate::extent::zero_detect(e?, opts.zero_block) {
             digester.update(&piece).await?;
         }
     }
     digester.finish().await
+}
+
+/// A stored object's byte stream wrapped by [`verify_stream`] on its own task: the image
+/// source a decoder reads, the verifier's handle, and its mismatch record.
+fn verified_source(
+    stream: ByteStream,
+    manifest: &Manifest,
+    stop: CancellationToken,
+) -> (
+    ImageSource,
+    tokio::task::JoinHandle<Result<bool>>,
+    Arc<Mutex<VerifyState>>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Extent>>(4);
+    let state = Arc::new(Mutex::new(VerifyState { mismatch: None }));
+    let verifier = tokio::spawn(verify_stream(
+        stream,
+        manifest.clone(),
+        tx,
+        state.clone(),
+        stop,
+    ));
+    let source = ImageSource::Sequential {
+        size: Some(manifest.stored_size),
+        stream: futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed(),
+    };
+    (source, verifier, state)
 }
