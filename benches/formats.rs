@@ -70,6 +70,7 @@ fn ours(rt: &tokio::runtime::Runtime, src: &Path, dst: &Path, to: DiskFormat) ->
             Job {
                 format: to,
                 encode: &enc,
+                content_digest: true,
                 hash_object: false,
                 phase: Phase::Export,
                 label: "bench",

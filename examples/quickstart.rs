@@ -158,7 +158,7 @@ async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
     let again = digest_disk(&target, "demo", "disk0", &ImportOptions::default()).await?;
     let m = &exported.manifest;
     let ok = again == m.content_digest.value
-        && imported.transfer.content_digest == m.content_digest.value;
+        && imported.transfer.content_digest.as_deref() == Some(m.content_digest.value.as_str());
 
     let t = &exported.transfer;
     println!();

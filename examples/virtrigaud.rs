@@ -147,7 +147,7 @@ async fn run(args: Vec<String>) -> AnyResult<()> {
             let r = r?;
             println!(
                 "imported {} into {dir}/{vm}/{} ({}), verified: content {}",
-                key, r.location, r.format, r.transfer.content_digest
+                key, r.location, r.format, r.manifest.content_digest.value
             );
             Ok(())
         }

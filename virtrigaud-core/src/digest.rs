@@ -273,42 +273,29 @@ impl ContentDigester {
     }
 }
 
-/// The SHA-256 of a stored object and its per-chunk CRC32C checksums.
-#[derive(Clone)]
-pub struct ObjectHasher {
-    whole: Sha256,
+/// Per-chunk CRC32C checksums of a byte stream: one for every `chunk_size` bytes, the last one
+/// for the remainder (big-endian hex, as in the manifest).
+#[derive(Debug, Clone)]
+pub struct ChunkChecksums {
     chunk: u32,
     chunk_size: u64,
     in_chunk: u64,
-    total: u64,
     chunks: Vec<String>,
 }
 
-impl std::fmt::Debug for ObjectHasher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ObjectHasher")
-            .field("total", &self.total)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ObjectHasher {
-    /// A hasher recording a digest for every `chunk_size` bytes.
+impl ChunkChecksums {
+    /// Checksums recording one CRC32C for every `chunk_size` bytes.
     pub fn new(chunk_size: u64) -> Self {
-        ObjectHasher {
-            whole: Sha256::new(),
+        ChunkChecksums {
             chunk: 0,
             chunk_size: chunk_size.max(1),
             in_chunk: 0,
-            total: 0,
             chunks: Vec::new(),
         }
     }
 
-    /// Hashes `data`.
+    /// Feeds `data`.
     pub fn update(&mut self, mut data: &[u8]) {
-        self.whole.update(data);
-        self.total += data.len() as u64;
         while !data.is_empty() {
             let take = ((self.chunk_size - self.in_chunk) as usize).min(data.len());
             self.chunk = crc32c::crc32c_append(self.chunk, &data[..take]);
@@ -320,6 +307,101 @@ impl ObjectHasher {
                 self.in_chunk = 0;
             }
         }
+    }
+
+    /// Feeds `len` zero bytes.
+    pub fn update_zeros(&mut self, mut len: u64) {
+        while len > 0 {
+            let n = len.min(crate::io::ZEROS.len() as u64) as usize;
+            self.update(&crate::io::ZEROS[..n]);
+            len -= n as u64;
+        }
+    }
+
+    /// Checksums of the chunks completed so far.
+    pub fn completed(&self) -> &[String] {
+        &self.chunks
+    }
+
+    /// All checksums, including the last partial chunk.
+    pub fn finish(mut self) -> Vec<String> {
+        if self.in_chunk > 0 {
+            self.chunks.push(hex(&self.chunk.to_be_bytes()));
+        }
+        self.chunks
+    }
+}
+
+/// The SHA-256 of a stored object and its per-chunk CRC32C checksums.
+#[derive(Debug, Clone)]
+pub struct ObjectHasher {
+    sha: ObjectSha256,
+    chunks: ChunkChecksums,
+}
+
+impl ObjectHasher {
+    /// A hasher recording a digest for every `chunk_size` bytes.
+    pub fn new(chunk_size: u64) -> Self {
+        ObjectHasher {
+            sha: ObjectSha256::new(),
+            chunks: ChunkChecksums::new(chunk_size),
+        }
+    }
+
+    /// Hashes `data`.
+    pub fn update(&mut self, data: &[u8]) {
+        self.sha.update(data);
+        self.chunks.update(data);
+    }
+
+    /// Hashes `len` zero bytes.
+    pub fn update_zeros(&mut self, len: u64) {
+        self.sha.update_zeros(len);
+        self.chunks.update_zeros(len);
+    }
+
+    /// Bytes hashed so far.
+    pub fn total(&self) -> u64 {
+        self.sha.total()
+    }
+
+    /// Digests of the chunks completed so far.
+    pub fn completed_chunks(&self) -> &[String] {
+        self.chunks.completed()
+    }
+
+    /// Finishes: (object SHA-256 hex, chunk CRC32Cs including the last partial chunk).
+    pub fn finish(self) -> (String, Vec<String>) {
+        (self.sha.finish(), self.chunks.finish())
+    }
+}
+
+/// The SHA-256 of a byte stream, the sequential half of an [`ObjectHasher`] (the pipeline runs
+/// it alone on a core and the chunk checksums beside the writes).
+#[derive(Clone, Default)]
+pub struct ObjectSha256 {
+    whole: Sha256,
+    total: u64,
+}
+
+impl std::fmt::Debug for ObjectSha256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectSha256")
+            .field("total", &self.total)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ObjectSha256 {
+    /// A new SHA-256 state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Hashes `data`.
+    pub fn update(&mut self, data: &[u8]) {
+        self.whole.update(data);
+        self.total += data.len() as u64;
     }
 
     /// Hashes `len` zero bytes.
@@ -336,17 +418,9 @@ impl ObjectHasher {
         self.total
     }
 
-    /// Digests of the chunks completed so far.
-    pub fn completed_chunks(&self) -> &[String] {
-        &self.chunks
-    }
-
-    /// Finishes: (object SHA-256 hex, chunk CRC32Cs including the last partial chunk).
-    pub fn finish(mut self) -> (String, Vec<String>) {
-        if self.in_chunk > 0 {
-            self.chunks.push(hex(&self.chunk.to_be_bytes()));
-        }
-        (hex(&self.whole.finalize()), self.chunks)
+    /// The SHA-256 as hex.
+    pub fn finish(self) -> String {
+        hex(&self.whole.finalize())
     }
 }
 

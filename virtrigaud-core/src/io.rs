@@ -159,17 +159,16 @@ impl ReadAt for LocalFile {
         }
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
-            let mut buf = vec![0u8; len];
+            let mut buf = ReadBuf::new(len);
             let mut done = 0;
             while done < len {
-                let n = file.read_at(&mut buf[done..], offset + done as u64)?;
+                let n = file.read_at(&mut buf.as_mut()[done..], offset + done as u64)?;
                 if n == 0 {
                     break;
                 }
                 done += n;
             }
-            buf.truncate(done);
-            Ok(Bytes::from(buf))
+            Ok(buf.freeze(done))
         })
         .await
         .map_err(join_err)?
@@ -231,12 +230,38 @@ pub struct LocalFileSink {
     pos: u64,
     overwrite: bool,
     committed: bool,
-    /// Positional writes in flight (page-cache copies run on several cores at once).
-    inflight: std::collections::VecDeque<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// The writer worker's queue. Writes run one after the other on a blocking worker of their
+    /// own (concurrent writes to one file only contend for its inode lock), so `write` returns
+    /// as soon as the data is queued and the caller goes on hashing or reading.
+    queue: Option<tokio::sync::mpsc::Sender<(u64, Bytes)>>,
+    worker: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
-/// Writes a [`LocalFileSink`] keeps in flight.
-const FILE_WRITES_IN_FLIGHT: usize = 4;
+/// Writes a [`LocalFileSink`] queues behind the one in progress.
+const FILE_WRITES_QUEUED: usize = 4;
+/// Writes at least this large start the disk writeback of their range at once.
+const WRITEBACK_MIN: u64 = 1 << 20;
+
+/// Asks the kernel to start writing `len` bytes at `pos` to the disk now, without waiting
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): the disk works while the pipeline hashes the
+/// next chunks, dirty pages do not pile up, and the fsync on commit only waits for the tail.
+/// Best effort: an error here changes nothing, the fsync on commit is what guarantees
+/// durability.
+fn start_writeback(file: &std::fs::File, pos: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(n)) = (i64::try_from(pos), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: a plain syscall on a file descriptor we own; no memory is passed.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, pos, len);
+}
 
 impl LocalFileSink {
     /// Creates the temp file next to `dest`. Fails with `AlreadyExists` if `dest` exists and
@@ -283,7 +308,8 @@ impl LocalFileSink {
             pos: 0,
             overwrite,
             committed: false,
-            inflight: std::collections::VecDeque::new(),
+            queue: None,
+            worker: None,
         })
     }
 
@@ -293,9 +319,10 @@ impl LocalFileSink {
             .ok_or_else(|| Error::new(ErrorKind::Io, "sink already closed"))
     }
 
-    /// Waits for the oldest write in flight and reports its error, if any.
-    async fn settle_one(&mut self) -> Result<()> {
-        if let Some(h) = self.inflight.pop_front() {
+    /// Stops the writer worker after the queued writes and reports its error, if any.
+    async fn finish_writes(&mut self) -> Result<()> {
+        self.queue.take();
+        if let Some(h) = self.worker.take() {
             h.await.map_err(join_err)?.map_err(|e| {
                 Error::io(e, "write failed").with_target(self.dest.display().to_string())
             })?;
@@ -324,16 +351,32 @@ pub fn unique_suffix() -> String {
 impl ByteSink for LocalFileSink {
     async fn write(&mut self, data: Bytes) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        while self.inflight.len() >= FILE_WRITES_IN_FLIGHT {
-            self.settle_one().await?;
-        }
-        let file = self.file()?.clone();
-        let pos = self.pos;
-        let n = data.len() as u64;
-        self.inflight
-            .push_back(tokio::task::spawn_blocking(move || {
-                file.write_all_at(&data, pos)
+        if self.queue.is_none() {
+            let file = self.file()?.clone();
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Bytes)>(FILE_WRITES_QUEUED);
+            self.worker = Some(tokio::task::spawn_blocking(move || {
+                while let Some((pos, data)) = rx.blocking_recv() {
+                    file.write_all_at(&data, pos)?;
+                    let n = data.len() as u64;
+                    if n >= WRITEBACK_MIN {
+                        start_writeback(&file, pos, n);
+                    }
+                }
+                Ok(())
             }));
+            self.queue = Some(tx);
+        }
+        let n = data.len() as u64;
+        let sent = match &self.queue {
+            Some(q) => q.send((self.pos, data)).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The worker stopped: it failed; report why.
+            self.finish_writes().await?;
+            return Err(Error::new(ErrorKind::Io, "file writer stopped")
+                .with_target(self.dest.display().to_string()));
+        }
         self.pos += n;
         Ok(())
     }
@@ -347,9 +390,7 @@ impl ByteSink for LocalFileSink {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
-        while !self.inflight.is_empty() {
-            self.settle_one().await?;
-        }
+        self.finish_writes().await?;
         let file = self
             .file
             .take()
@@ -387,9 +428,7 @@ impl ByteSink for LocalFileSink {
     }
 
     async fn abort(mut self: Box<Self>) -> Result<()> {
-        while let Some(h) = self.inflight.pop_front() {
-            let _ = h.await;
-        }
+        let _ = self.finish_writes().await;
         self.file.take();
         let tmp = self.tmp.clone();
         self.committed = true; // nothing left for Drop to do
@@ -460,6 +499,107 @@ pub fn limit_allocator_retention() {
     }
 }
 
+/// Size of the buffers [`ReadBuf`] recycles (the default read size of the decoders).
+pub const POOL_BUFFER: usize = 4 << 20;
+/// Free buffers kept for reuse (bounds what the pool holds while idle: 8 × 4 MiB).
+const POOL_KEEP: usize = 8;
+/// Reads shorter than this use a plain allocation.
+const POOL_MIN: usize = 256 << 10;
+
+static POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// A read buffer that returns to a small process-wide pool when the last [`Bytes`] made from
+/// it is dropped.
+///
+/// Transfers read the same few MiB-sized buffers over and over; a fresh allocation each time
+/// costs page faults and the kernel's zeroing of every page, about as much CPU as the copy
+/// itself. Recycled buffers are already mapped. The pool keeps at most 8 free buffers of
+/// [`POOL_BUFFER`] bytes; reads larger than that or smaller than 256 KiB use plain
+/// allocations. A recycled buffer holds old bytes: only the part filled by the caller is ever
+/// exposed, through [`ReadBuf::freeze`].
+///
+/// ```
+/// use virtrigaud_core::io::ReadBuf;
+/// let mut buf = ReadBuf::new(4 << 20);
+/// buf.as_mut()[..5].copy_from_slice(b"hello");
+/// let bytes = buf.freeze(5);
+/// assert_eq!(&bytes[..], b"hello");
+/// ```
+pub struct ReadBuf {
+    buf: Vec<u8>,
+    len: usize,
+    pooled: bool,
+}
+
+impl std::fmt::Debug for ReadBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadBuf")
+            .field("len", &self.len)
+            .field("pooled", &self.pooled)
+            .finish()
+    }
+}
+
+impl ReadBuf {
+    /// A buffer of `len` bytes to be filled (its initial content is unspecified).
+    pub fn new(len: usize) -> ReadBuf {
+        if (POOL_MIN..=POOL_BUFFER).contains(&len) {
+            let recycled = POOL.lock().ok().and_then(|mut p| p.pop());
+            let buf = recycled.unwrap_or_else(|| vec![0u8; POOL_BUFFER]);
+            ReadBuf {
+                buf,
+                len,
+                pooled: true,
+            }
+        } else {
+            ReadBuf {
+                buf: vec![0u8; len],
+                len,
+                pooled: false,
+            }
+        }
+    }
+
+    /// The first `filled` bytes (at most the length asked for) as [`Bytes`]; the buffer goes
+    /// back to the pool when the last clone or slice of them is dropped.
+    pub fn freeze(mut self, filled: usize) -> Bytes {
+        self.len = filled.min(self.len);
+        if self.pooled {
+            Bytes::from_owner(self)
+        } else {
+            let mut v = std::mem::take(&mut self.buf);
+            v.truncate(self.len);
+            Bytes::from(v)
+        }
+    }
+}
+
+impl AsMut<[u8]> for ReadBuf {
+    /// The `len` bytes to fill.
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl AsRef<[u8]> for ReadBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for ReadBuf {
+    fn drop(&mut self) {
+        if self.pooled && self.buf.len() == POOL_BUFFER {
+            let buf = std::mem::take(&mut self.buf);
+            if let Ok(mut p) = POOL.lock()
+                && p.len() < POOL_KEEP
+            {
+                p.push(buf);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,5 +666,37 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, vec!["sub".to_string()]);
+    }
+
+    #[test]
+    fn read_buffers_are_recycled_and_expose_only_what_was_filled() {
+        let mut a = ReadBuf::new(1 << 20);
+        a.as_mut().fill(0xAB);
+        let bytes = a.freeze(1 << 20);
+        let slice = bytes.slice(10..20);
+        drop(bytes);
+        assert_eq!(&slice[..], &[0xAB; 10]);
+        drop(slice);
+        // The buffer went back to the pool: a new one may reuse it, holding old bytes that
+        // must not be exposed beyond what the caller filled.
+        let mut b = ReadBuf::new(512 << 10);
+        assert_eq!(b.as_mut().len(), 512 << 10);
+        b.as_mut()[..3].copy_from_slice(b"abc");
+        let frozen = b.freeze(3);
+        assert_eq!(&frozen[..], b"abc");
+        // freeze never exposes more than asked for
+        assert_eq!(ReadBuf::new(1000).freeze(5000).len(), 1000);
+        // small and oversized requests are plain allocations
+        assert_eq!(ReadBuf::new(10).freeze(10).len(), 10);
+        assert_eq!(ReadBuf::new(POOL_BUFFER + 1).freeze(7).len(), 7);
+    }
+
+    #[test]
+    fn the_pool_keeps_a_bounded_number_of_buffers() {
+        let many: Vec<_> = (0..3 * POOL_KEEP)
+            .map(|_| ReadBuf::new(POOL_BUFFER).freeze(1))
+            .collect();
+        drop(many);
+        assert!(POOL.lock().unwrap().len() <= POOL_KEEP);
     }
 }

@@ -4,11 +4,13 @@
 //! Stages run concurrently, linked by a bounded channel (back-pressure), so memory is bounded by
 //! [`PipelineOptions`] whatever the disk size: roughly `queue_depth × read size` of extents in
 //! flight, plus the content digester's batches (`2 × parallelism × 4 MiB`, shared buffers, no
-//! copies), plus one chunk being hashed and written. SHA-256 work runs on blocking workers beside
-//! the I/O: the content digest in parallel batches, the object digest overlapping the write of
-//! the same chunk. Cancelling the token aborts the sink, so nothing partial remains.
+//! copies), plus the object hasher's queue (4 chunks, shared with the writes). SHA-256 work runs
+//! on blocking workers beside the I/O: the content digest in parallel batches, the object digest
+//! on one worker of its own fed by a short queue, so it never waits for a write (it is the one
+//! sequential computation, and it bounds the throughput). Cancelling the token aborts the sink,
+//! so nothing partial remains.
 
-use crate::digest::{ContentDigester, ObjectHasher};
+use crate::digest::{ChunkChecksums, ContentDigester, ObjectSha256};
 use crate::extent::{AllocationBuilder, AllocationMap, DiskContent, Extent, zero_detect};
 use crate::format::{Chunk, DiskFormat, EncodeOptions};
 use crate::io::{ByteSink, join_err};
@@ -19,8 +21,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span};
 
-/// Chunks smaller than this are hashed inline rather than on a blocking worker.
-const INLINE_HASH: usize = 256 << 10;
+/// Chunks queued for the object SHA-256 worker.
+const SHA_QUEUE: usize = 4;
 
 /// Tuning and hooks of one transfer.
 #[derive(Clone)]
@@ -83,10 +85,10 @@ pub struct TransferReport {
     pub allocated_bytes: u64,
     /// Where the non-zero data is (coarsened upper bound, see [`AllocationBuilder`]).
     pub allocation: AllocationMap,
-    /// Bytes the content digest actually hashed.
+    /// Bytes the content digest actually hashed (0 when it was not requested).
     pub content_hashed_bytes: u64,
-    /// Content digest (hex).
-    pub content_digest: String,
+    /// Content digest (hex), when requested ([`Job::content_digest`]).
+    pub content_digest: Option<String>,
     /// SHA-256 of the written bytes and per-chunk digests, when requested.
     pub object: Option<(String, Vec<String>)>,
     /// Wall time.
@@ -100,6 +102,10 @@ pub struct Job<'a> {
     pub format: DiskFormat,
     /// Encoder options.
     pub encode: &'a EncodeOptions,
+    /// Compute the format-independent content digest of the disk (needed for a manifest and
+    /// for every verification; a plain copy that only needs the stored bytes' SHA-256 can skip
+    /// it and save one SHA-256 pass over the data).
+    pub content_digest: bool,
     /// Compute the SHA-256 and chunk digests of the output (for stored objects).
     pub hash_object: bool,
     /// Phase reported in progress.
@@ -120,6 +126,7 @@ pub async fn run(
     let Job {
         format,
         encode: encode_opts,
+        content_digest: want_content,
         hash_object,
         phase,
         label,
@@ -130,6 +137,7 @@ pub async fn run(
         format,
         encode_opts,
         &mut sink,
+        want_content,
         hash_object,
         phase,
         label,
@@ -154,6 +162,7 @@ async fn run_inner(
     format: DiskFormat,
     encode_opts: &EncodeOptions,
     sink: &mut Box<dyn ByteSink>,
+    want_content: bool,
     hash_object: bool,
     phase: Phase,
     label: &str,
@@ -183,7 +192,7 @@ async fn run_inner(
         } else {
             opts.parallelism
         };
-        let mut digester = ContentDigester::new(virtual_size, digest_workers);
+        let mut digester = want_content.then(|| ContentDigester::new(virtual_size, digest_workers));
         let mut extents = content.validated().extents;
         let (mut read, mut allocated) = (0u64, 0u64);
         let mut alloc = AllocationBuilder::new(opts.zero_block, 65_536);
@@ -204,15 +213,19 @@ async fn run_inner(
                     allocated += piece.len();
                     alloc.add(piece.offset()..piece.end());
                 }
-                digester.update(&piece).await?;
+                if let Some(d) = digester.as_mut() {
+                    d.update(&piece).await?;
+                }
                 if tx.send(Ok(piece)).await.is_err() {
                     return Err(Error::new(crate::ErrorKind::Io, "encoder stopped early"));
                 }
             }
         }
         drop(tx);
-        let hashed = digester.hashed_bytes();
-        let digest = digester.finish().await?;
+        let (hashed, digest) = match digester {
+            Some(d) => (d.hashed_bytes(), Some(d.finish().await?)),
+            None => (0, None),
+        };
         Ok::<_, Error>((read, allocated, hashed, digest, alloc.finish()))
     };
 
@@ -226,7 +239,26 @@ async fn run_inner(
     let chunk_size = opts.chunk_size;
     let writer = async move {
         let mut chunks = crate::format::encode(encoded, format, encode_opts)?;
-        let mut hasher = hash_object.then(|| ObjectHasher::new(chunk_size));
+        // The SHA-256 is the one sequential computation on the critical path: it runs on a
+        // blocking worker of its own, fed through a short queue so it never waits for a write,
+        // while this task computes the chunk CRC32Cs and writes.
+        let (sha_tx, sha_task) = if hash_object {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(SHA_QUEUE);
+            let task = tokio::task::spawn_blocking(move || {
+                let mut h = ObjectSha256::new();
+                while let Some(c) = rx.blocking_recv() {
+                    match c {
+                        Chunk::Data(b) => h.update(&b),
+                        Chunk::Zeros(n) => h.update_zeros(n),
+                    }
+                }
+                h
+            });
+            (Some(tx), Some(task))
+        } else {
+            (None, None)
+        };
+        let mut crcs = hash_object.then(|| ChunkChecksums::new(chunk_size));
         let mut stored = 0u64;
         loop {
             let next = tokio::select! {
@@ -237,40 +269,37 @@ async fn run_inner(
             let Some(c) = next else { break };
             let c = c?;
             stored += c.len();
-            match (c, hasher.take()) {
-                (Chunk::Data(b), Some(mut h)) if b.len() < INLINE_HASH => {
-                    h.update(&b);
-                    hasher = Some(h);
+            if let Some(tx) = &sha_tx
+                && tx.send(c.clone()).await.is_err()
+            {
+                return Err(Error::new(crate::ErrorKind::Io, "object hasher stopped"));
+            }
+            match c {
+                Chunk::Data(b) => {
+                    if let Some(k) = crcs.as_mut() {
+                        k.update(&b);
+                    }
                     sink.write(b).await?;
                 }
-                (Chunk::Data(b), Some(mut h)) => {
-                    let b2 = b.clone();
-                    let hf = tokio::task::spawn_blocking(move || {
-                        h.update(&b2);
-                        h
-                    });
-                    let (hr, wr) = tokio::join!(hf, sink.write(b));
-                    wr?;
-                    hasher = Some(hr.map_err(join_err)?);
+                Chunk::Zeros(n) => {
+                    if let Some(k) = crcs.as_mut() {
+                        k.update_zeros(n);
+                    }
+                    sink.write_zeros(n).await?;
                 }
-                (Chunk::Zeros(n), Some(mut h)) => {
-                    let hf = tokio::task::spawn_blocking(move || {
-                        h.update_zeros(n);
-                        h
-                    });
-                    let (hr, wr) = tokio::join!(hf, sink.write_zeros(n));
-                    wr?;
-                    hasher = Some(hr.map_err(join_err)?);
-                }
-                (Chunk::Data(b), None) => sink.write(b).await?,
-                (Chunk::Zeros(n), None) => sink.write_zeros(n).await?,
             }
         }
-        Ok::<_, Error>((stored, hasher.map(ObjectHasher::finish)))
+        drop(sha_tx);
+        let object = match (sha_task, crcs) {
+            (Some(t), Some(k)) => Some((t.await.map_err(join_err)?.finish(), k.finish())),
+            _ => None,
+        };
+        Ok::<_, Error>((stored, object))
     };
 
     let ((read, allocated, hashed, content_digest, allocation), (stored, object)) =
         tokio::try_join!(source, writer)?;
+
     reporter.finish();
     let report = TransferReport {
         format,

@@ -176,6 +176,7 @@ pub async fn export_image(
         pipeline::Job {
             format,
             encode: &opts.encode,
+            content_digest: true,
             hash_object: true,
             phase: Phase::Export,
             label: key,
@@ -184,9 +185,11 @@ pub async fn export_image(
     )
     .await
     .map_err(ctx)?;
-    let Some((object_sha, chunks)) = report.object.clone() else {
+    let (Some((object_sha, chunks)), Some(content_digest)) =
+        (report.object.clone(), report.content_digest.clone())
+    else {
         let _ = sink.abort().await;
-        return Err(Error::new(ErrorKind::Io, "object digest missing"));
+        return Err(Error::new(ErrorKind::Io, "digest missing"));
     };
     let manifest = Manifest {
         schema_version: SCHEMA_VERSION,
@@ -201,7 +204,7 @@ pub async fn export_image(
         },
         content_digest: DigestValue {
             algorithm: CONTENT_ALGORITHM.into(),
-            value: report.content_digest.clone(),
+            value: content_digest,
             block_size: Some(CONTENT_BLOCK as u64),
         },
         chunks: ChunkDigests {
@@ -242,7 +245,7 @@ pub async fn export_image(
     info!(
         stored = report.stored_size,
         allocated = report.allocated_bytes,
-        content = %report.content_digest,
+        content = %manifest.content_digest.value,
         "disk exported"
     );
     Ok(ExportReport {
@@ -474,6 +477,7 @@ pub async fn import_disk(
                 pipeline::Job {
                     format: created.format,
                     encode: &opts.encode,
+                    content_digest: true,
                     hash_object: false,
                     phase: Phase::Import,
                     label: name,
@@ -498,7 +502,8 @@ pub async fn import_disk(
             }
         };
         let verified = verifier.await.map_err(join_err).and_then(|r| r);
-        let content_ok = report.content_digest == manifest.content_digest.value;
+        let content_ok =
+            report.content_digest.as_deref() == Some(manifest.content_digest.value.as_str());
         match verified {
             Ok(true) if content_ok => {
                 sink.commit().await?;
@@ -516,7 +521,8 @@ pub async fn import_disk(
                     ErrorKind::ChecksumMismatch,
                     format!(
                         "content digest {} differs from the manifest's {}",
-                        report.content_digest, manifest.content_digest.value
+                        report.content_digest.as_deref().unwrap_or("(none)"),
+                        manifest.content_digest.value
                     ),
                 )
                 .with_target(key.to_string()))
