@@ -499,22 +499,27 @@ pub fn limit_allocator_retention() {
     }
 }
 
-/// Size of the buffers [`ReadBuf`] recycles (the default read size of the decoders).
+/// Largest buffer [`ReadBuf`] recycles (the default read size of the decoders).
 pub const POOL_BUFFER: usize = 4 << 20;
-/// Free buffers kept for reuse (bounds what the pool holds while idle: 8 × 4 MiB).
+/// The buffer sizes recycled: 1 MiB and 4 MiB.
+const POOL_CLASSES: [usize; 2] = [1 << 20, POOL_BUFFER];
+/// Free buffers kept per size class (bounds what the pool holds while idle: 8 × 5 MiB).
 const POOL_KEEP: usize = 8;
 /// Reads shorter than this use a plain allocation.
 const POOL_MIN: usize = 256 << 10;
 
-static POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+static POOL: [std::sync::Mutex<Vec<Vec<u8>>>; 2] = [
+    std::sync::Mutex::new(Vec::new()),
+    std::sync::Mutex::new(Vec::new()),
+];
 
 /// A read buffer that returns to a small process-wide pool when the last [`Bytes`] made from
 /// it is dropped.
 ///
 /// Transfers read the same few MiB-sized buffers over and over; a fresh allocation each time
 /// costs page faults and the kernel's zeroing of every page, about as much CPU as the copy
-/// itself. Recycled buffers are already mapped. The pool keeps at most 8 free buffers of
-/// [`POOL_BUFFER`] bytes; reads larger than that or smaller than 256 KiB use plain
+/// itself. Recycled buffers are already mapped. The pool keeps at most 8 free buffers of 1 MiB
+/// and 8 of 4 MiB ([`POOL_BUFFER`]); reads larger than that or smaller than 256 KiB use plain
 /// allocations. A recycled buffer holds old bytes: only the part filled by the caller is ever
 /// exposed, through [`ReadBuf::freeze`].
 ///
@@ -543,9 +548,10 @@ impl std::fmt::Debug for ReadBuf {
 impl ReadBuf {
     /// A buffer of `len` bytes to be filled (its initial content is unspecified).
     pub fn new(len: usize) -> ReadBuf {
-        if (POOL_MIN..=POOL_BUFFER).contains(&len) {
-            let recycled = POOL.lock().ok().and_then(|mut p| p.pop());
-            let buf = recycled.unwrap_or_else(|| vec![0u8; POOL_BUFFER]);
+        let class = POOL_CLASSES.iter().position(|&c| len <= c);
+        if let (true, Some(class)) = (len >= POOL_MIN, class) {
+            let recycled = POOL[class].lock().ok().and_then(|mut p| p.pop());
+            let buf = recycled.unwrap_or_else(|| vec![0u8; POOL_CLASSES[class]]);
             ReadBuf {
                 buf,
                 len,
@@ -589,9 +595,10 @@ impl AsRef<[u8]> for ReadBuf {
 
 impl Drop for ReadBuf {
     fn drop(&mut self) {
-        if self.pooled && self.buf.len() == POOL_BUFFER {
+        let class = POOL_CLASSES.iter().position(|&c| self.buf.len() == c);
+        if let (true, Some(class)) = (self.pooled, class) {
             let buf = std::mem::take(&mut self.buf);
-            if let Ok(mut p) = POOL.lock()
+            if let Ok(mut p) = POOL[class].lock()
                 && p.len() < POOL_KEEP
             {
                 p.push(buf);
@@ -697,6 +704,12 @@ mod tests {
             .map(|_| ReadBuf::new(POOL_BUFFER).freeze(1))
             .collect();
         drop(many);
-        assert!(POOL.lock().unwrap().len() <= POOL_KEEP);
+        let small: Vec<_> = (0..3 * POOL_KEEP)
+            .map(|_| ReadBuf::new(POOL_MIN).freeze(1))
+            .collect();
+        drop(small);
+        for p in &POOL {
+            assert!(p.lock().unwrap().len() <= POOL_KEEP);
+        }
     }
 }

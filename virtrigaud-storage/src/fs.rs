@@ -6,7 +6,6 @@
 //! inside the root, symlinks included.
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use futures::StreamExt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -144,8 +143,8 @@ impl StorageBackend for FsBackend {
                 let n = ((end - pos) as usize).min(READ_CHUNK);
                 let res = tokio::task::spawn_blocking(move || {
                     use std::os::unix::fs::FileExt;
-                    let mut buf = vec![0u8; n];
-                    file.read_exact_at(&mut buf, pos).map(|_| Bytes::from(buf))
+                    let mut buf = virtrigaud_core::io::ReadBuf::new(n);
+                    file.read_exact_at(buf.as_mut(), pos).map(|_| buf.freeze(n))
                 })
                 .await;
                 let item = match res {

@@ -545,6 +545,9 @@ impl Seq {
         {
             return match seg {
                 Seg::Data(b) => Avail::Ready(b.slice((at - s) as usize..(end - s) as usize)),
+                Seg::Zero(_) if len as usize <= crate::io::ZEROS.len() => {
+                    Avail::Ready(Bytes::from_static(&crate::io::ZEROS[..len as usize]))
+                }
                 Seg::Zero(_) => Avail::Ready(Bytes::from(vec![0u8; len as usize])),
             };
         }
