@@ -206,18 +206,17 @@ impl ContentDigester {
         }
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        let fut = async move {
-            tokio::task::spawn_blocking(move || {
-                let mut out = Vec::new();
-                for piece in &batch {
-                    out.extend(piece.chunks(CONTENT_BLOCK).map(hash_block));
-                }
-                Item::Hashes(out)
-            })
+        // Spawned now, not when the queue is next polled: the batch hashes while the caller
+        // goes on reading.
+        let handle = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for piece in &batch {
+                out.extend(piece.chunks(CONTENT_BLOCK).map(hash_block));
+            }
+            Item::Hashes(out)
+        });
+        self.push(Box::pin(async move { handle.await.map_err(join_err) }))
             .await
-            .map_err(join_err)
-        };
-        self.push(Box::pin(fut)).await
     }
 
     async fn push(&mut self, fut: BoxFuture<'static, Result<Item>>) -> Result<()> {
