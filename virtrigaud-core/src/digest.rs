@@ -309,12 +309,8 @@ impl ChunkChecksums {
     }
 
     /// Feeds `len` zero bytes.
-    pub fn update_zeros(&mut self, mut len: u64) {
-        while len > 0 {
-            let n = len.min(crate::io::ZEROS.len() as u64) as usize;
-            self.update(&crate::io::ZEROS[..n]);
-            len -= n as u64;
-        }
+    pub fn update_zeros(&mut self, len: u64) {
+        zero_pieces(len, |z| self.update(z));
     }
 
     /// Checksums of the chunks completed so far.
@@ -404,12 +400,8 @@ impl ObjectSha256 {
     }
 
     /// Hashes `len` zero bytes.
-    pub fn update_zeros(&mut self, mut len: u64) {
-        while len > 0 {
-            let n = len.min(crate::io::ZEROS.len() as u64) as usize;
-            self.update(&crate::io::ZEROS[..n]);
-            len -= n as u64;
-        }
+    pub fn update_zeros(&mut self, len: u64) {
+        zero_pieces(len, |z| self.update(z));
     }
 
     /// Bytes hashed so far.
@@ -420,6 +412,15 @@ impl ObjectSha256 {
     /// The SHA-256 as hex.
     pub fn finish(self) -> String {
         hex(&self.whole.finalize())
+    }
+}
+
+/// Calls `f` with slices of zeros adding up to `len` bytes.
+fn zero_pieces(mut len: u64, mut f: impl FnMut(&[u8])) {
+    while len > 0 {
+        let n = len.min(crate::io::ZEROS.len() as u64) as usize;
+        f(&crate::io::ZEROS[..n]);
+        len -= n as u64;
     }
 }
 
