@@ -409,11 +409,7 @@ fn endless_source(size: u64, produced: Arc<AtomicU64>) -> DiskContent {
             ))
         }
     });
-    DiskContent {
-        virtual_size: size,
-        allocation: None,
-        extents: stream.boxed(),
-    }
+    DiskContent::new(size, None, stream.boxed())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,9 +8,11 @@
 
 use crate::{Error, Result};
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::stream::{BoxStream, StreamExt};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// A piece of a disk (or of an image file, for native byte streams).
 #[derive(Clone, PartialEq, Eq)]
@@ -170,6 +172,11 @@ impl AllocationBuilder {
     }
 }
 
+/// Reads the same content again, from the start: each call opens a fresh stream of extents
+/// describing the same guest bytes as [`DiskContent::extents`] (possibly cut into different
+/// extents). See [`DiskContent::replay`].
+pub type Replay = Arc<dyn Fn() -> BoxFuture<'static, Result<ExtentStream>> + Send + Sync>;
+
 /// The guest-visible content of a disk, as a stream.
 pub struct DiskContent {
     /// Size of the disk as the guest sees it.
@@ -178,6 +185,14 @@ pub struct DiskContent {
     pub allocation: Option<AllocationMap>,
     /// The extents, in order.
     pub extents: ExtentStream,
+    /// A way to read the same content once more, when the source can be re-read (a
+    /// random-access image: [`format::decode`](crate::format::decode) sets it to re-decode the
+    /// image from the start). Encoders that must see the whole data before they can write their
+    /// first byte (compressed qcow2: the tables hold the compressed sizes) use it for a sizing
+    /// pass, then write from [`extents`](Self::extents). `None` for sequential sources (a
+    /// stream can be read only once). The replayed stream must give the same bytes; an encoder
+    /// that notices otherwise fails rather than writing an inconsistent image.
+    pub replay: Option<Replay>,
 }
 
 impl std::fmt::Debug for DiskContent {
@@ -188,18 +203,46 @@ impl std::fmt::Debug for DiskContent {
                 "allocation",
                 &self.allocation.as_ref().map(|a| a.allocated_bytes()),
             )
+            .field("replay", &self.replay.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl DiskContent {
-    /// Content from extents held in memory (tests, small disks).
-    pub fn from_extents(virtual_size: u64, extents: Vec<Extent>) -> Self {
+    /// Content from a stream of extents, without replay.
+    pub fn new(
+        virtual_size: u64,
+        allocation: Option<AllocationMap>,
+        extents: ExtentStream,
+    ) -> Self {
         DiskContent {
             virtual_size,
-            allocation: None,
-            extents: futures::stream::iter(extents.into_iter().map(Ok)).boxed(),
+            allocation,
+            extents,
+            replay: None,
         }
+    }
+
+    /// The same content, re-readable through `replay` (see [`DiskContent::replay`]).
+    pub fn with_replay(self, replay: Replay) -> Self {
+        DiskContent {
+            replay: Some(replay),
+            ..self
+        }
+    }
+
+    /// Content from extents held in memory (tests, small disks). Replayable: the extents are
+    /// kept (shared, no copy of the data) so that they can be handed out again.
+    pub fn from_extents(virtual_size: u64, extents: Vec<Extent>) -> Self {
+        let kept: Arc<[Extent]> = extents.into();
+        let stream = |v: Arc<[Extent]>| -> ExtentStream {
+            futures::stream::iter((0..v.len()).map(move |i| Ok(v[i].clone()))).boxed()
+        };
+        let again = kept.clone();
+        DiskContent::new(virtual_size, None, stream(kept)).with_replay(Arc::new(move || {
+            let s = stream(again.clone());
+            Box::pin(async move { Ok(s) })
+        }))
     }
 
     /// Wraps the stream so that any violation of the contract (order, overlap, bounds) becomes a

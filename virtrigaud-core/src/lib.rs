@@ -24,7 +24,7 @@ pub mod storage;
 pub mod transfer;
 
 pub use error::{Error, ErrorContext, ErrorKind, Result, ResultExt};
-pub use extent::{AllocationBuilder, AllocationMap, DiskContent, Extent, ExtentStream};
+pub use extent::{AllocationBuilder, AllocationMap, DiskContent, Extent, ExtentStream, Replay};
 pub use format::DiskFormat;
 pub use io::{ByteSink, ByteStream, ImageSource, ReadAt};
 pub use local::LocalProvider;

@@ -171,6 +171,7 @@ async fn run_inner(
     let start = Instant::now();
     let virtual_size = content.virtual_size;
     let allocation = content.allocation.clone();
+    let replay = content.replay.clone();
     let data_total = allocation.as_ref().map(|a| a.allocated_bytes());
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Extent>>(opts.queue_depth.max(1));
     let cancel = opts.cancel.clone();
@@ -234,6 +235,7 @@ async fn run_inner(
         virtual_size,
         allocation,
         extents: tokio_stream_from(rx),
+        replay,
     };
     let cancel2 = opts.cancel.clone();
     let chunk_size = opts.chunk_size;

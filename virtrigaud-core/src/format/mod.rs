@@ -302,6 +302,10 @@ pub async fn detect(source: ImageSource) -> crate::Result<(DiskFormat, ImageSour
 
 /// Opens an image: detects its format by magic (or checks `expected`) and decodes it to the
 /// guest-visible content.
+///
+/// A random-access source can be read again, so the content gets a
+/// [`replay`](DiskContent::replay) that decodes the image once more from the start (it re-reads
+/// the image's tables: cheap). Sequential sources get none.
 pub async fn decode(
     source: ImageSource,
     expected: Option<DiskFormat>,
@@ -316,6 +320,34 @@ pub async fn decode(
             )));
         }
     }
+    let again = match &source {
+        ImageSource::RandomAccess(r) => Some(r.clone()),
+        ImageSource::Sequential { .. } => None,
+    };
+    let content = decode_as(format, source, opts).await?;
+    let content = match again {
+        Some(src) => {
+            let opts = opts.clone();
+            content.with_replay(std::sync::Arc::new(move || {
+                let (src, opts) = (src.clone(), opts.clone());
+                Box::pin(async move {
+                    Ok(decode_as(format, ImageSource::RandomAccess(src), &opts)
+                        .await?
+                        .extents)
+                })
+            }))
+        }
+        None => content,
+    };
+    Ok((format, content))
+}
+
+/// Decodes `source`, known to be `format`.
+async fn decode_as(
+    format: DiskFormat,
+    source: ImageSource,
+    opts: &DecodeOptions,
+) -> crate::Result<DiskContent> {
     let content = match (format, source) {
         (DiskFormat::Raw, ImageSource::RandomAccess(r)) => raw::decode_random(r, opts).await?,
         (DiskFormat::Raw, ImageSource::Sequential { size, stream }) => {
@@ -343,7 +375,7 @@ pub async fn decode(
             vmdk::decode_sequential(size, stream, opts).await?
         }
     };
-    Ok((format, content.validated()))
+    Ok(content.validated())
 }
 
 /// Encodes content into `format`, as a strictly sequential stream.

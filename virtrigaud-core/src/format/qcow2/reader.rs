@@ -384,11 +384,7 @@ pub(crate) async fn decode_random(
             Err(e) => stream::iter(vec![Err(e)]).right_stream(),
         })
         .boxed();
-    Ok(DiskContent {
-        virtual_size,
-        allocation: Some(allocation),
-        extents,
-    })
+    Ok(DiskContent::new(virtual_size, Some(allocation), extents))
 }
 
 /// Splits data runs longer than `max` so every read fits.
@@ -975,11 +971,7 @@ pub(crate) async fn decode_sequential(
         }
     })
     .boxed();
-    Ok(DiskContent {
-        virtual_size,
-        allocation,
-        extents,
-    })
+    Ok(DiskContent::new(virtual_size, allocation, extents))
 }
 
 /// Reads ahead until the L1 table and every L2 table have arrived, and returns the allocation

@@ -41,23 +41,14 @@ pub async fn decode_random(src: Arc<dyn ReadAt>, opts: &DecodeOptions) -> Result
         })
         .buffered(opts.read_ahead.max(1))
         .boxed();
-    Ok(DiskContent {
-        virtual_size: size,
-        allocation,
-        extents,
-    })
+    Ok(DiskContent::new(size, allocation, extents))
 }
 
 /// Decodes a raw image arriving as one sequential stream of file extents.
 pub fn decode_sequential(size: Option<u64>, stream: ExtentStream) -> Result<DiskContent> {
     let size =
         size.ok_or_else(|| Error::invalid("a raw image read as a stream needs its size up front"))?;
-    Ok(DiskContent {
-        virtual_size: size,
-        allocation: None,
-        extents: stream,
-    }
-    .validated())
+    Ok(DiskContent::new(size, None, stream).validated())
 }
 
 /// Encodes content as raw bytes: data as is, holes as zero runs.

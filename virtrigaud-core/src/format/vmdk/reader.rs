@@ -373,11 +373,7 @@ pub(crate) async fn decode_random(
             .buffered(read_ahead)
             .boxed()
     };
-    Ok(DiskContent {
-        virtual_size: cap,
-        allocation: Some(allocation),
-        extents,
-    })
+    Ok(DiskContent::new(cap, Some(allocation), extents))
 }
 
 async fn read_compressed_batch(
@@ -711,11 +707,7 @@ pub(crate) async fn decode_sequential(
     .map_ok(|v| stream::iter(v.into_iter().map(Ok)))
     .try_flatten()
     .boxed();
-    Ok(DiskContent {
-        virtual_size: cap,
-        allocation: None,
-        extents,
-    })
+    Ok(DiskContent::new(cap, None, extents))
 }
 
 /// Most grain directory plus grain table bytes a monolithicSparse stream may make us hold
@@ -837,11 +829,7 @@ async fn decode_sequential_sparse(
         Ok(Some((Extent::Data { offset: off, bytes }, (r, it))))
     })
     .boxed();
-    Ok(DiskContent {
-        virtual_size: cap,
-        allocation: Some(allocation),
-        extents,
-    })
+    Ok(DiskContent::new(cap, Some(allocation), extents))
 }
 
 /// Decodes a monolithicFlat descriptor and its flat extents.
@@ -914,11 +902,11 @@ pub(crate) async fn decode_flat(
         })
         .buffered(opts.read_ahead.max(1))
         .boxed();
-    Ok(DiskContent {
-        virtual_size: guest,
-        allocation: Some(AllocationMap::from_ranges(alloc)),
+    Ok(DiskContent::new(
+        guest,
+        Some(AllocationMap::from_ranges(alloc)),
         extents,
-    })
+    ))
 }
 
 async fn read_descriptor(src: &dyn ReadAt) -> Result<Descriptor> {
