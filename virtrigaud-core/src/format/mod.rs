@@ -2,6 +2,7 @@
 //!
 //! A format is never inferred from a file name: [`DiskFormat::detect`] reads the first bytes.
 
+mod deflate;
 pub mod qcow2;
 pub mod raw;
 pub mod vmdk;

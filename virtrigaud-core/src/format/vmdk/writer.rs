@@ -3,12 +3,12 @@
 
 use super::descriptor::Descriptor;
 use super::header::*;
-use crate::extent::{DiskContent, Extent, ExtentStream, is_zero};
+use crate::extent::{DiskContent, Extent, is_zero};
+use crate::format::deflate::{compress_blocks, deflate_into, incompressible, sampler};
 use crate::format::{Chunk, ChunkStream, EncodeOptions};
-use crate::io::join_err;
 use crate::{Error, Result};
 use bytes::{BufMut, Bytes, BytesMut};
-use flate2::{Compress, Compression, FlushCompress, Status};
+use flate2::{Compress, Compression};
 use futures::stream::{self, StreamExt, TryStreamExt};
 
 /// Grain size written, in sectors (64 KiB).
@@ -49,138 +49,12 @@ fn header_and_descriptor(h: &SparseHeader, create_type: &str) -> Bytes {
     b.freeze()
 }
 
-/// Cuts an extent stream into whole grains (`grain` bytes each, zero-padded at the end of the
-/// disk) that hold at least one non-zero byte, in order.
-struct GrainAssembler {
-    extents: ExtentStream,
-    grain: u64,
-    cur: Option<(u64, Vec<u8>)>,
-    ready: std::collections::VecDeque<(u64, Bytes)>,
-    done: bool,
-}
-
-impl GrainAssembler {
-    fn new(extents: ExtentStream, grain: u64) -> Self {
-        GrainAssembler {
-            extents,
-            grain,
-            cur: None,
-            ready: Default::default(),
-            done: false,
-        }
-    }
-
-    fn flush_cur(&mut self) {
-        if let Some((i, buf)) = self.cur.take()
-            && !is_zero(&buf)
-        {
-            self.ready.push_back((i, Bytes::from(buf)));
-        }
-    }
-
-    fn add(&mut self, offset: u64, bytes: Bytes) {
-        let g = self.grain;
-        let mut o = offset;
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            let idx = o / g;
-            let in_g = (o % g) as usize;
-            let n = ((g - o % g) as usize).min(rest.len());
-            let piece = rest.split_to(n);
-            o += n as u64;
-            if self.cur.as_ref().is_some_and(|(i, _)| *i != idx) {
-                self.flush_cur();
-            }
-            if in_g == 0 && n as u64 == g {
-                if !is_zero(&piece) {
-                    self.ready.push_back((idx, piece));
-                }
-                continue;
-            }
-            if self.cur.is_none() {
-                if is_zero(&piece) {
-                    continue;
-                }
-                self.cur = Some((idx, vec![0u8; g as usize]));
-            }
-            if let Some((_, buf)) = &mut self.cur {
-                buf[in_g..in_g + n].copy_from_slice(&piece);
-            }
-        }
-    }
-
-    async fn next(&mut self) -> Result<Option<(u64, Bytes)>> {
-        loop {
-            if let Some(x) = self.ready.pop_front() {
-                return Ok(Some(x));
-            }
-            if self.done {
-                return Ok(None);
-            }
-            match self.extents.next().await {
-                Some(item) => {
-                    if let Extent::Data { offset, bytes } = item? {
-                        self.add(offset, bytes);
-                    }
-                }
-                None => {
-                    self.done = true;
-                    self.flush_cur();
-                }
-            }
-        }
-    }
-}
-
-/// Runs one deflate stream over `data` into `buf` (cleared first).
-fn deflate_into(c: &mut Compress, data: &[u8], buf: &mut Vec<u8>) -> Result<()> {
-    c.reset();
-    buf.clear();
-    buf.reserve(data.len() + data.len() / 8 + 64);
-    loop {
-        let consumed = c.total_in() as usize;
-        let st = c
-            .compress_vec(
-                data.get(consumed..).unwrap_or(&[]),
-                buf,
-                FlushCompress::Finish,
-            )
-            .map_err(|e| Error::new(crate::ErrorKind::Io, format!("deflate failed: {e}")))?;
-        match st {
-            Status::StreamEnd => return Ok(()),
-            _ => buf.reserve(buf.capacity().max(4096)),
-        }
-    }
-}
-
-/// Bytes of each of the four samples [`incompressible`] tries.
-const SAMPLE: usize = 1024;
-
-/// Whether four samples of the grain (at 0, ¼, ½, ¾) all fail to shrink by 3 % under a fast
-/// deflate level (2, dynamic Huffman trees): such grains (already compressed or encrypted data) are stored, not deflated,
-/// which costs a copy instead of a full deflate search. Depends only on the grain's bytes, so
-/// the output stays deterministic.
-fn incompressible(data: &[u8], fast: &mut Compress, scratch: &mut Vec<u8>) -> Result<bool> {
-    if data.len() < 4 * SAMPLE {
-        return Ok(false);
-    }
-    for k in 0..4 {
-        let at = data.len() / 4 * k;
-        deflate_into(fast, &data[at..at + SAMPLE], scratch)?;
-        if scratch.len() * 100 < SAMPLE * 97 {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
 /// Compresses grains into zlib streams, one after the other on this thread.
 fn compress_batch(grains: Vec<(u64, Bytes)>, level: u32) -> Result<CompressedBatch> {
     let level = level.min(9);
     let mut c = Compress::new(Compression::new(level), true);
     let mut stored = Compress::new(Compression::none(), true);
-    let mut fast = Compress::new(Compression::new(2), false);
-    let mut scratch = Vec::with_capacity(2 * SAMPLE);
+    let (mut fast, mut scratch) = sampler();
     let mut out = Vec::with_capacity(grains.len());
     for (idx, data) in grains {
         let mut buf = Vec::new();
@@ -306,29 +180,13 @@ pub(crate) fn encode_stream_optimized(
     let head = header_and_descriptor(&h, "streamOptimized");
     let pad = h.overhead * SECTOR - head.len() as u64;
     let level = opts.compression_level;
-    let workers = opts.parallelism.max(1);
-    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(workers));
-    let grains = GrainAssembler::new(content.validated().extents, h.grain_bytes());
-    let body = stream::try_unfold(grains, |mut g| async move {
-        Ok(g.next().await?.map(|x| (x, g)))
-    })
-    .chunks(BATCH_GRAINS)
-    .map(move |batch| {
-        let permits = permits.clone();
-        async move {
-            let batch: Vec<(u64, Bytes)> = batch.into_iter().collect::<Result<_>>()?;
-            // Exactly `workers` compressions at once; twice as many batches queued behind them.
-            let _permit = permits
-                .acquire_owned()
-                .await
-                .map_err(|_| Error::new(crate::ErrorKind::Io, "compression workers closed"))?;
-            tokio::task::spawn_blocking(move || compress_batch(batch, level))
-                .await
-                .map_err(join_err)?
-        }
-    })
-    .buffered(workers * 2)
-    .boxed();
+    let body = compress_blocks(
+        content.validated().extents,
+        h.grain_bytes(),
+        BATCH_GRAINS,
+        opts.parallelism,
+        move |batch| compress_batch(batch, level),
+    );
     let w = SoWriter {
         state: SoState::Header(head, pad),
         body,
