@@ -256,11 +256,13 @@ impl Default for DecodeOptions {
 /// Options for encoders.
 #[derive(Debug, Clone)]
 pub struct EncodeOptions {
-    /// Compress qcow2 clusters (streamOptimized VMDK always compresses its grains).
+    /// Compress qcow2 clusters (streamOptimized VMDK always compresses its grains). The qcow2
+    /// encoder then reads the content twice and needs [`DiskContent::replay`] (a random-access
+    /// source); without it, `Unsupported`.
     pub compress: bool,
     /// Deflate/zlib level 0–9 for compressed output (default 6, like qemu-img).
     pub compression_level: u32,
-    /// qcow2 cluster size (default 64 KiB).
+    /// qcow2 cluster size (default 64 KiB; 512 B to 2 MiB, compressed or not).
     pub cluster_size: u32,
     /// Compression workers (default: the number of cores).
     pub parallelism: usize,

@@ -44,9 +44,12 @@
 //! cluster whose data never arrives is written as zeros. A data extent outside the map is a
 //! contract violation (`InvalidInput`). The output is deterministic.
 //!
-//! Compressed output ([`EncodeOptions::compress`]) is refused with `Unsupported`: a one-pass
-//! writer must emit the L2 tables before the data, but the file offsets of compressed clusters
-//! are only known after compressing them.
+//! Compressed output ([`EncodeOptions::compress`]) takes two passes: the tables written first
+//! hold the offsets and sizes of the compressed clusters, known only after compressing. A
+//! sizing pass over [`DiskContent::replay`] records every cluster's compressed length, then the
+//! image is written from [`DiskContent::extents`], compressing again; all-zero clusters stay
+//! unallocated. Without a replay (a sequential source) it is `Unsupported`. Details in the
+//! `writer` module.
 
 mod header;
 mod reader;

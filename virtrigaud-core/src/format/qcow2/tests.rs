@@ -413,3 +413,330 @@ async fn sequential_decoder_learns_the_allocation_map_when_tables_come_first() {
     );
     assert_eq!(seq.read_all().await.unwrap(), flat);
 }
+
+// ---- compressed output ----
+
+/// Compressible bytes (text, deflates about 5:1 or better).
+fn text(seed: u64, len: usize) -> Vec<u8> {
+    let words = [
+        "virtrigaud ",
+        "moves ",
+        "disks ",
+        "between ",
+        "hypervisors ",
+        "through ",
+        "storage, ",
+        "verified ",
+        "end ",
+        "to ",
+        "end.\n",
+    ];
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Compressible, incompressible and zero regions (zero data extents included), an odd
+/// virtual size and data in the partial last cluster.
+fn mixed_disk() -> (Vec<Extent>, Vec<u8>, u64) {
+    let vsize: u64 = (3 << 20) + 777;
+    let mut flat = vec![0u8; vsize as usize];
+    let mut mix = Vec::new();
+    for i in 0..50 {
+        mix.extend(if i % 2 == 0 {
+            text(i, 10_000)
+        } else {
+            pattern(i, 10_000)
+        });
+    }
+    let pieces: Vec<(u64, Vec<u8>)> = vec![
+        (0, text(1, 300_000)),
+        (400_000, pattern(2, 300_001)),
+        (700_001, vec![0u8; 199_999]),
+        (1_000_003, b"abcdefg".to_vec()),
+        (2 << 20, mix),
+        (vsize - 1000, text(3, 1000)),
+    ];
+    let mut extents = Vec::new();
+    for (off, data) in pieces {
+        if off == 400_000 {
+            extents.push(Extent::Zero {
+                offset: 300_000,
+                len: 100_000,
+            });
+        }
+        flat[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        extents.push(Extent::Data {
+            offset: off,
+            bytes: Bytes::from(data),
+        });
+    }
+    (extents, flat, vsize)
+}
+
+async fn encode_compressed(c: DiskContent, cluster_size: u32, par: usize) -> Result<Vec<u8>> {
+    let opts = EncodeOptions {
+        compress: true,
+        cluster_size,
+        parallelism: par,
+        ..Default::default()
+    };
+    let mut s = encode(c, &opts)?;
+    let mut out = Vec::new();
+    while let Some(c) = s.next().await {
+        match c? {
+            Chunk::Data(b) => out.extend_from_slice(&b),
+            Chunk::Zeros(n) => out.resize(out.len() + n as usize, 0),
+        }
+    }
+    Ok(out)
+}
+
+/// What `qemu-img check` verifies, recomputed independently from the tables: every host
+/// cluster's refcount equals its references (compressed clusters count once on every cluster
+/// their sector-rounded bytes touch), COPIED is set exactly on refcount-1 normal clusters and
+/// L2 tables and never on compressed ones, everything lies inside the file. Returns the
+/// numbers of normal and compressed data clusters.
+fn check_image(file: &[u8]) -> (usize, usize) {
+    let be64 = |at: u64| u64::from_be_bytes(file[at as usize..at as usize + 8].try_into().unwrap());
+    let be32 = |at: u64| u32::from_be_bytes(file[at as usize..at as usize + 4].try_into().unwrap());
+    let cb = be32(20);
+    let cs = 1u64 << cb;
+    let (l1_size, l1_off) = (u64::from(be32(36)), be64(40));
+    let (rt_off, rt_clusters) = (be64(48), u64::from(be32(56)));
+    assert_eq!(be32(96), 4, "16-bit refcounts");
+    assert_eq!(file[104], 0, "zlib");
+    assert_eq!(be64(72), 0, "no incompatible feature");
+    assert_eq!(file.len() % 512, 0, "file ends on a sector boundary");
+    let n = (file.len() as u64).div_ceil(cs);
+    let mut refs = vec![0u64; n as usize];
+    let mut inc = |start: u64, len: u64| {
+        for c in start / cs..=(start + len - 1) / cs {
+            assert!(c < n, "reference beyond the file: {start}+{len}");
+            refs[c as usize] += 1;
+        }
+    };
+    inc(0, cs);
+    inc(rt_off, rt_clusters * cs);
+    let mut rbs = Vec::new();
+    for i in 0..rt_clusters * cs / 8 {
+        let e = be64(rt_off + 8 * i);
+        if e != 0 {
+            inc(e, cs);
+            rbs.push(e);
+        }
+    }
+    if l1_size > 0 {
+        inc(l1_off, l1_size * 8);
+    }
+    let x = 62 - (cb - 8);
+    let (mut normal, mut compressed) = (Vec::new(), 0usize);
+    for i in 0..l1_size {
+        let e = be64(l1_off + 8 * i);
+        if e == 0 {
+            continue;
+        }
+        assert_ne!(e & (1 << 63), 0, "L1 COPIED");
+        let l2 = e & 0x00ff_ffff_ffff_fe00;
+        inc(l2, cs);
+        normal.push(l2);
+        for j in 0..cs / 8 {
+            let e = be64(l2 + 8 * j);
+            if e == 0 {
+                continue;
+            }
+            if e & (1 << 62) != 0 {
+                assert_eq!(e & (1 << 63), 0, "no COPIED on compressed clusters");
+                let off = e & ((1 << x) - 1);
+                let sectors = ((e >> x) & ((1 << (cb - 8)) - 1)) + 1;
+                inc(off, sectors * 512 - (off & 511));
+                compressed += 1;
+            } else {
+                assert_ne!(e & (1 << 63), 0, "COPIED on normal clusters");
+                let host = e & 0x00ff_ffff_ffff_fe00;
+                assert_eq!(host % cs, 0);
+                inc(host, cs);
+                normal.push(host);
+            }
+        }
+    }
+    let epb = cs / 2;
+    for c in 0..rbs.len() as u64 * epb {
+        let rb = rbs[(c / epb) as usize] + 2 * (c % epb);
+        let got = u64::from(u16::from_be_bytes(
+            file[rb as usize..rb as usize + 2].try_into().unwrap(),
+        ));
+        let want = refs.get(c as usize).copied().unwrap_or(0);
+        assert_eq!(got, want, "refcount of host cluster {c}");
+    }
+    assert!(rbs.len() as u64 * epb >= n);
+    for h in &normal {
+        assert_eq!(refs[(h / cs) as usize], 1, "normal cluster {h:#x} shared");
+    }
+    (
+        normal.len() - (0..l1_size).filter(|i| be64(l1_off + 8 * i) != 0).count(),
+        compressed,
+    )
+}
+
+#[tokio::test]
+async fn compressed_round_trip_in_memory() {
+    let (extents, flat, vsize) = mixed_disk();
+    for cs in [512u32, 4096, 65536, 2 << 20] {
+        let c = DiskContent::from_extents(vsize, extents.clone());
+        let file = encode_compressed(c, cs, 3).await.unwrap();
+        let (normal, compressed) = check_image(&file);
+        assert!(compressed > 0, "cs={cs}");
+        if cs <= 65536 {
+            assert!(
+                normal > 0,
+                "incompressible clusters are stored as is, cs={cs}"
+            );
+        }
+        let (r, s) = decode_both(&file).await;
+        assert_eq!(r.unwrap(), flat, "random cs={cs}");
+        assert_eq!(s.unwrap(), flat, "sequential cs={cs}");
+        // All-zero clusters are not stored: a zero-filled data extent costs nothing.
+        let src: Arc<dyn ReadAt> = Arc::new(Mem(Bytes::from(file.clone())));
+        let d = decode_random(src, &DecodeOptions::default()).await.unwrap();
+        let a = d.allocation.clone().unwrap();
+        let cs64 = u64::from(cs);
+        let probe_at = 800_000u64 / cs64 * cs64;
+        if cs <= 65536 {
+            assert!(!a.intersects(probe_at..probe_at + cs64), "cs={cs}");
+        }
+        // Much smaller than the uncompressed image.
+        let (plain, _) = encode_vec(DiskContent::from_extents(vsize, extents.clone()), cs)
+            .await
+            .unwrap();
+        // (2 MiB clusters: five metadata clusters dominate this small disk.)
+        let ratio = if cs < 2 << 20 { 7 } else { 10 };
+        assert!(
+            file.len() * 10 < plain.len() * ratio,
+            "cs={cs}: {} vs {}",
+            file.len(),
+            plain.len()
+        );
+        // Deterministic, whatever the number of workers.
+        let again = encode_compressed(DiskContent::from_extents(vsize, extents.clone()), cs, 1)
+            .await
+            .unwrap();
+        assert!(again == file, "cs={cs}: not deterministic");
+    }
+    // Level 0 stores every cluster as is and still round-trips.
+    let c = DiskContent::from_extents(vsize, extents.clone());
+    let opts = EncodeOptions {
+        compress: true,
+        compression_level: 0,
+        cluster_size: 4096,
+        ..Default::default()
+    };
+    let mut s = encode(c, &opts).unwrap();
+    let mut file = Vec::new();
+    while let Some(c) = s.next().await {
+        if let Chunk::Data(b) = c.unwrap() {
+            file.extend_from_slice(&b);
+        }
+    }
+    assert_eq!(check_image(&file).1, 0);
+    let (r, _) = decode_both(&file).await;
+    assert_eq!(r.unwrap(), flat);
+}
+
+#[tokio::test]
+async fn compressed_empty_and_tiny_disks() {
+    for vsize in [0u64, 1, 511, 4096] {
+        let c = DiskContent::from_extents(vsize, vec![]);
+        let file = encode_compressed(c, 512, 2).await.unwrap();
+        check_image(&file);
+        let (r, s) = decode_both(&file).await;
+        assert_eq!(r.unwrap(), vec![0u8; vsize as usize]);
+        assert_eq!(s.unwrap(), vec![0u8; vsize as usize]);
+    }
+    let c = DiskContent::from_extents(
+        1,
+        vec![Extent::Data {
+            offset: 0,
+            bytes: Bytes::from_static(b"x"),
+        }],
+    );
+    let file = encode_compressed(c, 65536, 2).await.unwrap();
+    assert_eq!(check_image(&file), (0, 1));
+    let (r, _) = decode_both(&file).await;
+    assert_eq!(r.unwrap(), b"x");
+}
+
+/// Content whose replay (the sizing pass) sees `before` and whose stream sees `now`.
+fn changing(vsize: u64, before: Vec<Extent>, now: Vec<Extent>) -> DiskContent {
+    let before: Arc<[Extent]> = before.into();
+    DiskContent::new(
+        vsize,
+        None,
+        futures::stream::iter(now.into_iter().map(Ok)).boxed(),
+    )
+    .with_replay(Arc::new(move || {
+        let v: Vec<Result<Extent>> = before.iter().cloned().map(Ok).collect();
+        Box::pin(async move { Ok(futures::stream::iter(v).boxed()) })
+    }))
+}
+
+#[tokio::test]
+async fn compressed_refuses_a_source_that_changed_between_passes() {
+    let data = |off: u64, b: Vec<u8>| Extent::Data {
+        offset: off,
+        bytes: Bytes::from(b),
+    };
+    let cases = [
+        // compressible before, incompressible now
+        (
+            vec![data(0, text(1, 4096))],
+            vec![data(0, pattern(1, 4096))],
+        ),
+        // other text, other compressed length
+        (vec![data(0, text(1, 4096))], vec![data(0, text(2, 4096))]),
+        // a cluster vanished
+        (
+            vec![data(0, text(1, 4096)), data(8192, text(2, 10))],
+            vec![data(0, text(1, 4096))],
+        ),
+        // a cluster appeared
+        (
+            vec![data(0, text(1, 4096))],
+            vec![data(0, text(1, 4096)), data(8192, text(2, 10))],
+        ),
+    ];
+    for (i, (before, now)) in cases.into_iter().enumerate() {
+        let e = encode_compressed(changing(1 << 20, before, now), 4096, 2)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "case {i}: {e}");
+        assert!(e.message().contains("source changed"), "case {i}: {e}");
+    }
+    // The same bytes cut differently are the same content.
+    let t = text(5, 10_000);
+    let before = vec![data(0, t.clone())];
+    let now = vec![data(0, t[..3000].to_vec()), data(3000, t[3000..].to_vec())];
+    let file = encode_compressed(changing(1 << 20, before, now), 4096, 2)
+        .await
+        .unwrap();
+    check_image(&file);
+}
+
+#[tokio::test]
+async fn compressed_needs_a_replayable_source() {
+    let (extents, _, vsize) = mixed_disk();
+    let c = DiskContent::new(
+        vsize,
+        None,
+        futures::stream::iter(extents.into_iter().map(Ok)).boxed(),
+    );
+    let e = encode_compressed(c, 65536, 2).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+}
