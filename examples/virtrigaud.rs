@@ -2,14 +2,15 @@
 //!
 //! ```text
 //! virtrigaud info   IMAGE
-//! virtrigaud export IMAGE STORAGE_URL KEY [--format qcow2|raw|vmdk|vmdk-sparse]
+//! virtrigaud export IMAGE STORAGE_URL KEY [--format qcow2|raw|vmdk|vmdk-sparse] [--compress]
 //! virtrigaud import STORAGE_URL KEY TARGET_DIR VM DISK [--format qcow2|raw|vmdk|vmdk-sparse]
 //! virtrigaud verify STORAGE_URL KEY
 //! ```
 //!
 //! Storage URLs: `file:///dir`, `s3://bucket/prefix` (feature `s3`; credentials and endpoint
 //! from `AWS_*`), `http(s)://…` (feature `http`), `nfs://host/export/path` (feature `nfs`).
-//! Ctrl-C cancels cleanly: the partial object or disk is removed.
+//! Ctrl-C cancels cleanly: the partial object or disk is removed. `--compress` stores qcow2
+//! with compressed clusters (the image is read twice: a sizing pass, then the upload).
 //!
 //! ```text
 //! cargo run --release --example virtrigaud --features s3 -- export disk.qcow2 s3://bucket/vms web01/disk0.qcow2
@@ -26,7 +27,7 @@ use virtrigaud::{
 
 const USAGE: &str = "usage:
   virtrigaud info   IMAGE
-  virtrigaud export IMAGE STORAGE_URL KEY [--format qcow2|raw|vmdk|vmdk-sparse]
+  virtrigaud export IMAGE STORAGE_URL KEY [--format qcow2|raw|vmdk|vmdk-sparse] [--compress]
   virtrigaud import STORAGE_URL KEY TARGET_DIR VM DISK [--format qcow2|raw|vmdk|vmdk-sparse]
   virtrigaud verify STORAGE_URL KEY";
 
@@ -45,15 +46,17 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Splits `--format X` off the positional arguments.
-fn parse(mut args: Vec<String>) -> AnyResult<(Vec<String>, Option<DiskFormat>)> {
+/// Splits `--format X` and `--compress` off the positional arguments.
+fn parse(mut args: Vec<String>) -> AnyResult<(Vec<String>, Option<DiskFormat>, bool)> {
     let mut format = None;
     if let Some(i) = args.iter().position(|a| a == "--format") {
         let v = args.get(i + 1).ok_or("--format needs a value")?.clone();
         format = Some(DiskFormat::parse(&v)?);
         args.drain(i..=i + 1);
     }
-    Ok((args, format))
+    let compress = args.iter().any(|a| a == "--compress");
+    args.retain(|a| a != "--compress");
+    Ok((args, format, compress))
 }
 
 fn progress_bar(cancel: &CancellationToken) -> (ProgressBar, ProgressFn) {
@@ -81,7 +84,7 @@ fn progress_bar(cancel: &CancellationToken) -> (ProgressBar, ProgressFn) {
 }
 
 async fn run(args: Vec<String>) -> AnyResult<()> {
-    let (args, format) = parse(args)?;
+    let (args, format, compress) = parse(args)?;
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.as_slice() {
         ["info", image] => {
@@ -100,6 +103,14 @@ async fn run(args: Vec<String>) -> AnyResult<()> {
             if let Some(fmt) = format {
                 opts.format = fmt;
             }
+            if compress && opts.format != DiskFormat::Qcow2 {
+                return Err(
+                    "--compress applies to qcow2 (streamOptimized VMDK is always \
+                            compressed)"
+                        .into(),
+                );
+            }
+            opts.encode.compress = compress;
             let (bar, f_progress) = progress_bar(&opts.pipeline.cancel);
             opts.pipeline.progress = Some(f_progress);
             let r = export_image(

@@ -933,3 +933,181 @@ async fn a_stream_without_allocation_map_falls_back_to_a_sparse_format() {
     assert_eq!(r2.manifest.format, DiskFormat::Qcow2);
     assert_eq!(r2.manifest.content_digest, r.manifest.content_digest);
 }
+
+/// Text-like bytes (deflate shrinks them several times).
+fn text(len: usize, seed: u64) -> Vec<u8> {
+    let words = [
+        "virtrigaud ",
+        "moves ",
+        "disks ",
+        "between ",
+        "hypervisors ",
+        "through ",
+        "storage, ",
+        "verified ",
+        "end ",
+        "to ",
+        "end.\n",
+    ];
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_qcow2_export_of_a_local_disk_imports_back_with_equal_content_digest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = (48u64 << 20) + 3 * 512;
+    let pieces = vec![
+        (4096u64, text(6 << 20, 1)),
+        (10 << 20, pattern(1 << 20, 2)),
+        (12 << 20, vec![0u8; 2 << 20]),
+        (30 << 20, text(3 << 20, 3)),
+        (size - 3000, text(3000, 4)),
+    ];
+    let mut flat = vec![0u8; size as usize];
+    for (off, d) in &pieces {
+        flat[*off as usize..*off as usize + d.len()].copy_from_slice(d);
+    }
+    let src = provider_with_disk(&tmp.path().join("src"), size, &pieces).await;
+    let store = virtrigaud_storage_fs(tmp.path().join("store"));
+    let compressed = ExportOptions {
+        format: DiskFormat::Qcow2,
+        encode: EncodeOptions {
+            compress: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let exp = export_disk(&src, "vm1", "disk0", &*store, "c/disk.qcow2", &compressed)
+        .await
+        .unwrap();
+    let m = &exp.manifest;
+    assert_eq!(m.format, DiskFormat::Qcow2);
+    assert_eq!(m.content_digest.value, reference_digest(&flat));
+    let stored = std::fs::read(tmp.path().join("store/c/disk.qcow2")).unwrap();
+    assert_eq!(stored.len() as u64, m.stored_size);
+    assert_eq!(hex(&Sha256::digest(&stored)), m.object_digest.value);
+    // The same export uncompressed is much larger; the compressed one is deterministic.
+    let plain = export_disk(
+        &src,
+        "vm1",
+        "disk0",
+        &*store,
+        "c/plain.qcow2",
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        m.stored_size * 2 < plain.manifest.stored_size,
+        "compressed {} vs uncompressed {}",
+        m.stored_size,
+        plain.manifest.stored_size
+    );
+    let again = export_disk(&src, "vm1", "disk0", &*store, "c/again.qcow2", &compressed)
+        .await
+        .unwrap();
+    assert_eq!(again.manifest.object_digest, m.object_digest);
+    // The stored image has compressed clusters (L2 entries with bit 62) and decodes to the disk.
+    let (_, c) = format::decode(
+        ImageSource::RandomAccess(Arc::new(
+            virtrigaud::io::LocalFile::open(tmp.path().join("store/c/disk.qcow2"))
+                .await
+                .unwrap(),
+        )),
+        Some(DiskFormat::Qcow2),
+        &DecodeOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.read_all().await.unwrap(), flat);
+    let l1 = u64::from_be_bytes(stored[40..48].try_into().unwrap()) as usize;
+    let l2 = (u64::from_be_bytes(stored[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00)
+        as usize;
+    let e0 = u64::from_be_bytes(stored[l2..l2 + 8].try_into().unwrap());
+    assert_eq!(e0 >> 62, 1, "guest cluster 0 (text) is compressed: {e0:#x}");
+    verify_object(&*store, "c/disk.qcow2", &ImportOptions::default())
+        .await
+        .unwrap();
+
+    // Imports back, verified, as raw and as qcow2.
+    for (i, target) in [DiskFormat::Raw, DiskFormat::Qcow2].into_iter().enumerate() {
+        let dst = LocalProvider::new(tmp.path().join(format!("dst{i}")));
+        let imp = import_disk(
+            &*store,
+            "c/disk.qcow2",
+            &dst,
+            "vm1",
+            "disk0",
+            &ImportOptions {
+                format: Some(target),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            imp.transfer.content_digest.as_deref(),
+            Some(m.content_digest.value.as_str())
+        );
+        std::fs::write(
+            tmp.path().join(format!("dst{i}/vm1/vm.json")),
+            format!(r#"{{"id":"vm1","name":"vm1","cpus":1,"memory_mib":64,"disks":[{{"id":"d","capacity":0,"location":"{}"}}]}}"#, imp.location),
+        )
+        .unwrap();
+        let digest = digest_disk(&dst, "vm1", "d", &ImportOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(digest, m.content_digest.value, "re-read {target}");
+    }
+
+    // A stream cannot be read twice: the fallback format is stored, or without one the export
+    // fails before anything is stored.
+    let stream_source = || ImageSource::Sequential {
+        size: Some(size),
+        stream: futures::stream::iter(vec![Ok(Extent::Data {
+            offset: 0,
+            bytes: Bytes::from(text(1 << 20, 5)),
+        })])
+        .boxed(),
+    };
+    let r = export_image(
+        stream_source(),
+        Some(DiskFormat::Raw),
+        &*store,
+        "s/fallback.img",
+        None,
+        None,
+        &compressed,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.manifest.format,
+        DiskFormat::Vmdk(virtrigaud::format::VmdkSubformat::StreamOptimized)
+    );
+    let e = export_image(
+        stream_source(),
+        Some(DiskFormat::Raw),
+        &*store,
+        "s/none.img",
+        None,
+        None,
+        &ExportOptions {
+            fallback_format: None,
+            ..compressed.clone()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(!store.exists("s/none.img").await.unwrap());
+}

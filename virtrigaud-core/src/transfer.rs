@@ -38,8 +38,11 @@ pub struct ExportOptions {
     /// qcow2 and monolithicSparse VMDK lay out their tables before the data, so they need the
     /// source's allocation map up front. A source that cannot tell it (a sequential stream such
     /// as a libvirt volume download) would get every cluster stored; then this format is used
-    /// instead (default streamOptimized VMDK, which needs no map and stays sparse). `None`
-    /// keeps `format` whatever it costs. The manifest records the format actually stored.
+    /// instead (default streamOptimized VMDK, which needs no map and stays sparse). Compressed
+    /// qcow2 ([`EncodeOptions::compress`]) needs no map but reads the source twice, so a
+    /// sequential source gets this format too. `None` keeps `format` whatever it costs (and
+    /// compressed qcow2 from a sequential source fails with `Unsupported`). The manifest
+    /// records the format actually stored.
     pub fallback_format: Option<DiskFormat>,
     /// Read from this snapshot (point-in-time) instead of the live disk.
     pub snapshot: Option<SnapshotRef>,
@@ -144,14 +147,23 @@ pub async fn export_image(
     let (_, content) = format::decode(source, format_hint, &opts.decode)
         .await
         .map_err(ctx)?;
-    let needs_map = matches!(
-        opts.format,
-        DiskFormat::Qcow2 | DiskFormat::Vmdk(crate::format::VmdkSubformat::MonolithicSparse)
-    );
+    // Compressed qcow2 reads the source twice (sizing pass, then writing pass) and needs no
+    // map; uncompressed qcow2 and monolithicSparse VMDK need the map.
+    let compressed_qcow2 = opts.format == DiskFormat::Qcow2 && opts.encode.compress;
+    let needs_map = !compressed_qcow2
+        && matches!(
+            opts.format,
+            DiskFormat::Qcow2 | DiskFormat::Vmdk(crate::format::VmdkSubformat::MonolithicSparse)
+        );
     let format = match opts.fallback_format {
         Some(fallback) if needs_map && content.allocation.is_none() => {
             tracing::info!(wanted = %opts.format, stored = %fallback,
                 "the source cannot tell its allocation map up front: storing the fallback format");
+            fallback
+        }
+        Some(fallback) if compressed_qcow2 && content.replay.is_none() => {
+            tracing::info!(wanted = %opts.format, stored = %fallback,
+                "compressed qcow2 needs a source that can be read twice: storing the fallback format");
             fallback
         }
         _ => opts.format,
