@@ -35,7 +35,7 @@ fn text_fill(buf: &mut [u8], x: &mut u64) {
         *x ^= *x >> 7;
         *x ^= *x << 17;
         let w = WORDS[(*x % 16) as usize].as_bytes();
-        let sep = if *x % 11 == 0 { b'\n' } else { b' ' };
+        let sep = if x.is_multiple_of(11) { b'\n' } else { b' ' };
         for &b in w.iter().chain(std::iter::once(&sep)) {
             if i < buf.len() {
                 buf[i] = b;
