@@ -89,7 +89,13 @@ fn pipeline_once(
         .await
         .unwrap();
         let sink: Box<dyn virtrigaud::ByteSink> = match dst {
-            Some(dst) => Box::new(LocalFileSink::create(dst, true).await.unwrap()),
+            Some(dst) => {
+                let mut s = LocalFileSink::create(dst, true).await.unwrap();
+                s.set_size_hint(std::fs::metadata(src).unwrap().len())
+                    .await
+                    .unwrap();
+                Box::new(s)
+            }
             None => Box::new(NullSink),
         };
         let (report, sink) = pipeline::run(

@@ -226,9 +226,13 @@ impl Provider for LocalProvider {
         check_name("disk", &spec.name)?;
         let location = format!("{}.{}", spec.name, format.extension());
         let path = self.disk_path(&spec.vm, &location)?;
-        let sink = LocalFileSink::create(&path, spec.overwrite)
+        let mut sink = LocalFileSink::create(&path, spec.overwrite)
             .await
             .map_err(|e| e.with_vm(spec.vm.clone()).with_disk(spec.name.clone()))?;
+        if format == DiskFormat::Raw {
+            // A raw image is exactly the capacity long.
+            sink.set_size_hint(spec.capacity).await?;
+        }
         Ok(CreatedDisk {
             format,
             location,
