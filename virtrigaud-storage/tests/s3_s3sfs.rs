@@ -937,3 +937,34 @@ async fn an_export_killed_mid_upload_resumes_in_a_new_process() {
     assert!(b.checkpoint("vm/disk.img").await.unwrap().is_none());
     assert!(peer.upload_files().is_empty(), "{:?}", peer.upload_files());
 }
+
+/// A GET of a large object runs as long as its consumer needs: `request_timeout` bounds part
+/// uploads, not object reads (an import of a big disk into a slow target reads for hours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_reads_past_the_request_timeout() {
+    let peer = peer!();
+    let bucket = peer.bucket("slowget");
+    let mut cfg = peer.config(&bucket);
+    cfg.request_timeout = Duration::from_secs(2);
+    let b = S3Backend::new(cfg).unwrap();
+    let data = pattern(24 * MIB, 11);
+    b.put_bytes("big.raw", Bytes::from(data.clone()))
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut s = b.get("big.raw", None).await.unwrap();
+    let mut got = Vec::with_capacity(data.len());
+    let mut paused = false;
+    while let Some(c) = s.next().await {
+        got.extend_from_slice(&c.expect("the GET stream broke"));
+        if !paused {
+            // far less than 24 MiB fits in the socket buffers: the rest is read after the
+            // request timeout has passed
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            paused = true;
+        }
+    }
+    assert!(t.elapsed() > Duration::from_secs(2));
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "content differs");
+}

@@ -91,9 +91,10 @@ pub struct S3Config {
     /// Retry policy.
     pub retry: RetryConfig,
     /// Timeout of one whole request, a part upload included (default 15 min: raise it for
-    /// large parts over slow links).
+    /// large parts over slow links). Object reads are not bounded by it: a GET streams as long
+    /// as bytes keep coming, however long its consumer takes.
     pub request_timeout: Duration,
-    /// Longest wait for the next bytes of an answer (default 60 s).
+    /// Longest wait for the next bytes of an answer (default 60 s); what ends a stalled GET.
     pub idle_timeout: Duration,
     /// Timeout of establishing a connection.
     pub connect_timeout: Duration,

@@ -128,8 +128,7 @@ impl S3Backend {
     /// A backend for `cfg` (validated; no request is sent).
     pub fn new(cfg: S3Config) -> Result<S3Backend> {
         cfg.validate()?;
-        let client = http_client(&cfg)?;
-        let core = Arc::new(S3Core::new(&cfg, client.clone())?);
+        let core = Arc::new(S3Core::new(&cfg, http_client(&cfg, true)?)?);
         let (scheme, host) = endpoint_parts(&cfg)?;
         let mut b = opendal::services::S3::default()
             .bucket(&cfg.bucket)
@@ -154,7 +153,7 @@ impl S3Backend {
         let op = opendal::Operator::new(b)
             .map_err(|e| s3err::from_opendal("configure", &cfg.bucket, None, e))?;
         let transport = opendal::HttpTransporter::new(
-            opendal_http_transport_reqwest::ReqwestTransport::new(client),
+            opendal_http_transport_reqwest::ReqwestTransport::new(http_client(&cfg, false)?),
         );
         let ctx = op.context().with_http_transport(transport);
         let op = op.with_context(ctx);
