@@ -18,6 +18,8 @@ pub mod conformance;
 pub mod fs;
 #[cfg(feature = "nfs")]
 pub mod nfs;
+#[cfg(any(feature = "s3", feature = "http"))]
+pub mod retry;
 #[cfg(feature = "s3")]
 pub mod s3;
 pub mod url;

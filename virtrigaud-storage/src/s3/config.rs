@@ -1,6 +1,7 @@
 //! [`S3Config`]: where the bucket is, how to authenticate, how puts are cut into parts, how
 //! requests are retried.
 
+pub use crate::retry::RetryConfig;
 use std::time::Duration;
 use virtrigaud_core::{Error, Result, Secret};
 
@@ -32,27 +33,6 @@ pub enum DropPolicy {
     /// Keep the upload and its checkpoint so that a later put of the same key (in this or
     /// another process) resumes it. A killed process always behaves like this.
     KeepForResume,
-}
-
-/// Retry policy of every request: exponential backoff with jitter, retryable errors only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryConfig {
-    /// Attempts after the first one (0 disables retries).
-    pub max_retries: usize,
-    /// First delay.
-    pub min_delay: Duration,
-    /// Largest delay.
-    pub max_delay: Duration,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            max_retries: 8,
-            min_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(20),
-        }
-    }
 }
 
 /// Configuration of an [`S3Backend`](super::S3Backend).
@@ -116,7 +96,11 @@ impl S3Config {
             concurrency: DEFAULT_CONCURRENCY,
             tls_verify: true,
             drop_policy: DropPolicy::Abort,
-            retry: RetryConfig::default(),
+            retry: RetryConfig {
+                max_retries: 8,
+                min_delay: Duration::from_millis(200),
+                max_delay: Duration::from_secs(20),
+            },
             request_timeout: Duration::from_secs(900),
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),

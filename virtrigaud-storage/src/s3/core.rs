@@ -4,7 +4,6 @@
 use super::config::{RetryConfig, S3Config};
 use super::error::{self as s3err, parse_error_body};
 use super::sign::{SignTarget, Signer, canonical_query, sha256_hex, uri_encode};
-use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use reqwest::Method;
 use serde::Deserialize;
@@ -266,24 +265,13 @@ impl S3Core {
         })
     }
 
-    /// Runs `f` until it succeeds, fails with an error that is not retryable, or the retry
-    /// budget is spent; exponential backoff with jitter between attempts.
+    /// Runs `f` with the configured retry policy ([`RetryConfig::run`]).
     pub(crate) async fn retry<T, F, Fut>(&self, op: &str, f: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(self.retry.min_delay)
-            .with_max_delay(self.retry.max_delay)
-            .with_max_times(self.retry.max_retries)
-            .with_jitter();
-        f.retry(backoff)
-            .when(Error::is_retryable)
-            .notify(|e: &Error, after: Duration| {
-                tracing::warn!(op, error = %e, retry_in_ms = after.as_millis() as u64, "S3 request failed, retrying");
-            })
-            .await
+        self.retry.run("S3", op, f).await
     }
 
     /// Sends `req`, retrying retryable failures.

@@ -1,30 +1,9 @@
 //! Configuration of the WebDAV backend and the plain HTTP source: base URL, credentials
 //! ([`Secret`]s), TLS verification (on by default), timeouts and retries.
 
+pub use crate::retry::RetryConfig;
 use std::time::Duration;
 use virtrigaud_core::{Error, Result, Secret};
-
-/// Retries of a request that failed in a retryable way (connection refused/reset, timeout,
-/// 408, 429, 5xx): exponential backoff with jitter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryConfig {
-    /// Attempts after the first one (0 disables retries).
-    pub max_retries: usize,
-    /// First delay.
-    pub min_delay: Duration,
-    /// Largest delay.
-    pub max_delay: Duration,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            max_retries: 6,
-            min_delay: Duration::from_millis(200),
-            max_delay: Duration::from_secs(10),
-        }
-    }
-}
 
 /// Configuration of a [`WebdavBackend`](super::WebdavBackend) or an
 /// [`HttpSource`](super::HttpSource).

@@ -4,7 +4,6 @@
 
 use super::config::{RetryConfig, WebdavConfig};
 use super::error::{from_status, from_transport};
-use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use futures::StreamExt;
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
@@ -219,24 +218,13 @@ impl DavCore {
         r
     }
 
-    /// Runs `f` until it succeeds, fails with an error that is not retryable, or the retry
-    /// budget is spent; exponential backoff with jitter between attempts.
+    /// Runs `f` with the configured retry policy ([`RetryConfig::run`]).
     pub(crate) async fn retry<T, F, Fut>(&self, op: &str, f: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(self.retry.min_delay)
-            .with_max_delay(self.retry.max_delay)
-            .with_max_times(self.retry.max_retries)
-            .with_jitter();
-        f.retry(backoff)
-            .when(Error::is_retryable)
-            .notify(|e: &Error, after: Duration| {
-                tracing::warn!(op, error = %e, retry_in_ms = after.as_millis() as u64, "HTTP request failed, retrying");
-            })
-            .await
+        self.retry.run("HTTP", op, f).await
     }
 
     /// Sends a request once; the response of any status.
