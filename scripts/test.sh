@@ -58,3 +58,5 @@ cargo test --workspace --all-features
 
 log "quickstart"
 cargo run --example quickstart
+log "custom backend example (conformance suite + export/import on an in-memory backend)"
+cargo run --example custom_backend

@@ -36,7 +36,9 @@ pub use pipeline::{PipelineOptions, TransferReport};
 pub use progress::{Phase, Progress, ProgressFn};
 pub use provider::*;
 pub use secret::Secret;
-pub use storage::{ObjectMeta, PutOptions, StorageBackend, StorageCapabilities, StorageExt};
+pub use storage::{
+    ObjectMeta, PutOptions, StorageBackend, StorageCapabilities, StorageExt, validate_key,
+};
 pub use tokio_util::sync::CancellationToken;
 pub use transfer::{
     ExportOptions, ExportReport, ImportOptions, ImportReport, digest_disk, export_disk,
