@@ -91,9 +91,7 @@ fn pipeline_once(
         let sink: Box<dyn virtrigaud::ByteSink> = match dst {
             Some(dst) => {
                 let mut s = LocalFileSink::create(dst, true).await.unwrap();
-                s.set_size_hint(std::fs::metadata(src).unwrap().len())
-                    .await
-                    .unwrap();
+                s.set_size_hint(std::fs::metadata(src).unwrap().len()).await;
                 Box::new(s)
             }
             None => Box::new(NullSink),

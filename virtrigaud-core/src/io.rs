@@ -237,6 +237,8 @@ pub struct LocalFileSink {
     worker: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     /// The same file opened with `O_DIRECT`, when the file system allows it.
     direct: Option<std::fs::File>,
+    /// A write failed: every later write and the commit fail too (only abort is left).
+    failed: bool,
 }
 
 /// Writes a [`LocalFileSink`] queues behind the one in progress.
@@ -274,8 +276,8 @@ fn open_direct(path: &Path) -> Option<std::fs::File> {
     }
 }
 
-/// Whether `file` lives on tmpfs (Linux).
-fn on_tmpfs(file: &std::fs::File) -> bool {
+/// Whether growing `file` with `set_len` stays sparse and cheap: ext4, xfs or btrfs (Linux).
+fn sparse_extension_is_cheap(file: &std::fs::File) -> bool {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
@@ -283,12 +285,25 @@ fn on_tmpfs(file: &std::fs::File) -> bool {
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: valid descriptor and a valid pointer to a statfs.
         let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
-        rc == 0 && st.f_type == libc::TMPFS_MAGIC
+        const EXT4: i64 = 0xEF53;
+        const XFS: i64 = 0x5846_5342;
+        const BTRFS: i64 = 0x9123_683E;
+        rc == 0 && [EXT4, XFS, BTRFS].contains(&(st.f_type as i64))
     }
     #[cfg(not(target_os = "linux"))]
     {
         let _ = file;
         false
+    }
+}
+
+/// Whether two descriptors refer to the same file (the direct descriptor is opened by name,
+/// and the name could have been replaced in between).
+fn same_file(a: &std::fs::File, b: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
     }
 }
 
@@ -347,7 +362,7 @@ impl LocalFileSink {
                 .write(true)
                 .create_new(true)
                 .open(&tmp)?;
-            let direct = open_direct(&tmp);
+            let direct = open_direct(&tmp).filter(|d| same_file(&f, d));
             Ok(((f, direct), tmp))
         })
         .await
@@ -372,6 +387,7 @@ impl LocalFileSink {
             committed: false,
             queue: None,
             worker: None,
+            failed: false,
         })
     }
 
@@ -385,30 +401,54 @@ impl LocalFileSink {
     /// size at once, so the writes that follow land inside the file instead of growing it one
     /// by one (growing a file with direct writes costs the file system a journal update each
     /// time). Commit sets the exact size whatever the hint was. Call it before the first write.
-    /// Ignored on tmpfs, where it only makes the writes slower (measured).
-    pub async fn set_size_hint(&mut self, size: u64) -> Result<()> {
+    /// Only applied on file systems known to keep the extension sparse (ext4, xfs, btrfs; on
+    /// tmpfs it made the writes slower, measured), and only a hint: a failure is logged, not
+    /// returned.
+    pub async fn set_size_hint(&mut self, size: u64) {
         if self.queue.is_some() || self.pos > 0 {
-            return Ok(());
+            return;
         }
-        let file = self.file()?.clone();
-        tokio::task::spawn_blocking(move || {
-            if on_tmpfs(&file) {
-                return Ok(());
+        let Ok(file) = self.file().cloned() else {
+            return;
+        };
+        let res = tokio::task::spawn_blocking(move || {
+            if sparse_extension_is_cheap(&file) {
+                file.set_len(size)
+            } else {
+                Ok(())
             }
-            file.set_len(size)
         })
-        .await
-        .map_err(join_err)?
-        .map_err(|e| Error::io(e, "cannot size file").with_target(self.dest.display().to_string()))
+        .await;
+        if let Ok(Err(e)) = res {
+            tracing::debug!(error = %e, "size hint not applied");
+        }
     }
 
     /// Stops the writer worker after the queued writes and reports its error, if any.
     async fn finish_writes(&mut self) -> Result<()> {
         self.queue.take();
         if let Some(h) = self.worker.take() {
-            h.await.map_err(join_err)?.map_err(|e| {
-                Error::io(e, "write failed").with_target(self.dest.display().to_string())
-            })?;
+            let res = h.await.map_err(join_err).and_then(|r| {
+                r.map_err(|e| {
+                    Error::io(e, "write failed").with_target(self.dest.display().to_string())
+                })
+            });
+            if res.is_err() {
+                self.failed = true;
+            }
+            res?;
+        }
+        self.check_failed()
+    }
+
+    /// The error of a sink whose earlier write failed.
+    fn check_failed(&self) -> Result<()> {
+        if self.failed {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "an earlier write failed; the file is incomplete and can only be aborted",
+            )
+            .with_target(self.dest.display().to_string()));
         }
         Ok(())
     }
@@ -434,6 +474,7 @@ pub fn unique_suffix() -> String {
 impl ByteSink for LocalFileSink {
     async fn write(&mut self, data: Bytes) -> Result<()> {
         use std::os::unix::fs::FileExt;
+        self.check_failed()?;
         if self.queue.is_none() {
             let file = self.file()?.clone();
             let mut direct = self.direct.take();
@@ -469,6 +510,7 @@ impl ByteSink for LocalFileSink {
         };
         if !sent {
             // The worker stopped: it failed; report why.
+            self.failed = true;
             self.finish_writes().await?;
             return Err(Error::new(ErrorKind::Io, "file writer stopped")
                 .with_target(self.dest.display().to_string()));
@@ -478,6 +520,7 @@ impl ByteSink for LocalFileSink {
     }
 
     async fn write_zeros(&mut self, len: u64) -> Result<()> {
+        self.check_failed()?;
         self.pos = self
             .pos
             .checked_add(len)
@@ -597,14 +640,15 @@ pub fn limit_allocator_retention() {
 
 /// Largest buffer [`ReadBuf`] recycles (the default read size of the decoders).
 pub const POOL_BUFFER: usize = 4 << 20;
-/// The buffer sizes recycled: 1 MiB and 4 MiB.
-const POOL_CLASSES: [usize; 2] = [1 << 20, POOL_BUFFER];
-/// Free buffers kept per size class (bounds what the pool holds while idle: 8 × 5 MiB).
+/// The buffer sizes recycled: 1, 2 and 4 MiB.
+const POOL_CLASSES: [usize; 3] = [1 << 20, 2 << 20, POOL_BUFFER];
+/// Free buffers kept per size class (bounds what the pool holds while idle: 8 × 7 MiB).
 const POOL_KEEP: usize = 8;
 /// Reads shorter than this use a plain allocation.
-const POOL_MIN: usize = 256 << 10;
+const POOL_MIN: usize = 512 << 10;
 
-static POOL: [std::sync::Mutex<Vec<AlignedBuf>>; 2] = [
+static POOL: [std::sync::Mutex<Vec<AlignedBuf>>; 3] = [
+    std::sync::Mutex::new(Vec::new()),
     std::sync::Mutex::new(Vec::new()),
     std::sync::Mutex::new(Vec::new()),
 ];
@@ -615,7 +659,8 @@ static POOL: [std::sync::Mutex<Vec<AlignedBuf>>; 2] = [
 /// Transfers read the same few MiB-sized buffers over and over; a fresh allocation each time
 /// costs page faults and the kernel's zeroing of every page, about as much CPU as the copy
 /// itself. Recycled buffers are already mapped. The pool keeps at most 8 free buffers of 1 MiB
-/// and 8 of 4 MiB ([`POOL_BUFFER`]); reads larger than that or smaller than 256 KiB use plain
+/// and 2 MiB and 4 MiB ([`POOL_BUFFER`]) each; a read gets the smallest class that holds it
+/// (so at most twice its size); reads larger than 4 MiB or smaller than 512 KiB use plain
 /// allocations. A recycled buffer holds old bytes: only the part filled by the caller is ever
 /// exposed, through [`ReadBuf::freeze`].
 ///
@@ -648,9 +693,10 @@ impl std::fmt::Debug for ReadBuf {
 
 impl ReadBuf {
     /// A buffer of `len` bytes to be filled (its initial content is unspecified). Buffers of
-    /// 256 KiB to 4 MiB are page-aligned, so a file sink can write them with direct I/O.
+    /// 512 KiB to 4 MiB are page-aligned, so a file sink can write them with direct I/O.
     pub fn new(len: usize) -> ReadBuf {
-        let class = POOL_CLASSES.iter().position(|&c| len <= c);
+        // A class at most twice the request: a 257 KiB read does not pin 1 MiB.
+        let class = POOL_CLASSES.iter().position(|&c| len <= c && len > c / 2);
         if let (true, Some(class)) = (len >= POOL_MIN, class) {
             let recycled = POOL[class].lock().ok().and_then(|mut p| p.pop());
             if let Some(buf) = recycled.or_else(|| AlignedBuf::new(POOL_CLASSES[class])) {
@@ -922,7 +968,12 @@ mod tests {
         // straight to the disk.
         let probe = dir.path().join("probe");
         std::fs::write(&probe, b"").unwrap();
-        let fs_takes_direct = open_direct(&probe).is_some();
+        let fs_takes_direct = open_direct(&probe).is_some_and(|d| {
+            use std::os::unix::fs::FileExt;
+            let mut b = ReadBuf::new(1 << 20);
+            b.as_mut().fill(1);
+            d.write_all_at(&b.freeze(1 << 20), 0).is_ok()
+        });
         if fs_takes_direct {
             assert!(DIRECT_WRITES.load(std::sync::atomic::Ordering::Relaxed) >= 3);
         } else {
@@ -936,7 +987,7 @@ mod tests {
         // larger hint than the data: the file ends where the data ends
         let dest = dir.path().join("a.img");
         let mut sink = LocalFileSink::create(&dest, false).await.unwrap();
-        sink.set_size_hint(10 << 20).await.unwrap();
+        sink.set_size_hint(10 << 20).await;
         sink.write(Bytes::from(vec![5u8; 8192])).await.unwrap();
         Box::new(sink).commit().await.unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), vec![5u8; 8192]);
@@ -944,7 +995,7 @@ mod tests {
         let dest = dir.path().join("b.img");
         let mut sink = LocalFileSink::create(&dest, false).await.unwrap();
         sink.write(Bytes::from(vec![6u8; 100])).await.unwrap();
-        sink.set_size_hint(1 << 30).await.unwrap();
+        sink.set_size_hint(1 << 30).await;
         sink.write_zeros(900).await.unwrap();
         Box::new(sink).commit().await.unwrap();
         let got = std::fs::read(&dest).unwrap();
@@ -953,8 +1004,31 @@ mod tests {
         // aborted: nothing left, whatever the hint
         let dest = dir.path().join("c.img");
         let mut sink = LocalFileSink::create(&dest, false).await.unwrap();
-        sink.set_size_hint(1 << 20).await.unwrap();
+        sink.set_size_hint(1 << 20).await;
         Box::new(sink).abort().await.unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_poisons_the_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("bad.img");
+        let mut sink = LocalFileSink::create(&dest, false).await.unwrap();
+        sink.write(Bytes::from(vec![1u8; 4096])).await.unwrap();
+        // a position no file system takes: the worker's write fails
+        sink.write_zeros((1u64 << 63) - 8192).await.unwrap();
+        let mut first_error = None;
+        for _ in 0..8 {
+            if let Err(e) = sink.write(Bytes::from(vec![2u8; 16384])).await {
+                first_error = Some(e);
+                break;
+            }
+        }
+        assert!(first_error.is_some(), "the failed write was never reported");
+        // every later call fails too, and commit publishes nothing
+        assert!(sink.write(Bytes::from(vec![3u8; 10])).await.is_err());
+        assert!(sink.write_zeros(10).await.is_err());
+        assert!(Box::new(sink).commit().await.is_err());
+        assert!(!dest.exists());
     }
 }

@@ -231,7 +231,7 @@ impl Provider for LocalProvider {
             .map_err(|e| e.with_vm(spec.vm.clone()).with_disk(spec.name.clone()))?;
         if format == DiskFormat::Raw {
             // A raw image is exactly the capacity long.
-            sink.set_size_hint(spec.capacity).await?;
+            sink.set_size_hint(spec.capacity).await;
         }
         Ok(CreatedDisk {
             format,

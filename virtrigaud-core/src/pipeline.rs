@@ -185,7 +185,16 @@ async fn run_inner(
     );
 
     // Stage 1: read, zero-detect, content digest, hand extents to the encoder.
+    // The reader starts when the encoder first asks for data: an encoder that reads a replay
+    // of the source first (compressed qcow2's sizing pass) must not leave reads of a network
+    // source half-done for that long.
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
     let source = async {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(Error::cancelled()),
+            _ = go_rx => {}
+        }
         // The object digest is one sequential SHA-256 stream on the critical path: leave it a
         // core of its own, and give the (parallel) content digest the others.
         let digest_workers = if hash_object {
@@ -234,7 +243,7 @@ async fn run_inner(
     let encoded = DiskContent {
         virtual_size,
         allocation,
-        extents: tokio_stream_from(rx),
+        extents: tokio_stream_from(rx, go_tx),
         replay,
     };
     let cancel2 = opts.cancel.clone();
@@ -319,8 +328,105 @@ async fn run_inner(
     Ok(report)
 }
 
+/// The encoder's input; its first poll tells the reader to start.
 fn tokio_stream_from(
     mut rx: tokio::sync::mpsc::Receiver<Result<Extent>>,
+    go: tokio::sync::oneshot::Sender<()>,
 ) -> crate::extent::ExtentStream {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+    let mut go = Some(go);
+    futures::stream::poll_fn(move |cx| {
+        if let Some(g) = go.take() {
+            let _ = g.send(());
+        }
+        rx.poll_recv(cx)
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::MemorySink;
+    use bytes::Bytes;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+    /// The reader starts only when the encoder asks for data: compressed qcow2 reads a replay
+    /// of the source first (its sizing pass), and the main stream must not be read meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reader_waits_for_the_encoder() {
+        let extents = vec![Extent::Data {
+            offset: 0,
+            bytes: Bytes::from(vec![0x61u8; 256 << 10]),
+        }];
+        // 0: sizing pass not finished; 1: finished. Recorded at the main stream's first poll.
+        let sizing = Arc::new(AtomicU8::new(0));
+        let seen_at_first_read = Arc::new(AtomicU8::new(9));
+        let polled = Arc::new(AtomicBool::new(false));
+        let main = {
+            let (sizing, seen, polled) =
+                (sizing.clone(), seen_at_first_read.clone(), polled.clone());
+            let mut inner = futures::stream::iter(extents.clone().into_iter().map(Ok));
+            futures::stream::poll_fn(move |cx| {
+                if !polled.swap(true, Ordering::SeqCst) {
+                    seen.store(sizing.load(Ordering::SeqCst), Ordering::SeqCst);
+                }
+                inner.poll_next_unpin(cx)
+            })
+            .boxed()
+        };
+        let replay: crate::extent::Replay = {
+            let sizing = sizing.clone();
+            Arc::new(move || {
+                let sizing = sizing.clone();
+                let items: Vec<Result<Extent>> = extents.clone().into_iter().map(Ok).collect();
+                Box::pin(async move {
+                    // slow enough that an eager reader would poll the main stream first
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let s =
+                        futures::stream::iter(items).chain(futures::stream::poll_fn(move |_| {
+                            sizing.store(1, Ordering::SeqCst);
+                            std::task::Poll::Ready(None)
+                        }));
+                    Ok(s.boxed())
+                })
+            })
+        };
+        let content = DiskContent::new(
+            256 << 10,
+            Some(AllocationMap::from_ranges(vec![0..256 << 10])),
+            main,
+        )
+        .with_replay(replay);
+        let (sink, out) = MemorySink::new();
+        let encode = EncodeOptions {
+            compress: true,
+            cluster_size: 65536,
+            ..Default::default()
+        };
+        let (report, sink) = run(
+            content,
+            Box::new(sink),
+            Job {
+                format: DiskFormat::Qcow2,
+                encode: &encode,
+                content_digest: true,
+                hash_object: true,
+                phase: Phase::Export,
+                label: "gate",
+            },
+            &PipelineOptions::default(),
+        )
+        .await
+        .unwrap();
+        sink.commit().await.unwrap();
+        assert_eq!(seen_at_first_read.load(Ordering::SeqCst), 1);
+        // metadata clusters + a few hundred bytes of deflate, not 4 more data clusters
+        assert!(
+            report.stored_size < 6 * 65536,
+            "compressible data was not compressed: {}",
+            report.stored_size
+        );
+        assert!(out.lock().unwrap().as_ref().is_some_and(|v| !v.is_empty()));
+    }
 }
