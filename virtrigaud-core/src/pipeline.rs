@@ -394,7 +394,9 @@ mod tests {
         };
         let content = DiskContent::new(
             256 << 10,
-            Some(AllocationMap::from_ranges(vec![0..256 << 10])),
+            Some(AllocationMap::from_ranges(
+                std::iter::once(0..256 << 10).collect(),
+            )),
             main,
         )
         .with_replay(replay);
