@@ -16,6 +16,8 @@
 
 pub mod conformance;
 pub mod fs;
+#[cfg(any(feature = "s3", feature = "http"))]
+mod idle;
 #[cfg(feature = "nfs")]
 pub mod nfs;
 #[cfg(any(feature = "s3", feature = "http"))]

@@ -939,13 +939,15 @@ async fn an_export_killed_mid_upload_resumes_in_a_new_process() {
 }
 
 /// A GET of a large object runs as long as its consumer needs: `request_timeout` bounds part
-/// uploads, not object reads (an import of a big disk into a slow target reads for hours).
+/// uploads, not object reads (an import of a big disk into a slow target reads for hours), and
+/// `idle_timeout` counts only waits for the network, not a consumer's pause between reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_consumer_reads_past_the_request_timeout() {
+async fn a_slow_consumer_reads_past_the_request_and_idle_timeouts() {
     let peer = peer!();
     let bucket = peer.bucket("slowget");
     let mut cfg = peer.config(&bucket);
     cfg.request_timeout = Duration::from_secs(2);
+    cfg.idle_timeout = Duration::from_secs(1);
     let b = S3Backend::new(cfg).unwrap();
     let data = pattern(24 * MIB, 11);
     b.put_bytes("big.raw", Bytes::from(data.clone()))

@@ -75,6 +75,8 @@ pub struct S3Config {
     /// as bytes keep coming, however long its consumer takes.
     pub request_timeout: Duration,
     /// Longest wait for the next bytes of an answer (default 60 s); what ends a stalled GET.
+    /// For object reads only the time spent waiting for the network counts, not the pauses of
+    /// a slow consumer between two reads.
     pub idle_timeout: Duration,
     /// Timeout of establishing a connection.
     pub connect_timeout: Duration,

@@ -120,20 +120,19 @@ pub(crate) fn endpoint_parts(cfg: &S3Config) -> Result<(String, String)> {
 
 /// The reqwest client of a configuration (rustls, TLS verification per config, timeouts).
 ///
-/// `whole_request_timeout`: whether [`S3Config::request_timeout`] bounds a request from start
-/// to end. Yes for the requests this core sends (part uploads and small calls); no for the
-/// object reads (opendal's transport): a GET of a large disk streams for as long as its
-/// consumer takes, and only a stall longer than [`S3Config::idle_timeout`] ends it.
-pub(crate) fn http_client(cfg: &S3Config, whole_request_timeout: bool) -> Result<reqwest::Client> {
+/// `timeouts`: whether [`S3Config::request_timeout`] bounds a request from start to end and
+/// [`S3Config::idle_timeout`] each read. Yes for part uploads and the small calls; no for
+/// object reads, whose bodies `idle_stream` bounds instead (only while we wait for data).
+pub(crate) fn http_client(cfg: &S3Config, timeouts: bool) -> Result<reqwest::Client> {
     let b = reqwest::Client::builder();
-    let b = if whole_request_timeout {
+    let b = if timeouts {
         b.timeout(cfg.request_timeout)
+            .read_timeout(cfg.idle_timeout)
     } else {
         b
     };
     b.danger_accept_invalid_certs(!cfg.tls_verify)
         .connect_timeout(cfg.connect_timeout)
-        .read_timeout(cfg.idle_timeout)
         .pool_idle_timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| Error::invalid(format!("cannot build the S3 HTTP client: {e}")))

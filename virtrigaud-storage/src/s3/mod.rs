@@ -113,6 +113,8 @@ pub struct S3Backend {
     cfg: Arc<S3Config>,
     core: Arc<S3Core>,
     op: opendal::Operator,
+    /// The operator for object reads (no whole-request or read timeout; see `new`).
+    op_read: opendal::Operator,
 }
 
 impl std::fmt::Debug for S3Backend {
@@ -152,15 +154,26 @@ impl S3Backend {
         };
         let op = opendal::Operator::new(b)
             .map_err(|e| s3err::from_opendal("configure", &cfg.bucket, None, e))?;
-        let transport = opendal::HttpTransporter::new(
-            opendal_http_transport_reqwest::ReqwestTransport::new(http_client(&cfg, false)?),
-        );
-        let ctx = op.context().with_http_transport(transport);
-        let op = op.with_context(ctx);
+        // Two transports: stat/list/delete/presign with the whole-request and read timeouts,
+        // object reads with neither (a GET of a large disk flows for as long as its consumer
+        // takes, and a consumer's pause is not a stall): their bodies are bounded by
+        // `idle_stream`, which counts only the time spent waiting for the network.
+        let transport = |timeouts: bool| -> Result<opendal::HttpTransporter> {
+            Ok(opendal::HttpTransporter::new(
+                opendal_http_transport_reqwest::ReqwestTransport::new(http_client(&cfg, timeouts)?),
+            ))
+        };
+        let op_read = op
+            .clone()
+            .with_context(op.context().with_http_transport(transport(false)?));
+        let op = op
+            .clone()
+            .with_context(op.context().with_http_transport(transport(true)?));
         Ok(S3Backend {
             cfg: Arc::new(cfg),
             core,
             op,
+            op_read,
         })
     }
 
@@ -398,9 +411,20 @@ impl StorageBackend for S3Backend {
                 return Ok(futures::stream::empty().boxed());
             }
         }
-        // Opening is retried; a stream that breaks later is not (the caller re-reads).
+        // Opening is retried; a stream that breaks later is not (the caller re-reads). The read
+        // transport has no timeouts of its own: the wait for the answer is bounded here.
+        let idle = self.cfg.idle_timeout;
         self.core
-            .retry("get", || self.open_stream(key, range.clone()))
+            .retry("get", || async {
+                tokio::time::timeout(idle, self.open_stream(key, range.clone()))
+                    .await
+                    .map_err(|_| {
+                        Error::new(ErrorKind::Timeout, format!("no answer for {idle:?}"))
+                            .with_retryable(true)
+                            .with_operation("s3.get")
+                            .with_target(self.target(key))
+                    })?
+            })
             .await
     }
 
@@ -497,7 +521,7 @@ impl S3Backend {
     /// Opens a GET stream (one attempt, plus one more GET for a range past the end).
     async fn open_stream(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream> {
         let reader = self
-            .op
+            .op_read
             .reader(key)
             .await
             .map_err(|e| self.od_err("get", key, e))?;
@@ -527,7 +551,7 @@ impl S3Backend {
                         };
                     }
                     let reader = self
-                        .op
+                        .op_read
                         .reader(key)
                         .await
                         .map_err(|e| self.od_err("get", key, e))?;
@@ -542,9 +566,15 @@ impl S3Backend {
         }
         let bucket = self.cfg.bucket.clone();
         let full = self.core.full_key(key);
-        Ok(stream
+        let body = stream
             .map(move |r| r.map_err(|e| s3err::from_stream_io(&bucket, &full, e)))
-            .boxed())
+            .boxed();
+        Ok(crate::idle::idle_stream(
+            body,
+            self.cfg.idle_timeout,
+            "s3.get",
+            self.target(key),
+        ))
     }
 
     /// Maps a failed GET; `416` at exactly the end of the object is an empty read.

@@ -4,6 +4,7 @@
 
 use super::config::{RetryConfig, WebdavConfig};
 use super::error::{from_status, from_transport};
+use crate::idle::idle_stream;
 use bytes::Bytes;
 use futures::StreamExt;
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
@@ -359,7 +360,7 @@ impl DavCore {
             .bytes_stream()
             .map(move |c| c.map_err(|e| from_transport("get", &target, e)));
         Ok(skip_take(
-            idle_stream(body.boxed(), self.idle_timeout, url),
+            idle_stream(body.boxed(), self.idle_timeout, "http.get", url),
             skip,
             take,
         ))
@@ -520,32 +521,6 @@ fn range_outside(r: &Range<u64>, size: u64) -> Error {
         "range {}..{} outside object of {size} bytes",
         r.start, r.end
     ))
-}
-
-/// Fails a stream with `Timeout` when one chunk takes longer than `idle` to arrive (time
-/// counted only while the consumer waits, unlike reqwest's read timeout).
-fn idle_stream(s: ByteStream, idle: Duration, url: String) -> ByteStream {
-    futures::stream::unfold(Some(s), move |st| {
-        let url = url.clone();
-        async move {
-            let mut s = st?;
-            match tokio::time::timeout(idle, s.next()).await {
-                Ok(Some(item)) => Some((item, Some(s))),
-                Ok(None) => None,
-                Err(_) => Some((
-                    Err(Error::new(
-                        ErrorKind::Timeout,
-                        format!("no data from {url} for {idle:?}"),
-                    )
-                    .with_retryable(true)
-                    .with_operation("http.get")
-                    .with_target(url)),
-                    None,
-                )),
-            }
-        }
-    })
-    .boxed()
 }
 
 /// Skips `skip` bytes of a stream and ends it after `take` more.
