@@ -1,4 +1,4 @@
-//! A storage backend of your own: implement [`StorageBackend`] (six required methods), prove it
+//! A storage backend of your own: implement [`StorageBackend`] (seven required methods), prove it
 //! with the shared conformance suite every built-in backend runs, and every transfer works on
 //! it. No server needed: this one keeps objects in memory.
 //!

@@ -21,6 +21,13 @@ use virtrigaud::{Migration, MigrationPlan, PipelineOptions, PrepareSource};
 async fn main() -> ExitCode {
     virtrigaud::io::limit_allocator_retention();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(bad) = args
+        .iter()
+        .find(|a| a.starts_with("--") && *a != "--snapshot")
+    {
+        eprintln!("unknown option {bad}");
+        return ExitCode::from(2);
+    }
     let snapshot = args.iter().any(|a| a == "--snapshot");
     let pos: Vec<&str> = args
         .iter()

@@ -253,7 +253,7 @@ async fn run_inner(
         // The SHA-256 is the one sequential computation on the critical path: it runs on a
         // blocking worker of its own, fed through a short queue so it never waits for a write,
         // while this task computes the chunk CRC32Cs and writes.
-        let (sha_tx, sha_task) = if hash_object {
+        let (sha_tx, mut sha_task) = if hash_object {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(SHA_QUEUE);
             let task = tokio::task::spawn_blocking(move || {
                 let mut h = ObjectSha256::new();
@@ -283,6 +283,10 @@ async fn run_inner(
             if let Some(tx) = &sha_tx
                 && tx.send(c.clone()).await.is_err()
             {
+                // The worker is gone: report its panic, if that is why.
+                if let Some(t) = sha_task.take() {
+                    t.await.map_err(join_err)?;
+                }
                 return Err(Error::new(crate::ErrorKind::Io, "object hasher stopped"));
             }
             match c {

@@ -24,8 +24,10 @@
 //! 1. **Sizing pass** over a replay of the source: every guest cluster holding a non-zero byte
 //!    is deflated (in parallel, [`EncodeOptions::parallelism`] workers) and only its
 //!    compressed length is kept: 2 bytes per stored cluster (4 with clusters above 64 KiB)
-//!    plus 16 bytes per run of consecutive stored clusters, e.g. 32 MiB for 1 TiB of data in
-//!    64 KiB clusters. All-zero clusters stay unallocated (they read as zeros), whatever the
+//!    plus 16 bytes per run of consecutive stored clusters: 32 MiB for 1 TiB of contiguous
+//!    data in 64 KiB clusters, 288 MiB at worst (every other cluster stored), and 16× that with
+//!    4 KiB clusters. It grows with the data, unlike the rest of the pipeline: prefer 64 KiB
+//!    or larger clusters for compressed output of big disks. All-zero clusters stay unallocated (they read as zeros), whatever the
 //!    allocation map says.
 //! 2. **Writing pass** over [`DiskContent::extents`]: the exact layout and refcounts are
 //!    computed from the sizes, the metadata is written, then every cluster is deflated again
