@@ -180,6 +180,38 @@ fn domain_xml(name: &str, devices: &str) -> String {
     )
 }
 
+/// A stopped domain named after `tag` with two disks in `pool`: `vda`, a qcow2 holding the
+/// 48 MiB patterned image, and `vdb`, the 64 MiB sparse patterned raw file.
+fn two_disk_domain(uri: &str, pool: &TestPool, scratch: &Path, tag: &str) -> (String, DomainGuard) {
+    let raw_src = pool.path("data.raw");
+    write_patterned_raw(&raw_src, 64 * MIB);
+    let tmp_raw = scratch.join("q.raw");
+    write_patterned_raw(&tmp_raw, 48 * MIB);
+    let q_src = pool.path("sys.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        tmp_raw.to_str().unwrap(),
+        q_src.to_str().unwrap(),
+    ]);
+    pool.refresh();
+    let vm = unique(tag);
+    let g = guard(uri, &vm);
+    define_xml(
+        uri,
+        scratch,
+        &domain_xml(
+            &vm,
+            &(file_disk_xml(&q_src, "qcow2", "vda", "virtio")
+                + &file_disk_xml(&raw_src, "raw", "vdb", "virtio")),
+        ),
+    );
+    (vm, g)
+}
+
 /// A qcow2 and a sparse raw disk in pool A, exported to storage, imported into pool B (qcow2 and
 /// raw), attached to a VM made with `create_vm`; content digests of source and target match,
 /// the raw import stays sparse and `qemu-img compare` agrees.
@@ -191,32 +223,8 @@ async fn round_trip_qcow2_and_sparse_raw() {
     let pa = TestPool::new(&uri, "rt-a");
     let pb = TestPool::new(&uri, "rt-b");
     let scratch = tempfile::tempdir().unwrap();
-    let raw_src = pa.path("data.raw");
-    write_patterned_raw(&raw_src, 64 * MIB);
-    let tmp_raw = scratch.path().join("q.raw");
-    write_patterned_raw(&tmp_raw, 48 * MIB);
-    let q_src = pa.path("sys.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        tmp_raw.to_str().unwrap(),
-        q_src.to_str().unwrap(),
-    ]);
-    pa.refresh();
-    let src_vm = unique("rt-src");
-    let _g1 = guard(&uri, &src_vm);
-    define_xml(
-        &uri,
-        scratch.path(),
-        &domain_xml(
-            &src_vm,
-            &(file_disk_xml(&q_src, "qcow2", "vda", "virtio")
-                + &file_disk_xml(&raw_src, "raw", "vdb", "virtio")),
-        ),
-    );
+    let (src_vm, _g1) = two_disk_domain(&uri, &pa, scratch.path(), "rt-src");
+    let (q_src, raw_src) = (pa.path("sys.qcow2"), pa.path("data.raw"));
 
     let p = LibvirtProvider::new(&uri);
     p.validate().await.unwrap();
@@ -1072,32 +1080,7 @@ async fn migration_runner_moves_a_domain_between_pools() {
     let pa = TestPool::new(&uri, "mig-a");
     let pb = TestPool::new(&uri, "mig-b");
     let scratch = tempfile::tempdir().unwrap();
-    let raw_src = pa.path("data.raw");
-    write_patterned_raw(&raw_src, 64 * MIB);
-    let tmp_raw = scratch.path().join("q.raw");
-    write_patterned_raw(&tmp_raw, 48 * MIB);
-    let q_src = pa.path("sys.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        tmp_raw.to_str().unwrap(),
-        q_src.to_str().unwrap(),
-    ]);
-    pa.refresh();
-    let src_vm = unique("mig-src");
-    let _g1 = guard(&uri, &src_vm);
-    define_xml(
-        &uri,
-        scratch.path(),
-        &domain_xml(
-            &src_vm,
-            &(file_disk_xml(&q_src, "qcow2", "vda", "virtio")
-                + &file_disk_xml(&raw_src, "raw", "vdb", "virtio")),
-        ),
-    );
+    let (src_vm, _g1) = two_disk_domain(&uri, &pa, scratch.path(), "mig-src");
     let dst_vm = unique("mig-dst");
     let _g2 = guard(&uri, &dst_vm);
     let p = LibvirtProvider::new(&uri);
