@@ -934,43 +934,16 @@ async fn a_stream_without_allocation_map_falls_back_to_a_sparse_format() {
     assert_eq!(r2.manifest.content_digest, r.manifest.content_digest);
 }
 
-/// Text-like bytes (deflate shrinks them several times).
-fn text(len: usize, seed: u64) -> Vec<u8> {
-    let words = [
-        "virtrigaud ",
-        "moves ",
-        "disks ",
-        "between ",
-        "hypervisors ",
-        "through ",
-        "storage, ",
-        "verified ",
-        "end ",
-        "to ",
-        "end.\n",
-    ];
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 16);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_qcow2_export_of_a_local_disk_imports_back_with_equal_content_digest() {
     let tmp = tempfile::tempdir().unwrap();
     let size = (48u64 << 20) + 3 * 512;
     let pieces = vec![
-        (4096u64, text(6 << 20, 1)),
+        (4096u64, virtrigaud::testdata::text(1, 6 << 20)),
         (10 << 20, pattern(1 << 20, 2)),
         (12 << 20, vec![0u8; 2 << 20]),
-        (30 << 20, text(3 << 20, 3)),
-        (size - 3000, text(3000, 4)),
+        (30 << 20, virtrigaud::testdata::text(3, 3 << 20)),
+        (size - 3000, virtrigaud::testdata::text(4, 3000)),
     ];
     let mut flat = vec![0u8; size as usize];
     for (off, d) in &pieces {
@@ -1075,7 +1048,7 @@ async fn compressed_qcow2_export_of_a_local_disk_imports_back_with_equal_content
         size: Some(size),
         stream: futures::stream::iter(vec![Ok(Extent::Data {
             offset: 0,
-            bytes: Bytes::from(text(1 << 20, 5)),
+            bytes: Bytes::from(virtrigaud::testdata::text(5, 1 << 20)),
         })])
         .boxed(),
     };

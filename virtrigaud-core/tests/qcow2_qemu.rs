@@ -446,6 +446,8 @@ async fn encodes_images_qemu_accepts() {
     }
 }
 
+use virtrigaud_core::testdata::text;
+
 /// Pseudo-random bytes (incompressible).
 fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -457,33 +459,6 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
-}
-
-/// Text-like bytes (deflate shrinks them several times).
-fn text(seed: u64, len: usize) -> Vec<u8> {
-    let words = [
-        "virtrigaud ",
-        "moves ",
-        "disks ",
-        "between ",
-        "hypervisors ",
-        "through ",
-        "storage, ",
-        "verified ",
-        "end ",
-        "to ",
-        "end.\n",
-    ];
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 16);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// A raw disk of `vsize` bytes with constant, text, random, zero (written) and

@@ -416,32 +416,7 @@ async fn sequential_decoder_learns_the_allocation_map_when_tables_come_first() {
 
 // ---- compressed output ----
 
-/// Compressible bytes (text, deflates about 5:1 or better).
-fn text(seed: u64, len: usize) -> Vec<u8> {
-    let words = [
-        "virtrigaud ",
-        "moves ",
-        "disks ",
-        "between ",
-        "hypervisors ",
-        "through ",
-        "storage, ",
-        "verified ",
-        "end ",
-        "to ",
-        "end.\n",
-    ];
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 16);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(words[(x % words.len() as u64) as usize].as_bytes());
-    }
-    out.truncate(len);
-    out
-}
+use crate::testdata::text;
 
 /// Compressible, incompressible and zero regions (zero data extents included), an odd
 /// virtual size and data in the partial last cluster.
