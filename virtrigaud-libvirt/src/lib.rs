@@ -518,6 +518,24 @@ fn create_snapshot_blocking(c: &Connect, vm: &str, name: &str) -> Result<Snapsho
     })
 }
 
+/// Whether the live XML lets the block job on `disk` pivot: its `<mirror>` says `ready='yes'`
+/// (a libvirt that shows no `<mirror>` for the job is judged by the pivot call itself).
+fn mirror_ready(dom: &Domain, disk: &str) -> Result<bool> {
+    let xml = dom
+        .xml_desc(0)
+        .map_err(|e| error::from_virt(e, "dumpxml"))?;
+    let root = domain_xml::parse(&xml)?;
+    Ok(root
+        .child("devices")
+        .into_iter()
+        .flat_map(|d| d.children_named("disk"))
+        .filter(|d| d.child("target").and_then(|t| t.attr("dev")) == Some(disk))
+        .all(|d| {
+            d.child("mirror")
+                .is_none_or(|m| m.attr("ready") == Some("yes"))
+        }))
+}
+
 /// Commits the active overlay of `disk` into its base and pivots back to the base.
 fn block_commit_active(dom: &Domain, disk: &str) -> Result<()> {
     let cdisk = CString::new(disk).map_err(|_| Error::invalid("disk name contains NUL"))?;
@@ -539,6 +557,9 @@ fn block_commit_active(dom: &Domain, disk: &str) -> Result<()> {
             "blockcommit",
         ));
     }
+    // libvirt accepts the pivot only once the job is *ready* (QEMU's BLOCK_JOB_READY, shown as
+    // `<mirror ready='yes'>` in the live XML); `cur == end` alone can come a moment earlier.
+    // A refusal "not ready for pivot yet" is therefore retried until the deadline.
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let mut info = virt::sys::virDomainBlockJobInfo {
@@ -563,8 +584,22 @@ fn block_commit_active(dom: &Domain, disk: &str) -> Result<()> {
                 format!("block commit job of {disk} disappeared before it was ready"),
             ));
         }
-        if info.end > 0 && info.cur == info.end {
-            break;
+        if info.end > 0 && info.cur == info.end && mirror_ready(dom, disk)? {
+            // SAFETY: as above.
+            let r = unsafe {
+                virt::sys::virDomainBlockJobAbort(
+                    dom.as_ptr(),
+                    cdisk.as_ptr(),
+                    virt::sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
+                )
+            };
+            if r == 0 {
+                break;
+            }
+            let e = virt::error::Error::last_error();
+            if error::kind_of(&e) != ErrorKind::Conflict || Instant::now() > deadline {
+                return Err(error::from_virt(e, "blockjob.pivot"));
+            }
         }
         if Instant::now() > deadline {
             return Err(Error::new(
@@ -573,20 +608,6 @@ fn block_commit_active(dom: &Domain, disk: &str) -> Result<()> {
             ));
         }
         std::thread::sleep(Duration::from_millis(100));
-    }
-    // SAFETY: as above.
-    let r = unsafe {
-        virt::sys::virDomainBlockJobAbort(
-            dom.as_ptr(),
-            cdisk.as_ptr(),
-            virt::sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT,
-        )
-    };
-    if r < 0 {
-        return Err(error::from_virt(
-            virt::error::Error::last_error(),
-            "blockjob.pivot",
-        ));
     }
     // Wait for the pivot to complete (the job disappears).
     for _ in 0..600 {
