@@ -109,6 +109,47 @@ async fn conformance_through_open() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_survives_directories_vanishing() {
+    let Some((url, _)) = peer() else {
+        return;
+    };
+    // Deleting the last key of a directory removes the directory; a listing that walks into
+    // it at that moment gets NFS3ERR_STALE from the server and must walk again, not fail.
+    let b = Arc::new(NfsBackend::new(config(&url)).unwrap());
+    let prefix = unique("vanish");
+    let stable = format!("{prefix}/stable");
+    b.put_bytes(&stable, Bytes::from_static(b"stays"))
+        .await
+        .unwrap();
+    let churn = {
+        let b = b.clone();
+        let prefix = prefix.clone();
+        tokio::spawn(async move {
+            for i in 0..150 {
+                let key = format!("{prefix}/churn/{i}/a/b/obj");
+                b.put_bytes(&key, Bytes::from_static(b"x")).await.unwrap();
+                b.delete(&key).await.unwrap();
+            }
+        })
+    };
+    let mut listings = 0;
+    while !churn.is_finished() {
+        let got = b.list(&format!("{prefix}/")).await.unwrap();
+        assert!(got.iter().any(|m| m.key == stable), "{got:?}");
+        listings += 1;
+    }
+    churn.await.unwrap();
+    println!("{listings} listings during the churn");
+    assert!(
+        listings > 10,
+        "only {listings} listings overlapped the churn"
+    );
+    let got = b.list(&format!("{prefix}/")).await.unwrap();
+    assert_eq!(got.len(), 1, "{got:?}");
+    b.delete(&stable).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_below_a_path_with_small_requests_and_file_sync() {
     let Some((url, export_dir)) = peer() else {
         return;

@@ -471,7 +471,8 @@ impl NfsCore {
         Ok(self.mount().await?.root.clone())
     }
 
-    /// LOOKUP of `name` in `dir`: `None` when absent (or `dir` is not a directory).
+    /// LOOKUP of `name` in `dir`: `None` when absent, when `dir` is not a directory, or when
+    /// `dir` was removed meanwhile (`NFS3ERR_STALE`: a concurrent delete emptied it).
     pub async fn lookup(
         &self,
         dir: &FileHandle,
@@ -483,7 +484,10 @@ impl NfsCore {
         }))?;
         match res {
             Nfs3Result::Ok(ok) => Ok(Some((ok.object, option(ok.obj_attributes)))),
-            Nfs3Result::Err((nfsstat3::NFS3ERR_NOENT | nfsstat3::NFS3ERR_NOTDIR, _)) => Ok(None),
+            Nfs3Result::Err((
+                nfsstat3::NFS3ERR_NOENT | nfsstat3::NFS3ERR_NOTDIR | nfsstat3::NFS3ERR_STALE,
+                _,
+            )) => Ok(None),
             Nfs3Result::Err((stat, _)) => Err(error::from_status(stat, "lookup", target)),
         }
     }
@@ -746,8 +750,15 @@ impl NfsCore {
         }
     }
 
-    /// READDIRPLUS of the whole directory (every page), without `.` and `..`.
-    pub async fn readdirplus(&self, dir: &FileHandle, target: &str) -> Result<Vec<DirEntry>> {
+    /// READDIRPLUS of the whole directory (every page), without `.` and `..`; `None` on
+    /// `NFS3ERR_STALE` or `NFS3ERR_NOENT`. A server answers so both when the directory itself
+    /// is gone and when an entry vanished while it gathered the entries' attributes
+    /// (nfs-ganesha does, for a while after the removal): the caller tells the two apart.
+    pub async fn readdirplus(
+        &self,
+        dir: &FileHandle,
+        target: &str,
+    ) -> Result<Option<Vec<DirEntry>>> {
         let mut out = Vec::new();
         let mut cookie = 0u64;
         let mut verf = cookieverf3::default();
@@ -763,6 +774,9 @@ impl NfsCore {
             ))?;
             let ok = match res {
                 Nfs3Result::Ok(ok) => ok,
+                Nfs3Result::Err((nfsstat3::NFS3ERR_STALE | nfsstat3::NFS3ERR_NOENT, _)) => {
+                    return Ok(None);
+                }
                 Nfs3Result::Err((stat, _)) => {
                     return Err(error::from_status(stat, "readdirplus", target));
                 }
@@ -790,7 +804,7 @@ impl NfsCore {
                 .with_target(target.to_string()));
             }
             if ok.reply.eof {
-                return Ok(out);
+                return Ok(Some(out));
             }
             if !progressed {
                 return Err(Error::new(

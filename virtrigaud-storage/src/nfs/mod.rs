@@ -439,12 +439,34 @@ impl StorageBackend for NfsBackend {
         // (directory, key prefix of its entries, name filter)
         let mut todo: Vec<(FileHandle, String, Option<String>)> =
             vec![(start, base, Some(name_prefix.to_string()))];
-        while let Some((dir, key_prefix, filter)) = todo.pop() {
-            let entries = self
-                .core
-                .readdirplus(&dir, prefix)
-                .await
-                .map_err(|e| e.with_operation("list"))?;
+        while let Some((mut dir, key_prefix, filter)) = todo.pop() {
+            // A directory that vanished under the walk (its last key deleted meanwhile) holds
+            // nothing and is skipped. A live one whose READDIRPLUS still failed (an entry
+            // vanished meanwhile) is found again by its path and read again.
+            let mut attempt = 0u32;
+            let entries = loop {
+                let read = self.core.readdirplus(&dir, prefix).await;
+                if let Some(entries) = read.map_err(|e| e.with_operation("list"))? {
+                    break Some(entries);
+                }
+                let segs: Vec<&str> = key_prefix.split('/').filter(|s| !s.is_empty()).collect();
+                let Some(mut chain) = self.walk_dirs(&segs, prefix).await? else {
+                    break None;
+                };
+                attempt += 1;
+                if attempt > 20 {
+                    return Err(Error::new(
+                        ErrorKind::Storage,
+                        format!("READDIRPLUS of {key_prefix:?} kept failing as stale"),
+                    )
+                    .with_operation("list"));
+                }
+                dir = chain.pop().unwrap_or(dir);
+                tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt))).await;
+            };
+            let Some(entries) = entries else {
+                continue;
+            };
             for e in entries {
                 let Ok(name) = String::from_utf8(e.name) else {
                     continue; // not a possible key
