@@ -2,6 +2,8 @@
 //!
 //! Skipped (with a message) when `qemu-img` is missing, unless `VIRTRIGAUD_IT=1`.
 
+mod common;
+
 use bytes::Bytes;
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
@@ -767,28 +769,14 @@ async fn qemu_nbd_serves_our_output() {
         };
         encode_with(c, &o, &img).await;
         let sock = d.join(format!("nbd-{compress}.sock"));
-        let mut child = Command::new("qemu-nbd")
-            .args(["--socket", p(&sock), "--read-only", "-f", "qcow2", p(&img)])
-            .spawn()
-            .unwrap();
-        let mut ok = false;
-        for _ in 0..100 {
-            if sock.exists() {
-                ok = true;
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        let mut child = common::serve_nbd(&img, "qcow2", &sock);
         let url = format!("nbd+unix:///?socket={}", p(&sock));
-        let res = ok.then(|| {
-            Command::new("qemu-img")
-                .args(["compare", "-f", "raw", p(&raw_path), &url])
-                .output()
-                .unwrap()
-        });
+        let res = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", p(&raw_path), &url])
+            .output()
+            .unwrap();
         let _ = child.kill();
         let _ = child.wait();
-        let res = res.expect("qemu-nbd did not create its socket");
         assert!(
             res.status.success(),
             "compare over NBD (compress {compress}): {}{}",

@@ -2,6 +2,8 @@
 //!
 //! Skipped (with "SKIP: qemu-img not found") when qemu-img is missing, unless `VIRTRIGAUD_IT=1`.
 
+mod common;
+
 use bytes::Bytes;
 use futures::StreamExt;
 use std::io::Write;
@@ -276,21 +278,7 @@ async fn qemu_reads_what_we_write() {
         }
         // qemu-nbd serves our file; compare through NBD.
         let sock = dir.path().join(format!("{sub}.sock"));
-        let mut child = Command::new("qemu-nbd")
-            .args([
-                &format!("--socket={}", p(&sock)),
-                "--read-only",
-                "-f",
-                "vmdk",
-                p(&out),
-            ])
-            .spawn()
-            .unwrap();
-        let mut waited = 0;
-        while !sock.exists() && waited < 100 {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            waited += 1;
-        }
+        let mut child = common::serve_nbd(&out, "vmdk", &sock);
         let url = format!("nbd+unix:///?socket={}", p(&sock));
         let o = Command::new("qemu-img")
             .args(["compare", "-f", "raw", "-F", "raw", p(&src), &url])

@@ -47,6 +47,7 @@ use connection::Connection;
 use domain_xml::{DiskSource, DomainOptions, ParsedDomain, XmlDisk};
 use error::{VirtResultExt, is_not_found};
 use std::ffi::CString;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use virt::connect::Connect;
@@ -184,8 +185,17 @@ fn resolve_volume(c: &Connect, src: &DiskSource) -> Result<StorageVol> {
             let pools = c
                 .list_all_storage_pools(virt::sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
                 .op("pool.list")?;
+            // Refresh only the pools whose directory holds the file: a refresh touches every
+            // volume of a pool, and others may be mid-upload.
             for p in &pools {
-                let _ = p.refresh(0);
+                let dir = p
+                    .xml_desc(0)
+                    .ok()
+                    .and_then(|x| domain_xml::parse(&x).ok())
+                    .and_then(|x| x.path(&["target", "path"]).map(|t| t.text.clone()));
+                if dir.is_some_and(|d| Path::new(path).starts_with(d.trim())) {
+                    let _ = p.refresh(0);
+                }
             }
             c.lookup_storage_vol_by_path(path).map_err(|e| {
                 if is_not_found(&e) {
@@ -610,7 +620,7 @@ fn block_commit_active(dom: &Domain, disk: &str) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     // Wait for the pivot to complete (the job disappears).
-    for _ in 0..600 {
+    loop {
         let mut info = virt::sys::virDomainBlockJobInfo {
             type_: 0,
             bandwidth: 0,
@@ -621,15 +631,23 @@ fn block_commit_active(dom: &Domain, disk: &str) -> Result<()> {
         let r = unsafe {
             virt::sys::virDomainGetBlockJobInfo(dom.as_ptr(), cdisk.as_ptr(), &mut info, 0)
         };
-        if r <= 0 {
+        if r < 0 {
+            return Err(error::from_virt(
+                virt::error::Error::last_error(),
+                "blockjob.info",
+            ));
+        }
+        if r == 0 {
             return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!("pivot of {disk} did not finish"),
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(Error::new(
-        ErrorKind::Timeout,
-        format!("pivot of {disk} did not finish"),
-    ))
 }
 
 fn delete_snapshot_blocking(c: &Connect, vm: &str, snapshot: &SnapshotRef) -> Result<()> {
@@ -792,11 +810,19 @@ impl Provider for LibvirtProvider {
                 let doms = c.list_all_domains(0).op("domain.list")?;
                 let mut out = Vec::with_capacity(doms.len());
                 for d in doms {
-                    out.push(VmSummary {
-                        id: d.uuid_string().op("domain.uuid")?,
-                        name: d.name().op("domain.name")?,
-                        state: power_state(&d)?,
-                    });
+                    let summary = (|| -> Result<VmSummary> {
+                        Ok(VmSummary {
+                            id: d.uuid_string().op("domain.uuid")?,
+                            name: d.name().op("domain.name")?,
+                            state: power_state(&d)?,
+                        })
+                    })();
+                    match summary {
+                        Ok(s) => out.push(s),
+                        // Undefined between the listing and the query: no longer a VM here.
+                        Err(e) if e.kind() == ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
                 }
                 Ok(out)
             })

@@ -190,7 +190,16 @@ impl Connector for TcpConnector {
         addr: SocketAddr,
         local_port: u16,
     ) -> std::io::Result<Transport> {
-        self.open(addr, Some(local_port)).await
+        // nfs3_client's MOUNT walks privileged ports and moves on only after `AddrInUse`; a
+        // port taken by one of our own connections (SO_REUSEADDR) fails later, at connect,
+        // with `AddrNotAvailable`: report it as in use so the next port is tried.
+        self.open(addr, Some(local_port)).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                std::io::Error::new(std::io::ErrorKind::AddrInUse, e)
+            } else {
+                e
+            }
+        })
     }
 }
 

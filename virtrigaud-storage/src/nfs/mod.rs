@@ -256,12 +256,14 @@ impl NfsBackend {
                 Ok(t) => {
                     return Ok(NfsWriter::new(self.core.clone(), t, write_size, stable));
                 }
-                // A concurrent delete may remove a directory we just walked: walk again.
+                // A concurrent delete may remove a directory we just walked: walk again, after
+                // a short pause that lets that delete finish its cleanup.
                 Err(e)
-                    if attempt < 3
+                    if attempt < 5
                         && (e.kind() == ErrorKind::NotFound
                             || (e.kind() == ErrorKind::Storage && e.is_retryable())) =>
                 {
+                    tokio::time::sleep(std::time::Duration::from_millis(10 * attempt)).await;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -442,8 +444,9 @@ impl StorageBackend for NfsBackend {
         while let Some((mut dir, key_prefix, filter)) = todo.pop() {
             // A directory that vanished under the walk (its last key deleted meanwhile) holds
             // nothing and is skipped. A live one whose READDIRPLUS still failed (an entry
-            // vanished meanwhile) is found again by its path and read again.
-            let mut attempt = 0u32;
+            // vanished meanwhile) is found again by its path and read again, for up to 10 s.
+            let mut attempt = 0u64;
+            let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
             let entries = loop {
                 let read = self.core.readdirplus(&dir, prefix).await;
                 if let Some(entries) = read.map_err(|e| e.with_operation("list"))? {
@@ -453,16 +456,16 @@ impl StorageBackend for NfsBackend {
                 let Some(mut chain) = self.walk_dirs(&segs, prefix).await? else {
                     break None;
                 };
-                attempt += 1;
-                if attempt > 20 {
+                if std::time::Instant::now() > give_up {
                     return Err(Error::new(
                         ErrorKind::Storage,
-                        format!("READDIRPLUS of {key_prefix:?} kept failing as stale"),
+                        format!("READDIRPLUS of {key_prefix:?} kept failing as stale for 10 s"),
                     )
                     .with_operation("list"));
                 }
+                attempt += 1;
                 dir = chain.pop().unwrap_or(dir);
-                tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(attempt))).await;
+                tokio::time::sleep(std::time::Duration::from_millis((5 * attempt).min(100))).await;
             };
             let Some(entries) = entries else {
                 continue;

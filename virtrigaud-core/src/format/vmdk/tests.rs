@@ -476,7 +476,8 @@ mod fuzz {
                 let _ = drain(c).await;
             }
             let _ = probe(mem(&img).as_ref()).await;
-            assert!(t.elapsed() < std::time::Duration::from_secs(5));
+            // A hang guard, generous for a loaded CI machine: a case takes milliseconds.
+            assert!(t.elapsed() < std::time::Duration::from_secs(30));
         });
     }
 
