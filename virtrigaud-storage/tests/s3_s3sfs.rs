@@ -99,9 +99,27 @@ impl Peer {
     async fn try_start() -> Result<Peer, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let root = dir.path().to_path_buf();
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| format!("bind: {e}"))?;
+        // A port below Linux's ephemeral range (32768+): `restart` binds it again, and an
+        // outgoing connection of this process could otherwise take it meanwhile.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .subsec_nanos()
+            ^ std::process::id();
+        let mut listener = None;
+        for i in 0..100u32 {
+            let port = 20_000 + (seed.wrapping_add(i.wrapping_mul(7919)) % 12_000) as u16;
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)).await {
+                listener = Some(l);
+                break;
+            }
+        }
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| format!("bind: {e}"))?,
+        };
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let mut p = Peer {
             root,

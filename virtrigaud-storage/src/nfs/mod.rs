@@ -441,7 +441,7 @@ impl StorageBackend for NfsBackend {
         // (directory, key prefix of its entries, name filter)
         let mut todo: Vec<(FileHandle, String, Option<String>)> =
             vec![(start, base, Some(name_prefix.to_string()))];
-        while let Some((mut dir, key_prefix, filter)) = todo.pop() {
+        'dirs: while let Some((mut dir, key_prefix, filter)) = todo.pop() {
             // A directory that vanished under the walk (its last key deleted meanwhile) holds
             // nothing and is skipped. A live one whose READDIRPLUS still failed (an entry
             // vanished meanwhile) is found again by its path and read again, for up to 10 s.
@@ -450,11 +450,11 @@ impl StorageBackend for NfsBackend {
             let entries = loop {
                 let read = self.core.readdirplus(&dir, prefix).await;
                 if let Some(entries) = read.map_err(|e| e.with_operation("list"))? {
-                    break Some(entries);
+                    break entries;
                 }
                 let segs: Vec<&str> = key_prefix.split('/').filter(|s| !s.is_empty()).collect();
                 let Some(mut chain) = self.walk_dirs(&segs, prefix).await? else {
-                    break None;
+                    continue 'dirs;
                 };
                 if std::time::Instant::now() > give_up {
                     return Err(Error::new(
@@ -466,9 +466,6 @@ impl StorageBackend for NfsBackend {
                 attempt += 1;
                 dir = chain.pop().unwrap_or(dir);
                 tokio::time::sleep(std::time::Duration::from_millis((5 * attempt).min(100))).await;
-            };
-            let Some(entries) = entries else {
-                continue;
             };
             for e in entries {
                 let Ok(name) = String::from_utf8(e.name) else {
