@@ -779,9 +779,8 @@ async fn keys_with_special_characters_round_trip() {
     assert!(b.list("").await.unwrap().is_empty());
 }
 
-/// The disk both halves of the kill test export: 48 MiB of deterministic data, in 1 MiB extents
-/// (with a pause before each one in the child, so the parent can kill it mid-upload).
-/// 48 MiB of data. With a `pause` (the child to be killed) every MiB is delayed and the stream
+/// The disk both halves of the kill test export: 48 MiB of deterministic data, in 1 MiB extents.
+/// With a `pause` (the child, to be killed mid-upload) each extent is delayed and the stream
 /// stalls for good after 30 MiB, so the child can never finish before the kill.
 fn kill_test_source(pause: Duration) -> virtrigaud_core::io::ImageSource {
     let size = 48u64 << 20;
