@@ -33,3 +33,23 @@ pub fn text(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// `len` pseudo-random bytes (xorshift64, one byte per step): incompressible, and the same for
+/// the same seed.
+///
+/// ```
+/// let n = virtrigaud_core::testdata::noise(3, 4096);
+/// assert_eq!(n, virtrigaud_core::testdata::noise(3, 4096));
+/// assert_ne!(n, virtrigaud_core::testdata::noise(4, 4096));
+/// ```
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -312,16 +312,7 @@ async fn decodes_compressed_images() {
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
-        let mut x = 0x1234_5678_9abc_def1u64;
-        let noise: Vec<u8> = (0..(1 << 20))
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        f.write_all_at(&noise, 6 << 20).unwrap();
+        f.write_all_at(&noise(0x1234, 1 << 20), 6 << 20).unwrap();
     }
     for (name, o) in [
         ("zlib-64k", "compat=1.1,cluster_size=64k"),
@@ -448,20 +439,7 @@ async fn encodes_images_qemu_accepts() {
     }
 }
 
-use virtrigaud_core::testdata::text;
-
-/// Pseudo-random bytes (incompressible).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use virtrigaud_core::testdata::{noise, text};
 
 /// A raw disk of `vsize` bytes with constant, text, random, zero (written) and
 /// long-distance-repeat regions, and data in its last, partial cluster.

@@ -11,15 +11,7 @@ use std::sync::Arc;
 use virtrigaud_core::{ErrorKind, PutOptions, StorageBackend, StorageExt};
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    virtrigaud_core::testdata::noise(seed, len)
 }
 
 async fn read_all(

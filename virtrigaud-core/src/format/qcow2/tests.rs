@@ -22,17 +22,7 @@ impl ReadAt for Mem {
     }
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use crate::testdata::noise as pattern;
 
 /// A disk with data at odd offsets, holes and a zero run; returns content and flat bytes.
 fn sample_disk(vsize: u64, with_map: bool) -> (DiskContent, Vec<u8>) {
