@@ -187,6 +187,7 @@ async fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     source
         .write_vm(
             &VmInfo {
+                annotation: None,
                 id: "demo".into(),
                 name: "demo".into(),
                 cpus: 1,

@@ -74,6 +74,7 @@ async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
     source
         .write_vm(
             &VmInfo {
+                annotation: None,
                 id: "demo".into(),
                 name: "demo".into(),
                 cpus: 2,
@@ -132,6 +133,7 @@ async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("manifest has no VM description")?;
     target
         .create_vm(&VmSpec {
+            annotation: None,
             name: "demo".into(),
             cpus: hw.cpus,
             memory_mib: hw.memory_mib,

@@ -34,6 +34,7 @@ async fn two_disk_vm(root: &Path) -> LocalProvider {
     };
     p.write_vm(
         &VmInfo {
+            annotation: None,
             id: "web01".into(),
             name: "web01".into(),
             cpus: 4,

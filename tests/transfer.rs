@@ -136,6 +136,7 @@ async fn provider_with_disk(root: &Path, size: u64, pieces: &[(u64, Vec<u8>)]) -
     write_sparse(&root.join("vm1/disk.raw"), size, pieces);
     p.write_vm(
         &VmInfo {
+            annotation: None,
             id: "vm1".into(),
             name: "vm1".into(),
             cpus: 2,

@@ -262,6 +262,7 @@ impl Provider for LocalProvider {
             });
         }
         let info = VmInfo {
+            annotation: None,
             id: spec.name.clone(),
             name: spec.name.clone(),
             cpus: spec.cpus,

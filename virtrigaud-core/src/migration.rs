@@ -464,6 +464,7 @@ impl<'a> Migration<'a> {
                     })
                     .collect(),
                 overwrite: false,
+                annotation: None,
             };
             state.target_vm = Some(self.target.create_vm(&spec).await?);
             self.save_state(&state).await?;

@@ -124,6 +124,21 @@ pub struct VmInfo {
     /// Network interfaces.
     #[serde(default)]
     pub nics: Vec<NicInfo>,
+    /// Free-text description or notes the provider keeps with the VM (libvirt
+    /// `<description>`, vSphere annotation, Proxmox description), when it has any. A migration
+    /// writes its marker here ([`VmSpec::annotation`]) so that it can recognise the VM as its
+    /// own after a crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotation: Option<String>,
+}
+
+impl VmInfo {
+    /// Whether the annotation holds `marker` (a line of its own, see [`VmSpec::annotation`]).
+    pub fn has_marker(&self, marker: &str) -> bool {
+        self.annotation
+            .as_deref()
+            .is_some_and(|a| a.lines().any(|l| l.trim() == marker))
+    }
 }
 
 /// A disk attached to a VM being created.
@@ -161,6 +176,11 @@ pub struct VmSpec {
     /// Replace a VM of the same name if one exists.
     #[serde(default)]
     pub overwrite: bool,
+    /// Description to store with the VM (libvirt `<description>`, vSphere annotation, Proxmox
+    /// description). A provider must store it so that [`Provider::describe_vm`] returns it in
+    /// [`VmInfo::annotation`]: the migration runner puts its marker line here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotation: Option<String>,
 }
 
 /// A power operation.
@@ -295,6 +315,33 @@ pub trait Provider: Send + Sync {
     async fn create_vm(&self, spec: &VmSpec) -> Result<VmInfo>;
     /// Deletes a VM (and its disks, where the provider owns them).
     async fn delete_vm(&self, vm: &str) -> Result<()>;
+
+    // --- the runner contract: find again, re-read and remove what a migration created ------
+
+    /// Where the committed disk that [`Provider::create_disk`] makes for `spec` lives, if it
+    /// exists (`None` when there is none). Name-based: the runner gives every disk it creates a
+    /// name unique to the migration and records it before the call, so a disk found here after a
+    /// crash is recognised as its own and replaced. Partial uploads left by a killed process
+    /// must not be reported as disks (they live under temporary names, see the provider's docs).
+    async fn find_disk(&self, spec: &DiskCreateSpec) -> Result<Option<String>> {
+        let _ = spec;
+        Err(not_implemented(self.kind(), "find_disk"))
+    }
+
+    /// Opens a disk this provider created, by the `vm` it was created for and its
+    /// [`CreatedDisk::location`], before any VM uses it: the runner re-reads every imported disk
+    /// and compares content digests before it creates the VM.
+    async fn open_created_disk(&self, vm: &str, location: &str) -> Result<OpenedDisk> {
+        let _ = (vm, location);
+        Err(not_implemented(self.kind(), "open_created_disk"))
+    }
+
+    /// Deletes a disk this provider created (by `vm` and [`CreatedDisk::location`]). A disk
+    /// that does not exist is not an error.
+    async fn delete_disk(&self, vm: &str, location: &str) -> Result<()> {
+        let _ = (vm, location);
+        Err(not_implemented(self.kind(), "delete_disk"))
+    }
 }
 
 /// The error every operation of a provider that is not implemented yet returns.

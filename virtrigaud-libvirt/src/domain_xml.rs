@@ -326,6 +326,7 @@ pub fn parse_domain(xml: &str, state: PowerState) -> Result<ParsedDomain> {
         }
     }
     let info = VmInfo {
+        annotation: None,
         id,
         name,
         cpus,
@@ -586,6 +587,7 @@ mod tests {
     #[test]
     fn generates_what_it_parses() {
         let spec = VmSpec {
+            annotation: None,
             name: "a'b".into(),
             cpus: 2,
             memory_mib: 512,

@@ -313,6 +313,7 @@ async fn round_trip_qcow2_and_sparse_raw() {
     assert_eq!(again.kind(), ErrorKind::AlreadyExists, "{again}");
 
     let spec = VmSpec {
+        annotation: None,
         name: dst_vm.clone(),
         cpus: 1,
         memory_mib: 64,
@@ -488,6 +489,7 @@ async fn clear_errors() {
 
     let pool = TestPool::new(&uri, "err");
     let spec = VmSpec {
+        annotation: None,
         name: unique("novol"),
         cpus: 1,
         memory_mib: 64,
@@ -751,6 +753,7 @@ async fn boot_proof_and_running_snapshot() {
     assert_eq!(imp.format, DiskFormat::Qcow2);
     let serial = scratch.path().join("serial.log");
     let spec = VmSpec {
+        annotation: None,
         name: vm.clone(),
         cpus: 1,
         memory_mib: 64,
@@ -1019,6 +1022,7 @@ async fn create_vm_uefi_nics_and_overwrite() {
     pool.refresh();
     let p = LibvirtProvider::new(&uri).with_domain_type("qemu");
     let mut spec = VmSpec {
+        annotation: None,
         name: unique("uefi"),
         cpus: 2,
         memory_mib: 256,
