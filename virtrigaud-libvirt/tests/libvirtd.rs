@@ -1089,11 +1089,13 @@ async fn migration_runner_moves_a_domain_between_pools() {
     let _g2 = guard(&uri, &dst_vm);
     let p = LibvirtProvider::new(&uri);
     let store_dir = tempfile::tempdir().unwrap();
-    let storage = FsBackend::new(store_dir.path());
     let mut plan = MigrationPlan::new(&src_vm, "migrations/one");
     plan.target_name = Some(dst_vm.clone());
     plan.placement = Some(pb.name.clone());
-    let report = Migration::new(&p, &p, &storage, plan.clone())
+    let pa_ = std::sync::Arc::new(LibvirtProvider::new(&uri));
+    let storage_: std::sync::Arc<dyn virtrigaud_core::StorageBackend> =
+        std::sync::Arc::new(FsBackend::new(store_dir.path()));
+    let report = Migration::new(pa_.clone(), pa_.clone(), storage_.clone(), plan.clone())
         .run()
         .await
         .unwrap();
@@ -1127,6 +1129,9 @@ async fn migration_runner_moves_a_domain_between_pools() {
         assert_eq!(a, b, "{} vs {}", s.id, t.id);
     }
     // Rerun: the checkpoint says everything is done.
-    let again = Migration::new(&p, &p, &storage, plan).run().await.unwrap();
+    let again = Migration::new(pa_.clone(), pa_, storage_, plan)
+        .run()
+        .await
+        .unwrap();
     assert_eq!((again.exported_now, again.imported_now), (0, 0));
 }
