@@ -784,3 +784,49 @@ async fn unsupported_preparation_is_reported_not_faked() {
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(!s.tmp.path().join("dst/web01-new").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_of_the_same_migration_is_refused_while_one_holds_the_lease() {
+    let s = Setup::new().await;
+    // A live holder on this host (our own parent process stands in for another process).
+    let holder = virtrigaud::migration::lease::LeaseRecord {
+        host: virtrigaud::migration::lease::host_name(),
+        pid: std::os::unix::process::parent_id(),
+        acquired: 1,
+        expires: u64::MAX / 2,
+    };
+    s.fs.put_bytes(
+        "migrations/web01/migration.lease",
+        bytes::Bytes::from(serde_json::to_vec(&holder).unwrap()),
+    )
+    .await
+    .unwrap();
+    let e = s.migration(plan()).run().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert!(
+        e.to_string().contains(&format!("process {}", holder.pid)),
+        "{e}"
+    );
+    assert!(
+        s.fs.stat("migrations/web01/migration.json").await.is_err(),
+        "nothing done"
+    );
+
+    // A holder that died (no such process on this host) is taken over.
+    let dead = virtrigaud::migration::lease::LeaseRecord {
+        pid: 0x7fff_fff0,
+        ..holder
+    };
+    s.fs.put_bytes(
+        "migrations/web01/migration.lease",
+        bytes::Bytes::from(serde_json::to_vec(&dead).unwrap()),
+    )
+    .await
+    .unwrap();
+    s.migration(plan()).run().await.unwrap();
+    s.assert_migrated("web01-new").await;
+    assert!(
+        s.fs.stat("migrations/web01/migration.lease").await.is_err(),
+        "released"
+    );
+}

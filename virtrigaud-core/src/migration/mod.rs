@@ -42,6 +42,7 @@
 //! ```
 
 mod events;
+pub mod lease;
 mod plan;
 pub mod state;
 
@@ -97,6 +98,7 @@ pub struct Migration {
     plan: MigrationPlan,
     pipeline: PipelineOptions,
     listeners: Vec<EventFn>,
+    lease_ttl: Duration,
 }
 
 impl std::fmt::Debug for Migration {
@@ -137,7 +139,31 @@ impl Migration {
             plan,
             pipeline: PipelineOptions::default(),
             listeners: Vec::new(),
+            lease_ttl: Duration::from_secs(60),
         }
+    }
+
+    /// How long the lease of a run stays valid without renewal (default 60 s; renewed every
+    /// third of it). A process that dies keeps others out for at most this long (on its own
+    /// host, not at all: a dead holder process is recognised).
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// Key of the lease.
+    pub fn lease_key(&self) -> String {
+        format!("{}/migration.lease", self.plan.prefix.trim_end_matches('/'))
+    }
+
+    async fn take_lease(&self) -> Result<lease::Lease> {
+        validate_prefix(&self.plan.prefix)?;
+        if self.plan.prefix.trim_matches('/').is_empty() {
+            return Err(Error::invalid(
+                "a migration needs a non-empty storage prefix",
+            ));
+        }
+        lease::Lease::acquire(self.storage.clone(), &self.lease_key(), self.lease_ttl).await
     }
 
     /// Sets pipeline tuning and cancellation for every disk transfer. Its progress callback,
@@ -210,8 +236,23 @@ impl Migration {
     pub async fn run(&self) -> Result<MigrationReport> {
         let span = info_span!("migration", vm = %self.plan.source_vm, prefix = %self.plan.prefix);
         async {
+            let held = match self.take_lease().await {
+                Ok(l) => l,
+                Err(e) => {
+                    self.emit(MigrationEvent::Failed {
+                        migration: String::new(),
+                        kind: e.kind(),
+                        message: e.to_string(),
+                        rolled_back: false,
+                    });
+                    return Err(e);
+                }
+            };
             let mut run: Option<Run<'_>> = None;
             let result = self.run_inner(&mut run).await;
+            if let Err(e) = held.release().await {
+                warn!(error = %e, "cannot release the migration lease");
+            }
             match result {
                 Ok(report) => {
                     self.emit(MigrationEvent::Finished {
@@ -251,6 +292,13 @@ impl Migration {
     /// marker, target disks), restores the source (power, snapshot), and records it. Staged
     /// objects are kept. A later run imports again.
     pub async fn rollback(&self) -> Result<()> {
+        let held = self.take_lease().await?;
+        let r = self.rollback_inner().await;
+        let _ = held.release().await;
+        r
+    }
+
+    async fn rollback_inner(&self) -> Result<()> {
         let state = self
             .load_state()
             .await?
