@@ -170,10 +170,10 @@ fn spawn_renewal(
         loop {
             tokio::time::sleep(Duration::from_secs((ttl_s / 3).max(1))).await;
             me.expires = now() + ttl_s;
-            if let Ok(b) = serde_json::to_vec(&me) {
-                if let Err(e) = storage.put_bytes(&key, Bytes::from(b)).await {
-                    tracing::warn!(key, error = %e, "cannot renew the migration lease");
-                }
+            if let Ok(b) = serde_json::to_vec(&me)
+                && let Err(e) = storage.put_bytes(&key, Bytes::from(b)).await
+            {
+                tracing::warn!(key, error = %e, "cannot renew the migration lease");
             }
         }
     }))
