@@ -5,6 +5,7 @@
 //! so that the library's users never compile clap, indicatif or toml.
 
 mod output;
+mod planfile;
 mod providers;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -139,6 +140,9 @@ enum Cmd {
         #[arg(default_value = "")]
         prefix: String,
     },
+    /// Plans of many VMs.
+    #[command(subcommand)]
+    Plan(PlanCmd),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     ///
     /// Example: virtrigaud completions bash > /etc/bash_completion.d/virtrigaud
@@ -148,7 +152,28 @@ enum Cmd {
     },
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Subcommand)]
+enum PlanCmd {
+    /// Run a plan: every VM its own resumable migration, a bounded number at once.
+    ///
+    /// Example: virtrigaud plan run plan.toml --jobs 4; in a Kubernetes Indexed Job:
+    /// virtrigaud plan run /plan/plan.toml (JOB_COMPLETION_INDEX selects the VM)
+    Run {
+        /// The plan file (TOML; see the README).
+        plan: PathBuf,
+        /// VMs at once (default: the plan's `jobs`, else 2).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// VMs at once per source provider (default: the plan's `per_source`, else jobs).
+        #[arg(long)]
+        per_source: Option<usize>,
+        /// Run only the plan's VM number N (from 0).
+        #[arg(long, env = "JOB_COMPLETION_INDEX")]
+        index: Option<usize>,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
 struct MigrateArgs {
     /// Source provider URL.
     #[arg(long)]
@@ -603,7 +628,136 @@ async fn run(cli: Cli) -> Result<()> {
             print_result(json, serde_json::json!({ "migrations": rows }), t);
             Ok(())
         }
-        Cmd::Migrate(a) => migrate(a, &secrets, json, &cancel, renderer).await,
+        Cmd::Migrate(a) => migrate(a, &secrets, json, &cancel, renderer, None).await,
+        Cmd::Plan(PlanCmd::Run {
+            plan,
+            jobs,
+            per_source,
+            index,
+        }) => {
+            run_plan(
+                &plan, jobs, per_source, index, &secrets, json, &cancel, renderer,
+            )
+            .await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_plan(
+    path: &std::path::Path,
+    jobs: Option<usize>,
+    per_source: Option<usize>,
+    index: Option<usize>,
+    secrets: &Secrets,
+    json: bool,
+    cancel: &CancellationToken,
+    renderer: Arc<Renderer>,
+) -> Result<()> {
+    use futures::StreamExt;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(e, format!("cannot read {}", path.display())))?;
+    let plan = planfile::PlanFile::parse(&text)?;
+    let mut all = plan.jobs()?;
+    if let Some(i) = index {
+        if i >= all.len() {
+            return Err(Error::invalid(format!(
+                "index {i} is past the plan's {} VMs",
+                all.len()
+            )));
+        }
+        all = vec![all.swap_remove(i)];
+    }
+    let jobs = jobs.or(plan.jobs).unwrap_or(2).max(1);
+    let per_source = per_source.or(plan.per_source).unwrap_or(jobs).max(1);
+    let mut limits: BTreeMap<String, Arc<tokio::sync::Semaphore>> = BTreeMap::new();
+    for j in &all {
+        limits
+            .entry(j.from.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(per_source)));
+    }
+    let map_args = |m: &BTreeMap<String, String>| -> Vec<String> {
+        m.iter().map(|(a, b)| format!("{a}={b}")).collect()
+    };
+    let prepare = plan.prepare.clone().unwrap_or_default();
+    let results: Vec<(String, Result<()>)> = futures::stream::iter(all)
+        .map(|j| {
+            let limit = limits.get(&j.from).cloned();
+            let args = MigrateArgs {
+                from: j.from.clone(),
+                to: j.to.clone(),
+                via: j.via.clone(),
+                vm: j.vm.name.clone(),
+                name: j.vm.target_name.clone(),
+                prefix: None,
+                network_map: map_args(&plan.network_map),
+                storage_map: map_args(&plan.storage_map),
+                nic_model_map: map_args(&plan.nic_model_map),
+                bus: None,
+                placement: j.vm.placement.clone().or(plan.placement.clone()),
+                disks: vec![],
+                snapshot: prepare == "snapshot",
+                shutdown: (prepare == "shutdown").then_some(plan.shutdown_timeout.unwrap_or(300)),
+                as_is: prepare == "as_is",
+                format: "qcow2".into(),
+                target_format: None,
+                start: plan.start,
+                rollback: false,
+                cleanup: false,
+                replace: false,
+                jobs: 2,
+                dry_run: false,
+            };
+            let renderer = renderer.clone();
+            async move {
+                let _permit = match &limit {
+                    Some(l) => l.clone().acquire_owned().await.ok(),
+                    None => None,
+                };
+                let name = j.vm.name.clone();
+                let r = migrate(args, secrets, json, cancel, renderer, Some(name.clone())).await;
+                (name, r)
+            }
+        })
+        .buffer_unordered(jobs)
+        .collect()
+        .await;
+    renderer.finish();
+    let failed: Vec<&(String, Result<()>)> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    let summary = results
+        .iter()
+        .map(|(vm, r)| match r {
+            Ok(()) => serde_json::json!({"vm": vm, "ok": true}),
+            Err(e) => serde_json::json!({"vm": vm, "ok": false, "kind": e.kind(), "message": e.to_string()}),
+        })
+        .collect::<Vec<_>>();
+    print_result(
+        json,
+        serde_json::json!({ "plan": path.display().to_string(), "vms": summary }),
+        format!(
+            "plan {}: {} VM(s) migrated, {} failed{}",
+            path.display(),
+            results.len() - failed.len(),
+            failed.len(),
+            failed
+                .iter()
+                .map(|(vm, r)| format!(
+                    "\n  {vm}: {}",
+                    r.as_ref().err().map(|e| e.to_string()).unwrap_or_default()
+                ))
+                .collect::<String>()
+        ),
+    );
+    match failed.first() {
+        Some((vm, Err(e))) => Err(Error::new(
+            e.kind(),
+            format!(
+                "{} of {} VM(s) failed; first: {vm}: {e}",
+                failed.len(),
+                results.len()
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -613,7 +767,9 @@ async fn migrate(
     json: bool,
     cancel: &CancellationToken,
     renderer: Arc<Renderer>,
+    label: Option<String>,
 ) -> Result<()> {
+    let plan_mode = label.is_some();
     let source = providers::open(&a.from, secrets)?;
     let target = providers::open(&a.to, secrets)?;
     let store = virtrigaud::storage::open(&a.via)?;
@@ -663,9 +819,11 @@ async fn migrate(
     let r = renderer.clone();
     let m = Migration::new(source, target, store, plan)
         .with_pipeline(pipeline(json, cancel))
-        .on_event(move |e| r.event(e));
+        .on_event(move |e| r.event(label.as_deref(), e));
     let result = m.run().await;
-    renderer.finish();
+    if !plan_mode {
+        renderer.finish();
+    }
     let report = result?;
     if !json {
         println!(

@@ -78,16 +78,22 @@ impl Renderer {
         )
     }
 
-    /// Shows a migration event.
-    pub fn event(&self, e: &MigrationEvent) {
+    /// Shows a migration event; `vm` labels it within a plan of many VMs.
+    pub fn event(&self, vm: Option<&str>, e: &MigrationEvent) {
         if self.json {
-            if let Ok(v) = serde_json::to_value(e) {
+            if let Ok(mut v) = serde_json::to_value(e) {
+                if let (Some(vm), Some(o)) = (vm, v.as_object_mut()) {
+                    o.insert("vm".into(), vm.into());
+                }
                 json_line(v);
             }
             return;
         }
         match e {
-            MigrationEvent::Progress { disk, progress, .. } => self.progress(disk, progress),
+            MigrationEvent::Progress { disk, progress, .. } => match vm {
+                Some(vm) => self.progress(&format!("{vm}/{disk}"), progress),
+                None => self.progress(disk, progress),
+            },
             MigrationEvent::Warning { disk, message, .. } => {
                 let line = format!("warning{}: {message}", disk_suffix(disk));
                 self.println(&line);

@@ -291,6 +291,7 @@ fn a_migration_killed_with_sigkill_resumes_to_equal_digests() {
     }
 }
 
+#[cfg(feature = "libvirt")]
 fn libvirt_uri() -> Option<String> {
     match std::env::var("VIRTRIGAUD_LIBVIRT_URI") {
         Ok(v) if !v.is_empty() => Some(v),
@@ -304,6 +305,7 @@ fn libvirt_uri() -> Option<String> {
     }
 }
 
+#[cfg(feature = "libvirt")]
 fn virsh(uri: &str, args: &[&str]) -> String {
     let o = Command::new("virsh")
         .arg("-c")
@@ -442,4 +444,92 @@ fn local_to_libvirt_and_back() {
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
     }
+}
+
+/// A plan of three VMs, the way a Kubernetes Indexed Job runs it: one process per index, all
+/// at once, over one store; then the same index twice at once (one runs, the other is refused
+/// naming the holder, or finds it done); then the whole plan again finds everything done.
+#[test]
+fn a_plan_runs_by_index_in_parallel_processes_and_resumes_as_a_whole() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    local_vm(&src, 2);
+    for vm in ["web02", "web03"] {
+        std::fs::create_dir_all(src.join(vm)).unwrap();
+        for f in ["root.raw", "data.raw"] {
+            std::fs::copy(src.join("web01").join(f), src.join(vm).join(f)).unwrap();
+        }
+        let j = std::fs::read_to_string(src.join("web01/vm.json"))
+            .unwrap()
+            .replace("web01", vm);
+        std::fs::write(src.join(vm).join("vm.json"), j).unwrap();
+    }
+    let plan = t.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        format!(
+            "from = \"local://{}\"\nto = \"local://{}\"\nvia = \"file://{}\"\njobs = 2\n\
+             [[vm]]\nname = \"web01\"\n[[vm]]\nname = \"web02\"\n[[vm]]\nname = \"web03\"\n\
+             target_name = \"web03-new\"\n",
+            src.display(),
+            t.path().join("dst").display(),
+            t.path().join("store").display()
+        ),
+    )
+    .unwrap();
+    let p = plan.to_str().unwrap();
+    let children: Vec<_> = (0..3)
+        .map(|i| {
+            bin()
+                .args(["--json", "plan", "run", p])
+                .env("JOB_COMPLETION_INDEX", i.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for vm in ["web01", "web02", "web03-new"] {
+        assert!(
+            t.path().join("dst").join(vm).join("vm.json").is_file(),
+            "{vm} migrated"
+        );
+    }
+    // The same index twice at once.
+    let twins: Vec<_> = (0..2)
+        .map(|_| {
+            bin()
+                .args(["plan", "run", p, "--index", "1"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in twins {
+        let o = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() || (o.status.code() == Some(5) && err.contains("process")),
+            "{err}"
+        );
+    }
+    // The whole plan again: every VM already done.
+    let out = ok(&["--json", "plan", "run", p]);
+    let ev = json_lines(&out);
+    let finished: Vec<_> = ev.iter().filter(|e| e["event"] == "finished").collect();
+    assert_eq!(finished.len(), 3);
+    assert!(
+        finished
+            .iter()
+            .all(|f| f["report"]["exported_now"] == 0 && f["vm"].is_string())
+    );
+    assert_eq!(
+        run(&["plan", "run", p, "--index", "7"]).status.code(),
+        Some(3)
+    );
 }
