@@ -111,8 +111,7 @@ impl PlanFile {
     pub fn jobs(&self) -> virtrigaud::Result<Vec<Job>> {
         self.vms
             .iter()
-            .enumerate()
-            .map(|(_, vm)| {
+            .map(|vm| {
                 let pick = |own: &Option<String>, def: &Option<String>, what: &str| {
                     own.clone().or_else(|| def.clone()).ok_or_else(|| {
                         virtrigaud::Error::invalid(format!(
