@@ -220,8 +220,48 @@ fn seek_data_ranges(file: &std::fs::File, size: u64) -> Option<Vec<Range<u64>>> 
     Some(ranges)
 }
 
+/// Permission bits of the files virtrigaud creates: read and write for the owner only. Disk
+/// images hold whole file systems (keys, password hashes, databases), so nothing is
+/// world-readable unless asked for.
+pub const DEFAULT_FILE_MODE: u32 = 0o600;
+
+/// How a [`LocalFileSink`] creates its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileCreateOptions {
+    /// Replace an existing file (default: refuse with `AlreadyExists`).
+    pub overwrite: bool,
+    /// Permission bits of the new file (default [`DEFAULT_FILE_MODE`], 0600), given to the
+    /// temporary file at creation, so the data is never readable by others, not even while
+    /// it is written. The process umask is not applied: the file gets exactly these bits.
+    pub mode: u32,
+}
+
+impl Default for FileCreateOptions {
+    fn default() -> Self {
+        FileCreateOptions {
+            overwrite: false,
+            mode: DEFAULT_FILE_MODE,
+        }
+    }
+}
+
+impl FileCreateOptions {
+    /// Sets [`overwrite`](Self::overwrite).
+    pub fn overwrite(mut self, overwrite: bool) -> Self {
+        self.overwrite = overwrite;
+        self
+    }
+    /// Sets [`mode`](Self::mode) (permission bits, e.g. `0o640`).
+    pub fn mode(mut self, mode: u32) -> Self {
+        self.mode = mode;
+        self
+    }
+}
+
 /// A sink that writes a local file under a temporary name, then fsyncs and renames it on
-/// commit. Zero runs become holes. The temp file is removed on abort or drop.
+/// commit. Zero runs become holes. The temp file is removed on abort or drop. The file is
+/// created with mode 0600 unless asked otherwise ([`FileCreateOptions::mode`]).
 #[derive(Debug)]
 pub struct LocalFileSink {
     file: Option<Arc<std::fs::File>>,
@@ -345,9 +385,19 @@ fn start_writeback(file: &std::fs::File, pos: u64, len: u64) {
 }
 
 impl LocalFileSink {
-    /// Creates the temp file next to `dest`. Fails with `AlreadyExists` if `dest` exists and
-    /// `overwrite` is false (checked again at commit, atomically).
+    /// Creates the temp file next to `dest`, mode 0600. Fails with `AlreadyExists` if `dest`
+    /// exists and `overwrite` is false (checked again at commit, atomically).
     pub async fn create(dest: impl AsRef<Path>, overwrite: bool) -> Result<LocalFileSink> {
+        Self::create_with(dest, &FileCreateOptions::default().overwrite(overwrite)).await
+    }
+
+    /// Creates the temp file next to `dest`, as `opts` say (see [`LocalFileSink::create`]).
+    pub async fn create_with(
+        dest: impl AsRef<Path>,
+        opts: &FileCreateOptions,
+    ) -> Result<LocalFileSink> {
+        let overwrite = opts.overwrite;
+        let mode = opts.mode & 0o7777;
         let dest = dest.as_ref().to_path_buf();
         let target = dest.display().to_string();
         let d = dest.clone();
@@ -365,10 +415,18 @@ impl LocalFileSink {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let tmp = dir.join(format!(".{name}.{}.vrg-tmp", unique_suffix()));
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)?;
+            let f = {
+                use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode & 0o600)
+                    .open(&tmp)?;
+                // Created with at most owner read/write (never more open than asked, whatever
+                // the umask); then exactly the bits asked for, umask or not.
+                f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+                f
+            };
             // Not on tmpfs: it is the page cache itself, direct writes only add work there
             // (measured: slower and erratic).
             let direct =
@@ -852,6 +910,31 @@ mod tests {
                 .kind(),
             ErrorKind::Corrupt
         );
+    }
+
+    #[tokio::test]
+    async fn file_sink_creates_owner_only_files_unless_asked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        for (name, opts, want) in [
+            ("default", FileCreateOptions::default(), 0o600),
+            ("group", FileCreateOptions::default().mode(0o640), 0o640),
+            ("world", FileCreateOptions::default().mode(0o644), 0o644),
+        ] {
+            let dest = dir.path().join(name);
+            let mut s = Box::new(LocalFileSink::create_with(&dest, &opts).await.unwrap());
+            // Already while it is written, under its temporary name.
+            let tmp = s.tmp.clone();
+            assert_eq!(mode(&tmp), want, "{name} (temp)");
+            s.write(Bytes::from_static(b"abc")).await.unwrap();
+            s.commit().await.unwrap();
+            assert_eq!(mode(&dest), want, "{name}");
+        }
+        let dest = dir.path().join("plain");
+        let s = Box::new(LocalFileSink::create(&dest, false).await.unwrap());
+        s.commit().await.unwrap();
+        assert_eq!(mode(&dest), 0o600);
     }
 
     #[tokio::test]

@@ -3,13 +3,14 @@
 //! Puts write to a temporary name beside the target, fsync, then rename (atomic visibility);
 //! an aborted or dropped put removes its temporary file. Keys are checked
 //! ([`validate_key`](virtrigaud_core::storage::validate_key)) and resolved paths must stay
-//! inside the root, symlinks included.
+//! inside the root, symlinks included. Files are created with mode 0600 (owner only: a disk
+//! image holds a whole file system); [`FsBackend::with_file_mode`] changes that.
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use virtrigaud_core::io::{ByteSink, ByteStream, LocalFileSink};
+use virtrigaud_core::io::{ByteSink, ByteStream, FileCreateOptions, LocalFileSink};
 use virtrigaud_core::storage::{validate_key, validate_prefix};
 use virtrigaud_core::{
     Error, ErrorKind, ObjectMeta, PutOptions, Result, StorageBackend, StorageCapabilities,
@@ -24,12 +25,23 @@ const READ_CHUNK: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct FsBackend {
     root: PathBuf,
+    file: FileCreateOptions,
 }
 
 impl FsBackend {
     /// A backend rooted at `root` (created on first put).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        FsBackend { root: root.into() }
+        FsBackend {
+            root: root.into(),
+            file: FileCreateOptions::default(),
+        }
+    }
+
+    /// Sets the permission bits of the files a put creates (default
+    /// [`DEFAULT_FILE_MODE`](virtrigaud_core::io::DEFAULT_FILE_MODE), 0600).
+    pub fn with_file_mode(mut self, mode: u32) -> Self {
+        self.file = self.file.mode(mode);
+        self
     }
 
     /// The root directory.
@@ -103,7 +115,7 @@ impl StorageBackend for FsBackend {
     async fn put(&self, key: &str, opts: &PutOptions) -> Result<Box<dyn ByteSink>> {
         let path = self.path(key)?;
         self.check_inside(&path).await?;
-        let sink = LocalFileSink::create(&path, opts.overwrite)
+        let sink = LocalFileSink::create_with(&path, &self.file.clone().overwrite(opts.overwrite))
             .await
             .map_err(|e| e.with_operation("put").with_target(key.to_string()))?;
         Ok(Box::new(sink))
@@ -285,6 +297,24 @@ mod tests {
             ErrorKind::InvalidInput
         );
         assert!(!outside.join("new").exists());
+    }
+
+    #[tokio::test]
+    async fn objects_are_owner_only_unless_configured() {
+        use std::os::unix::fs::PermissionsExt;
+        use virtrigaud_core::StorageExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let b = FsBackend::new(dir.path().join("a"));
+        b.put_bytes("vm/disk.raw", bytes::Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert_eq!(mode(&dir.path().join("a/vm/disk.raw")), 0o600);
+        let b = FsBackend::new(dir.path().join("b")).with_file_mode(0o640);
+        b.put_bytes("vm/disk.raw", bytes::Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert_eq!(mode(&dir.path().join("b/vm/disk.raw")), 0o640);
     }
 
     #[tokio::test]
