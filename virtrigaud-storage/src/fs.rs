@@ -175,6 +175,7 @@ impl StorageBackend for FsBackend {
 
     async fn stat(&self, key: &str) -> Result<ObjectMeta> {
         let path = self.path(key)?;
+        self.check_inside(&path).await?;
         match tokio::fs::metadata(&path).await {
             Ok(m) if m.is_file() => Ok(ObjectMeta {
                 key: key.to_string(),
@@ -286,6 +287,20 @@ mod tests {
         let b = FsBackend::new(&root);
         assert_eq!(
             b.get("link/secret", None).await.err().unwrap().kind(),
+            ErrorKind::InvalidInput
+        );
+        // stat refuses it like get, put and delete do, for a linked directory or file.
+        assert_eq!(
+            b.stat("link/secret").await.unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+        std::os::unix::fs::symlink(outside.join("secret"), root.join("file-link")).unwrap();
+        assert_eq!(
+            b.stat("file-link").await.unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            b.delete("file-link").await.unwrap_err().kind(),
             ErrorKind::InvalidInput
         );
         assert_eq!(
