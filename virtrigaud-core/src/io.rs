@@ -235,6 +235,11 @@ pub struct FileCreateOptions {
     /// temporary file at creation, so the data is never readable by others, not even while
     /// it is written. The process umask is not applied: the file gets exactly these bits.
     pub mode: u32,
+    /// Before creating its temporary file, remove the temporary files that interrupted puts
+    /// left in the same directory and that were not modified for this long (default
+    /// [`DEFAULT_TEMP_MAX_AGE`](crate::temp::DEFAULT_TEMP_MAX_AGE), 24 h; `None`: never). See
+    /// [`temp`](crate::temp) for what is removed.
+    pub sweep_temp_after: Option<std::time::Duration>,
 }
 
 impl Default for FileCreateOptions {
@@ -242,6 +247,7 @@ impl Default for FileCreateOptions {
         FileCreateOptions {
             overwrite: false,
             mode: DEFAULT_FILE_MODE,
+            sweep_temp_after: Some(crate::temp::DEFAULT_TEMP_MAX_AGE),
         }
     }
 }
@@ -257,11 +263,18 @@ impl FileCreateOptions {
         self.mode = mode;
         self
     }
+    /// Sets [`sweep_temp_after`](Self::sweep_temp_after).
+    pub fn sweep_temp_after(mut self, max_age: Option<std::time::Duration>) -> Self {
+        self.sweep_temp_after = max_age;
+        self
+    }
 }
 
 /// A sink that writes a local file under a temporary name, then fsyncs and renames it on
-/// commit. Zero runs become holes. The temp file is removed on abort or drop. The file is
-/// created with mode 0600 unless asked otherwise ([`FileCreateOptions::mode`]).
+/// commit. Zero runs become holes. The temp file is removed on abort or drop; those a killed
+/// process left are removed by the sweep of the next sink created in the same directory
+/// ([`FileCreateOptions::sweep_temp_after`]). The file is created with mode 0600 unless asked
+/// otherwise ([`FileCreateOptions::mode`]).
 #[derive(Debug)]
 pub struct LocalFileSink {
     file: Option<Arc<std::fs::File>>,
@@ -398,6 +411,7 @@ impl LocalFileSink {
     ) -> Result<LocalFileSink> {
         let overwrite = opts.overwrite;
         let mode = opts.mode & 0o7777;
+        let sweep = opts.sweep_temp_after;
         let dest = dest.as_ref().to_path_buf();
         let target = dest.display().to_string();
         let d = dest.clone();
@@ -410,11 +424,14 @@ impl LocalFileSink {
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
             std::fs::create_dir_all(dir)?;
+            if let Some(max_age) = sweep {
+                crate::temp::sweep_dir(dir, max_age);
+            }
             let name = d
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let tmp = dir.join(format!(".{name}.{}.vrg-tmp", unique_suffix()));
+            let tmp = dir.join(crate::temp::temp_name(&name));
             let f = {
                 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
                 let f = std::fs::OpenOptions::new()
@@ -522,21 +539,7 @@ impl LocalFileSink {
     }
 }
 
-/// A process-unique suffix for temporary names.
-pub fn unique_suffix() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    format!(
-        "{}-{:x}-{}",
-        std::process::id(),
-        t,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
+pub use crate::temp::unique_suffix;
 
 #[async_trait]
 impl ByteSink for LocalFileSink {

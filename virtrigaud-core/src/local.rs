@@ -10,7 +10,8 @@
 //!
 //! Offline images have no power state and no snapshots: those operations return `Unsupported`.
 //! New disks are written under a temporary name and renamed on commit; nothing is overwritten
-//! unless asked. Files are created with mode 0600 (owner only: a disk image holds a whole file
+//! unless asked; temporary files a killed process left are removed by a later write to the
+//! same directory once they are a day old (see [`temp`](crate::temp)). Files are created with mode 0600 (owner only: a disk image holds a whole file
 //! system); [`LocalProvider::with_file_mode`] changes that.
 
 use crate::format::{self, DiskFormat};
@@ -60,6 +61,14 @@ impl LocalProvider {
     /// (default [`DEFAULT_FILE_MODE`](crate::io::DEFAULT_FILE_MODE), 0600).
     pub fn with_file_mode(mut self, mode: u32) -> Self {
         self.file = self.file.mode(mode);
+        self
+    }
+
+    /// Sets the age after which temporary files that interrupted writes left in a VM's
+    /// directory are removed, by the next write to that directory (default 24 h; `None`:
+    /// never; see [`temp`](crate::temp)).
+    pub fn with_temp_max_age(mut self, max_age: Option<std::time::Duration>) -> Self {
+        self.file = self.file.sweep_temp_after(max_age);
         self
     }
 

@@ -1,7 +1,9 @@
 //! The filesystem backend: a local directory or an NFS/SMB-mounted path.
 //!
 //! Puts write to a temporary name beside the target, fsync, then rename (atomic visibility);
-//! an aborted or dropped put removes its temporary file. Keys are checked
+//! an aborted or dropped put removes its temporary file, and a put removes the temporary files
+//! a killed process left in its directory once they are a day old (the sweep of
+//! [`virtrigaud_core::temp`]; [`FsBackend::with_temp_max_age`]). Keys are checked
 //! ([`validate_key`](virtrigaud_core::storage::validate_key)) and resolved paths must stay
 //! inside the root, symlinks included. Files are created with mode 0600 (owner only: a disk
 //! image holds a whole file system); [`FsBackend::with_file_mode`] changes that.
@@ -12,12 +14,11 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use virtrigaud_core::io::{ByteSink, ByteStream, FileCreateOptions, LocalFileSink};
 use virtrigaud_core::storage::{validate_key, validate_prefix};
+use virtrigaud_core::temp::is_temp_name;
 use virtrigaud_core::{
     Error, ErrorKind, ObjectMeta, PutOptions, Result, StorageBackend, StorageCapabilities,
 };
 
-/// Suffix of temporary files (never listed).
-const TMP_SUFFIX: &str = ".vrg-tmp";
 /// Read size of GET streams.
 const READ_CHUNK: usize = 1 << 20;
 
@@ -41,6 +42,13 @@ impl FsBackend {
     /// [`DEFAULT_FILE_MODE`](virtrigaud_core::io::DEFAULT_FILE_MODE), 0600).
     pub fn with_file_mode(mut self, mode: u32) -> Self {
         self.file = self.file.mode(mode);
+        self
+    }
+
+    /// Sets the age after which a put removes the temporary files that interrupted puts left
+    /// in its directory (default 24 h; `None`: never; see [`virtrigaud_core::temp`]).
+    pub fn with_temp_max_age(mut self, max_age: Option<std::time::Duration>) -> Self {
+        self.file = self.file.sweep_temp_after(max_age);
         self
     }
 
@@ -227,7 +235,7 @@ impl StorageBackend for FsBackend {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if ft.is_dir() {
                     stack.push(path);
-                } else if ft.is_file() && !(name.starts_with('.') && name.ends_with(TMP_SUFFIX)) {
+                } else if ft.is_file() && !is_temp_name(&name) {
                     let Some(key) = self.key_of(&path) else {
                         continue;
                     };
@@ -264,7 +272,7 @@ mod tests {
             for e in std::fs::read_dir(d).unwrap() {
                 let e = e.unwrap();
                 assert!(
-                    !e.file_name().to_string_lossy().ends_with(TMP_SUFFIX),
+                    !is_temp_name(&e.file_name().to_string_lossy()),
                     "{:?}",
                     e.path()
                 );
@@ -330,6 +338,62 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(mode(&dir.path().join("b/vm/disk.raw")), 0o640);
+    }
+
+    /// A killed process leaves its temporary file behind; the next put into that directory
+    /// removes it once it is old, and touches nothing else.
+    #[tokio::test]
+    async fn a_put_sweeps_old_temp_files_of_its_directory_only() {
+        use virtrigaud_core::StorageExt;
+        use virtrigaud_core::temp::temp_name;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let vm = root.join("vm");
+        let other = root.join("other");
+        std::fs::create_dir_all(&vm).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        let old = vm.join(temp_name("disk.raw"));
+        let young = vm.join(temp_name("disk.raw"));
+        let foreign = vm.join(".mine.vrg-tmp");
+        let elsewhere = other.join(temp_name("disk.raw"));
+        for f in [&old, &young, &foreign, &elsewhere] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(25 * 3600);
+        for f in [&old, &foreign, &elsewhere] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(past)
+                .unwrap();
+        }
+        // Sweep turned off: nothing is removed.
+        let off = FsBackend::new(&root).with_temp_max_age(None);
+        off.put_bytes("vm/a.raw", bytes::Bytes::from_static(b"a"))
+            .await
+            .unwrap();
+        assert!(old.exists());
+        let b = FsBackend::new(&root);
+        b.put_bytes("vm/b.raw", bytes::Bytes::from_static(b"b"))
+            .await
+            .unwrap();
+        assert!(!old.exists(), "the old temp file of a killed put is swept");
+        assert!(young.exists(), "a young one may be a put in progress");
+        assert!(foreign.exists(), "not our name shape: never removed");
+        assert!(
+            elsewhere.exists(),
+            "another directory is swept by its own puts"
+        );
+        // A shorter bound is honoured.
+        let quick = FsBackend::new(&root).with_temp_max_age(Some(std::time::Duration::ZERO));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        quick
+            .put_bytes("vm/c.raw", bytes::Bytes::from_static(b"c"))
+            .await
+            .unwrap();
+        assert!(!young.exists());
+        assert!(foreign.exists());
     }
 
     #[tokio::test]

@@ -643,3 +643,61 @@ async fn created_files_are_owner_only_unless_configured() {
     b.delete(&key).await.unwrap();
     b.delete(&key640).await.unwrap();
 }
+
+/// Sets a local file's modification time `age` in the past.
+fn age_file(path: &std::path::Path, age: Duration) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - age)
+        .unwrap();
+}
+
+/// A process killed mid-put leaves its temporary file on the server; the next put into that
+/// directory removes it once it is old (a day by default), and nothing else: not a young one
+/// (a put in progress), not a file of another shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_sweeps_old_temp_files_of_its_directory() {
+    let Some((url, export_dir)) = peer() else {
+        return;
+    };
+    let Some(d) = export_dir else {
+        return skip("VIRTRIGAUD_NFS_EXPORT_DIR not set: leftover temp files cannot be planted");
+    };
+    let prefix = unique("sweep");
+    // Planted on the exported directory, as a killed process would have left them.
+    let dir = d.join(&prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    let old = dir.join(".disk.raw.4242-18c3f00-7.vrg-tmp");
+    let young = dir.join(".disk.raw.4242-18c3f00-8.vrg-tmp");
+    let foreign = dir.join(".notes.vrg-tmp");
+    for f in [&old, &young, &foreign] {
+        std::fs::write(f, b"partial").unwrap();
+    }
+    let day = Duration::from_secs(25 * 3600);
+    age_file(&old, day);
+    age_file(&foreign, day);
+    let b = NfsBackend::new(config(&url)).unwrap();
+    b.put_bytes(&format!("{prefix}/disk.raw"), Bytes::from_static(b"new"))
+        .await
+        .unwrap();
+    assert!(!old.exists(), "{:?}", local_names(&dir));
+    assert!(
+        young.exists() && foreign.exists(),
+        "{:?}",
+        local_names(&dir)
+    );
+    // Turned off: nothing more is removed, however old.
+    age_file(&young, day);
+    let off = NfsBackend::new(config(&url).with_temp_max_age(None)).unwrap();
+    off.put_bytes(&format!("{prefix}/other.raw"), Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    assert!(young.exists(), "{:?}", local_names(&dir));
+    for f in [&young, &foreign] {
+        std::fs::remove_file(f).unwrap();
+    }
+    b.delete(&format!("{prefix}/disk.raw")).await.unwrap();
+    b.delete(&format!("{prefix}/other.raw")).await.unwrap();
+}

@@ -83,6 +83,10 @@ pub struct NfsConfig {
     /// whole file system). Sent in CREATE, so the file never has more open bits, not even while
     /// it is written; the server may still apply its own policy (anonymous squashing, ACLs).
     pub file_mode: u32,
+    /// A put first removes the temporary files that interrupted puts left in its directory and
+    /// that were not modified for this long (default 24 h; `None`: never). See
+    /// [`virtrigaud_core::temp`] for what is removed.
+    pub temp_max_age: Option<Duration>,
 }
 
 impl NfsConfig {
@@ -107,7 +111,14 @@ impl NfsConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
             file_mode: virtrigaud_core::io::DEFAULT_FILE_MODE,
+            temp_max_age: Some(virtrigaud_core::temp::DEFAULT_TEMP_MAX_AGE),
         }
+    }
+
+    /// Sets [`NfsConfig::temp_max_age`].
+    pub fn with_temp_max_age(mut self, max_age: Option<Duration>) -> Self {
+        self.temp_max_age = max_age;
+        self
     }
 
     /// Sets the permission bits of the files a put creates ([`NfsConfig::file_mode`]).
