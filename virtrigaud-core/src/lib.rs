@@ -21,6 +21,7 @@ pub mod progress;
 pub mod provider;
 pub mod secret;
 pub mod storage;
+pub mod temp;
 pub mod testdata;
 pub mod transfer;
 
