@@ -561,8 +561,9 @@ async fn crash_after_an_export_before_its_record_adopts_the_export() {
             )
         })
         .count();
-    assert_eq!(adopted, 1, "{ev:?}");
-    assert!(r.exported_now <= 1, "{r:?}");
+    // The other disk, exported concurrently, may have completed too before the "process died".
+    assert!(adopted >= 1, "{ev:?}");
+    assert_eq!(adopted + r.exported_now, 2, "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

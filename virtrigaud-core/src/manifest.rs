@@ -71,6 +71,10 @@ pub struct Manifest {
     /// [`stored_virtual_size`](crate::format::stored_virtual_size)). A raw object keeps the
     /// exact size. An import creates a disk of this size.
     pub virtual_size: u64,
+    /// The source's size before it was padded with zeros to whole 512-byte sectors (see
+    /// `virtual_size`); absent when no padding was needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub padded_from: Option<u64>,
     /// Size of the stored object.
     pub stored_size: u64,
     /// Guest data bytes that are not zero (after zero detection).
@@ -136,6 +140,14 @@ impl Manifest {
             )));
         }
         let bad = |why: String| Err(Error::corrupt(format!("invalid manifest: {why}")));
+        if let Some(p) = self.padded_from
+            && (p >= self.virtual_size || self.virtual_size - p >= 512)
+        {
+            return bad(format!(
+                "padded_from {p} is not within the last sector of virtual size {}",
+                self.virtual_size
+            ));
+        }
         if self.object_digest.algorithm != OBJECT_ALGORITHM
             || !is_hex(&self.object_digest.value, 64)
         {
@@ -213,6 +225,7 @@ mod tests {
 
     pub(crate) fn sample() -> Manifest {
         Manifest {
+            padded_from: None,
             schema_version: SCHEMA_VERSION,
             format: DiskFormat::Raw,
             virtual_size: 10,

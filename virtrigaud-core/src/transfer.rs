@@ -211,6 +211,7 @@ pub async fn export_image(
         virtual_size: report.virtual_size,
         stored_size: report.stored_size,
         allocated_bytes: report.allocated_bytes,
+        padded_from: report.padded_from,
         object_digest: DigestValue {
             algorithm: OBJECT_ALGORITHM.into(),
             value: object_sha,
