@@ -561,6 +561,24 @@ impl VsphereProvider {
             .unwrap_or_default();
         if let Some(vmx) = o.text("config.files.vmPathName") {
             names.push(vmx.to_string());
+            // The VM's companion files next to its .vmx (layoutEx does not always list them
+            // with their directory).
+            if let Ok(p) = DsPath::parse(vmx)
+                && let Some(stem) = p
+                    .path
+                    .rsplit('/')
+                    .next()
+                    .and_then(|n| n.strip_suffix(".vmx"))
+            {
+                for f in [
+                    format!("{stem}.nvram"),
+                    format!("{stem}.vmsd"),
+                    format!("{stem}.vmxf"),
+                    "vmware.log".to_string(),
+                ] {
+                    names.push(p.sibling(&f).display());
+                }
+            }
         }
         self.client.call("UnregisterVM", &r.this()).await?;
         let kept_flats: Vec<String> = keep

@@ -43,7 +43,7 @@ pub fn guest_id(os: Option<&str>) -> String {
             .collect();
         digits.parse().ok()
     };
-    let id = if s.contains("ubuntu") {
+    if s.contains("ubuntu") {
         "ubuntu64Guest".to_string()
     } else if s.contains("debian") {
         match ver("debian") {
@@ -102,8 +102,7 @@ pub fn guest_id(os: Option<&str>) -> String {
         "solaris11_64Guest".into()
     } else {
         "otherGuest64".into()
-    };
-    id
+    }
 }
 
 /// A disk to attach.
