@@ -57,8 +57,8 @@ pub enum ImportMode {
     /// verification.
     #[default]
     DatastoreFlat,
-    /// A streamOptimized VMDK through an `ImportVApp` lease (not implemented yet: answers
-    /// `Unsupported`).
+    /// A streamOptimized VMDK encoded on the fly and POSTed through an `ImportVApp` lease
+    /// (see [`crate::nfc`]): ESXi writes a native VMFS disk.
     NfcStreamOptimized,
 }
 
@@ -101,6 +101,9 @@ pub struct VsphereConfig {
     pub read_size: usize,
     /// Longest wait for one task.
     pub task_timeout: Duration,
+    /// Interval of `HttpNfcLeaseProgress` calls while an NFC transfer runs (the lease times
+    /// out after 5 minutes without one).
+    pub lease_progress_interval: Duration,
     /// Longest interval between two polls of a task (polls start at 100 ms and double).
     pub task_poll_max: Duration,
     /// Connect timeout.
@@ -150,6 +153,7 @@ impl VsphereConfig {
             folder_concurrency: 4,
             read_size: 4 << 20,
             task_timeout: Duration::from_secs(3600),
+            lease_progress_interval: Duration::from_secs(30),
             task_poll_max: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(300),

@@ -763,3 +763,133 @@ async fn killed_simulator_mid_upload() {
     let err = p.list_vms().await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Network, "{err}");
 }
+
+/// The NFC import path: an `ImportVApp` lease, the disk POSTed as streamOptimized VMDK, the
+/// lease completed and the placeholder VM released. The simulator discards what it receives;
+/// our simulator keeps a copy in `VIRTRIGAUD_VSPHERE_NFC_DIR`, compared here with the source by
+/// `qemu-img compare` (an independent VMDK reader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nfc_import_lease() {
+    let Some(e) = env() else { return };
+    let Some(nfc_dir) = var("VIRTRIGAUD_VSPHERE_NFC_DIR") else {
+        if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
+            panic!("VIRTRIGAUD_VSPHERE_NFC_DIR is not set but VIRTRIGAUD_IT=1");
+        }
+        eprintln!("SKIP: VIRTRIGAUD_VSPHERE_NFC_DIR is not set");
+        return;
+    };
+    let mut c = config(&e);
+    c.import_mode = virtrigaud_vsphere::ImportMode::NfcStreamOptimized;
+    c.lease_progress_interval = Duration::from_millis(50);
+    let p = VsphereProvider::new(c).unwrap();
+    let vm = unique("nfc");
+    let _cl = Cleanup {
+        env: e.clone(),
+        vm: vm.clone(),
+        disks: vec![format!("[LocalDS_0] {vm}/boot.vmdk")],
+    };
+    // A raw source with data and holes, stored with its manifest, then imported.
+    let scratch = tempfile::tempdir().unwrap();
+    let raw = scratch.path().join("src.raw");
+    std::fs::write(&raw, sample(7, 16 * MIB)).unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let storage = FsBackend::new(store.path());
+    let src = virtrigaud_core::io::LocalFile::open(&raw).await.unwrap();
+    virtrigaud_core::transfer::export_image(
+        virtrigaud_core::ImageSource::RandomAccess(std::sync::Arc::new(src)),
+        Some(DiskFormat::Raw),
+        &storage,
+        "src.qcow2",
+        None,
+        None,
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    let imp = import_disk(
+        &storage,
+        "src.qcow2",
+        &p,
+        &vm,
+        "boot",
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        imp.format,
+        DiskFormat::Vmdk(virtrigaud_core::format::VmdkSubformat::StreamOptimized)
+    );
+    assert_eq!(imp.location, format!("[LocalDS_0] {vm}/boot.vmdk"));
+    // The placeholder VM is gone, the disk stays.
+    let ph = virtrigaud_vsphere::nfc::placeholder_name(&vm, "boot.vmdk");
+    let err = p.describe_vm(&ph).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(
+        p.find_disk(&DiskCreateSpec {
+            vm: vm.clone(),
+            name: "boot".into(),
+            capacity: 16 * MIB,
+            format: None,
+            placement: None,
+            overwrite: false,
+        })
+        .await
+        .unwrap()
+        .is_some()
+    );
+    // What went over the wire is the source, as an independent reader sees it.
+    let kept: Vec<_> = std::fs::read_dir(&nfc_dir)
+        .unwrap()
+        .map(|d| d.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("-boot.vmdk"))
+        .filter(|p| {
+            std::fs::metadata(p).unwrap().modified().unwrap()
+                > std::time::SystemTime::now() - Duration::from_secs(120)
+        })
+        .collect();
+    assert!(!kept.is_empty(), "no NFC upload kept in {nfc_dir}");
+    let newest = kept
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap())
+        .unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vmdk"])
+        .arg(&raw)
+        .arg(newest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::metadata(newest).unwrap().len() < 8 * MIB,
+        "holes were sent"
+    );
+
+    // An aborted import leaves no VM and no disk.
+    let spec = DiskCreateSpec {
+        vm: vm.clone(),
+        name: "gone".into(),
+        capacity: 4 * MIB,
+        format: None,
+        placement: None,
+        overwrite: false,
+    };
+    let mut w = p.create_disk(&spec).await.unwrap();
+    w.sink
+        .write(bytes::Bytes::from(vec![1u8; 4096]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await; // progress calls run meanwhile
+    w.sink.abort().await.unwrap();
+    let err = p
+        .describe_vm(&virtrigaud_vsphere::nfc::placeholder_name(&vm, "gone.vmdk"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert_eq!(p.find_disk(&spec).await.unwrap(), None);
+}
