@@ -893,3 +893,101 @@ async fn nfc_import_lease() {
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     assert_eq!(p.find_disk(&spec).await.unwrap(), None);
 }
+
+/// Figures, not a pass/fail timing: a 1 GiB disk holding 300 MiB of data, exported from the
+/// simulator's datastore (`/folder` ranged reads, zero detection, qcow2) to a file store,
+/// against `curl` of the same flat file plus `qemu-img convert -O qcow2`. Run with
+/// `cargo test -p virtrigaud-vsphere --release --test vcsim export_figures -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "figures: 1 GiB through the simulator, run by hand"]
+async fn export_figures() {
+    let Some(e) = env() else { return };
+    let p = provider(&e);
+    let vm = unique("fig");
+    let _cl = Cleanup {
+        env: e.clone(),
+        vm: vm.clone(),
+        disks: vec![format!("[LocalDS_0] {vm}/big.vmdk")],
+    };
+    const GIB: u64 = 1 << 30;
+    let mut c = p
+        .create_disk(&DiskCreateSpec {
+            vm: vm.clone(),
+            name: "big".into(),
+            capacity: GIB,
+            format: None,
+            placement: None,
+            overwrite: false,
+        })
+        .await
+        .unwrap();
+    // 300 MiB of data: 75 runs of 4 MiB, every 13.6 MiB.
+    let mut pos = 0u64;
+    for i in 0..75u64 {
+        let at = i * (GIB / 75) / MIB * MIB;
+        c.sink.write_zeros(at - pos).await.unwrap();
+        c.sink
+            .write(bytes::Bytes::from(virtrigaud_core::testdata::text(
+                i,
+                4 << 20,
+            )))
+            .await
+            .unwrap();
+        pos = at + (4 << 20);
+    }
+    c.sink.write_zeros(GIB - pos).await.unwrap();
+    c.sink.commit().await.unwrap();
+
+    let store = tempfile::tempdir().unwrap();
+    let storage = FsBackend::new(store.path());
+    let t = std::time::Instant::now();
+    let o = p.open_created_disk(&vm, &c.location).await.unwrap();
+    let rep = virtrigaud_core::transfer::export_image(
+        o.source,
+        o.info.format,
+        &storage,
+        "big.qcow2",
+        None,
+        None,
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    let ours = t.elapsed();
+    let hwm = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .unwrap_or("")
+        .to_string();
+
+    let base = e.url.trim_end_matches("/sdk").to_string();
+    let url = format!("{base}/folder/{vm}/big-flat.vmdk?dcPath=DC0&dsName=LocalDS_0");
+    let scratch = tempfile::tempdir().unwrap();
+    let raw = scratch.path().join("big.raw");
+    let qcow = scratch.path().join("big.qcow2");
+    let t = std::time::Instant::now();
+    let st = std::process::Command::new("curl")
+        .args(["-sfk", "-o"])
+        .arg(&raw)
+        .arg(&url)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t_curl = t.elapsed();
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let theirs = t.elapsed();
+    eprintln!(
+        "FIGURES 1 GiB / 300 MiB data: ours {ours:?} (stored {} MiB, allocated {} MiB), \
+         curl {t_curl:?} + qemu-img convert = {theirs:?}, ratio {:.2}; test process {hwm}",
+        rep.manifest.stored_size / MIB,
+        rep.manifest.allocated_bytes / MIB,
+        ours.as_secs_f64() / theirs.as_secs_f64()
+    );
+}
