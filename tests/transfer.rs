@@ -840,23 +840,82 @@ async fn every_stored_format_imports_as_every_target_format_with_equal_content_d
             assert_eq!(again, digest, "re-read {stored} -> {target}");
         }
     }
-    // A size VMDK cannot represent is refused rather than rounded.
-    let odd = provider_with_disk(&tmp.path().join("odd"), 1_000_001, &[(0, vec![1; 10])]).await;
-    let e = export_disk(
-        &odd,
-        "vm1",
-        "disk0",
-        &*store,
-        "odd.vmdk",
-        &ExportOptions {
-            format: DiskFormat::Vmdk(StreamOptimized),
-            ..Default::default()
-        },
+    // A size that is not a whole number of 512-byte sectors: QEMU reads a qcow2 or VMDK size in
+    // whole sectors (rounding down), so those formats store it rounded up with zeros, like
+    // `qemu-img convert`, and the manifest describes the disk as QEMU reads it. Raw stays exact.
+    let odd_size = 1_000_001u64;
+    let rounded = 1_000_448u64;
+    let odd = provider_with_disk(
+        &tmp.path().join("odd"),
+        odd_size,
+        &[(0, vec![1; 10]), (odd_size - 7, vec![7; 7])],
     )
-    .await
-    .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
-    assert!(!store.exists("odd.vmdk").await.unwrap());
+    .await;
+    let mut odd_disk = vec![0u8; rounded as usize];
+    odd_disk[..10].fill(1);
+    odd_disk[(odd_size - 7) as usize..odd_size as usize].fill(7);
+    for (i, stored) in formats.iter().enumerate() {
+        let key = format!("odd/disk{i}.{}", stored.extension());
+        let exp = export_disk(
+            &odd,
+            "vm1",
+            "disk0",
+            &*store,
+            &key,
+            &ExportOptions {
+                format: *stored,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("export of an odd size as {stored}: {e}"));
+        let want = if *stored == DiskFormat::Raw {
+            odd_size
+        } else {
+            rounded
+        };
+        assert_eq!(exp.manifest.virtual_size, want, "{stored}");
+        assert_eq!(
+            exp.transfer.padded_from,
+            (want != odd_size).then_some(odd_size),
+            "{stored}"
+        );
+        assert_eq!(
+            exp.manifest.content_digest.value,
+            reference_digest(&odd_disk[..want as usize]),
+            "{stored}"
+        );
+        for (j, target) in formats.iter().enumerate() {
+            let dst = LocalProvider::new(tmp.path().join(format!("odd-dst{i}{j}")));
+            let imp = import_disk(
+                &*store,
+                &key,
+                &dst,
+                "vm1",
+                "disk0",
+                &ImportOptions {
+                    format: Some(*target),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("odd size {stored} -> {target}: {e}"));
+            assert_eq!(
+                imp.transfer.content_digest.as_deref(),
+                Some(exp.manifest.content_digest.value.as_str()),
+                "odd size {stored} -> {target}"
+            );
+            if *target == DiskFormat::Raw {
+                let got = std::fs::read(
+                    tmp.path()
+                        .join(format!("odd-dst{i}{j}/vm1"))
+                        .join(&imp.location),
+                )
+                .unwrap();
+                assert!(got == odd_disk[..want as usize], "odd size {stored} -> raw");
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -245,6 +245,15 @@ impl DiskContent {
         }))
     }
 
+    /// The same content on a disk of `size` bytes: what lies beyond the current virtual size
+    /// reads as zeros. A `size` below the current one changes nothing (content is never cut).
+    pub fn padded_to(self, size: u64) -> Self {
+        DiskContent {
+            virtual_size: self.virtual_size.max(size),
+            ..self
+        }
+    }
+
     /// Wraps the stream so that any violation of the contract (order, overlap, bounds) becomes a
     /// [`Corrupt`](crate::ErrorKind::Corrupt) error instead of silently wrong data.
     pub fn validated(self) -> Self {

@@ -220,8 +220,61 @@ fn seek_data_ranges(file: &std::fs::File, size: u64) -> Option<Vec<Range<u64>>> 
     Some(ranges)
 }
 
+/// Permission bits of the files virtrigaud creates: read and write for the owner only. Disk
+/// images hold whole file systems (keys, password hashes, databases), so nothing is
+/// world-readable unless asked for.
+pub const DEFAULT_FILE_MODE: u32 = 0o600;
+
+/// How a [`LocalFileSink`] creates its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileCreateOptions {
+    /// Replace an existing file (default: refuse with `AlreadyExists`).
+    pub overwrite: bool,
+    /// Permission bits of the new file (default [`DEFAULT_FILE_MODE`], 0600), given to the
+    /// temporary file at creation, so the data is never readable by others, not even while
+    /// it is written. The process umask is not applied: the file gets exactly these bits.
+    pub mode: u32,
+    /// Before creating its temporary file, remove the temporary files that interrupted puts
+    /// left in the same directory and that were not modified for this long (default
+    /// [`DEFAULT_TEMP_MAX_AGE`](crate::temp::DEFAULT_TEMP_MAX_AGE), 24 h; `None`: never). See
+    /// [`temp`](crate::temp) for what is removed.
+    pub sweep_temp_after: Option<std::time::Duration>,
+}
+
+impl Default for FileCreateOptions {
+    fn default() -> Self {
+        FileCreateOptions {
+            overwrite: false,
+            mode: DEFAULT_FILE_MODE,
+            sweep_temp_after: Some(crate::temp::DEFAULT_TEMP_MAX_AGE),
+        }
+    }
+}
+
+impl FileCreateOptions {
+    /// Sets [`overwrite`](Self::overwrite).
+    pub fn overwrite(mut self, overwrite: bool) -> Self {
+        self.overwrite = overwrite;
+        self
+    }
+    /// Sets [`mode`](Self::mode) (permission bits, e.g. `0o640`).
+    pub fn mode(mut self, mode: u32) -> Self {
+        self.mode = mode;
+        self
+    }
+    /// Sets [`sweep_temp_after`](Self::sweep_temp_after).
+    pub fn sweep_temp_after(mut self, max_age: Option<std::time::Duration>) -> Self {
+        self.sweep_temp_after = max_age;
+        self
+    }
+}
+
 /// A sink that writes a local file under a temporary name, then fsyncs and renames it on
-/// commit. Zero runs become holes. The temp file is removed on abort or drop.
+/// commit. Zero runs become holes. The temp file is removed on abort or drop; those a killed
+/// process left are removed by the sweep of the next sink created in the same directory
+/// ([`FileCreateOptions::sweep_temp_after`]). The file is created with mode 0600 unless asked
+/// otherwise ([`FileCreateOptions::mode`]).
 #[derive(Debug)]
 pub struct LocalFileSink {
     file: Option<Arc<std::fs::File>>,
@@ -345,9 +398,20 @@ fn start_writeback(file: &std::fs::File, pos: u64, len: u64) {
 }
 
 impl LocalFileSink {
-    /// Creates the temp file next to `dest`. Fails with `AlreadyExists` if `dest` exists and
-    /// `overwrite` is false (checked again at commit, atomically).
+    /// Creates the temp file next to `dest`, mode 0600. Fails with `AlreadyExists` if `dest`
+    /// exists and `overwrite` is false (checked again at commit, atomically).
     pub async fn create(dest: impl AsRef<Path>, overwrite: bool) -> Result<LocalFileSink> {
+        Self::create_with(dest, &FileCreateOptions::default().overwrite(overwrite)).await
+    }
+
+    /// Creates the temp file next to `dest`, as `opts` say (see [`LocalFileSink::create`]).
+    pub async fn create_with(
+        dest: impl AsRef<Path>,
+        opts: &FileCreateOptions,
+    ) -> Result<LocalFileSink> {
+        let overwrite = opts.overwrite;
+        let mode = opts.mode & 0o7777;
+        let sweep = opts.sweep_temp_after;
         let dest = dest.as_ref().to_path_buf();
         let target = dest.display().to_string();
         let d = dest.clone();
@@ -360,15 +424,26 @@ impl LocalFileSink {
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
             std::fs::create_dir_all(dir)?;
+            if let Some(max_age) = sweep {
+                crate::temp::sweep_dir(dir, max_age);
+            }
             let name = d
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let tmp = dir.join(format!(".{name}.{}.vrg-tmp", unique_suffix()));
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)?;
+            let tmp = dir.join(crate::temp::temp_name(&name));
+            let f = {
+                use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode & 0o600)
+                    .open(&tmp)?;
+                // Created with at most owner read/write (never more open than asked, whatever
+                // the umask); then exactly the bits asked for, umask or not.
+                f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+                f
+            };
             // Not on tmpfs: it is the page cache itself, direct writes only add work there
             // (measured: slower and erratic).
             let direct =
@@ -464,21 +539,7 @@ impl LocalFileSink {
     }
 }
 
-/// A process-unique suffix for temporary names.
-pub fn unique_suffix() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    format!(
-        "{}-{:x}-{}",
-        std::process::id(),
-        t,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
+pub use crate::temp::unique_suffix;
 
 #[async_trait]
 impl ByteSink for LocalFileSink {
@@ -855,6 +916,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn file_sink_creates_owner_only_files_unless_asked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        for (name, opts, want) in [
+            ("default", FileCreateOptions::default(), 0o600),
+            ("group", FileCreateOptions::default().mode(0o640), 0o640),
+            ("world", FileCreateOptions::default().mode(0o644), 0o644),
+        ] {
+            let dest = dir.path().join(name);
+            let mut s = Box::new(LocalFileSink::create_with(&dest, &opts).await.unwrap());
+            // Already while it is written, under its temporary name.
+            let tmp = s.tmp.clone();
+            assert_eq!(mode(&tmp), want, "{name} (temp)");
+            s.write(Bytes::from_static(b"abc")).await.unwrap();
+            s.commit().await.unwrap();
+            assert_eq!(mode(&dest), want, "{name}");
+        }
+        let dest = dir.path().join("plain");
+        let s = Box::new(LocalFileSink::create(&dest, false).await.unwrap());
+        s.commit().await.unwrap();
+        assert_eq!(mode(&dest), 0o600);
+    }
+
+    #[tokio::test]
     async fn file_sink_is_invisible_until_commit_and_refuses_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("sub/out.raw");
@@ -1041,5 +1127,26 @@ mod tests {
         assert!(sink.write_zeros(10).await.is_err());
         assert!(Box::new(sink).commit().await.is_err());
         assert!(!dest.exists());
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped: a detached worker (a verifier
+/// reading a whole object, say) stops when the future that needed it is dropped.
+#[derive(Debug)]
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = std::result::Result<T, tokio::task::JoinError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

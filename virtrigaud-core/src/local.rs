@@ -10,10 +10,12 @@
 //!
 //! Offline images have no power state and no snapshots: those operations return `Unsupported`.
 //! New disks are written under a temporary name and renamed on commit; nothing is overwritten
-//! unless asked.
+//! unless asked; temporary files a killed process left are removed by a later write to the
+//! same directory once they are a day old (see [`temp`](crate::temp)). Files are created with mode 0600 (owner only: a disk image holds a whole file
+//! system); [`LocalProvider::with_file_mode`] changes that.
 
 use crate::format::{self, DiskFormat};
-use crate::io::{ImageSource, LocalFile, LocalFileSink, ReadAt};
+use crate::io::{FileCreateOptions, ImageSource, LocalFile, LocalFileSink, ReadAt};
 use crate::provider::*;
 use crate::{Error, ErrorKind, Result};
 use async_trait::async_trait;
@@ -28,6 +30,7 @@ pub const VM_FILE: &str = "vm.json";
 pub struct LocalProvider {
     root: PathBuf,
     default_format: DiskFormat,
+    file: FileCreateOptions,
 }
 
 /// Checks a VM or disk name used as a single path component.
@@ -50,7 +53,23 @@ impl LocalProvider {
         LocalProvider {
             root: root.into(),
             default_format: DiskFormat::Raw,
+            file: FileCreateOptions::default(),
         }
+    }
+
+    /// Sets the permission bits of the disk images and VM descriptions this provider creates
+    /// (default [`DEFAULT_FILE_MODE`](crate::io::DEFAULT_FILE_MODE), 0600).
+    pub fn with_file_mode(mut self, mode: u32) -> Self {
+        self.file = self.file.mode(mode);
+        self
+    }
+
+    /// Sets the age after which temporary files that interrupted writes left in a VM's
+    /// directory are removed, by the next write to that directory (default 24 h; `None`:
+    /// never; see [`temp`](crate::temp)).
+    pub fn with_temp_max_age(mut self, max_age: Option<std::time::Duration>) -> Self {
+        self.file = self.file.sweep_temp_after(max_age);
+        self
     }
 
     /// Sets the format of disks created without a preference.
@@ -99,7 +118,10 @@ impl LocalProvider {
         tokio::fs::create_dir_all(&dir).await?;
         let json = serde_json::to_vec_pretty(info)
             .map_err(|e| Error::new(ErrorKind::Io, e.to_string()))?;
-        let mut sink = Box::new(LocalFileSink::create(dir.join(VM_FILE), overwrite).await?);
+        let mut sink = Box::new(
+            LocalFileSink::create_with(dir.join(VM_FILE), &self.file.clone().overwrite(overwrite))
+                .await?,
+        );
         use crate::io::ByteSink;
         sink.write(bytes::Bytes::from(json)).await?;
         sink.commit().await
@@ -226,9 +248,10 @@ impl Provider for LocalProvider {
         check_name("disk", &spec.name)?;
         let location = format!("{}.{}", spec.name, format.extension());
         let path = self.disk_path(&spec.vm, &location)?;
-        let mut sink = LocalFileSink::create(&path, spec.overwrite)
-            .await
-            .map_err(|e| e.with_vm(spec.vm.clone()).with_disk(spec.name.clone()))?;
+        let mut sink =
+            LocalFileSink::create_with(&path, &self.file.clone().overwrite(spec.overwrite))
+                .await
+                .map_err(|e| e.with_vm(spec.vm.clone()).with_disk(spec.name.clone()))?;
         if format == DiskFormat::Raw {
             // A raw image is exactly the capacity long.
             sink.set_size_hint(spec.capacity).await;
@@ -262,7 +285,7 @@ impl Provider for LocalProvider {
             });
         }
         let info = VmInfo {
-            annotation: None,
+            annotation: spec.annotation.clone(),
             id: spec.name.clone(),
             name: spec.name.clone(),
             cpus: spec.cpus,
@@ -291,5 +314,105 @@ impl Provider for LocalProvider {
         self.read_vm(vm).await?;
         tokio::fs::remove_dir_all(self.vm_dir(vm)?).await?;
         Ok(())
+    }
+
+    async fn find_disk(&self, spec: &DiskCreateSpec) -> Result<Option<String>> {
+        check_name("disk", &spec.name)?;
+        let formats = [
+            spec.format.unwrap_or(self.default_format),
+            DiskFormat::Raw,
+            DiskFormat::Qcow2,
+            DiskFormat::Vmdk(format::VmdkSubformat::MonolithicSparse),
+        ];
+        for f in formats {
+            let location = format!("{}.{}", spec.name, f.extension());
+            // Only committed disks: temporary files live under other names.
+            if tokio::fs::metadata(self.disk_path(&spec.vm, &location)?)
+                .await
+                .is_ok_and(|m| m.is_file())
+            {
+                return Ok(Some(location));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn open_created_disk(&self, vm: &str, location: &str) -> Result<OpenedDisk> {
+        let path = self.disk_path(vm, location)?;
+        let f = LocalFile::open(&path).await?;
+        let (fmt, size) = format::probe(&f).await?;
+        Ok(OpenedDisk {
+            info: DiskInfo {
+                id: location.to_string(),
+                capacity: size,
+                allocation: None,
+                format: Some(fmt),
+                bus: None,
+                location: location.to_string(),
+            },
+            source: ImageSource::RandomAccess(Arc::new(f)),
+        })
+    }
+
+    async fn delete_disk(&self, vm: &str, location: &str) -> Result<()> {
+        match tokio::fs::remove_file(self.disk_path(vm, location)?).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(
+                e,
+                format!("cannot delete disk {location} of {vm}"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    async fn write_disk(p: &LocalProvider, name: &str) -> PathBuf {
+        let created = p
+            .create_disk(&DiskCreateSpec {
+                vm: "vm1".into(),
+                name: name.into(),
+                capacity: 4096,
+                format: Some(DiskFormat::Raw),
+                placement: None,
+                overwrite: false,
+            })
+            .await
+            .unwrap();
+        let mut sink = created.sink;
+        sink.write(bytes::Bytes::from_static(b"data"))
+            .await
+            .unwrap();
+        sink.commit().await.unwrap();
+        p.disk_path("vm1", &created.location).unwrap()
+    }
+
+    fn vm() -> VmInfo {
+        serde_json::from_str(r#"{"id":"vm1","name":"vm1","cpus":1,"memory_mib":64,"disks":[]}"#)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn created_files_are_owner_only_unless_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = LocalProvider::new(dir.path().join("a"));
+        let disk = write_disk(&p, "d0").await;
+        assert_eq!(mode(&disk), 0o600);
+        p.write_vm(&vm(), false).await.unwrap();
+        assert_eq!(mode(&dir.path().join("a/vm1").join(VM_FILE)), 0o600);
+
+        let p = LocalProvider::new(dir.path().join("b")).with_file_mode(0o640);
+        let disk = write_disk(&p, "d0").await;
+        assert_eq!(mode(&disk), 0o640);
+        p.write_vm(&vm(), false).await.unwrap();
+        assert_eq!(mode(&dir.path().join("b/vm1").join(VM_FILE)), 0o640);
     }
 }

@@ -63,7 +63,13 @@ pub struct Manifest {
     pub schema_version: u32,
     /// Format of the stored object.
     pub format: DiskFormat,
-    /// Guest-visible size.
+    /// Guest-visible size of the stored disk, as QEMU reads the object. qcow2 and VMDK record a
+    /// size in whole 512-byte sectors (QEMU rounds anything else *down* and loses the tail), so
+    /// a disk whose size is not such a multiple is stored rounded *up* with zero bytes, as
+    /// `qemu-img convert` does; this field is then the rounded size, and the content digest
+    /// covers the padding (see
+    /// [`stored_virtual_size`](crate::format::stored_virtual_size)). A raw object keeps the
+    /// exact size. An import creates a disk of this size.
     pub virtual_size: u64,
     /// Size of the stored object.
     pub stored_size: u64,

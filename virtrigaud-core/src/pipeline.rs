@@ -75,8 +75,15 @@ impl Default for PipelineOptions {
 pub struct TransferReport {
     /// Format written.
     pub format: DiskFormat,
-    /// Virtual size of the disk.
+    /// Virtual size of the disk: for a stored object ([`Job::hash_object`]), the size as QEMU
+    /// reads the written image (see [`padded_from`](Self::padded_from)).
     pub virtual_size: u64,
+    /// The source's virtual size, when a stored object's format counts whole 512-byte sectors
+    /// (qcow2, VMDK) and the source was not such a multiple: the content was then padded with
+    /// zeros to [`virtual_size`](Self::virtual_size) before the content digest was computed,
+    /// so the digest and the size describe the disk as QEMU reads the stored image (see
+    /// [`stored_virtual_size`](crate::format::stored_virtual_size)). `None` otherwise.
+    pub padded_from: Option<u64>,
     /// Bytes written to the sink (holes included).
     pub stored_size: u64,
     /// Data bytes the source delivered (holes it reported excluded).
@@ -106,7 +113,12 @@ pub struct Job<'a> {
     /// for every verification; a plain copy that only needs the stored bytes' SHA-256 can skip
     /// it and save one SHA-256 pass over the data).
     pub content_digest: bool,
-    /// Compute the SHA-256 and chunk digests of the output (for stored objects).
+    /// Compute the SHA-256 and chunk digests of the output (for stored objects). A stored
+    /// object is described by its manifest as QEMU reads it: a size that its format rounds up
+    /// to whole sectors is rounded before the content digest is computed (see
+    /// [`TransferReport::padded_from`]). A transfer to a provider's disk (no object hash)
+    /// digests the content as given, to compare it with the manifest it came from; its
+    /// encoder still pads the written image.
     pub hash_object: bool,
     /// Phase reported in progress.
     pub phase: Phase,
@@ -169,6 +181,11 @@ async fn run_inner(
     opts: &PipelineOptions,
 ) -> Result<TransferReport> {
     let start = Instant::now();
+    let (content, padded_from) = if hash_object {
+        crate::format::pad_for(content, format)?
+    } else {
+        (content, None)
+    };
     let virtual_size = content.virtual_size;
     let allocation = content.allocation.clone();
     let replay = content.replay.clone();
@@ -319,6 +336,7 @@ async fn run_inner(
     let report = TransferReport {
         format,
         virtual_size,
+        padded_from,
         stored_size: stored,
         data_bytes_read: read,
         allocated_bytes: allocated,

@@ -859,3 +859,90 @@ async fn bench_decode_vs_qemu_img() {
         ],
     );
 }
+
+/// Writes an encoded stream to `out`.
+async fn write_chunks(mut s: format::ChunkStream, out: &Path) {
+    let mut sink = Box::new(LocalFileSink::create(out, true).await.unwrap());
+    while let Some(c) = s.next().await {
+        match c.unwrap() {
+            Chunk::Data(b) => sink.write(b).await.unwrap(),
+            Chunk::Zeros(n) => sink.write_zeros(n).await.unwrap(),
+        }
+    }
+    sink.commit().await.unwrap();
+}
+
+/// QEMU reads a qcow2 or VMDK size in whole 512-byte sectors and rounds down: a disk of
+/// 100,000,001 bytes written with its exact size opens as 99,999,744 bytes, its last 257 bytes
+/// gone. Every encoder rounds such a size up with zeros, like `qemu-img convert`: QEMU itself
+/// must see the full disk (virtual size, and the bytes, compared with a raw file of the rounded
+/// size).
+#[tokio::test]
+async fn sizes_not_a_multiple_of_512_open_in_qemu_rounded_up_with_every_byte() {
+    use virtrigaud_core::format::{DiskFormat, VmdkSubformat};
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vsize: u64 = 100_000_001;
+    let rounded: u64 = 100_000_256;
+    let src = d.join("src.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(vsize).unwrap();
+        f.write_all_at(&virtrigaud_core::testdata::noise(1, 70_000), 4096)
+            .unwrap();
+        f.write_all_at(&[0xab; 257], vsize - 257).unwrap();
+    }
+    // The oracle's reference: the same bytes in a raw file of the rounded size.
+    let padded = d.join("padded.raw");
+    std::fs::copy(&src, &padded).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&padded)
+        .unwrap()
+        .set_len(rounded)
+        .unwrap();
+    let compressed = EncodeOptions {
+        compress: true,
+        ..Default::default()
+    };
+    let cases = [
+        ("plain.qcow2", DiskFormat::Qcow2, EncodeOptions::default()),
+        ("compressed.qcow2", DiskFormat::Qcow2, compressed),
+        (
+            "stream.vmdk",
+            DiskFormat::Vmdk(VmdkSubformat::StreamOptimized),
+            EncodeOptions::default(),
+        ),
+        (
+            "sparse.vmdk",
+            DiskFormat::Vmdk(VmdkSubformat::MonolithicSparse),
+            EncodeOptions::default(),
+        ),
+    ];
+    for (name, fmt, o) in cases {
+        let out = d.join(name);
+        let content = open_image(&src).await;
+        assert_eq!(content.virtual_size, vsize);
+        write_chunks(format::encode(content, fmt, &o).unwrap(), &out).await;
+        let qfmt = fmt.name();
+        let info = run("qemu-img", &["info", "--output=json", "-f", qfmt, p(&out)]);
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(
+            info["virtual-size"].as_u64(),
+            Some(rounded),
+            "{name}: {info}"
+        );
+        // Equal to the rounded raw file: the last 257 bytes are there, the padding is zero.
+        run(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", qfmt, p(&padded), p(&out)],
+        );
+        // Our own decoder agrees.
+        let c = open_image(&out).await;
+        assert_eq!(c.virtual_size, rounded, "{name}");
+    }
+}

@@ -1,22 +1,24 @@
 //! The filesystem backend: a local directory or an NFS/SMB-mounted path.
 //!
 //! Puts write to a temporary name beside the target, fsync, then rename (atomic visibility);
-//! an aborted or dropped put removes its temporary file. Keys are checked
+//! an aborted or dropped put removes its temporary file, and a put removes the temporary files
+//! a killed process left in its directory once they are a day old (the sweep of
+//! [`virtrigaud_core::temp`]; [`FsBackend::with_temp_max_age`]). Keys are checked
 //! ([`validate_key`](virtrigaud_core::storage::validate_key)) and resolved paths must stay
-//! inside the root, symlinks included.
+//! inside the root, symlinks included. Files are created with mode 0600 (owner only: a disk
+//! image holds a whole file system); [`FsBackend::with_file_mode`] changes that.
 
 use async_trait::async_trait;
 use futures::StreamExt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use virtrigaud_core::io::{ByteSink, ByteStream, LocalFileSink};
+use virtrigaud_core::io::{ByteSink, ByteStream, FileCreateOptions, LocalFileSink};
 use virtrigaud_core::storage::{validate_key, validate_prefix};
+use virtrigaud_core::temp::is_temp_name;
 use virtrigaud_core::{
     Error, ErrorKind, ObjectMeta, PutOptions, Result, StorageBackend, StorageCapabilities,
 };
 
-/// Suffix of temporary files (never listed).
-const TMP_SUFFIX: &str = ".vrg-tmp";
 /// Read size of GET streams.
 const READ_CHUNK: usize = 1 << 20;
 
@@ -24,12 +26,30 @@ const READ_CHUNK: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub struct FsBackend {
     root: PathBuf,
+    file: FileCreateOptions,
 }
 
 impl FsBackend {
     /// A backend rooted at `root` (created on first put).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        FsBackend { root: root.into() }
+        FsBackend {
+            root: root.into(),
+            file: FileCreateOptions::default(),
+        }
+    }
+
+    /// Sets the permission bits of the files a put creates (default
+    /// [`DEFAULT_FILE_MODE`](virtrigaud_core::io::DEFAULT_FILE_MODE), 0600).
+    pub fn with_file_mode(mut self, mode: u32) -> Self {
+        self.file = self.file.mode(mode);
+        self
+    }
+
+    /// Sets the age after which a put removes the temporary files that interrupted puts left
+    /// in its directory (default 24 h; `None`: never; see [`virtrigaud_core::temp`]).
+    pub fn with_temp_max_age(mut self, max_age: Option<std::time::Duration>) -> Self {
+        self.file = self.file.sweep_temp_after(max_age);
+        self
     }
 
     /// The root directory.
@@ -103,7 +123,7 @@ impl StorageBackend for FsBackend {
     async fn put(&self, key: &str, opts: &PutOptions) -> Result<Box<dyn ByteSink>> {
         let path = self.path(key)?;
         self.check_inside(&path).await?;
-        let sink = LocalFileSink::create(&path, opts.overwrite)
+        let sink = LocalFileSink::create_with(&path, &self.file.clone().overwrite(opts.overwrite))
             .await
             .map_err(|e| e.with_operation("put").with_target(key.to_string()))?;
         Ok(Box::new(sink))
@@ -163,6 +183,7 @@ impl StorageBackend for FsBackend {
 
     async fn stat(&self, key: &str) -> Result<ObjectMeta> {
         let path = self.path(key)?;
+        self.check_inside(&path).await?;
         match tokio::fs::metadata(&path).await {
             Ok(m) if m.is_file() => Ok(ObjectMeta {
                 key: key.to_string(),
@@ -214,7 +235,7 @@ impl StorageBackend for FsBackend {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if ft.is_dir() {
                     stack.push(path);
-                } else if ft.is_file() && !(name.starts_with('.') && name.ends_with(TMP_SUFFIX)) {
+                } else if ft.is_file() && !is_temp_name(&name) {
                     let Some(key) = self.key_of(&path) else {
                         continue;
                     };
@@ -251,7 +272,7 @@ mod tests {
             for e in std::fs::read_dir(d).unwrap() {
                 let e = e.unwrap();
                 assert!(
-                    !e.file_name().to_string_lossy().ends_with(TMP_SUFFIX),
+                    !is_temp_name(&e.file_name().to_string_lossy()),
                     "{:?}",
                     e.path()
                 );
@@ -276,6 +297,20 @@ mod tests {
             b.get("link/secret", None).await.err().unwrap().kind(),
             ErrorKind::InvalidInput
         );
+        // stat refuses it like get, put and delete do, for a linked directory or file.
+        assert_eq!(
+            b.stat("link/secret").await.unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+        std::os::unix::fs::symlink(outside.join("secret"), root.join("file-link")).unwrap();
+        assert_eq!(
+            b.stat("file-link").await.unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            b.delete("file-link").await.unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
         assert_eq!(
             b.put("link/new", &PutOptions::default())
                 .await
@@ -285,6 +320,80 @@ mod tests {
             ErrorKind::InvalidInput
         );
         assert!(!outside.join("new").exists());
+    }
+
+    #[tokio::test]
+    async fn objects_are_owner_only_unless_configured() {
+        use std::os::unix::fs::PermissionsExt;
+        use virtrigaud_core::StorageExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let b = FsBackend::new(dir.path().join("a"));
+        b.put_bytes("vm/disk.raw", bytes::Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert_eq!(mode(&dir.path().join("a/vm/disk.raw")), 0o600);
+        let b = FsBackend::new(dir.path().join("b")).with_file_mode(0o640);
+        b.put_bytes("vm/disk.raw", bytes::Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        assert_eq!(mode(&dir.path().join("b/vm/disk.raw")), 0o640);
+    }
+
+    /// A killed process leaves its temporary file behind; the next put into that directory
+    /// removes it once it is old, and touches nothing else.
+    #[tokio::test]
+    async fn a_put_sweeps_old_temp_files_of_its_directory_only() {
+        use virtrigaud_core::StorageExt;
+        use virtrigaud_core::temp::temp_name;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let vm = root.join("vm");
+        let other = root.join("other");
+        std::fs::create_dir_all(&vm).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        let old = vm.join(temp_name("disk.raw"));
+        let young = vm.join(temp_name("disk.raw"));
+        let foreign = vm.join(".mine.vrg-tmp");
+        let elsewhere = other.join(temp_name("disk.raw"));
+        for f in [&old, &young, &foreign, &elsewhere] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(25 * 3600);
+        for f in [&old, &foreign, &elsewhere] {
+            std::fs::File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(past)
+                .unwrap();
+        }
+        // Sweep turned off: nothing is removed.
+        let off = FsBackend::new(&root).with_temp_max_age(None);
+        off.put_bytes("vm/a.raw", bytes::Bytes::from_static(b"a"))
+            .await
+            .unwrap();
+        assert!(old.exists());
+        let b = FsBackend::new(&root);
+        b.put_bytes("vm/b.raw", bytes::Bytes::from_static(b"b"))
+            .await
+            .unwrap();
+        assert!(!old.exists(), "the old temp file of a killed put is swept");
+        assert!(young.exists(), "a young one may be a put in progress");
+        assert!(foreign.exists(), "not our name shape: never removed");
+        assert!(
+            elsewhere.exists(),
+            "another directory is swept by its own puts"
+        );
+        // A shorter bound is honoured.
+        let quick = FsBackend::new(&root).with_temp_max_age(Some(std::time::Duration::ZERO));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        quick
+            .put_bytes("vm/c.raw", bytes::Bytes::from_static(b"c"))
+            .await
+            .unwrap();
+        assert!(!young.exists());
+        assert!(foreign.exists());
     }
 
     #[tokio::test]

@@ -155,11 +155,43 @@ impl StorageUrl {
     }
 }
 
-/// Removes `user:password@` from a URL-ish string for messages.
+/// Replaces the credentials (`user:password@`) of a URL-ish string with `***@`, for messages.
+///
+/// The credentials end at the *last* `@` of the authority, so a password that holds an `@`
+/// (unescaped, as people type them) never partly leaks. A password that holds a `/`, `?` or
+/// `#` unescaped ends the authority early: when what is left before it is not `host[:port]`
+/// (its port is not a number), everything up to the last `@` of the string is treated as
+/// credentials. In doubt this hides too much (part of a path), never too little.
+///
+/// ```
+/// use virtrigaud_storage::url::redact;
+/// assert_eq!(redact("https://u:p@ss@dav.example/x"), "https://***@dav.example/x");
+/// assert_eq!(redact("https://dav.example/a@b"), "https://dav.example/a@b");
+/// assert_eq!(redact("/srv/images"), "/srv/images");
+/// ```
 pub fn redact(s: &str) -> String {
-    match (s.find("://"), s.find('@')) {
-        (Some(i), Some(j)) if j > i => format!("{}***@{}", &s[..i + 3], &s[j + 1..]),
-        _ => s.to_string(),
+    let Some(i) = s.find("://") else {
+        return s.to_string();
+    };
+    let rest = &s[i + 3..];
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..auth_end];
+    let cut = match authority.rfind('@') {
+        Some(j) => Some(j),
+        None => {
+            let port_is_not_a_number = authority
+                .rsplit_once(':')
+                .is_some_and(|(_, port)| !port.bytes().all(|b| b.is_ascii_digit()));
+            if port_is_not_a_number {
+                rest.rfind('@')
+            } else {
+                None
+            }
+        }
+    };
+    match cut {
+        Some(j) => format!("{}***@{}", &s[..i + 3], &rest[j + 1..]),
+        None => s.to_string(),
     }
 }
 
@@ -226,5 +258,49 @@ mod tests {
         }
         let e = StorageUrl::parse("https://user:secret@h:99999/x").unwrap_err();
         assert!(!e.to_string().contains("secret"), "{e}");
+        let e = StorageUrl::parse("https://user:se@cr@et@h:99999/x").unwrap_err();
+        assert!(
+            !e.to_string().contains("cr@et") && !e.to_string().contains("et@"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn redact_hides_every_part_of_a_password() {
+        for (url, want) in [
+            ("https://user:secret@h/x", "https://***@h/x"),
+            // A password holding '@' (one or several): cut at the last '@' of the authority.
+            ("https://user:p@ss@h/x", "https://***@h/x"),
+            (
+                "https://user:a@b@c@h:8443/x?y=1",
+                "https://***@h:8443/x?y=1",
+            ),
+            ("s3://key:s@cret@bucket", "***@bucket"),
+            // '/', '?' or '#' in the password: everything up to the last '@' goes.
+            ("https://user:pa/ss@w@h/x", "https://***@h/x"),
+            ("https://user:pa?ss@h/x", "https://***@h/x"),
+            ("https://user:pa#ss@h", "https://***@h"),
+            // No credentials: unchanged, '@' in the path included.
+            ("https://h/a@b", "https://h/a@b"),
+            ("https://h:8443/a@b", "https://h:8443/a@b"),
+            ("nfs://10.0.0.1/export/a@b", "nfs://10.0.0.1/export/a@b"),
+            ("file:///srv/x", "file:///srv/x"),
+            ("no url @ all", "no url @ all"),
+        ] {
+            let want = if want.starts_with("***") {
+                format!("s3://{want}")
+            } else {
+                want.to_string()
+            };
+            let got = redact(url);
+            assert_eq!(got, want, "{url}");
+            for secret in [
+                "secret", "p@ss", "ss@", "a@b@c", "s@cret", "pa/ss", "pa?ss", "pa#ss",
+            ] {
+                if url.contains(secret) && !want.contains(secret) {
+                    assert!(!got.contains(secret), "{url} -> {got}");
+                }
+            }
+        }
     }
 }

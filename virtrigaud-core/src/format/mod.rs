@@ -381,12 +381,64 @@ async fn decode_as(
     Ok(content.validated())
 }
 
+/// The unit in which qcow2 and VMDK record a disk's size, as QEMU reads them.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// The virtual size an image of `format` holds for a disk of `size` bytes, as QEMU will read it.
+///
+/// QEMU reads the size of a qcow2 or VMDK image in whole 512-byte sectors and rounds *down*: a
+/// qcow2 header that says 100,000,001 bytes opens as 99,999,744 bytes and the last 257 bytes of
+/// the disk are gone. So every encoder of a sector-based format rounds such a size *up* to the
+/// next sector and the added bytes read as zeros, which is what `qemu-img convert` does too
+/// (a 100,000,001-byte raw file converts to a 100,000,256-byte qcow2 or VMDK). Nothing is lost
+/// and nothing is refused. Raw keeps the exact size: QEMU reads a raw file's partial last
+/// sector as data followed by zeros, so no byte is lost there either.
+///
+/// ```
+/// use virtrigaud_core::format::{DiskFormat, stored_virtual_size};
+/// assert_eq!(stored_virtual_size(DiskFormat::Qcow2, 100_000_001).unwrap(), 100_000_256);
+/// assert_eq!(stored_virtual_size(DiskFormat::Qcow2, 1 << 30).unwrap(), 1 << 30);
+/// assert_eq!(stored_virtual_size(DiskFormat::Raw, 100_000_001).unwrap(), 100_000_001);
+/// ```
+pub fn stored_virtual_size(format: DiskFormat, size: u64) -> crate::Result<u64> {
+    match format {
+        DiskFormat::Raw => Ok(size),
+        DiskFormat::Qcow2 | DiskFormat::Vmdk(_) => {
+            size.checked_next_multiple_of(SECTOR_SIZE).ok_or_else(|| {
+                crate::Error::invalid(format!("disk of {size} bytes too large for {format}"))
+            })
+        }
+    }
+}
+
+/// `content` grown with zeros to the size an image of `format` holds for it
+/// ([`stored_virtual_size`]), and the size it had when that grew it.
+///
+/// The export pipeline applies it before hashing, so a manifest describes the stored disk as
+/// QEMU reads it: its `virtual_size` is the rounded size and its content digest covers the
+/// zero padding. [`encode`] applies it too, so every encoder sees a whole number of sectors.
+pub fn pad_for(
+    content: DiskContent,
+    format: DiskFormat,
+) -> crate::Result<(DiskContent, Option<u64>)> {
+    let size = content.virtual_size;
+    let stored = stored_virtual_size(format, size)?;
+    if stored == size {
+        return Ok((content, None));
+    }
+    Ok((content.padded_to(stored), Some(size)))
+}
+
 /// Encodes content into `format`, as a strictly sequential stream.
+///
+/// A size that `format` cannot hold exactly is rounded up to a whole sector with zeros (see
+/// [`stored_virtual_size`]).
 pub fn encode(
     content: DiskContent,
     format: DiskFormat,
     opts: &EncodeOptions,
 ) -> crate::Result<ChunkStream> {
+    let (content, _) = pad_for(content, format)?;
     match format {
         DiskFormat::Raw => Ok(raw::encode(content)),
         DiskFormat::Qcow2 => qcow2::encode(content, opts),

@@ -78,6 +78,15 @@ pub struct NfsConfig {
     pub connect_timeout: Duration,
     /// Time allowed for one request and its reply (default 60 s).
     pub request_timeout: Duration,
+    /// Permission bits of the files a put creates (default
+    /// [`DEFAULT_FILE_MODE`](virtrigaud_core::io::DEFAULT_FILE_MODE), 0600: a disk image holds a
+    /// whole file system). Sent in CREATE, so the file never has more open bits, not even while
+    /// it is written; the server may still apply its own policy (anonymous squashing, ACLs).
+    pub file_mode: u32,
+    /// A put first removes the temporary files that interrupted puts left in its directory and
+    /// that were not modified for this long (default 24 h; `None`: never). See
+    /// [`virtrigaud_core::temp`] for what is removed.
+    pub temp_max_age: Option<Duration>,
 }
 
 impl NfsConfig {
@@ -101,7 +110,21 @@ impl NfsConfig {
             stability: WriteStability::default(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
+            file_mode: virtrigaud_core::io::DEFAULT_FILE_MODE,
+            temp_max_age: Some(virtrigaud_core::temp::DEFAULT_TEMP_MAX_AGE),
         }
+    }
+
+    /// Sets [`NfsConfig::temp_max_age`].
+    pub fn with_temp_max_age(mut self, max_age: Option<Duration>) -> Self {
+        self.temp_max_age = max_age;
+        self
+    }
+
+    /// Sets the permission bits of the files a put creates ([`NfsConfig::file_mode`]).
+    pub fn with_file_mode(mut self, mode: u32) -> Self {
+        self.file_mode = mode & 0o7777;
+        self
     }
 
     /// Sets the directory inside the export.
@@ -134,7 +157,8 @@ impl NfsConfig {
     /// Parses `nfs://host[:port]/export/path`. The first path segment is the export unless the
     /// query names it (`?export=/srv/nfs`). Other query parameters: `uid`, `gid`, `mountport`,
     /// `portmapper` (portmapper port), `request_size`, `concurrency`, `privileged` (`true`/`false`),
-    /// `sync` (`true`: FILE_SYNC writes). A port in the authority is the NFS port.
+    /// `sync` (`true`: FILE_SYNC writes), `mode` (octal permission bits of created files, default
+    /// `600`). A port in the authority is the NFS port.
     pub fn from_url(s: &str) -> Result<NfsConfig> {
         let (host, export, path) = match crate::url::StorageUrl::parse(s)? {
             crate::url::StorageUrl::Nfs { host, export, path } => (host, export, path),
@@ -187,6 +211,14 @@ impl NfsConfig {
                         usize::try_from(num("concurrency")?).map_err(|_| bad("concurrency"))?
                 }
                 "privileged" => cfg.privileged_port = Some(boolean("privileged")?),
+                "mode" => cfg.file_mode = u32::from_str_radix(&v, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "nfs URL parameter mode={v:?} is not octal permission bits (e.g. 640)"
+                        ))
+                    })?,
                 "sync" => {
                     cfg.stability = if boolean("sync")? {
                         WriteStability::FileSync
@@ -197,7 +229,7 @@ impl NfsConfig {
                 other => {
                     return Err(Error::invalid(format!(
                         "unknown nfs URL parameter {other:?} (known: export, uid, gid, mountport, \
-                         portmapper, request_size, concurrency, privileged, sync)"
+                         portmapper, request_size, concurrency, privileged, sync, mode)"
                     )));
                 }
             }
@@ -298,8 +330,9 @@ mod tests {
         assert_eq!(c.export, "/vrg");
         assert_eq!(c.path, "");
         assert_eq!(c.location(), "nfs://127.0.0.1/vrg");
+        assert_eq!(c.file_mode, 0o600);
         let c = NfsConfig::from_url(
-            "nfs://h:2050/e/a/b?uid=7&gid=8&mountport=999&request_size=4194304&concurrency=4&sync=true&privileged=false",
+            "nfs://h:2050/e/a/b?uid=7&gid=8&mountport=999&request_size=4194304&concurrency=4&sync=true&privileged=false&mode=640",
         )
         .unwrap();
         assert_eq!(c.nfs_port, Some(2050));
@@ -309,10 +342,13 @@ mod tests {
         assert_eq!(c.concurrency, 4);
         assert_eq!(c.stability, WriteStability::FileSync);
         assert_eq!(c.privileged_port, Some(false));
+        assert_eq!(c.file_mode, 0o640);
         assert_eq!(c.path, "a/b");
         assert_eq!(c.location(), "nfs://h:2050/e/a/b");
         for bad in [
             "nfs://h/e?uid=x",
+            "nfs://h/e?mode=9",
+            "nfs://h/e?mode=17777",
             "nfs://h/e?what=1",
             "nfs://h/e?request_size=1",
             "nfs://h/e?concurrency=0",

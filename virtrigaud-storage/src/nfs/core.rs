@@ -232,7 +232,7 @@ pub struct DirEntry {
 pub enum CreateMode {
     /// Truncate or reuse an existing file.
     Unchecked,
-    /// Fail with `AlreadyExists` if the name exists (mode 0644).
+    /// Fail with `AlreadyExists` if the name exists (mode: [`NfsConfig::file_mode`]).
     Guarded,
     /// Exclusive create with a verifier (safe to repeat after a lost reply); the file gets
     /// default attributes.
@@ -535,9 +535,10 @@ impl NfsCore {
         mode: CreateMode,
         target: &str,
     ) -> Result<FileHandle> {
+        let file_mode = self.config().file_mode;
         let how = || match mode {
-            CreateMode::Unchecked => createhow3::UNCHECKED(file_attrs()),
-            CreateMode::Guarded => createhow3::GUARDED(file_attrs()),
+            CreateMode::Unchecked => createhow3::UNCHECKED(file_attrs(file_mode)),
+            CreateMode::Guarded => createhow3::GUARDED(file_attrs(file_mode)),
             CreateMode::Exclusive(v) => createhow3::EXCLUSIVE(createverf3(v)),
         };
         let res = rpc!(self, "create", target, |c| c.create(&CREATE3args {
@@ -833,9 +834,9 @@ fn diropargs<'a>(dir: &FileHandle, name: &'a str) -> diropargs3<'a> {
     }
 }
 
-fn file_attrs() -> sattr3 {
+fn file_attrs(mode: u32) -> sattr3 {
     sattr3 {
-        mode: Nfs3Option::Some(0o644),
+        mode: Nfs3Option::Some(mode),
         ..Default::default()
     }
 }

@@ -80,14 +80,15 @@ use nfs3_client::nfs3_types::nfs3::{fattr3, ftype3, stable_how};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::SystemTime;
-use virtrigaud_core::io::{ByteSink, ByteStream, unique_suffix};
+use virtrigaud_core::io::{ByteSink, ByteStream};
 use virtrigaud_core::storage::{validate_key, validate_prefix};
+use virtrigaud_core::temp::{is_own_temp_name, is_stale, is_temp_name, temp_name};
 use virtrigaud_core::{
     Error, ErrorKind, ObjectMeta, PutOptions, Result, StorageBackend, StorageCapabilities,
 };
 
-/// Suffix of temporary files (never listed).
-pub const TMP_SUFFIX: &str = ".vrg-tmp";
+/// Suffix of temporary files (never listed); see [`virtrigaud_core::temp`].
+pub const TMP_SUFFIX: &str = virtrigaud_core::temp::TEMP_SUFFIX;
 
 /// Object storage on an NFSv3 export.
 #[derive(Debug, Clone)]
@@ -218,6 +219,45 @@ impl NfsBackend {
         Ok(Some((fh, attr)))
     }
 
+    /// Removes the temporary files interrupted puts left in `dir` that were not modified for
+    /// `max_age` (see [`virtrigaud_core::temp`]): regular files of exactly our temporary name
+    /// shape only. Best effort: a failure is logged, never returned.
+    async fn sweep(&self, dir: &FileHandle, max_age: std::time::Duration, key: &str) {
+        let entries = match self.core.readdirplus(dir, key).await {
+            Ok(Some(e)) => e,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(key, error = %e, "temp sweep: cannot read the directory");
+                return;
+            }
+        };
+        for e in entries {
+            let Ok(name) = String::from_utf8(e.name) else {
+                continue;
+            };
+            if !is_own_temp_name(&name) {
+                continue;
+            }
+            let attr = match (e.attr, &e.handle) {
+                (Some(a), _) => a,
+                (None, Some(h)) => match self.core.getattr(h, key).await {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                },
+                (None, None) => continue,
+            };
+            if attr.type_ != ftype3::NF3REG || !is_stale(SystemTime::from(attr.mtime), max_age) {
+                continue;
+            }
+            match self.core.remove(dir, &name, key).await {
+                Ok(_) => tracing::info!(key, file = %name,
+                    "removed a stale temporary file left by an interrupted put"),
+                Err(e) => tracing::warn!(key, file = %name, error = %e,
+                    "cannot remove a stale temporary file"),
+            }
+        }
+    }
+
     async fn start_put(&self, key: &str, opts: &PutOptions) -> Result<NfsWriter> {
         let (dirs, name) = split_key(key);
         let write_size = self.core.mount().await?.write_size;
@@ -230,6 +270,9 @@ impl NfsBackend {
             attempt += 1;
             let res = async {
                 let (dir, created_dirs) = self.make_dirs(&dirs, key).await?;
+                if let Some(max_age) = self.core.config().temp_max_age {
+                    self.sweep(&dir, max_age, key).await;
+                }
                 if !opts.overwrite && self.core.lookup(&dir, name, key).await?.is_some() {
                     return Err(Error::new(
                         ErrorKind::AlreadyExists,
@@ -277,21 +320,6 @@ fn split_key(key: &str) -> (Vec<&str>, &str) {
     let mut parts: Vec<&str> = key.split('/').collect();
     let name = parts.pop().unwrap_or("");
     (parts, name)
-}
-
-/// The temp name of a put of `name`: `.<name>.<unique>.vrg-tmp`, with `name` cut to 100 bytes
-/// so that the temp name stays under the usual 255-byte limit whenever `name` is under it.
-fn temp_name(name: &str) -> String {
-    let mut end = name.len().min(100);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!(".{}.{}{TMP_SUFFIX}", &name[..end], unique_suffix())
-}
-
-/// Whether a name is one of our temp files.
-fn is_temp_name(name: &str) -> bool {
-    name.starts_with('.') && name.ends_with(TMP_SUFFIX)
 }
 
 fn meta(key: String, a: &fattr3) -> ObjectMeta {

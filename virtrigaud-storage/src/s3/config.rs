@@ -15,11 +15,17 @@ pub const MAX_PART_SIZE: u64 = 5 << 30;
 pub const MAX_PARTS: u64 = 10_000;
 /// S3's largest object (5 TiB).
 pub const MAX_OBJECT_SIZE: u64 = 5 << 40;
-/// Part size used when a put has no size hint and the config sets none: 8 MiB, which caps such
-/// an object at 10,000 × 8 MiB = 78.125 GiB. Pass a size hint, or raise
-/// [`S3Config::part_size`], for larger objects.
+/// Size of the first parts of a put when the config sets none: 8 MiB (see [`part_size_of`]).
 pub const DEFAULT_PART_SIZE: u64 = 8 * MIB;
-/// Parts in flight per put by default (memory ≈ part size × (concurrency + 1)).
+/// Parts of one size in the schedule, before the size doubles (see [`part_size_of`]).
+pub const PARTS_PER_TIER: u64 = 1000;
+/// Tiers whose size doubles, each [`PARTS_PER_TIER`] parts (7: the first size to 64 times it).
+pub const DOUBLING_TIERS: u64 = 7;
+/// The smallest size of the parts after the doubling tiers (parts 7,001 to 10,000): 1.5 GiB,
+/// enough for 10,000 parts to hold 5 TiB whatever the first size (at least 5 MiB).
+pub const LAST_TIER_MIN_PART_SIZE: u64 = 1536 * MIB;
+/// Parts in flight per put by default (memory ≈ part size × (concurrency + 1); fewer when the
+/// parts grow, see [`S3Config::concurrency`]).
 pub const DEFAULT_CONCURRENCY: usize = 4;
 
 /// What happens to a multipart upload whose writer is dropped without `commit` or `abort`.
@@ -59,10 +65,13 @@ pub struct S3Config {
     pub secret_access_key: Option<Secret>,
     /// Session token of temporary credentials.
     pub session_token: Option<Secret>,
-    /// Part size of multipart puts; `None` chooses automatically (see
-    /// [`choose_part_size`]). Raised when needed so that the size hint fits in 10,000 parts.
+    /// Size of the first parts of a multipart put (default [`DEFAULT_PART_SIZE`], 8 MiB); the
+    /// parts that follow grow by the schedule of [`part_size_of`], so any object up to 5 TiB
+    /// fits in 10,000 parts whatever this size and whatever the put's size hint.
     pub part_size: Option<u64>,
-    /// Parts uploaded at the same time by one put.
+    /// Parts uploaded at the same time by one put, at most: fewer once the parts grow, so that
+    /// the parts in flight stay within a memory budget of 96 MiB (one at a time from 64 MiB
+    /// parts on).
     pub concurrency: usize,
     /// Verify TLS certificates (on by default; turning it off is explicit).
     pub tls_verify: bool,
@@ -227,35 +236,57 @@ impl S3Config {
     }
 }
 
-/// The part size of a put: at least 5 MiB, at least `ceil(size_hint / 10,000)` rounded up to a
-/// whole MiB (so any object up to 5 TiB fits in 10,000 parts), the configured size when larger,
-/// and [`DEFAULT_PART_SIZE`] (8 MiB) when neither a hint nor a configured size is given.
+/// The size of part `number` (1-based) of a put whose first part is `first` bytes: the part-size
+/// schedule of every multipart put.
 ///
-/// A hint above 5 TiB is refused (`InvalidInput`).
+/// It depends on the part number only, never on the object's (unknown) final size, so a put
+/// that resumes an upload computes the same sizes, and an object gets small parts while it is
+/// small whatever size hint its put was given. With the default first size of 8 MiB:
+///
+/// | parts | size | the object holds up to |
+/// |---|---|---|
+/// | 1 – 1,000 | 8 MiB | 7.8 GiB |
+/// | 1,001 – 2,000 | 16 MiB | 23.4 GiB |
+/// | 2,001 – 3,000 | 32 MiB | 54.7 GiB |
+/// | 3,001 – 4,000 | 64 MiB | 117 GiB |
+/// | 4,001 – 5,000 | 128 MiB | 242 GiB |
+/// | 5,001 – 6,000 | 256 MiB | 492 GiB |
+/// | 6,001 – 7,000 | 512 MiB | 992 GiB |
+/// | 7,001 – 10,000 | 1.5 GiB | 5.36 TiB |
+///
+/// In general: `first × 2^tier` for the 7 tiers of 1,000 parts, then
+/// `max(192 × first, 1.5 GiB)` ([`LAST_TIER_MIN_PART_SIZE`]), each size kept within S3's
+/// 5 MiB – 5 GiB. 10,000 parts so hold at least 5 TiB for any first size S3 allows.
 ///
 /// ```
 /// # use virtrigaud_storage::s3::config::*;
-/// assert_eq!(choose_part_size(None, None).unwrap(), 8 << 20);
-/// assert_eq!(choose_part_size(Some(1 << 30), None).unwrap(), 5 << 20);
-/// let p = choose_part_size(Some(5 << 40), None).unwrap();
-/// assert!((5u64 << 40).div_ceil(p) <= 10_000);
+/// assert_eq!(part_size_of(1, DEFAULT_PART_SIZE), 8 << 20);
+/// assert_eq!(part_size_of(1000, DEFAULT_PART_SIZE), 8 << 20);
+/// assert_eq!(part_size_of(1001, DEFAULT_PART_SIZE), 16 << 20);
+/// assert!(schedule_capacity(10_000, MIN_PART_SIZE) >= MAX_OBJECT_SIZE);
 /// ```
-pub fn choose_part_size(size_hint: Option<u64>, configured: Option<u64>) -> Result<u64> {
-    let needed = match size_hint {
-        Some(size) if size > MAX_OBJECT_SIZE => {
-            return Err(Error::invalid(format!(
-                "object of {size} bytes exceeds S3's 5 TiB limit"
-            )));
-        }
-        Some(size) => size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB,
-        None => 0,
+pub fn part_size_of(number: u32, first: u64) -> u64 {
+    let tier = u64::from(number.max(1) - 1) / PARTS_PER_TIER;
+    let size = if tier < DOUBLING_TIERS {
+        first.saturating_mul(1 << tier)
+    } else {
+        first
+            .saturating_mul(3 << (DOUBLING_TIERS - 1))
+            .max(LAST_TIER_MIN_PART_SIZE)
     };
-    let base = match (configured, size_hint) {
-        (Some(p), _) => p,
-        (None, Some(_)) => MIN_PART_SIZE,
-        (None, None) => DEFAULT_PART_SIZE,
-    };
-    Ok(base.max(needed).clamp(MIN_PART_SIZE, MAX_PART_SIZE))
+    size.clamp(MIN_PART_SIZE, MAX_PART_SIZE)
+}
+
+/// Bytes the first `parts` parts of the schedule hold ([`part_size_of`]).
+pub fn schedule_capacity(parts: u32, first: u64) -> u64 {
+    (1..=parts).map(|n| part_size_of(n, first)).sum()
+}
+
+/// The first part size of a put: the configured one, else [`DEFAULT_PART_SIZE`].
+pub fn first_part_size(configured: Option<u64>) -> u64 {
+    configured
+        .unwrap_or(DEFAULT_PART_SIZE)
+        .clamp(MIN_PART_SIZE, MAX_PART_SIZE)
 }
 
 #[cfg(test)]
@@ -263,44 +294,49 @@ mod tests {
     use super::*;
 
     #[test]
-    fn part_size_fits_five_tib_in_ten_thousand_parts() {
-        for size in [
-            0,
-            1,
-            5 * MIB,
-            48 << 30,
-            50 << 30,
-            1 << 40,
-            (5 << 40) - 1,
-            5 << 40,
+    fn part_schedule_holds_five_tib_grows_and_is_deterministic() {
+        for first in [
+            MIN_PART_SIZE,
+            DEFAULT_PART_SIZE,
+            7 * MIB + 3,
+            64 * MIB,
+            MAX_PART_SIZE,
         ] {
-            let p = choose_part_size(Some(size), None).unwrap();
-            assert!((MIN_PART_SIZE..=MAX_PART_SIZE).contains(&p), "{size}: {p}");
-            assert_eq!(p % MIB, 0, "{size}: {p}");
-            assert!(size.div_ceil(p) <= MAX_PARTS, "{size}: {p}");
+            let sizes: Vec<u64> = (1..=MAX_PARTS as u32)
+                .map(|n| part_size_of(n, first))
+                .collect();
+            // 10,000 parts hold 5 TiB, so any object S3 accepts fits.
+            let total: u64 = sizes.iter().sum();
+            assert!(total >= MAX_OBJECT_SIZE, "first {first}: {total}");
+            assert_eq!(total, schedule_capacity(MAX_PARTS as u32, first));
+            // S3's limits, growth only, and the configured size first.
+            assert!(
+                sizes
+                    .iter()
+                    .all(|s| (MIN_PART_SIZE..=MAX_PART_SIZE).contains(s))
+            );
+            assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "first {first}");
+            assert_eq!(sizes[0], first.clamp(MIN_PART_SIZE, MAX_PART_SIZE));
+            // Deterministic: the same number gives the same size (resume relies on it).
+            let again: Vec<u64> = (1..=MAX_PARTS as u32)
+                .map(|n| part_size_of(n, first))
+                .collect();
+            assert_eq!(sizes, again);
         }
-        assert_eq!(choose_part_size(Some(5 << 40), None).unwrap(), 525 * MIB);
-        assert_eq!(choose_part_size(Some(1 << 40), None).unwrap(), 105 * MIB);
-        // a configured size is a floor, raised when the hint needs it
-        assert_eq!(
-            choose_part_size(Some(1 << 30), Some(64 * MIB)).unwrap(),
-            64 * MIB
-        );
-        assert_eq!(
-            choose_part_size(Some(1 << 40), Some(64 * MIB)).unwrap(),
-            105 * MIB
-        );
-        // no hint: 8 MiB, so the cap is 78.125 GiB unless the config raises it
-        assert_eq!(
-            choose_part_size(None, None).unwrap() * MAX_PARTS,
-            80_000 * MIB
-        );
-        assert_eq!(
-            choose_part_size((5u64 << 40).checked_add(1), None)
-                .unwrap_err()
-                .kind(),
-            virtrigaud_core::ErrorKind::InvalidInput
-        );
+        // Small objects get small parts: the default schedule's first thousand parts are
+        // 8 MiB (7.8 GiB), and parts only reach 64 MiB beyond 54 GiB.
+        assert_eq!(first_part_size(None), DEFAULT_PART_SIZE);
+        assert!((1..=1000).all(|n| part_size_of(n, DEFAULT_PART_SIZE) == 8 * MIB));
+        assert_eq!(schedule_capacity(1000, DEFAULT_PART_SIZE), 8000 * MIB);
+        assert_eq!(part_size_of(3000, DEFAULT_PART_SIZE), 32 * MIB);
+        assert!(schedule_capacity(3000, DEFAULT_PART_SIZE) > 54 << 30);
+        assert_eq!(part_size_of(7000, DEFAULT_PART_SIZE), 512 * MIB);
+        assert_eq!(part_size_of(7001, DEFAULT_PART_SIZE), 1536 * MIB);
+        assert_eq!(part_size_of(10_000, DEFAULT_PART_SIZE), 1536 * MIB);
+        // Numbers outside 1..=10,000 do not panic.
+        assert_eq!(part_size_of(0, DEFAULT_PART_SIZE), 8 * MIB);
+        assert_eq!(part_size_of(u32::MAX, DEFAULT_PART_SIZE), 1536 * MIB);
+        assert_eq!(first_part_size(Some(MIB)), MIN_PART_SIZE);
     }
 
     #[test]

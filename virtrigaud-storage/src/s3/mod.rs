@@ -26,13 +26,17 @@
 //!
 //! ## Puts
 //!
-//! [`S3Writer`] gathers bytes into parts; an object that fits in one part is one PutObject. The
-//! part size is chosen by [`config::choose_part_size`]: at least 5 MiB and at least
-//! `ceil(size_hint / 10,000)` rounded up to a MiB (so 5 TiB fits in 10,000 parts), 8 MiB when
-//! the put has no size hint — which caps such an object at 78.125 GiB unless
-//! [`S3Config::part_size`] is raised. Parts are uploaded by up to [`S3Config::concurrency`]
-//! tasks (default 4); memory ≈ part size × (concurrency + 1). Each part runs in a `s3.part`
-//! tracing span.
+//! [`S3Writer`] gathers bytes into parts; an object that fits in one part is one PutObject. Part
+//! sizes follow one schedule that depends on the part number only ([`config::part_size_of`]):
+//! 8 MiB for the first 1,000 parts (the first size is [`S3Config::part_size`]), doubling every
+//! 1,000 parts up to 512 MiB, then 1.5 GiB, so 10,000 parts hold any object up to 5 TiB. The
+//! put's size hint plays no part in it: a disk's virtual size says little about what its image
+//! will store (a 5 TiB thin disk may hold 64 MiB), and a small object keeps small parts. A put
+//! that resumes computes the same sizes from the same part numbers. Parts are uploaded by up to
+//! [`S3Config::concurrency`] tasks (default 4), fewer once parts grow, so that the parts in
+//! flight stay within 96 MiB (one at a time from 64 MiB parts on); memory ≈ part size ×
+//! (concurrency + 1). An object beyond 5 TiB fails when its bytes pass the limit. Each part
+//! runs in a `s3.part` tracing span.
 //!
 //! ## Resume
 //!
@@ -83,9 +87,9 @@ pub mod writer;
 
 pub use self::config::{DropPolicy, RetryConfig, S3Config};
 pub use self::core::{PendingUpload, RemotePart};
-pub use self::writer::{CHECKPOINT_SUFFIX, Checkpoint, S3Writer, WriterStats};
+pub use self::writer::{CHECKPOINT_SUFFIX, CHECKPOINT_VERSION, Checkpoint, S3Writer, WriterStats};
 
-use self::config::{MAX_PART_SIZE, MIB, MIN_PART_SIZE, choose_part_size};
+use self::config::first_part_size;
 use self::core::{S3Core, endpoint_parts, http_client};
 use self::error as s3err;
 use self::writer::{Resume, WriterParams, known_parts};
@@ -103,8 +107,8 @@ use virtrigaud_core::{
 /// Longest validity of a presigned URL (SigV4 limit).
 const MAX_PRESIGN: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// Bytes of parts buffered at once that a put aims to stay under: the concurrency is lowered
-/// when big objects need big parts (e.g. 105 MiB parts for 1 TiB run one at a time).
+/// Bytes of parts in flight that a put aims to stay under: the concurrency is lowered as the
+/// parts grow (64 MiB parts and larger go one at a time).
 const MEMORY_BUDGET: u64 = 96 << 20;
 
 /// An S3 bucket (and key prefix) used as intermediate storage.
@@ -210,12 +214,14 @@ impl S3Backend {
             .with_operation("s3.put")
             .with_target(self.target(key)));
         }
-        let mut part_size = choose_part_size(opts.size_hint, self.cfg.part_size)?;
+        // The part sizes come from the schedule alone (see the module documentation): the
+        // size hint only tells whether the object will fit in one part.
+        let mut part_size = first_part_size(self.cfg.part_size);
         // A put known to fit in one part is one PutObject: no checkpoint to look for.
         let resume = if opts.size_hint.is_some_and(|s| s <= part_size) {
             None
         } else {
-            self.load_resume(&full, opts.size_hint, &mut part_size)
+            self.load_resume(&full, &mut part_size)
                 .await
                 .map_err(|e| e.with_operation("s3.put"))?
         };
@@ -224,12 +230,8 @@ impl S3Backend {
             WriterParams {
                 key: full,
                 part_size,
-                // Memory is about part size × (concurrency + 1): keep it near
-                // MEMORY_BUDGET whatever the part size big objects need.
-                concurrency: self
-                    .cfg
-                    .concurrency
-                    .min((MEMORY_BUDGET / part_size).max(1) as usize),
+                concurrency: self.cfg.concurrency,
+                memory_budget: MEMORY_BUDGET,
                 content_type: opts.content_type.clone(),
                 if_none_match: !opts.overwrite,
                 drop_policy: self.cfg.drop_policy,
@@ -239,13 +241,8 @@ impl S3Backend {
     }
 
     /// Reads the checkpoint of `full_key`, if any, and reconciles it with ListParts. Adopts the
-    /// checkpoint's part size when the size hint allows it.
-    async fn load_resume(
-        &self,
-        full_key: &str,
-        size_hint: Option<u64>,
-        part_size: &mut u64,
-    ) -> Result<Option<Resume>> {
+    /// checkpoint's first part size (the schedule then gives every part the size it had).
+    async fn load_resume(&self, full_key: &str, part_size: &mut u64) -> Result<Option<Resume>> {
         let cp_key = format!("{full_key}{CHECKPOINT_SUFFIX}");
         let Some(raw) = self.core.get_small_object(&cp_key).await? else {
             return Ok(None);
@@ -257,14 +254,11 @@ impl S3Backend {
                 return Ok(None);
             }
         };
-        let needed = size_hint
-            .map(|s| s.div_ceil(config::MAX_PARTS).div_ceil(MIB) * MIB)
-            .unwrap_or(0)
-            .max(MIN_PART_SIZE);
-        if checkpoint.version != 1
+        // Version 1 checkpoints (fixed part sizes, from before the schedule) are not resumed.
+        if checkpoint.version != CHECKPOINT_VERSION
             || checkpoint.key != full_key
             || checkpoint.upload_id.is_empty()
-            || !(needed..=MAX_PART_SIZE).contains(&checkpoint.part_size)
+            || first_part_size(Some(checkpoint.part_size)) != checkpoint.part_size
         {
             tracing::warn!(key = %full_key, upload_id = %checkpoint.upload_id, "S3 upload checkpoint does not fit this put: starting over");
             self.drop_upload(full_key, &checkpoint.upload_id).await;

@@ -1,11 +1,14 @@
 //! [`S3Writer`]: the multipart [`ByteSink`] with a checkpoint for resume across processes.
 //!
-//! Bytes are gathered into parts of a fixed size; each full part is uploaded by a task of its
-//! own (at most `concurrency` at a time, so memory ≈ part size × (concurrency + 1)). An object
-//! that never fills more than one part goes up as one PutObject on `commit`.
+//! Bytes are gathered into parts whose sizes follow the schedule of
+//! [`part_size_of`](super::config::part_size_of) (a function of the part number alone); each full
+//! part is uploaded by a task of its own (at most `concurrency` at a time, fewer as parts grow so
+//! that the parts in flight stay within the memory budget; memory ≈ part size ×
+//! (concurrency + 1)). An object that never fills more than one part goes up as one PutObject
+//! on `commit`.
 //!
 //! The multipart upload is created when the first part is ready, and its checkpoint
-//! `<key>.upload.json` (upload id, part size, creation time, and the parts known to be stored
+//! `<key>.upload.json` (upload id, first part size, creation time, and the parts known to be stored
 //! with their MD5 and ETag) is written right after. When a put starts and that checkpoint exists,
 //! the writer reuses the upload: ListParts tells which parts the server holds, and each part the
 //! writer is about to send is skipped when the server lists its number with the same size and an
@@ -14,7 +17,7 @@
 //! most once per second while parts complete, and at [`S3Writer::wait_parts`] /
 //! [`S3Writer::suspend`]; it is removed after Complete or Abort.
 
-use super::config::{DropPolicy, MAX_PARTS};
+use super::config::{DropPolicy, MAX_OBJECT_SIZE, MAX_PARTS, part_size_of};
 use super::core::{RemotePart, S3Core, normalize_etag};
 use super::sign::sha256_hex;
 use async_trait::async_trait;
@@ -31,6 +34,11 @@ use virtrigaud_core::{Error, ErrorKind, Result};
 
 /// Suffix of checkpoint objects: `<key>.upload.json`.
 pub const CHECKPOINT_SUFFIX: &str = ".upload.json";
+
+/// Schema version of the checkpoints this library writes and resumes: 2, part sizes from the
+/// schedule of [`part_size_of`] starting at [`Checkpoint::part_size`]. (Version 1 had one
+/// fixed part size; such an upload is not resumed but started over.)
+pub const CHECKPOINT_VERSION: u32 = 2;
 
 /// How often the checkpoint is refreshed while parts complete.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
@@ -51,13 +59,14 @@ pub struct CheckpointPart {
 /// The checkpoint object of a multipart upload in progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
-    /// Schema version (1).
+    /// Schema version ([`CHECKPOINT_VERSION`]).
     pub version: u32,
     /// Full object key (prefix included).
     pub key: String,
     /// Upload id.
     pub upload_id: String,
-    /// Part size of the upload.
+    /// Size of the first part of the upload; part `n` has
+    /// [`part_size_of(n, part_size)`](super::config::part_size_of) bytes.
     pub part_size: u64,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix: u64,
@@ -155,8 +164,10 @@ pub struct S3Writer {
     /// Full object key.
     key: String,
     checkpoint_key: String,
+    /// Size of the first part (the schedule gives the others).
     part_size: u64,
     concurrency: usize,
+    memory_budget: u64,
     content_type: Option<String>,
     if_none_match: bool,
     drop_policy: DropPolicy,
@@ -176,10 +187,20 @@ pub(crate) struct WriterParams {
     pub key: String,
     pub part_size: u64,
     pub concurrency: usize,
+    pub memory_budget: u64,
     pub content_type: Option<String>,
     pub if_none_match: bool,
     pub drop_policy: DropPolicy,
     pub resume: Option<Resume>,
+}
+
+/// Parts of `part_size` bytes that may be in flight at once: `configured`, lowered so that they
+/// stay within `budget` bytes, and at least one.
+pub(crate) fn parts_in_flight(configured: usize, budget: u64, part_size: u64) -> usize {
+    let fit = (budget / part_size.max(1)).max(1);
+    configured
+        .max(1)
+        .min(usize::try_from(fit).unwrap_or(usize::MAX))
 }
 
 fn now_unix() -> u64 {
@@ -196,7 +217,8 @@ impl S3Writer {
             core,
             key: p.key,
             part_size: p.part_size,
-            concurrency: p.concurrency,
+            concurrency: p.concurrency.max(1),
+            memory_budget: p.memory_budget,
             content_type: p.content_type,
             if_none_match: p.if_none_match,
             drop_policy: p.drop_policy,
@@ -213,9 +235,24 @@ impl S3Writer {
         }
     }
 
-    /// The part size of this put.
+    /// The size of the first part of this put.
     pub fn part_size(&self) -> u64 {
         self.part_size
+    }
+
+    /// The size of part `number` (1-based) of this put.
+    pub fn part_size_of(&self, number: u32) -> u64 {
+        part_size_of(number, self.part_size)
+    }
+
+    /// Parts of the size of part `number` that may be in flight at once: the configured
+    /// concurrency, lowered so that they stay within the memory budget (at least one).
+    pub fn concurrency_for(&self, number: u32) -> usize {
+        parts_in_flight(
+            self.concurrency,
+            self.memory_budget,
+            self.part_size_of(number),
+        )
     }
 
     /// The multipart upload id, once the upload exists (or when resuming one).
@@ -284,7 +321,7 @@ impl S3Writer {
     fn checkpoint(&self) -> Option<Checkpoint> {
         let up = self.upload.as_ref()?;
         Some(Checkpoint {
-            version: 1,
+            version: CHECKPOINT_VERSION,
             key: self.key.clone(),
             upload_id: up.upload_id.to_string(),
             part_size: self.part_size,
@@ -376,14 +413,14 @@ impl S3Writer {
         let number = self.next_part;
         if u64::from(number) > MAX_PARTS {
             return Err(Error::invalid(format!(
-                "object exceeds 10,000 parts of {} bytes ({} bytes); give a size hint or raise the S3 part size",
-                self.part_size,
-                MAX_PARTS * self.part_size
+                "object exceeds S3's 10,000 parts ({} bytes written)",
+                self.stats.bytes_written
             ))
             .with_target(format!("s3://{}/{}", self.core.bucket, self.key)));
         }
         let upload_id = self.ensure_upload().await?;
-        while self.inflight.len() >= self.concurrency {
+        let concurrency = self.concurrency_for(number);
+        while self.inflight.len() >= concurrency {
             if let Some(r) = self.inflight.join_next().await {
                 self.record(r)?;
             }
@@ -532,14 +569,22 @@ impl S3Writer {
 impl ByteSink for S3Writer {
     async fn write(&mut self, data: Bytes) -> Result<()> {
         self.stats.bytes_written += data.len() as u64;
-        let ps = self.part_size as usize;
+        if self.stats.bytes_written > MAX_OBJECT_SIZE {
+            return Err(Error::invalid(format!(
+                "object of more than {} bytes exceeds S3's 5 TiB limit",
+                self.stats.bytes_written
+            ))
+            .with_target(format!("s3://{}/{}", self.core.bucket, self.key)));
+        }
         let mut data = data;
         while !data.is_empty() {
             // Fill the current part; a full part is sent only once more bytes arrive, so that
             // an object of exactly one part goes up as one PutObject.
-            if self.buf.len() == ps {
+            let ps = usize::try_from(self.part_size_of(self.next_part)).unwrap_or(usize::MAX);
+            if self.buf.len() >= ps {
                 let part = std::mem::take(&mut self.buf).freeze();
                 self.send_part(part).await?;
+                continue;
             }
             let room = ps - self.buf.len();
             let take = room.min(data.len());
@@ -612,7 +657,7 @@ mod tests {
 
     fn cp(parts: Vec<CheckpointPart>) -> Checkpoint {
         Checkpoint {
-            version: 1,
+            version: CHECKPOINT_VERSION,
             key: "k".into(),
             upload_id: "u".into(),
             part_size: 5 << 20,
@@ -681,6 +726,30 @@ mod tests {
         assert_eq!(k[&4].reusable_etag(10, md5), None);
         // recorded, but the server does not list it
         assert!(!k.contains_key(&5));
+    }
+
+    #[test]
+    fn parts_in_flight_stay_within_the_memory_budget_as_parts_grow() {
+        use super::super::config::{DEFAULT_PART_SIZE, MAX_PARTS};
+        let budget = 96 << 20;
+        let mut last = usize::MAX;
+        for n in 1..=MAX_PARTS as u32 {
+            let size = part_size_of(n, DEFAULT_PART_SIZE);
+            let k = parts_in_flight(4, budget, size);
+            assert!((1..=4).contains(&k), "part {n}");
+            // Within the budget whenever one part fits in it; one at a time otherwise.
+            assert!(
+                k as u64 * size <= budget || k == 1,
+                "part {n}: {k} x {size}"
+            );
+            assert!(k <= last, "concurrency only goes down as parts grow");
+            last = k;
+        }
+        assert_eq!(parts_in_flight(4, budget, 8 << 20), 4);
+        assert_eq!(parts_in_flight(4, budget, 32 << 20), 3);
+        assert_eq!(parts_in_flight(4, budget, 64 << 20), 1);
+        assert_eq!(parts_in_flight(4, budget, 1536 << 20), 1);
+        assert_eq!(parts_in_flight(0, budget, 8 << 20), 1);
     }
 
     #[test]

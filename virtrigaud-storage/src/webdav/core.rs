@@ -34,8 +34,8 @@ const SEGMENT: &AsciiSet = &CONTROLS
     .add(b'|')
     .add(b'}');
 
-/// The suffix of temporary objects (a put in progress).
-pub const TEMP_SUFFIX: &str = ".vrg-tmp";
+/// The suffix of temporary objects (a put in progress); see [`virtrigaud_core::temp`].
+pub const TEMP_SUFFIX: &str = virtrigaud_core::temp::TEMP_SUFFIX;
 
 /// Longest body of an error answer we read.
 const MAX_ERROR_BODY: usize = 4096;
@@ -48,23 +48,14 @@ const PROPFIND_BODY: &str = r#"<?xml version="1.0" encoding="utf-8"?>
 
 /// Whether the last segment of `key` is a temporary object of a put in progress.
 pub fn is_temp_key(key: &str) -> bool {
-    let name = key.rsplit('/').next().unwrap_or(key);
-    name.starts_with('.') && name.ends_with(TEMP_SUFFIX)
+    virtrigaud_core::temp::is_temp_name(key.rsplit('/').next().unwrap_or(key))
 }
 
 /// A temporary key next to `key`: `<dir>/.<name>.<unique>.vrg-tmp`.
 pub(crate) fn temp_key(key: &str) -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let unique = format!("{:x}-{nanos:x}-{n:x}", std::process::id());
     match key.rsplit_once('/') {
-        Some((dir, name)) => format!("{dir}/.{name}.{unique}{TEMP_SUFFIX}"),
-        None => format!(".{key}.{unique}{TEMP_SUFFIX}"),
+        Some((dir, name)) => format!("{dir}/{}", virtrigaud_core::temp::temp_name(name)),
+        None => virtrigaud_core::temp::temp_name(key),
     }
 }
 

@@ -26,6 +26,9 @@
 //! | list | `PROPFIND` with `Depth: 1`, walking down the collections under the prefix |
 //!
 //! Temporary objects (`.*.vrg-tmp`) never appear in listings; keys of that shape are refused.
+//! Temporary objects that a killed process left are not swept: nginx's dav-ext module hides
+//! names starting with a dot from `PROPFIND`, so a put cannot see them (remove them on the
+//! server, e.g. `find DIR -name '.*.vrg-tmp' -mtime +1 -delete`).
 //! Commit is atomic: the object appears under its key only through the MOVE (a rename on the
 //! server). Abort or drop cancels the PUT mid-body (the server discards it) and DELETEs the
 //! temporary name anyway.

@@ -44,6 +44,10 @@
 //! cluster whose data never arrives is written as zeros. A data extent outside the map is a
 //! contract violation (`InvalidInput`). The output is deterministic.
 //!
+//! The header's size is always a whole number of 512-byte sectors: QEMU reads it in sectors,
+//! rounding down, so a disk whose size is not such a multiple is rounded *up* with zeros, as
+//! `qemu-img convert` does (see [`stored_virtual_size`](crate::format::stored_virtual_size)).
+//!
 //! Compressed output ([`EncodeOptions::compress`]) takes two passes: the tables written first
 //! hold the offsets and sizes of the compressed clusters, known only after compressing. A
 //! sizing pass over [`DiskContent::replay`] records every cluster's compressed length, then the
@@ -82,7 +86,12 @@ pub async fn decode_sequential(
 }
 
 /// Encodes content as a qcow2 v3 image, strictly sequentially.
+///
+/// A size that is not a whole number of 512-byte sectors is rounded up with zeros, because
+/// QEMU reads the header's size in whole sectors and would cut the disk short (see
+/// [`stored_virtual_size`](crate::format::stored_virtual_size)).
 pub fn encode(content: DiskContent, opts: &EncodeOptions) -> Result<ChunkStream> {
+    let (content, _) = crate::format::pad_for(content, crate::format::DiskFormat::Qcow2)?;
     writer::encode(content, opts)
 }
 

@@ -134,7 +134,10 @@ async fn round_trip_in_memory() {
     for cs in [512u32, 4096, 65536] {
         for with_map in [true, false] {
             let vsize = 400_000 + 123;
-            let (c, flat) = sample_disk(vsize, with_map);
+            let (c, mut flat) = sample_disk(vsize, with_map);
+            // QEMU reads a qcow2 size in whole sectors: the encoder rounds it up with zeros.
+            let stored = vsize.next_multiple_of(512);
+            flat.resize(stored as usize, 0);
             let (file, chunks) = encode_vec(c, cs).await.unwrap();
             assert_eq!(file.len() as u64 % u64::from(cs), 0);
             if !with_map {
@@ -144,7 +147,7 @@ async fn round_trip_in_memory() {
             assert_eq!(r.unwrap(), flat, "random cs={cs} map={with_map}");
             assert_eq!(s.unwrap(), flat, "sequential cs={cs} map={with_map}");
             let src = Mem(Bytes::from(file.clone()));
-            assert_eq!(probe(&src).await.unwrap(), vsize);
+            assert_eq!(probe(&src).await.unwrap(), stored);
             // deterministic
             let (c2, _) = sample_disk(vsize, with_map);
             assert_eq!(encode_vec(c2, cs).await.unwrap().0, file);
@@ -169,8 +172,10 @@ async fn empty_and_tiny_disks() {
         let c = DiskContent::from_extents(vsize, vec![]);
         let (file, _) = encode_vec(c, 512).await.unwrap();
         let (r, s) = decode_both(&file).await;
-        assert_eq!(r.unwrap(), vec![0u8; vsize as usize]);
-        assert_eq!(s.unwrap(), vec![0u8; vsize as usize]);
+        // Rounded up to a whole sector (QEMU reads the size in sectors).
+        let stored = vsize.next_multiple_of(512) as usize;
+        assert_eq!(r.unwrap(), vec![0u8; stored]);
+        assert_eq!(s.unwrap(), vec![0u8; stored]);
     }
 }
 
@@ -553,7 +558,9 @@ fn check_image(file: &[u8]) -> (usize, usize) {
 
 #[tokio::test]
 async fn compressed_round_trip_in_memory() {
-    let (extents, flat, vsize) = mixed_disk();
+    let (extents, mut flat, vsize) = mixed_disk();
+    // Rounded up to a whole sector (QEMU reads a qcow2 size in sectors).
+    flat.resize(vsize.next_multiple_of(512) as usize, 0);
     for cs in [512u32, 4096, 65536, 2 << 20] {
         let c = DiskContent::from_extents(vsize, extents.clone());
         let file = encode_compressed(c, cs, 3).await.unwrap();
@@ -622,8 +629,9 @@ async fn compressed_empty_and_tiny_disks() {
         let file = encode_compressed(c, 512, 2).await.unwrap();
         check_image(&file);
         let (r, s) = decode_both(&file).await;
-        assert_eq!(r.unwrap(), vec![0u8; vsize as usize]);
-        assert_eq!(s.unwrap(), vec![0u8; vsize as usize]);
+        let stored = vsize.next_multiple_of(512) as usize;
+        assert_eq!(r.unwrap(), vec![0u8; stored]);
+        assert_eq!(s.unwrap(), vec![0u8; stored]);
     }
     let c = DiskContent::from_extents(
         1,
@@ -635,7 +643,9 @@ async fn compressed_empty_and_tiny_disks() {
     let file = encode_compressed(c, 65536, 2).await.unwrap();
     assert_eq!(check_image(&file), (0, 1));
     let (r, _) = decode_both(&file).await;
-    assert_eq!(r.unwrap(), b"x");
+    let mut want = b"x".to_vec();
+    want.resize(512, 0);
+    assert_eq!(r.unwrap(), want);
 }
 
 /// Content whose replay (the sizing pass) sees `before` and whose stream sees `now`.

@@ -47,7 +47,7 @@ pub use writer::{EMBEDDED_EXTENT_NAME, GRAIN_SECTORS};
 
 use crate::Result;
 use crate::extent::{DiskContent, ExtentStream};
-use crate::format::{ChunkStream, DecodeOptions, EncodeOptions};
+use crate::format::{ChunkStream, DecodeOptions, DiskFormat, EncodeOptions, VmdkSubformat};
 use crate::io::ReadAt;
 use async_trait::async_trait;
 use std::path::PathBuf;
@@ -90,12 +90,22 @@ pub async fn decode_flat(
 }
 
 /// Encodes content as a streamOptimized VMDK, grains compressed in parallel.
+///
+/// A size that is not a whole number of 512-byte sectors is rounded up with zeros (see
+/// [`stored_virtual_size`](crate::format::stored_virtual_size)).
 pub fn encode_stream_optimized(content: DiskContent, opts: &EncodeOptions) -> Result<ChunkStream> {
+    let (content, _) =
+        crate::format::pad_for(content, DiskFormat::Vmdk(VmdkSubformat::StreamOptimized))?;
     writer::encode_stream_optimized(content, opts)
 }
 
 /// Encodes content as a monolithicSparse VMDK.
+///
+/// A size that is not a whole number of 512-byte sectors is rounded up with zeros (see
+/// [`stored_virtual_size`](crate::format::stored_virtual_size)).
 pub fn encode_monolithic_sparse(content: DiskContent, opts: &EncodeOptions) -> Result<ChunkStream> {
+    let (content, _) =
+        crate::format::pad_for(content, DiskFormat::Vmdk(VmdkSubformat::MonolithicSparse))?;
     writer::encode_monolithic_sparse(content, opts)
 }
 

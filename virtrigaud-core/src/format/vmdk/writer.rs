@@ -23,14 +23,10 @@ const BATCH_GRAINS: usize = 16;
 const GT_SECTORS: u64 = 4;
 
 fn capacity_of(virtual_size: u64) -> Result<u64> {
-    // A VMDK counts its capacity in 512-byte sectors: rounding up would silently change the
-    // disk (and its content digest), so refuse sizes it cannot represent.
-    if !virtual_size.is_multiple_of(SECTOR) {
-        return Err(Error::invalid(format!(
-            "a VMDK cannot hold a disk of {virtual_size} bytes: its size must be a multiple of              512 (use raw or qcow2 for this disk)"
-        )));
-    }
-    let cap = virtual_size / SECTOR;
+    // A VMDK counts its capacity in 512-byte sectors. [`crate::format::encode`] has already
+    // rounded the size up to a whole sector (with zeros, like `qemu-img convert`); round up here
+    // too, so that no caller can ever get a capacity that cuts the disk short.
+    let cap = virtual_size.div_ceil(SECTOR);
     if cap > MAX_CAPACITY_SECTORS {
         return Err(Error::invalid(format!(
             "disk of {virtual_size} bytes too large for VMDK"

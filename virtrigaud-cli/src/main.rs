@@ -1,0 +1,915 @@
+//! `virtrigaud` — migrate VMs between libvirt, vSphere and Proxmox VE through S3, HTTP/WebDAV,
+//! NFS or a directory, from one command line.
+//!
+//! A package of its own (`cargo install virtrigaud-cli`) rather than a feature of the library,
+//! so that the library's users never compile clap, indicatif or toml.
+
+mod output;
+mod planfile;
+mod providers;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use output::{EXIT_CODES, Renderer, exit_code, json_line};
+use providers::Secrets;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use virtrigaud::io::{ImageSource, LocalFile};
+use virtrigaud::{
+    CancellationToken, DiskBus, DiskFormat, Error, ErrorKind, ExportOptions, ImportOptions,
+    Migration, MigrationPlan, OnFailure, PipelineOptions, PrepareSource, Result,
+};
+
+const AFTER_HELP: &str = "Providers: local:///dir, libvirt+qemu:///system, \
+libvirt+qemu+tcp://host/system, libvirt+qemu+ssh://user@host/system, \
+vsphere://user@vcenter/Datacenter?thumbprint=SHA256, \
+proxmox://user@realm!token@host:8006/node?fingerprint=SHA256. Stores: file:///dir, \
+s3://bucket/prefix (AWS_* variables), http(s)://host/path (WebDAV), nfs://host/export/path. \
+Secrets only from VIRTRIGAUD_VSPHERE_PASSWORD / VIRTRIGAUD_PROXMOX_PASSWORD or --password-file, \
+never from a URL.";
+
+/// Migrate virtual machines between libvirt/KVM, VMware vSphere and Proxmox VE.
+#[derive(Debug, Parser)]
+#[command(name = "virtrigaud", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    /// Print events and results as JSON lines (schema v1) instead of bars and text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// Read the provider password or token secret from this file.
+    #[arg(long, global = true, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Show a VM's hardware (CPUs, memory, firmware, disks, NICs).
+    ///
+    /// Example: virtrigaud inspect libvirt+qemu:///system web01 --json
+    #[command(after_help = AFTER_HELP)]
+    Inspect {
+        /// Provider URL.
+        provider: String,
+        /// VM name or id.
+        vm: String,
+    },
+    /// List the VMs of a provider.
+    ///
+    /// Example: virtrigaud list local:///srv/images
+    #[command(after_help = AFTER_HELP)]
+    List {
+        /// Provider URL.
+        provider: String,
+    },
+    /// Export a VM's disks (PROVIDER VM STORE) or an image file (IMAGE STORE KEY) to a store.
+    ///
+    /// Examples: virtrigaud export libvirt+qemu:///system web01 s3://bucket/vms --snapshot;
+    /// virtrigaud export disk.qcow2 file:///srv/stage web01/disk0
+    #[command(after_help = AFTER_HELP)]
+    Export {
+        /// Provider URL, or an image file.
+        source: String,
+        /// VM (with a provider) or store URL (with an image file).
+        second: String,
+        /// Store URL (with a provider) or key (with an image file).
+        third: String,
+        /// Only these disks (ids, repeatable).
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        /// Stored format: qcow2, raw, vmdk (streamOptimized), vmdk-sparse.
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+        /// qcow2 with compressed clusters.
+        #[arg(long)]
+        compress: bool,
+        /// Read from a snapshot taken for the export (removed afterwards).
+        #[arg(long)]
+        snapshot: bool,
+    },
+    /// Import a stored disk into a provider, verified against its manifest.
+    ///
+    /// Example: virtrigaud import file:///srv/stage web01/disk0 local:///srv/vms --vm web01 --name disk0
+    #[command(after_help = AFTER_HELP)]
+    Import {
+        /// Store URL.
+        store: String,
+        /// Key of the stored disk.
+        key: String,
+        /// Provider URL.
+        provider: String,
+        /// VM the disk belongs to (for naming and placement).
+        #[arg(long)]
+        vm: String,
+        /// Disk name on the target.
+        #[arg(long)]
+        name: String,
+        /// Target format (provider default otherwise).
+        #[arg(long)]
+        format: Option<String>,
+        /// Pool, storage or datastore on the target.
+        #[arg(long)]
+        placement: Option<String>,
+    },
+    /// Re-read a stored disk and check it against its manifest.
+    ///
+    /// Example: virtrigaud verify s3://bucket/vms web01/disk0
+    Verify {
+        /// Store URL.
+        store: String,
+        /// Key.
+        key: String,
+    },
+    /// Migrate one VM: export, stage, import, verify, create (resumable: run it again).
+    ///
+    /// Example: virtrigaud migrate --from libvirt+qemu:///system --to local:///srv/vms
+    ///   --via s3://bucket/stage web01 --snapshot --network-map default=br0
+    #[command(after_help = AFTER_HELP)]
+    Migrate(MigrateArgs),
+    /// Show the migrations found in a store (phase, disks done, bytes, lease holder).
+    ///
+    /// Example: virtrigaud status s3://bucket/stage migrations/
+    Status {
+        /// Store URL.
+        store: String,
+        /// Prefix to search under.
+        #[arg(default_value = "")]
+        prefix: String,
+    },
+    /// Plans of many VMs.
+    #[command(subcommand)]
+    Plan(PlanCmd),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Example: virtrigaud completions bash > /etc/bash_completion.d/virtrigaud
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PlanCmd {
+    /// Run a plan: every VM its own resumable migration, a bounded number at once.
+    ///
+    /// Example: virtrigaud plan run plan.toml --jobs 4; in a Kubernetes Indexed Job:
+    /// virtrigaud plan run /plan/plan.toml (JOB_COMPLETION_INDEX selects the VM)
+    Run {
+        /// The plan file (TOML; see the README).
+        plan: PathBuf,
+        /// VMs at once (default: the plan's `jobs`, else 2).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// VMs at once per source provider (default: the plan's `per_source`, else jobs).
+        #[arg(long)]
+        per_source: Option<usize>,
+        /// Run only the plan's VM number N (from 0).
+        #[arg(long, env = "JOB_COMPLETION_INDEX")]
+        index: Option<usize>,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct MigrateArgs {
+    /// Source provider URL.
+    #[arg(long)]
+    from: String,
+    /// Target provider URL.
+    #[arg(long)]
+    to: String,
+    /// Staging store URL.
+    #[arg(long)]
+    via: String,
+    /// Source VM.
+    vm: String,
+    /// Name on the target (default: the source name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Store prefix of this migration (default: migrations/<VM>).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Source network → target network (repeatable).
+    #[arg(long = "network-map", value_name = "A=B")]
+    network_map: Vec<String>,
+    /// Source datastore/pool/storage → target placement (repeatable).
+    #[arg(long = "storage-map", value_name = "A=B")]
+    storage_map: Vec<String>,
+    /// Source NIC model → target NIC model (repeatable), e.g. vmxnet3=virtio.
+    #[arg(long = "nic-model-map", value_name = "A=B")]
+    nic_model_map: Vec<String>,
+    /// Attach every disk on this bus: virtio, scsi, sata, ide, nvme.
+    #[arg(long)]
+    bus: Option<String>,
+    /// Default target placement (pool, storage, datastore).
+    #[arg(long)]
+    placement: Option<String>,
+    /// Only these disks (repeatable).
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// Read a running source from a snapshot.
+    #[arg(long, conflicts_with_all = ["shutdown", "as_is"])]
+    snapshot: bool,
+    /// Shut a running source down first (seconds to wait; forced off after).
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "300")]
+    shutdown: Option<u64>,
+    /// Read a running source as it is (may be inconsistent).
+    #[arg(long)]
+    as_is: bool,
+    /// Staged format.
+    #[arg(long, default_value = "qcow2")]
+    format: String,
+    /// Target disk format.
+    #[arg(long)]
+    target_format: Option<String>,
+    /// Start the new VM at the end.
+    #[arg(long)]
+    start: bool,
+    /// On failure, remove what the migration created and restore the source.
+    #[arg(long)]
+    rollback: bool,
+    /// Delete the staged objects after success.
+    #[arg(long)]
+    cleanup: bool,
+    /// Replace a target VM of the same name that this migration did not create.
+    #[arg(long)]
+    replace: bool,
+    /// Disks moved at once.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// Check everything and print the plan; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn main() -> ExitCode {
+    virtrigaud::io::limit_allocator_retention();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = cli.json;
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if json {
+                json_line(serde_json::json!({
+                    "event": "error",
+                    "kind": e.kind(),
+                    "message": e.to_string(),
+                }));
+            }
+            eprintln!("error: {e}");
+            ExitCode::from(exit_code(e.kind()))
+        }
+    }
+}
+
+fn ctrl_c(cancel: &CancellationToken) {
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ncancelling… (run the same command again to resume)");
+            c.cancel();
+        }
+    });
+}
+
+fn pairs(v: &[String], what: &str) -> Result<BTreeMap<String, String>> {
+    v.iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| Error::invalid(format!("--{what} takes A=B, not {s:?}")))
+        })
+        .collect()
+}
+
+fn bus(s: &str) -> Result<DiskBus> {
+    Ok(match s {
+        "virtio" => DiskBus::Virtio,
+        "scsi" => DiskBus::Scsi,
+        "sata" => DiskBus::Sata,
+        "ide" => DiskBus::Ide,
+        "nvme" => DiskBus::Nvme,
+        _ => return Err(Error::invalid(format!("unknown bus {s:?}"))),
+    })
+}
+
+fn pipeline(json: bool, cancel: &CancellationToken) -> PipelineOptions {
+    PipelineOptions {
+        cancel: cancel.clone(),
+        progress_interval: std::time::Duration::from_millis(if json { 1000 } else { 200 }),
+        ..Default::default()
+    }
+}
+
+fn print_result(json: bool, v: serde_json::Value, text: String) {
+    if json {
+        let mut v = v;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("event".into(), "result".into());
+        }
+        json_line(v);
+    } else {
+        println!("{text}");
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let secrets = Secrets {
+        password_file: cli.password_file.clone(),
+    };
+    let json = cli.json;
+    let cancel = CancellationToken::new();
+    ctrl_c(&cancel);
+    let renderer = Renderer::new(json, cli.quiet);
+    match cli.cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "virtrigaud",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Cmd::Inspect { provider, vm } => {
+            let p = providers::open(&provider, &secrets)?;
+            let info = p.describe_vm(&vm).await?;
+            let v = serde_json::to_value(&info).unwrap_or_default();
+            let mut t = format!(
+                "VM {} (id {})\n  state {:?}, {} vCPU, {} MiB, firmware {:?}, machine {}, guest {}\n",
+                info.name,
+                info.id,
+                info.state,
+                info.cpus,
+                info.memory_mib,
+                info.firmware,
+                info.machine.as_deref().unwrap_or("-"),
+                info.guest_os.as_deref().unwrap_or("-")
+            );
+            for d in &info.disks {
+                t += &format!(
+                    "  disk {:<8} {:>14} bytes  {:<22} {:<7} {}\n",
+                    d.id,
+                    d.capacity,
+                    d.format.map(|f| f.to_string()).unwrap_or("-".into()),
+                    d.bus
+                        .map(|b| format!("{b:?}").to_lowercase())
+                        .unwrap_or("-".into()),
+                    d.location
+                );
+            }
+            for n in &info.nics {
+                t += &format!(
+                    "  nic  {:<17} {:<8} {}\n",
+                    n.mac.as_deref().unwrap_or("-"),
+                    n.model.as_deref().unwrap_or("-"),
+                    n.network.as_deref().unwrap_or("-")
+                );
+            }
+            print_result(
+                json,
+                serde_json::json!({ "vm": v }),
+                t.trim_end().to_string(),
+            );
+            Ok(())
+        }
+        Cmd::List { provider } => {
+            let p = providers::open(&provider, &secrets)?;
+            let vms = p.list_vms().await?;
+            let t = vms
+                .iter()
+                .map(|v| format!("{:<24} {:<38} {:?}", v.name, v.id, v.state))
+                .collect::<Vec<_>>()
+                .join("\n");
+            print_result(json, serde_json::json!({ "vms": vms }), t);
+            Ok(())
+        }
+        Cmd::Verify { store, key } => {
+            let s = virtrigaud::storage::open(&store)?;
+            let opts = ImportOptions {
+                pipeline: pipeline(json, &cancel),
+                ..Default::default()
+            };
+            let m = virtrigaud::verify_object(&*s, &key, &opts).await?;
+            print_result(
+                json,
+                serde_json::json!({ "key": key, "manifest": m }),
+                format!(
+                    "OK {key}: sha256 {} content {}",
+                    m.object_digest.value, m.content_digest.value
+                ),
+            );
+            Ok(())
+        }
+        Cmd::Import {
+            store,
+            key,
+            provider,
+            vm,
+            name,
+            format,
+            placement,
+        } => {
+            let s = virtrigaud::storage::open(&store)?;
+            let p = providers::open(&provider, &secrets)?;
+            let mut opts = ImportOptions {
+                format: format.as_deref().map(DiskFormat::parse).transpose()?,
+                placement,
+                pipeline: pipeline(json, &cancel),
+                ..Default::default()
+            };
+            let r2 = renderer.clone();
+            let label = key.clone();
+            opts.pipeline.progress = Some(Arc::new(move |pr| r2.progress(&label, pr)));
+            let r = virtrigaud::import_disk(&*s, &key, &*p, &vm, &name, &opts).await;
+            renderer.finish();
+            let r = r?;
+            print_result(
+                json,
+                serde_json::json!({ "key": key, "location": r.location, "format": r.format,
+                    "content_digest": r.manifest.content_digest.value }),
+                format!(
+                    "imported {key} as {} ({}), verified: content {}",
+                    r.location, r.format, r.manifest.content_digest.value
+                ),
+            );
+            Ok(())
+        }
+        Cmd::Export {
+            source,
+            second,
+            third,
+            disks,
+            format,
+            compress,
+            snapshot,
+        } => {
+            let mut opts = ExportOptions {
+                format: DiskFormat::parse(&format)?,
+                pipeline: pipeline(json, &cancel),
+                ..Default::default()
+            };
+            opts.encode.compress = compress;
+            if !source.contains("://") {
+                // An image file.
+                let s = virtrigaud::storage::open(&second)?;
+                let f = LocalFile::open(&source).await?;
+                let r2 = renderer.clone();
+                let label = third.clone();
+                opts.pipeline.progress = Some(Arc::new(move |pr| r2.progress(&label, pr)));
+                let r = virtrigaud::export_image(
+                    ImageSource::RandomAccess(Arc::new(f)),
+                    None,
+                    &*s,
+                    &third,
+                    None,
+                    None,
+                    &opts,
+                )
+                .await;
+                renderer.finish();
+                let m = r?.manifest;
+                print_result(
+                    json,
+                    serde_json::json!({ "key": third, "manifest": m }),
+                    format!(
+                        "stored {third} ({}, {} bytes, virtual {})\nsha256  {}\ncontent {}",
+                        m.format,
+                        m.stored_size,
+                        m.virtual_size,
+                        m.object_digest.value,
+                        m.content_digest.value
+                    ),
+                );
+                return Ok(());
+            }
+            let p = providers::open(&source, &secrets)?;
+            let s = virtrigaud::storage::open(&third)?;
+            let vm = second;
+            let info = p.describe_vm(&vm).await?;
+            if snapshot {
+                opts.snapshot = Some(
+                    p.create_snapshot(
+                        &vm,
+                        &format!("virtrigaud-export-{}", virtrigaud::io::unique_suffix()),
+                    )
+                    .await?,
+                );
+            }
+            let mut out = Vec::new();
+            let mut result = Ok(());
+            for d in info
+                .disks
+                .iter()
+                .filter(|d| disks.is_empty() || disks.contains(&d.id))
+            {
+                let key = format!("{vm}/{}.img", virtrigaud::migration::disk_slug(&d.id));
+                let r2 = renderer.clone();
+                let label = d.id.clone();
+                let mut o = opts.clone();
+                o.pipeline.progress = Some(Arc::new(move |pr| r2.progress(&label, pr)));
+                match virtrigaud::export_disk(&*p, &vm, &d.id, &*s, &key, &o).await {
+                    Ok(r) => out.push(serde_json::json!({ "disk": d.id, "key": key,
+                        "content_digest": r.manifest.content_digest.value,
+                        "object_sha256": r.manifest.object_digest.value })),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(snap) = &opts.snapshot {
+                // Removed whether or not the export worked.
+                if let Err(e) = p.delete_snapshot(&vm, snap).await {
+                    renderer.println(&format!(
+                        "warning: cannot delete snapshot {}: {e}",
+                        snap.name
+                    ));
+                }
+            }
+            renderer.finish();
+            result?;
+            let t = out
+                .iter()
+                .map(|o| {
+                    format!(
+                        "{} → {} content {}",
+                        o["disk"], o["key"], o["content_digest"]
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            print_result(json, serde_json::json!({ "disks": out }), t);
+            Ok(())
+        }
+        Cmd::Status { store, prefix } => {
+            let s = virtrigaud::storage::open(&store)?;
+            let objs = s.list(&prefix).await?;
+            let mut rows = Vec::new();
+            for o in objs.iter().filter(|o| o.key.ends_with("/migration.json")) {
+                let Ok(b) = virtrigaud::StorageExt::get_bytes(&*s, &o.key, 16 << 20).await else {
+                    continue;
+                };
+                let Ok(st) = serde_json::from_slice::<virtrigaud::MigrationState>(&b) else {
+                    continue;
+                };
+                let base = o.key.trim_end_matches("migration.json");
+                let lease = virtrigaud::StorageExt::get_bytes(
+                    &*s,
+                    &format!("{base}migration.lease"),
+                    1 << 16,
+                )
+                .await
+                .ok()
+                .and_then(|b| {
+                    serde_json::from_slice::<virtrigaud::migration::lease::LeaseRecord>(&b).ok()
+                });
+                let done = st
+                    .disks
+                    .iter()
+                    .filter(|d| d.verified || d.import == virtrigaud::migration::StepStatus::Done)
+                    .count();
+                let bytes: u64 = st
+                    .source
+                    .as_ref()
+                    .map(|s| s.disks.iter().map(|d| d.capacity).sum())
+                    .unwrap_or(0);
+                rows.push(serde_json::json!({
+                    "prefix": base.trim_end_matches('/'),
+                    "migration": st.migration_id,
+                    "source": format!("{}:{}", st.source_provider, st.source_vm),
+                    "target": format!("{}:{}", st.target_provider, st.target_name),
+                    "phase": st.phase,
+                    "finished": st.finished,
+                    "rolled_back": st.rolled_back,
+                    "disks": st.disks.len(),
+                    "disks_done": done,
+                    "virtual_bytes": bytes,
+                    "lease": lease,
+                }));
+            }
+            let t = rows
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{:<30} {} → {}  phase {}  disks {}/{}  {}{}",
+                        r["prefix"].as_str().unwrap_or(""),
+                        r["source"].as_str().unwrap_or(""),
+                        r["target"].as_str().unwrap_or(""),
+                        r["phase"].as_str().unwrap_or(""),
+                        r["disks_done"],
+                        r["disks"],
+                        if r["finished"] == true {
+                            "finished"
+                        } else {
+                            "unfinished"
+                        },
+                        r["lease"]
+                            .as_object()
+                            .map(|l| format!("  (running: pid {} on {})", l["pid"], l["host"]))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            print_result(json, serde_json::json!({ "migrations": rows }), t);
+            Ok(())
+        }
+        Cmd::Migrate(a) => migrate(a, &secrets, json, &cancel, renderer, None).await,
+        Cmd::Plan(PlanCmd::Run {
+            plan,
+            jobs,
+            per_source,
+            index,
+        }) => {
+            run_plan(
+                &plan, jobs, per_source, index, &secrets, json, &cancel, renderer,
+            )
+            .await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_plan(
+    path: &std::path::Path,
+    jobs: Option<usize>,
+    per_source: Option<usize>,
+    index: Option<usize>,
+    secrets: &Secrets,
+    json: bool,
+    cancel: &CancellationToken,
+    renderer: Arc<Renderer>,
+) -> Result<()> {
+    use futures::StreamExt;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(e, format!("cannot read {}", path.display())))?;
+    let plan = planfile::PlanFile::parse(&text)?;
+    let mut all = plan.jobs()?;
+    if let Some(i) = index {
+        if i >= all.len() {
+            return Err(Error::invalid(format!(
+                "index {i} is past the plan's {} VMs",
+                all.len()
+            )));
+        }
+        all = vec![all.swap_remove(i)];
+    }
+    let jobs = jobs.or(plan.jobs).unwrap_or(2).max(1);
+    let per_source = per_source.or(plan.per_source).unwrap_or(jobs).max(1);
+    let mut limits: BTreeMap<String, Arc<tokio::sync::Semaphore>> = BTreeMap::new();
+    for j in &all {
+        limits
+            .entry(j.from.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(per_source)));
+    }
+    let map_args = |m: &BTreeMap<String, String>| -> Vec<String> {
+        m.iter().map(|(a, b)| format!("{a}={b}")).collect()
+    };
+    let prepare = plan.prepare.clone().unwrap_or_default();
+    let results: Vec<(String, Result<()>)> = futures::stream::iter(all)
+        .map(|j| {
+            let limit = limits.get(&j.from).cloned();
+            let args = MigrateArgs {
+                from: j.from.clone(),
+                to: j.to.clone(),
+                via: j.via.clone(),
+                vm: j.vm.name.clone(),
+                name: j.vm.target_name.clone(),
+                prefix: None,
+                network_map: map_args(&plan.network_map),
+                storage_map: map_args(&plan.storage_map),
+                nic_model_map: map_args(&plan.nic_model_map),
+                bus: None,
+                placement: j.vm.placement.clone().or(plan.placement.clone()),
+                disks: vec![],
+                snapshot: prepare == "snapshot",
+                shutdown: (prepare == "shutdown").then_some(plan.shutdown_timeout.unwrap_or(300)),
+                as_is: prepare == "as_is",
+                format: "qcow2".into(),
+                target_format: None,
+                start: plan.start,
+                rollback: false,
+                cleanup: false,
+                replace: false,
+                jobs: 2,
+                dry_run: false,
+            };
+            let renderer = renderer.clone();
+            async move {
+                let _permit = match &limit {
+                    Some(l) => l.clone().acquire_owned().await.ok(),
+                    None => None,
+                };
+                let name = j.vm.name.clone();
+                let r = migrate(args, secrets, json, cancel, renderer, Some(name.clone())).await;
+                (name, r)
+            }
+        })
+        .buffer_unordered(jobs)
+        .collect()
+        .await;
+    renderer.finish();
+    let failed: Vec<&(String, Result<()>)> = results.iter().filter(|(_, r)| r.is_err()).collect();
+    let summary = results
+        .iter()
+        .map(|(vm, r)| match r {
+            Ok(()) => serde_json::json!({"vm": vm, "ok": true}),
+            Err(e) => serde_json::json!({"vm": vm, "ok": false, "kind": e.kind(), "message": e.to_string()}),
+        })
+        .collect::<Vec<_>>();
+    print_result(
+        json,
+        serde_json::json!({ "plan": path.display().to_string(), "vms": summary }),
+        format!(
+            "plan {}: {} VM(s) migrated, {} failed{}",
+            path.display(),
+            results.len() - failed.len(),
+            failed.len(),
+            failed
+                .iter()
+                .map(|(vm, r)| format!(
+                    "\n  {vm}: {}",
+                    r.as_ref().err().map(|e| e.to_string()).unwrap_or_default()
+                ))
+                .collect::<String>()
+        ),
+    );
+    match failed.first() {
+        Some((vm, Err(e))) => Err(Error::new(
+            e.kind(),
+            format!(
+                "{} of {} VM(s) failed; first: {vm}: {e}",
+                failed.len(),
+                results.len()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+async fn migrate(
+    a: MigrateArgs,
+    secrets: &Secrets,
+    json: bool,
+    cancel: &CancellationToken,
+    renderer: Arc<Renderer>,
+    label: Option<String>,
+) -> Result<()> {
+    let plan_mode = label.is_some();
+    let source = providers::open(&a.from, secrets)?;
+    let target = providers::open(&a.to, secrets)?;
+    let store = virtrigaud::storage::open(&a.via)?;
+    let mut plan = MigrationPlan::new(
+        a.vm.clone(),
+        a.prefix
+            .clone()
+            .unwrap_or_else(|| format!("migrations/{}", a.vm)),
+    )
+    .with_stored_format(DiskFormat::parse(&a.format)?)
+    .with_disk_parallelism(a.jobs)
+    .with_start_after(a.start)
+    .with_replace_existing(a.replace)
+    .with_on_failure(if a.rollback {
+        OnFailure::Rollback
+    } else {
+        OnFailure::Keep
+    })
+    .with_cleanup(virtrigaud::CleanupPolicy::default().delete_staged(a.cleanup));
+    plan.target_name = a.name.clone();
+    plan.placement = a.placement.clone();
+    plan.network_map = pairs(&a.network_map, "network-map")?;
+    plan.storage_map = pairs(&a.storage_map, "storage-map")?;
+    plan.nic_model_map = pairs(&a.nic_model_map, "nic-model-map")?;
+    plan.bus_override = a.bus.as_deref().map(bus).transpose()?;
+    plan.target_format = a
+        .target_format
+        .as_deref()
+        .map(DiskFormat::parse)
+        .transpose()?;
+    plan.include_disks = a.disks.clone();
+    plan.prepare = if a.snapshot {
+        PrepareSource::Snapshot
+    } else if let Some(secs) = a.shutdown {
+        PrepareSource::Shutdown {
+            timeout_secs: secs,
+            force: true,
+        }
+    } else if a.as_is {
+        PrepareSource::AsIs
+    } else {
+        PrepareSource::RequireStopped
+    };
+    if a.dry_run {
+        return dry_run(&plan, &*source, &*target, &*store, json).await;
+    }
+    let r = renderer.clone();
+    let m = Migration::new(source, target, store, plan)
+        .with_pipeline(pipeline(json, cancel))
+        .on_event(move |e| r.event(label.as_deref(), e));
+    let result = m.run().await;
+    if !plan_mode {
+        renderer.finish();
+    }
+    let report = result?;
+    if !json {
+        println!(
+            "migrated {} → {} ({} disk(s), {} exported and {} imported by this run)",
+            a.vm,
+            report.state.target_name,
+            report.state.disks.len(),
+            report.exported_now,
+            report.imported_now
+        );
+        for d in &report.state.disks {
+            println!(
+                "  {} → {}  content {}{}",
+                d.id,
+                d.target_location.as_deref().unwrap_or("-"),
+                d.content_digest.as_deref().unwrap_or("-"),
+                if d.verified { "  verified" } else { "" }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks everything a migration needs without writing: credentials of both providers and
+/// the store, the source VM, the target name, the maps.
+async fn dry_run(
+    plan: &MigrationPlan,
+    source: &dyn virtrigaud::Provider,
+    target: &dyn virtrigaud::Provider,
+    store: &dyn virtrigaud::StorageBackend,
+    json: bool,
+) -> Result<()> {
+    source.validate().await?;
+    target.validate().await?;
+    store.list(&plan.prefix).await?;
+    let info = source.describe_vm(&plan.source_vm).await?;
+    let mut findings = Vec::new();
+    for n in &info.nics {
+        if let Some(net) = &n.network
+            && !plan.network_map.contains_key(net)
+            && source.kind() != target.kind()
+        {
+            findings.push(format!(
+                "NIC {} is on network {net:?}, which has no --network-map entry (the {} target \
+                 would get a network of that name)",
+                n.mac.as_deref().unwrap_or("-"),
+                target.kind()
+            ));
+        }
+    }
+    match target.describe_vm(plan.target_vm_name()).await {
+        Ok(_) if !plan.replace_existing => findings.push(format!(
+            "a VM named {:?} already exists on the target",
+            plan.target_vm_name()
+        )),
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let disks: Vec<_> = info.disks.iter().filter(|d| plan.includes(&d.id)).collect();
+    let text = format!(
+        "dry run: {} VM {:?} ({} disk(s), {} bytes virtual) → {} VM {:?} via {}\n{}",
+        source.kind(),
+        plan.source_vm,
+        disks.len(),
+        disks.iter().map(|d| d.capacity).sum::<u64>(),
+        target.kind(),
+        plan.target_vm_name(),
+        store.location(),
+        if findings.is_empty() {
+            "no problem found".to_string()
+        } else {
+            findings.join("\n")
+        }
+    );
+    print_result(
+        json,
+        serde_json::json!({ "dry_run": true, "plan": plan, "findings": findings }),
+        text,
+    );
+    if findings.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{} problem(s) found",
+            findings.len()
+        )))
+    }
+}

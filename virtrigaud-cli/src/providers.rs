@@ -1,0 +1,137 @@
+//! Providers by URL, one syntax for all:
+//!
+//! | URL | provider |
+//! |---|---|
+//! | `local:///dir` | a directory of offline images with a `vm.json` per VM |
+//! | `libvirt+qemu:///system`, `libvirt+qemu+tcp://host/system`, `libvirt+qemu+ssh://user@host/system` | libvirt (feature `libvirt`); everything after `libvirt+` is the libvirt URI |
+//! | `vsphere://user@vcenter/Datacenter?thumbprint=…` | vSphere (feature `vsphere`) |
+//! | `proxmox://user@realm!token@host:8006/node?fingerprint=…` | Proxmox VE (feature `proxmox`) |
+//!
+//! Secrets never come from a URL or an argument (`ps` shows both): a password in a URL is
+//! refused with an error that names where it goes instead (an environment variable, a file
+//! given by `--password-file`, or a prompt on a terminal).
+
+use std::sync::Arc;
+use virtrigaud::{Error, LocalProvider, Provider, Result};
+
+/// Where the secrets of the providers come from.
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    /// `--password-file`: read the password or token secret from this file.
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+impl Secrets {
+    /// The secret for `what` (`VSPHERE` or `PROXMOX`): from `VIRTRIGAUD_<WHAT>_PASSWORD`, or
+    /// the password file.
+    #[allow(dead_code)]
+    pub fn get(&self, what: &str) -> Result<virtrigaud::Secret> {
+        let var = format!("VIRTRIGAUD_{what}_PASSWORD");
+        if let Ok(v) = std::env::var(&var) {
+            return Ok(virtrigaud::Secret::new(v));
+        }
+        if let Some(f) = &self.password_file {
+            let s = std::fs::read_to_string(f)
+                .map_err(|e| Error::io(e, format!("cannot read {}", f.display())))?;
+            return Ok(virtrigaud::Secret::new(s.trim_end_matches(['\r', '\n'])));
+        }
+        Err(Error::new(
+            virtrigaud::ErrorKind::Auth,
+            format!("no password: set {var} or pass --password-file FILE"),
+        ))
+    }
+}
+
+/// Refuses a URL that carries a password.
+fn refuse_secret_in_url(url: &str) -> Result<()> {
+    let Some((_, rest)) = url.split_once("://") else {
+        return Ok(());
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    if let Some((userinfo, _)) = authority.rsplit_once('@')
+        && userinfo.contains(':')
+    {
+        let scheme = url.split("://").next().unwrap_or("");
+        let var = if scheme.starts_with("proxmox") {
+            "VIRTRIGAUD_PROXMOX_PASSWORD"
+        } else {
+            "VIRTRIGAUD_VSPHERE_PASSWORD"
+        };
+        return Err(Error::invalid(format!(
+            "a password in a URL is visible to every user of this machine (ps, shell \
+             history): remove it from the URL and set {var}, or pass --password-file FILE"
+        )));
+    }
+    Ok(())
+}
+
+/// Opens the provider a URL names.
+pub fn open(url: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
+    refuse_secret_in_url(url)?;
+    let _ = secrets;
+    if let Some(path) = url.strip_prefix("local://") {
+        if path.is_empty() {
+            return Err(Error::invalid(
+                "local:// needs a directory: local:///srv/images",
+            ));
+        }
+        return Ok(Arc::new(LocalProvider::new(path)));
+    }
+    if let Some(uri) = url.strip_prefix("libvirt+") {
+        #[cfg(feature = "libvirt")]
+        return Ok(Arc::new(virtrigaud::libvirt::LibvirtProvider::new(uri)));
+        #[cfg(not(feature = "libvirt"))]
+        return Err(Error::unsupported(format!(
+            "{uri}: this virtrigaud was built without the libvirt feature (cargo install \
+             virtrigaud-cli --features libvirt)"
+        )));
+    }
+    if url.starts_with("vsphere://") {
+        return Err(Error::unsupported(
+            "vsphere:// providers are not wired into the command yet (the vSphere provider \
+             is in progress)",
+        ));
+    }
+    if url.starts_with("proxmox://") {
+        return Err(Error::unsupported(
+            "proxmox:// providers are not wired into the command yet (the Proxmox provider \
+             is in progress)",
+        ));
+    }
+    Err(Error::invalid(format!(
+        "unknown provider URL {url:?}: use local:///dir, libvirt+qemu:///system, \
+         vsphere://user@host/Datacenter or proxmox://user@realm!token@host:8006/node"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_in_a_url_is_refused_and_says_where_it_goes() {
+        let Err(e) = open("vsphere://admin:hunter2@vc/DC0", &Secrets::default()) else {
+            panic!()
+        };
+        assert_eq!(e.kind(), virtrigaud::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("VIRTRIGAUD_VSPHERE_PASSWORD"), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let Err(e) = open("proxmox://root@pam:pw@pve:8006/n1", &Secrets::default()) else {
+            panic!()
+        };
+        assert!(e.to_string().contains("VIRTRIGAUD_PROXMOX_PASSWORD"), "{e}");
+        assert!(refuse_secret_in_url("proxmox://root@pam!tok@pve:8006/n1").is_ok());
+    }
+
+    #[test]
+    fn local_and_unknown() {
+        assert_eq!(
+            open("local:///tmp", &Secrets::default()).unwrap().kind(),
+            "local"
+        );
+        let Err(e) = open("ftp://x", &Secrets::default()) else {
+            panic!()
+        };
+        assert_eq!(e.kind(), virtrigaud::ErrorKind::InvalidInput);
+    }
+}

@@ -1,0 +1,535 @@
+//! The `virtrigaud` binary, driven as a user drives it: local image directories and a file
+//! store (no peer needed), and libvirt pairs against the libvirt peer (`VIRTRIGAUD_LIBVIRT_URI`,
+//! started by `scripts/peers/libvirt.sh`; a missing peer fails under `VIRTRIGAUD_IT=1`).
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_virtrigaud"));
+    c.env_remove("VIRTRIGAUD_VSPHERE_PASSWORD")
+        .env_remove("VIRTRIGAUD_PROXMOX_PASSWORD")
+        .stdin(Stdio::null());
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "{args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}"));
+            assert_eq!(v["v"], 1, "schema version on every line: {l}");
+            v
+        })
+        .collect()
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A local VM `web01` with two sparse raw disks; `data_mib` of data in each.
+fn local_vm(root: &Path, data_mib: usize) {
+    std::fs::create_dir_all(root.join("web01")).unwrap();
+    for (i, name) in ["root.raw", "data.raw"].iter().enumerate() {
+        let mut f = std::fs::File::create(root.join("web01").join(name)).unwrap();
+        f.set_len(((data_mib as u64) << 20) * 4).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.write_all(&pattern(data_mib << 20, i as u64 + 1)).unwrap();
+    }
+    let vm = serde_json::json!({
+        "id": "web01", "name": "web01", "cpus": 2, "memory_mib": 1024, "firmware": "bios",
+        "state": "stopped",
+        "disks": [
+            {"id": "vda", "capacity": 0, "bus": "virtio", "location": "root.raw"},
+            {"id": "vdb", "capacity": 0, "bus": "virtio", "location": "data.raw"}
+        ],
+        "nics": [{"mac": "52:54:00:00:00:01", "model": "virtio", "network": "default"}]
+    });
+    std::fs::write(
+        root.join("web01/vm.json"),
+        serde_json::to_vec_pretty(&vm).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn every_subcommand_has_help_with_an_example_and_there_is_a_version() {
+    for sub in [
+        "inspect",
+        "list",
+        "export",
+        "import",
+        "verify",
+        "migrate",
+        "status",
+        "completions",
+    ] {
+        let h = ok(&[sub, "--help"]);
+        assert!(h.contains("Example"), "{sub} --help has no example:\n{h}");
+    }
+    assert!(ok(&["--version"]).contains(env!("CARGO_PKG_VERSION")));
+    assert!(ok(&["--help"]).contains("Exit codes"));
+    assert!(ok(&["completions", "bash"]).contains("virtrigaud"));
+}
+
+#[test]
+fn local_to_local_migration_with_json_events_resume_and_status() {
+    let t = tempfile::tempdir().unwrap();
+    local_vm(&t.path().join("src"), 4);
+    let from = format!("local://{}", t.path().join("src").display());
+    let to = format!("local://{}", t.path().join("dst").display());
+    let via = format!("file://{}", t.path().join("store").display());
+    let out = ok(&[
+        "--json",
+        "migrate",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--via",
+        &via,
+        "web01",
+        "--name",
+        "web01-copy",
+    ]);
+    let ev = json_lines(&out);
+    let finished = ev
+        .iter()
+        .find(|e| e["event"] == "finished")
+        .expect("a finished event");
+    let disks = finished["report"]["state"]["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2);
+    assert!(disks.iter().all(|d| d["verified"] == true));
+    assert!(ev.iter().any(|e| e["event"] == "progress"));
+    assert!(
+        ev.iter()
+            .any(|e| e["event"] == "phase_started" && e["phase"] == "create_vm")
+    );
+    // Same bytes on the target.
+    let vm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("dst/web01-copy/vm.json")).unwrap())
+            .unwrap();
+    for (src, d) in ["root.raw", "data.raw"]
+        .iter()
+        .zip(vm["disks"].as_array().unwrap())
+    {
+        assert_eq!(
+            std::fs::read(t.path().join("src/web01").join(src)).unwrap(),
+            std::fs::read(
+                t.path()
+                    .join("dst/web01-copy")
+                    .join(d["location"].as_str().unwrap())
+            )
+            .unwrap()
+        );
+    }
+    // Again: already done, nothing moves.
+    let again = json_lines(&ok(&[
+        "--json",
+        "migrate",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--via",
+        &via,
+        "web01",
+        "--name",
+        "web01-copy",
+    ]));
+    let f = again.iter().find(|e| e["event"] == "finished").unwrap();
+    assert_eq!(f["report"]["exported_now"], 0);
+    assert_eq!(f["report"]["imported_now"], 0);
+    // Status finds it.
+    let st = json_lines(&ok(&["--json", "status", &via]));
+    let m = &st[0]["migrations"][0];
+    assert_eq!(m["finished"], true);
+    assert_eq!(m["disks_done"], 2);
+    assert_eq!(m["target"], "local:web01-copy");
+    // Inspect and list.
+    let i = json_lines(&ok(&["--json", "inspect", &to, "web01-copy"]));
+    assert_eq!(i[0]["vm"]["cpus"], 2);
+    assert!(ok(&["list", &to]).contains("web01-copy"));
+}
+
+#[test]
+fn exit_codes_and_refusals() {
+    let t = tempfile::tempdir().unwrap();
+    local_vm(&t.path().join("src"), 1);
+    let from = format!("local://{}", t.path().join("src").display());
+    let to = format!("local://{}", t.path().join("dst").display());
+    let via = format!("file://{}", t.path().join("store").display());
+    // A password in a URL: refused, the message says where it goes, the password is not echoed.
+    let o = run(&["inspect", "vsphere://admin:s3cret@vc/DC0", "vm1"]);
+    assert_eq!(o.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("VIRTRIGAUD_VSPHERE_PASSWORD") && !err.contains("s3cret"),
+        "{err}"
+    );
+    // Not found.
+    let o = run(&["inspect", &from, "nope"]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Usage.
+    assert_eq!(run(&["migrate"]).status.code(), Some(2));
+    // Another process holds the migration: exit 5, naming it.
+    std::fs::create_dir_all(t.path().join("store/migrations/web01")).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let lease = serde_json::json!({"host": host.trim(), "pid": std::process::id(),
+        "acquired": 1, "expires": u64::MAX / 4});
+    std::fs::write(
+        t.path().join("store/migrations/web01/migration.lease"),
+        lease.to_string(),
+    )
+    .unwrap();
+    let o = run(&[
+        "migrate", "--from", &from, "--to", &to, "--via", &via, "web01",
+    ]);
+    assert_eq!(o.status.code(), Some(5));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("process {}", std::process::id())),
+        "{err}"
+    );
+    std::fs::remove_file(t.path().join("store/migrations/web01/migration.lease")).unwrap();
+    // Dry run: finds nothing wrong between two local providers, writes nothing.
+    let out = ok(&[
+        "--json",
+        "migrate",
+        "--dry-run",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--via",
+        &via,
+        "web01",
+    ]);
+    assert_eq!(json_lines(&out)[0]["findings"].as_array().unwrap().len(), 0);
+    assert!(!t.path().join("dst").join("web01").exists());
+    assert!(
+        std::fs::read_dir(t.path().join("store/migrations/web01"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "nothing written"
+    );
+}
+
+#[test]
+fn a_migration_killed_with_sigkill_resumes_to_equal_digests() {
+    let t = tempfile::tempdir().unwrap();
+    local_vm(&t.path().join("src"), 96);
+    let from = format!("local://{}", t.path().join("src").display());
+    let to = format!("local://{}", t.path().join("dst").display());
+    let via = format!("file://{}", t.path().join("store").display());
+    let args = [
+        "--json", "migrate", "--from", &from, "--to", &to, "--via", &via, "web01", "--jobs", "1",
+    ];
+    let mut child = bin().args(args).stdout(Stdio::piped()).spawn().unwrap();
+    // Kill it once the first disk has been exported.
+    let stdout = child.stdout.take().unwrap();
+    let mut killed = false;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.unwrap();
+        if line.contains("\"phase_finished\"") && line.contains("\"export\"") {
+            child.kill().unwrap();
+            killed = true;
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(killed && !status.success(), "the child was killed midway");
+    // The killed process left its lease: this host sees that its holder is gone.
+    let out = ok(&args);
+    let ev = json_lines(&out);
+    let f = ev.iter().find(|e| e["event"] == "finished").unwrap();
+    assert!(f["report"]["exported_now"].as_u64().unwrap() <= 1, "{f}");
+    for (src, d) in ["root.raw", "data.raw"]
+        .iter()
+        .zip(f["report"]["state"]["disks"].as_array().unwrap())
+    {
+        assert_eq!(
+            std::fs::read(t.path().join("src/web01").join(src)).unwrap(),
+            std::fs::read(
+                t.path()
+                    .join("dst/web01")
+                    .join(d["target_location"].as_str().unwrap())
+            )
+            .unwrap()
+        );
+    }
+}
+
+#[cfg(feature = "libvirt")]
+fn libvirt_uri() -> Option<String> {
+    match std::env::var("VIRTRIGAUD_LIBVIRT_URI") {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
+                panic!("VIRTRIGAUD_LIBVIRT_URI is not set but VIRTRIGAUD_IT=1");
+            }
+            eprintln!("SKIP: VIRTRIGAUD_LIBVIRT_URI is not set (start scripts/peers/libvirt.sh)");
+            None
+        }
+    }
+}
+
+#[cfg(feature = "libvirt")]
+fn virsh(uri: &str, args: &[&str]) -> String {
+    let o = Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "virsh {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// local → libvirt and back (libvirt → local), through the binary; libvirt side over
+/// `qemu+tcp` when the peer offers it.
+#[cfg(feature = "libvirt")]
+#[test]
+fn local_to_libvirt_and_back() {
+    let Some(uri) = libvirt_uri() else { return };
+    let t = tempfile::tempdir().unwrap();
+    local_vm(&t.path().join("src"), 3);
+    let pool_dir = tempfile::Builder::new()
+        .prefix("vrg-cli-pool")
+        .tempdir()
+        .unwrap();
+    let tag = format!("cli{}", std::process::id());
+    virsh(
+        &uri,
+        &[
+            "pool-create-as",
+            &tag,
+            "dir",
+            "--target",
+            pool_dir.path().to_str().unwrap(),
+        ],
+    );
+    let from = format!("local://{}", t.path().join("src").display());
+    let via = format!("file://{}", t.path().join("store").display());
+    let lv = format!(
+        "libvirt+{}",
+        std::env::var("VIRTRIGAUD_LIBVIRT_TCP_URI").unwrap_or(uri.clone())
+    );
+    let dom = format!("{tag}-vm");
+    // Dry run first: the local NIC's network has no map entry for libvirt.
+    let o = run(&[
+        "--json",
+        "migrate",
+        "--dry-run",
+        "--from",
+        &from,
+        "--to",
+        &lv,
+        "--via",
+        &via,
+        "web01",
+        "--name",
+        &dom,
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("network-map"));
+    let r = run(&[
+        "migrate",
+        "--from",
+        &from,
+        "--to",
+        &lv,
+        "--via",
+        &via,
+        "web01",
+        "--name",
+        &dom,
+        "--placement",
+        &tag,
+        "--network-map",
+        "default=default",
+    ]);
+    let cleanup = |uri: &str| {
+        let _ = Command::new("virsh")
+            .args(["-c", uri, "undefine", &dom])
+            .output();
+        let _ = Command::new("virsh")
+            .args(["-c", uri, "pool-destroy", &tag])
+            .output();
+    };
+    if !r.status.success() {
+        cleanup(&uri);
+        panic!("migrate to libvirt: {}", String::from_utf8_lossy(&r.stderr));
+    }
+    let xml = virsh(&uri, &["dumpxml", &dom]);
+    assert!(
+        xml.contains("virtrigaud-migration:"),
+        "marker in <description>"
+    );
+    // And back to a local directory.
+    let back = format!("local://{}", t.path().join("back").display());
+    let r = run(&[
+        "--json",
+        "migrate",
+        "--from",
+        &lv,
+        "--to",
+        &back,
+        "--via",
+        &via,
+        "--prefix",
+        "migrations/back",
+        &dom,
+        "--name",
+        "web01",
+    ]);
+    let ok_back = r.status.success();
+    cleanup(&uri);
+    assert!(ok_back, "{}", String::from_utf8_lossy(&r.stderr));
+    let vm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.path().join("back/web01/vm.json")).unwrap())
+            .unwrap();
+    for (src, d) in ["root.raw", "data.raw"]
+        .iter()
+        .zip(vm["disks"].as_array().unwrap())
+    {
+        let a = t.path().join("src/web01").join(src);
+        let b = t
+            .path()
+            .join("back/web01")
+            .join(d["location"].as_str().unwrap());
+        let o = Command::new("qemu-img")
+            .args(["compare", a.to_str().unwrap(), b.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    }
+}
+
+/// A plan of three VMs, the way a Kubernetes Indexed Job runs it: one process per index, all
+/// at once, over one store; then the same index twice at once (one runs, the other is refused
+/// naming the holder, or finds it done); then the whole plan again finds everything done.
+#[test]
+fn a_plan_runs_by_index_in_parallel_processes_and_resumes_as_a_whole() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    local_vm(&src, 2);
+    for vm in ["web02", "web03"] {
+        std::fs::create_dir_all(src.join(vm)).unwrap();
+        for f in ["root.raw", "data.raw"] {
+            std::fs::copy(src.join("web01").join(f), src.join(vm).join(f)).unwrap();
+        }
+        let j = std::fs::read_to_string(src.join("web01/vm.json"))
+            .unwrap()
+            .replace("web01", vm);
+        std::fs::write(src.join(vm).join("vm.json"), j).unwrap();
+    }
+    let plan = t.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        format!(
+            "from = \"local://{}\"\nto = \"local://{}\"\nvia = \"file://{}\"\njobs = 2\n\
+             [[vm]]\nname = \"web01\"\n[[vm]]\nname = \"web02\"\n[[vm]]\nname = \"web03\"\n\
+             target_name = \"web03-new\"\n",
+            src.display(),
+            t.path().join("dst").display(),
+            t.path().join("store").display()
+        ),
+    )
+    .unwrap();
+    let p = plan.to_str().unwrap();
+    let children: Vec<_> = (0..3)
+        .map(|i| {
+            bin()
+                .args(["--json", "plan", "run", p])
+                .env("JOB_COMPLETION_INDEX", i.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for vm in ["web01", "web02", "web03-new"] {
+        assert!(
+            t.path().join("dst").join(vm).join("vm.json").is_file(),
+            "{vm} migrated"
+        );
+    }
+    // The same index twice at once.
+    let twins: Vec<_> = (0..2)
+        .map(|_| {
+            bin()
+                .args(["plan", "run", p, "--index", "1"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in twins {
+        let o = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() || (o.status.code() == Some(5) && err.contains("process")),
+            "{err}"
+        );
+    }
+    // The whole plan again: every VM already done.
+    let out = ok(&["--json", "plan", "run", p]);
+    let ev = json_lines(&out);
+    let finished: Vec<_> = ev.iter().filter(|e| e["event"] == "finished").collect();
+    assert_eq!(finished.len(), 3);
+    assert!(
+        finished
+            .iter()
+            .all(|f| f["report"]["exported_now"] == 0 && f["vm"].is_string())
+    );
+    assert_eq!(
+        run(&["plan", "run", p, "--index", "7"]).status.code(),
+        Some(3)
+    );
+}
