@@ -445,28 +445,34 @@ impl VsphereProvider {
 
     // --- networks and placement --------------------------------------------------------------
 
+    /// The network for a NIC whose source network is `source`: the configured mapping of it,
+    /// else a vSphere network of the same name, else the default network.
     async fn resolve_network(&self, source: Option<&str>) -> Result<NetBacking> {
         let cfg = self.cfg();
-        let wanted = source
-            .and_then(|s| cfg.network_map.get(s).cloned())
-            .or_else(|| {
-                source
-                    .filter(|_| cfg.network_map.is_empty() || cfg.default_network.is_none())
-                    .map(str::to_string)
-            })
-            .or_else(|| cfg.default_network.clone())
-            .ok_or_else(|| {
-                Error::invalid("a NIC names no network and no default network is configured")
-            })?;
+        let mapped = source.and_then(|s| cfg.network_map.get(s).cloned());
         let nets = self.client.list("Network", &["name"]).await?;
-        let hit = nets
-            .into_iter()
-            .find(|n| n.text("name") == Some(wanted.as_str()))
-            .ok_or_else(|| {
-                Error::not_found(format!(
-                    "network '{wanted}' not found (map source networks with network_map)"
-                ))
-            })?;
+        let find = |n: &str| nets.iter().find(|o| o.text("name") == Some(n)).cloned();
+        let hit = match &mapped {
+            // An explicit mapping must exist.
+            Some(m) => find(m).ok_or_else(|| {
+                Error::not_found(format!("network '{m}' (mapped from {source:?}) not found"))
+            })?,
+            None => match source.and_then(&find) {
+                Some(h) => h,
+                None => {
+                    let d = cfg.default_network.as_deref().ok_or_else(|| {
+                        Error::not_found(format!(
+                            "no vSphere network named {source:?} and no default network: \
+                             map it with network_map"
+                        ))
+                    })?;
+                    find(d).ok_or_else(|| {
+                        Error::not_found(format!("default network '{d}' not found"))
+                    })?
+                }
+            },
+        };
+        let wanted = hit.text("name").unwrap_or("").to_string();
         if hit.obj.ty == "DistributedVirtualPortgroup" {
             let pg = self
                 .client

@@ -451,12 +451,18 @@ async fn power_operations() {
             bus: DiskBus::Ide,
             format: DiskFormat::Raw,
         }],
-        nics: vec![],
+        // A libvirt network name that vSphere does not have: the default network.
+        nics: vec![NicInfo {
+            mac: None,
+            model: Some("virtio".into()),
+            network: Some("default".into()),
+        }],
         overwrite: false,
         annotation: None,
     };
     let info = p.create_vm(&spec).await.unwrap();
     assert_eq!(info.state, PowerState::Stopped);
+    assert_eq!(info.nics[0].network.as_deref(), Some("VM Network"));
     assert_eq!(info.disks[0].bus, Some(DiskBus::Ide));
     p.power(&vm, PowerOp::On).await.unwrap();
     assert_eq!(p.describe_vm(&vm).await.unwrap().state, PowerState::Running);
