@@ -230,3 +230,156 @@ async fn libvirt_to_vsphere_through_the_runner() {
         target.delete_disk(&dst_vm, &l).await.unwrap();
     }
 }
+
+/// A boot sector that prints `VIRTRIGAUD-BOOT-OK` on COM1 and halts.
+fn boot_sector() -> [u8; 512] {
+    let mut s = [0u8; 512];
+    let code: &[u8] = &[
+        0x31, 0xC0, 0x8E, 0xD8, 0xFC, 0xBE, 0x17, 0x7C, 0xBA, 0xF8, 0x03, 0xAC, 0x84, 0xC0, 0x74,
+        0x03, 0xEE, 0xEB, 0xF8, 0xFA, 0xF4, 0xEB, 0xFC,
+    ];
+    s[..code.len()].copy_from_slice(code);
+    let msg = b"VIRTRIGAUD-BOOT-OK\r\n\0";
+    s[code.len()..code.len() + msg.len()].copy_from_slice(msg);
+    s[510] = 0x55;
+    s[511] = 0xAA;
+    s
+}
+
+/// vSphere → libvirt: a running vSphere VM whose datastore disk holds the boot-sector image is
+/// exported from a snapshot (deleted afterwards), imported into a libvirt pool, and the new
+/// domain boots under TCG and prints the marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsphere_to_libvirt_boots() {
+    use virtrigaud_core::transfer::{ExportOptions, export_disk, import_disk};
+    use virtrigaud_core::{
+        DiskBus, DiskCreateSpec, DiskFormat, Firmware, PowerOp, PowerState, VmDiskSpec, VmSpec,
+    };
+    use virtrigaud_libvirt::domain_xml::DomainOptions;
+    let Some((uri, cfg)) = peers() else { return };
+    let vs = VsphereProvider::new(cfg).unwrap();
+    let src_vm = unique("b-src");
+    // The source: a 4 MiB disk with the boot sector, on a running VM.
+    let mut c = vs
+        .create_disk(&DiskCreateSpec {
+            vm: src_vm.clone(),
+            name: "boot".into(),
+            capacity: 4 * MIB,
+            format: None,
+            placement: None,
+            overwrite: false,
+        })
+        .await
+        .unwrap();
+    c.sink
+        .write(bytes::Bytes::copy_from_slice(&boot_sector()))
+        .await
+        .unwrap();
+    c.sink.write_zeros(4 * MIB - 512).await.unwrap();
+    c.sink.commit().await.unwrap();
+    let spec = VmSpec {
+        name: src_vm.clone(),
+        cpus: 1,
+        memory_mib: 64,
+        firmware: Firmware::Bios,
+        machine: None,
+        guest_os: None,
+        disks: vec![VmDiskSpec {
+            location: c.location.clone(),
+            bus: DiskBus::Scsi,
+            format: DiskFormat::Raw,
+        }],
+        nics: vec![],
+        overwrite: false,
+        annotation: None,
+    };
+    let info = vs.create_vm(&spec).await.unwrap();
+    vs.power(&src_vm, PowerOp::On).await.unwrap();
+    let snap = vs.create_snapshot(&src_vm, "vrg-export").await.unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let storage = FsBackend::new(store.path());
+    let exp = export_disk(
+        &vs,
+        &src_vm,
+        &info.disks[0].id,
+        &storage,
+        "boot.qcow2",
+        &ExportOptions {
+            snapshot: Some(snap.clone()),
+            ..ExportOptions::default()
+        },
+    )
+    .await;
+    vs.delete_snapshot(&src_vm, &snap).await.unwrap();
+    let exp = exp.unwrap();
+    assert_eq!(exp.manifest.virtual_size, 4 * MIB);
+
+    let pool = TestPool::new(&uri, "b-dst");
+    let lv = LibvirtProvider::new(&uri);
+    let dst_vm = unique("b-dst");
+    let _g = DomainGuard {
+        uri: uri.clone(),
+        name: dst_vm.clone(),
+    };
+    let imp = import_disk(
+        &storage,
+        "boot.qcow2",
+        &lv,
+        &dst_vm,
+        "vda",
+        &ImportOptions {
+            placement: Some(pool.name.clone()),
+            ..ImportOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let serial = pool.dir.path().join("serial.log");
+    let lspec = VmSpec {
+        name: dst_vm.clone(),
+        machine: Some("pc".into()),
+        disks: vec![VmDiskSpec {
+            location: imp.location.clone(),
+            bus: DiskBus::Virtio,
+            format: imp.format,
+        }],
+        ..spec.clone()
+    };
+    lv.create_vm_with(
+        &lspec,
+        &DomainOptions {
+            domain_type: Some("qemu".into()),
+            serial_file: Some(serial.display().to_string()),
+            arch: None,
+        },
+    )
+    .await
+    .unwrap();
+    let t = std::time::Instant::now();
+    lv.power(&dst_vm, PowerOp::On).await.unwrap();
+    loop {
+        let log = std::fs::read(&serial).unwrap_or_default();
+        if String::from_utf8_lossy(&log).contains("VIRTRIGAUD-BOOT-OK") {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "no boot marker after 60 s: {:?}",
+            String::from_utf8_lossy(&log)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        lv.describe_vm(&dst_vm).await.unwrap().state,
+        PowerState::Running
+    );
+    let a = digest_disk(&vs, &src_vm, &info.disks[0].id, &ImportOptions::default())
+        .await
+        .unwrap();
+    let b = digest_disk(&lv, &dst_vm, "vda", &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(a, b);
+    vs.delete_vm(&src_vm).await.unwrap();
+    let _ = vs.delete_disk(&src_vm, &c.location).await;
+}
