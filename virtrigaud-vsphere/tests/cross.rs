@@ -383,3 +383,81 @@ async fn vsphere_to_libvirt_boots() {
     vs.delete_vm(&src_vm).await.unwrap();
     let _ = vs.delete_disk(&src_vm, &c.location).await;
 }
+
+/// A migration that fails midway (the target VM cannot be created: its NIC's network does not
+/// exist on vSphere and no default is configured) keeps what it moved; the rerun, with the
+/// network fixed, moves no disk again: it finds the imported disks by name, and creates the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerun_after_failure_moves_only_what_is_missing() {
+    let Some((uri, cfg)) = peers() else { return };
+    let pool = TestPool::new(&uri, "r-src");
+    let raw = pool.path("r.raw");
+    write_patterned_raw(&raw, 64 * MIB);
+    virsh(&uri, &["pool-refresh", &pool.name]);
+    let src_vm = unique("r-src");
+    let _g = DomainGuard {
+        uri: uri.clone(),
+        name: src_vm.clone(),
+    };
+    let net = unique("nonet");
+    let xml = format!(
+        "<domain type='qemu'><name>{src_vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+         <interface type='network'><source network='{net}'/><model type='virtio'/></interface>\
+         </devices></domain>",
+        raw.display()
+    );
+    let xf = pool.path("d.xml");
+    std::fs::write(&xf, xml).unwrap();
+    virsh(&uri, &["define", xf.to_str().unwrap()]);
+
+    let source = Arc::new(LibvirtProvider::new(&uri));
+    let mut no_default = cfg.clone();
+    no_default.default_network = None;
+    let broken = Arc::new(VsphereProvider::new(no_default).unwrap());
+    let fixed = Arc::new(VsphereProvider::new(cfg).unwrap());
+    let dst_vm = unique("r-dst");
+    let store = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn StorageBackend> = Arc::new(FsBackend::new(store.path()));
+    let mut plan = MigrationPlan::new(&src_vm, "migrations/r");
+    plan.target_name = Some(dst_vm.clone());
+    let err = Migration::new(
+        source.clone(),
+        broken.clone(),
+        storage.clone(),
+        plan.clone(),
+    )
+    .run()
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), virtrigaud_core::ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains(&net), "{err}");
+    let e2 = fixed.describe_vm(&dst_vm).await.unwrap_err();
+    assert_eq!(e2.kind(), virtrigaud_core::ErrorKind::NotFound);
+
+    let report = Migration::new(source.clone(), fixed.clone(), storage.clone(), plan)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!((report.exported_now, report.imported_now), (0, 0));
+    let info = fixed.describe_vm(&dst_vm).await.unwrap();
+    assert!(info.has_marker(&report.state.marker()));
+    assert_eq!(info.nics[0].network.as_deref(), Some("VM Network"));
+    let a = digest_disk(source.as_ref(), &src_vm, "vda", &ImportOptions::default())
+        .await
+        .unwrap();
+    let b = digest_disk(
+        fixed.as_ref(),
+        &dst_vm,
+        &info.disks[0].id,
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a, b);
+    let l = info.disks[0].location.clone();
+    fixed.delete_vm(&dst_vm).await.unwrap();
+    fixed.delete_disk(&dst_vm, &l).await.unwrap();
+}
