@@ -62,6 +62,17 @@ pub enum ImportMode {
     NfcStreamOptimized,
 }
 
+/// How [`open_disk`](virtrigaud_core::Provider::open_disk) reads a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExportMode {
+    /// Ranged GETs on the datastore's `/folder` (random access, several in flight). Default.
+    #[default]
+    Datastore,
+    /// An `ExportVm` / `ExportSnapshot` NFC lease: one sequential streamOptimized VMDK per
+    /// disk (see [`crate::nfc`]).
+    Nfc,
+}
+
 /// Configuration of a [`VsphereProvider`](crate::VsphereProvider).
 #[derive(Clone)]
 pub struct VsphereConfig {
@@ -95,6 +106,8 @@ pub struct VsphereConfig {
     pub guest_id_override: Option<String>,
     /// How disks are written.
     pub import_mode: ImportMode,
+    /// How disks are read.
+    pub export_mode: ExportMode,
     /// Ranged `/folder` reads in flight per disk (ESXi throttles above ~4 per host).
     pub folder_concurrency: usize,
     /// Size of one ranged `/folder` read.
@@ -150,6 +163,7 @@ impl VsphereConfig {
             nic_model: NicModel::default(),
             guest_id_override: None,
             import_mode: ImportMode::default(),
+            export_mode: ExportMode::default(),
             folder_concurrency: 4,
             read_size: 4 << 20,
             task_timeout: Duration::from_secs(3600),

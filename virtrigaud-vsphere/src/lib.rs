@@ -27,9 +27,12 @@
 //!   `delete_vm`; the runner contract (`find_disk`, `open_created_disk`, `delete_disk`,
 //!   annotation marker).
 //!
-//! Not implemented (each answers `Unsupported` or is not offered): the NFC *export* path
-//! (`ExportVm` → `HttpNfcLease` → sequential streamOptimized read; the simulator has no
-//! `ExportVm`, so the datastore path is the one export), the allocation map from
+//! Written against the WSDL but not proven (the simulator has no `ExportVm`; there it answers
+//! `Unsupported`, which is tested): the NFC *export* path ([`ExportMode::Nfc`]: `ExportVm` /
+//! `ExportSnapshot` → lease → one sequential streamOptimized VMDK, progress, complete on the
+//! end of the stream, abort on drop or error).
+//!
+//! Not implemented (each answers `Unsupported` or is not offered): the allocation map from
 //! `QueryChangedDiskAreas` (zero detection does that work instead; `changed_blocks` is false),
 //! reading disks that are delta chains (the error names consolidation), pulling from URLs
 //! (`HttpNfcLeasePullFromUrls_Task`).
@@ -55,7 +58,7 @@ pub mod vm;
 pub mod xml;
 
 pub use client::{Client, MoRef};
-pub use config::{ImportMode, NicModel, ScsiModel, VsphereConfig};
+pub use config::{ExportMode, ImportMode, NicModel, ScsiModel, VsphereConfig};
 pub use vm::{Hardware, VsphereDisk, VsphereNic};
 
 use async_trait::async_trait;
@@ -840,6 +843,23 @@ impl Provider for VsphereProvider {
             .unwrap_or_default();
         let d = Self::pick_disk(&hw, disk)
             .ok_or_else(|| ctx(Error::not_found(format!("the VM has no disk '{disk}'"))))?;
+        if self.cfg().export_mode == ExportMode::Nfc {
+            let entity = match snapshot {
+                Some(s) => MoRef::new("VirtualMachineSnapshot", s.id.clone()),
+                None => r.clone(),
+            };
+            let (size, stream) = nfc::open_export(self.client.clone(), &entity, d.key)
+                .await
+                .map_err(ctx)?;
+            let mut info = d.info();
+            info.format = Some(DiskFormat::Vmdk(
+                virtrigaud_core::format::VmdkSubformat::StreamOptimized,
+            ));
+            return Ok(OpenedDisk {
+                info,
+                source: ImageSource::from_byte_stream(size, stream),
+            });
+        }
         if d.has_parent {
             return Err(ctx(datastore::delta_chain(&format!("disk {}", d.file))));
         }

@@ -997,3 +997,21 @@ async fn export_figures() {
         ours.as_secs_f64() / theirs.as_secs_f64()
     );
 }
+
+/// The NFC export path asks for `ExportVm`, which the simulator does not have: the answer is a
+/// clear `Unsupported` naming the datastore mode, not a hang or a fake success.
+#[tokio::test]
+async fn nfc_export_is_unsupported_on_the_simulator() {
+    let Some(e) = env() else { return };
+    let mut c = config(&e);
+    c.export_mode = virtrigaud_vsphere::ExportMode::Nfc;
+    let p = VsphereProvider::new(c).unwrap();
+    let info = p.describe_vm("DC0_H0_VM1").await.unwrap();
+    let err = p
+        .open_disk("DC0_H0_VM1", &info.disks[0].id, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("ExportVm"), "{err}");
+    assert!(err.to_string().contains("ExportMode::Datastore"), "{err}");
+}
