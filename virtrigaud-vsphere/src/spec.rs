@@ -1,4 +1,4 @@
-//! Building the `VirtualMachineConfigSpec` of `CreateVM_Task` from a [`VmSpec`], and the map
+//! Building the `VirtualMachineConfigSpec` of `CreateVM_Task` from a [`VmSpec`](virtrigaud_core::VmSpec), and the map
 //! of guest OS names to vSphere guest ids.
 //!
 //! Element order follows the WSDL (`VirtualMachineConfigSpec`: name, guestId, annotation, files,
