@@ -1,14 +1,61 @@
 //! The conformance suite every [`StorageBackend`] runs against its real peer.
 //!
 //! Test support: each check panics with a message on failure. Call [`run_all`] from a test with
-//! a backend and a prefix of its own (so suites of several backends or runs do not collide);
-//! the suite removes what it wrote.
+//! a backend, a prefix of its own (so suites of several backends or runs do not collide) and a
+//! [`RawNames`] hook that lists what the backend really holds (temporary files, upload state:
+//! everything `list` hides), so that "an aborted or dropped put leaves nothing" is checked on
+//! the store itself; [`local_files`] is the hook of a store that is a local directory. The suite
+//! removes what it wrote.
 
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
+use std::path::PathBuf;
 use std::sync::Arc;
 use virtrigaud_core::{ErrorKind, PutOptions, StorageBackend, StorageExt};
+
+/// Lists every name a backend really holds under a key prefix — objects, temporary files,
+/// multipart state, whatever `list` hides — as the store names them. Given by each backend's
+/// test, from the peer's side (its directory on disk, or a raw listing API).
+pub type RawNames = Arc<dyn Fn(String) -> BoxFuture<'static, Vec<String>> + Send + Sync>;
+
+/// The [`RawNames`] of a store kept in the local directory `root` (the fs backend's root, an
+/// NFS export or a WebDAV server's data directory seen on this machine): every file under
+/// `root/<prefix>` (a prefix ending in `/` is a directory; otherwise its last segment is a
+/// name prefix), hidden names included, as paths relative to `root`.
+pub fn local_files(root: impl Into<PathBuf>) -> RawNames {
+    let root: PathBuf = root.into();
+    Arc::new(move |prefix: String| {
+        let root = root.clone();
+        Box::pin(async move {
+            let mut out = Vec::new();
+            let mut stack = vec![root.clone()];
+            while let Some(d) = stack.pop() {
+                let Ok(rd) = std::fs::read_dir(&d) else {
+                    continue;
+                };
+                for e in rd.flatten() {
+                    let path = e.path();
+                    let Ok(rel) = path.strip_prefix(&root) else {
+                        continue;
+                    };
+                    let rel = rel.to_string_lossy().into_owned();
+                    let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                    if is_dir {
+                        if prefix.starts_with(&format!("{rel}/")) || rel.starts_with(&prefix) {
+                            stack.push(path);
+                        }
+                    } else if rel.starts_with(&prefix) {
+                        out.push(rel);
+                    }
+                }
+            }
+            out.sort();
+            out
+        })
+    })
+}
 
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     virtrigaud_core::testdata::noise(seed, len)
@@ -30,18 +77,24 @@ async fn read_all(
     out
 }
 
-/// Runs every check under `prefix`.
-pub async fn run_all(b: Arc<dyn StorageBackend>, prefix: &str) {
+/// Runs every check under `prefix`; `raw` lists what the backend really holds (see
+/// [`RawNames`]).
+pub async fn run_all(b: Arc<dyn StorageBackend>, prefix: &str, raw: RawNames) {
     put_get_stat_delete(&*b, prefix).await;
     ranges(&*b, prefix).await;
     list_by_prefix(&*b, prefix).await;
     invisible_until_commit(&*b, prefix).await;
-    abort_leaves_nothing(&*b, prefix).await;
+    abort_leaves_nothing(&*b, prefix, &raw).await;
     large_streaming_put(&*b, prefix, 64 << 20).await;
     concurrent_writers(b.clone(), prefix, 8).await;
     bad_keys_and_missing_objects(&*b, prefix).await;
     let left = b.list(&format!("{prefix}/")).await.unwrap();
     assert!(left.is_empty(), "suite left objects behind: {left:?}");
+    let held = raw(format!("{prefix}/")).await;
+    assert!(
+        held.is_empty(),
+        "suite left data behind on the store: {held:?}"
+    );
 }
 
 /// Put, get, stat, overwrite, delete, delete again.
@@ -123,8 +176,9 @@ pub async fn invisible_until_commit(b: &dyn StorageBackend, prefix: &str) {
     b.delete(&key).await.unwrap();
 }
 
-/// An aborted (cancelled) put and a dropped put leave nothing behind.
-pub async fn abort_leaves_nothing(b: &dyn StorageBackend, prefix: &str) {
+/// An aborted (cancelled) put and a dropped put leave nothing behind: not on `list`, and not on
+/// the store itself (`raw`: temporary files and upload state, which `list` hides).
+pub async fn abort_leaves_nothing(b: &dyn StorageBackend, prefix: &str, raw: &RawNames) {
     let key = format!("{prefix}/abort/obj");
     let mut s = b.put(&key, &PutOptions::default()).await.unwrap();
     for i in 0..4 {
@@ -132,22 +186,26 @@ pub async fn abort_leaves_nothing(b: &dyn StorageBackend, prefix: &str) {
     }
     s.abort().await.unwrap();
     assert_eq!(b.stat(&key).await.unwrap_err().kind(), ErrorKind::NotFound);
+    let listing = format!("{prefix}/abort/");
+    let held = raw(listing.clone()).await;
+    assert!(held.is_empty(), "an aborted put left {held:?} on the store");
     {
         let mut s = b.put(&key, &PutOptions::default()).await.unwrap();
         s.write(Bytes::from(pattern(1000, 9))).await.unwrap();
     }
     assert_eq!(b.stat(&key).await.unwrap_err().kind(), ErrorKind::NotFound);
     // A dropped put may clean up in the background: give it up to 10 s (a loaded machine).
-    let listing = format!("{prefix}/abort/");
-    let mut left = b.list(&listing).await.unwrap();
+    // What the store holds, not what `list` shows: `list` hides temporary names.
+    let mut left = raw(listing.clone()).await;
     for _ in 0..200 {
         if left.is_empty() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        left = b.list(&listing).await.unwrap();
+        left = raw(listing.clone()).await;
     }
-    assert!(left.is_empty(), "a dropped put left {left:?}");
+    assert!(left.is_empty(), "a dropped put left {left:?} on the store");
+    assert!(b.list(&listing).await.unwrap().is_empty());
     assert_eq!(b.stat(&key).await.unwrap_err().kind(), ErrorKind::NotFound);
 }
 

@@ -265,7 +265,8 @@ mod tests {
     async fn fs_backend_passes_the_conformance_suite() {
         let dir = tempfile::tempdir().unwrap();
         let b: Arc<dyn StorageBackend> = Arc::new(FsBackend::new(dir.path().join("store")));
-        crate::conformance::run_all(b, "conf").await;
+        let raw = crate::conformance::local_files(dir.path().join("store"));
+        crate::conformance::run_all(b, "conf", raw).await;
         // and leaves no temporary file anywhere
         let mut stack = vec![dir.path().to_path_buf()];
         while let Some(d) = stack.pop() {
