@@ -1,0 +1,463 @@
+//! Migrations across providers through the `Migration` runner: libvirt (a real libvirtd, see
+//! `scripts/peers/libvirt.sh`, `VIRTRIGAUD_LIBVIRT_URI`) → vSphere (the govmomi simulator,
+//! `VIRTRIGAUD_VSPHERE_*`), with file staging. Without both peers a test prints `SKIP: …`,
+//! unless `VIRTRIGAUD_IT=1`, when it fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use virtrigaud_core::transfer::{ImportOptions, digest_disk};
+use virtrigaud_core::{Migration, MigrationPlan, Provider, StorageBackend};
+use virtrigaud_libvirt::LibvirtProvider;
+use virtrigaud_storage::FsBackend;
+use virtrigaud_vsphere::{VsphereConfig, VsphereProvider};
+
+const MIB: u64 = 1 << 20;
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn peers() -> Option<(String, VsphereConfig)> {
+    let got = (
+        var("VIRTRIGAUD_LIBVIRT_URI"),
+        var("VIRTRIGAUD_VSPHERE_URL"),
+        var("VIRTRIGAUD_VSPHERE_USER"),
+        var("VIRTRIGAUD_VSPHERE_PASSWORD"),
+        var("VIRTRIGAUD_VSPHERE_THUMBPRINT"),
+    );
+    match got {
+        (Some(uri), Some(url), Some(user), Some(pw), Some(tp)) => {
+            let mut c = VsphereConfig::new(url, user, pw.as_str())
+                .with_thumbprint(tp)
+                .with_datacenter("DC0")
+                .with_datastore("LocalDS_0");
+            c.default_network = Some("VM Network".into());
+            Some((uri, c))
+        }
+        _ => {
+            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
+                panic!("libvirt or vSphere peer variables are not set but VIRTRIGAUD_IT=1");
+            }
+            eprintln!("SKIP: VIRTRIGAUD_LIBVIRT_URI or VIRTRIGAUD_VSPHERE_URL is not set");
+            None
+        }
+    }
+}
+
+fn unique(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "vrg-{tag}-{}-{t:x}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn virsh(uri: &str, args: &[&str]) -> String {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(uri)
+        .args(args)
+        .output()
+        .expect("run virsh");
+    assert!(
+        out.status.success(),
+        "virsh {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn virsh_quiet(uri: &str, args: &[&str]) {
+    let _ = Command::new("virsh").arg("-c").arg(uri).args(args).output();
+}
+
+/// A transient dir pool over a temp dir; destroyed on drop.
+struct TestPool {
+    uri: String,
+    name: String,
+    dir: tempfile::TempDir,
+}
+
+impl TestPool {
+    fn new(uri: &str, tag: &str) -> TestPool {
+        let dir = tempfile::Builder::new()
+            .prefix("vrg-vsphere-pool")
+            .tempdir()
+            .unwrap();
+        let name = unique(tag);
+        let target = dir.path().to_str().unwrap().to_string();
+        virsh(uri, &["pool-create-as", &name, "dir", "--target", &target]);
+        TestPool {
+            uri: uri.to_string(),
+            name,
+            dir,
+        }
+    }
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+}
+
+impl Drop for TestPool {
+    fn drop(&mut self) {
+        virsh_quiet(&self.uri, &["pool-destroy", &self.name]);
+    }
+}
+
+struct DomainGuard {
+    uri: String,
+    name: String,
+}
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        virsh_quiet(&self.uri, &["destroy", &self.name]);
+        virsh_quiet(&self.uri, &["undefine", "--nvram", &self.name]);
+        virsh_quiet(&self.uri, &["undefine", &self.name]);
+    }
+}
+
+/// A sparse raw file with patterned data at a few offsets.
+fn write_patterned_raw(path: &Path, size: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for (off, len, byte) in [
+        (0u64, 64 * 1024u64, 0x11u8),
+        (MIB, 2 * MIB, 0xab),
+        (40 * MIB + 4096, 512 * 1024, 0xcd),
+        (size - 4096, 4096, 0xef),
+    ] {
+        let buf: Vec<u8> = (0..len).map(|i| byte ^ (i as u8).wrapping_mul(7)).collect();
+        f.write_all_at(&buf, off).unwrap();
+    }
+}
+
+/// libvirt → vSphere: a stopped two-disk domain (qcow2 + raw with holes) becomes a vSphere VM
+/// through the runner; its disks, read back through `/folder`, have the source's content
+/// digests; the VM carries the migration's marker; a rerun moves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirt_to_vsphere_through_the_runner() {
+    let Some((uri, cfg)) = peers() else { return };
+    let pool = TestPool::new(&uri, "x-src");
+    let scratch = tempfile::tempdir().unwrap();
+    let raw = pool.path("data.raw");
+    write_patterned_raw(&raw, 64 * MIB);
+    let tmp = scratch.path().join("q.raw");
+    write_patterned_raw(&tmp, 48 * MIB);
+    let q = pool.path("sys.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&tmp)
+        .arg(&q)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    virsh(&uri, &["pool-refresh", &pool.name]);
+    let src_vm = unique("x-src");
+    let _g = DomainGuard {
+        uri: uri.clone(),
+        name: src_vm.clone(),
+    };
+    let disk = |p: &Path, fmt: &str, dev: &str| {
+        format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>\
+             <source file='{}'/><target dev='{dev}' bus='virtio'/></disk>",
+            p.display()
+        )
+    };
+    let xml = format!(
+        "<domain type='qemu'><name>{src_vm}</name><memory unit='MiB'>64</memory><vcpu>2</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{}{}</devices></domain>",
+        disk(&q, "qcow2", "vda"),
+        disk(&raw, "raw", "vdb")
+    );
+    let xf = scratch.path().join("d.xml");
+    std::fs::write(&xf, xml).unwrap();
+    virsh(&uri, &["define", xf.to_str().unwrap()]);
+
+    let source = Arc::new(LibvirtProvider::new(&uri));
+    let target = Arc::new(VsphereProvider::new(cfg).unwrap());
+    let dst_vm = unique("x-dst");
+    let store = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn StorageBackend> = Arc::new(FsBackend::new(store.path()));
+    let mut plan = MigrationPlan::new(&src_vm, "migrations/x");
+    plan.target_name = Some(dst_vm.clone());
+    plan.placement = Some("LocalDS_0".into());
+    let report = Migration::new(
+        source.clone(),
+        target.clone(),
+        storage.clone(),
+        plan.clone(),
+    )
+    .run()
+    .await
+    .unwrap();
+    assert_eq!((report.exported_now, report.imported_now), (2, 2));
+    let info = target.describe_vm(&dst_vm).await.unwrap();
+    assert!(info.has_marker(&report.state.marker()));
+    assert_eq!((info.cpus, info.memory_mib), (2, 64));
+    assert_eq!(info.disks.len(), 2);
+    let src = source.describe_vm(&src_vm).await.unwrap();
+    for (s, t) in src.disks.iter().zip(&info.disks) {
+        assert_eq!(s.capacity, t.capacity);
+        let a = digest_disk(source.as_ref(), &src_vm, &s.id, &ImportOptions::default())
+            .await
+            .unwrap();
+        let b = digest_disk(target.as_ref(), &dst_vm, &t.id, &ImportOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(a, b, "{} vs {}", s.id, t.id);
+    }
+    // Rerun: the checkpoint says everything is done, nothing moves, the VM stays.
+    let again = Migration::new(source.clone(), target.clone(), storage.clone(), plan)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!((again.exported_now, again.imported_now), (0, 0));
+    assert_eq!(target.describe_vm(&dst_vm).await.unwrap().id, info.id);
+    // Clean up on the simulator.
+    let locations: Vec<String> = info.disks.iter().map(|d| d.location.clone()).collect();
+    target.delete_vm(&dst_vm).await.unwrap();
+    for l in locations {
+        target.delete_disk(&dst_vm, &l).await.unwrap();
+    }
+}
+
+/// A boot sector that prints `VIRTRIGAUD-BOOT-OK` on COM1 and halts.
+fn boot_sector() -> [u8; 512] {
+    let mut s = [0u8; 512];
+    let code: &[u8] = &[
+        0x31, 0xC0, 0x8E, 0xD8, 0xFC, 0xBE, 0x17, 0x7C, 0xBA, 0xF8, 0x03, 0xAC, 0x84, 0xC0, 0x74,
+        0x03, 0xEE, 0xEB, 0xF8, 0xFA, 0xF4, 0xEB, 0xFC,
+    ];
+    s[..code.len()].copy_from_slice(code);
+    let msg = b"VIRTRIGAUD-BOOT-OK\r\n\0";
+    s[code.len()..code.len() + msg.len()].copy_from_slice(msg);
+    s[510] = 0x55;
+    s[511] = 0xAA;
+    s
+}
+
+/// vSphere → libvirt: a running vSphere VM whose datastore disk holds the boot-sector image is
+/// exported from a snapshot (deleted afterwards), imported into a libvirt pool, and the new
+/// domain boots under TCG and prints the marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsphere_to_libvirt_boots() {
+    use virtrigaud_core::transfer::{ExportOptions, export_disk, import_disk};
+    use virtrigaud_core::{
+        DiskBus, DiskCreateSpec, DiskFormat, Firmware, PowerOp, PowerState, VmDiskSpec, VmSpec,
+    };
+    use virtrigaud_libvirt::domain_xml::DomainOptions;
+    let Some((uri, cfg)) = peers() else { return };
+    let vs = VsphereProvider::new(cfg).unwrap();
+    let src_vm = unique("b-src");
+    // The source: a 4 MiB disk with the boot sector, on a running VM.
+    let mut c = vs
+        .create_disk(&DiskCreateSpec {
+            vm: src_vm.clone(),
+            name: "boot".into(),
+            capacity: 4 * MIB,
+            format: None,
+            placement: None,
+            overwrite: false,
+        })
+        .await
+        .unwrap();
+    c.sink
+        .write(bytes::Bytes::copy_from_slice(&boot_sector()))
+        .await
+        .unwrap();
+    c.sink.write_zeros(4 * MIB - 512).await.unwrap();
+    c.sink.commit().await.unwrap();
+    let spec = VmSpec {
+        name: src_vm.clone(),
+        cpus: 1,
+        memory_mib: 64,
+        firmware: Firmware::Bios,
+        machine: None,
+        guest_os: None,
+        disks: vec![VmDiskSpec {
+            location: c.location.clone(),
+            bus: DiskBus::Scsi,
+            format: DiskFormat::Raw,
+        }],
+        nics: vec![],
+        overwrite: false,
+        annotation: None,
+    };
+    let info = vs.create_vm(&spec).await.unwrap();
+    vs.power(&src_vm, PowerOp::On).await.unwrap();
+    let snap = vs.create_snapshot(&src_vm, "vrg-export").await.unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let storage = FsBackend::new(store.path());
+    let exp = export_disk(
+        &vs,
+        &src_vm,
+        &info.disks[0].id,
+        &storage,
+        "boot.qcow2",
+        &ExportOptions {
+            snapshot: Some(snap.clone()),
+            ..ExportOptions::default()
+        },
+    )
+    .await;
+    vs.delete_snapshot(&src_vm, &snap).await.unwrap();
+    let exp = exp.unwrap();
+    assert_eq!(exp.manifest.virtual_size, 4 * MIB);
+
+    let pool = TestPool::new(&uri, "b-dst");
+    let lv = LibvirtProvider::new(&uri);
+    let dst_vm = unique("b-dst");
+    let _g = DomainGuard {
+        uri: uri.clone(),
+        name: dst_vm.clone(),
+    };
+    let imp = import_disk(
+        &storage,
+        "boot.qcow2",
+        &lv,
+        &dst_vm,
+        "vda",
+        &ImportOptions {
+            placement: Some(pool.name.clone()),
+            ..ImportOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let serial = pool.dir.path().join("serial.log");
+    let lspec = VmSpec {
+        name: dst_vm.clone(),
+        machine: Some("pc".into()),
+        disks: vec![VmDiskSpec {
+            location: imp.location.clone(),
+            bus: DiskBus::Virtio,
+            format: imp.format,
+        }],
+        ..spec.clone()
+    };
+    lv.create_vm_with(
+        &lspec,
+        &DomainOptions {
+            domain_type: Some("qemu".into()),
+            serial_file: Some(serial.display().to_string()),
+            arch: None,
+        },
+    )
+    .await
+    .unwrap();
+    let t = std::time::Instant::now();
+    lv.power(&dst_vm, PowerOp::On).await.unwrap();
+    loop {
+        let log = std::fs::read(&serial).unwrap_or_default();
+        if String::from_utf8_lossy(&log).contains("VIRTRIGAUD-BOOT-OK") {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "no boot marker after 60 s: {:?}",
+            String::from_utf8_lossy(&log)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        lv.describe_vm(&dst_vm).await.unwrap().state,
+        PowerState::Running
+    );
+    let a = digest_disk(&vs, &src_vm, &info.disks[0].id, &ImportOptions::default())
+        .await
+        .unwrap();
+    let b = digest_disk(&lv, &dst_vm, "vda", &ImportOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(a, b);
+    vs.delete_vm(&src_vm).await.unwrap();
+    let _ = vs.delete_disk(&src_vm, &c.location).await;
+}
+
+/// A migration that fails midway (the target VM cannot be created: its NIC's network does not
+/// exist on vSphere and no default is configured) keeps what it moved; the rerun, with the
+/// network fixed, moves no disk again: it finds the imported disks by name, and creates the VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerun_after_failure_moves_only_what_is_missing() {
+    let Some((uri, cfg)) = peers() else { return };
+    let pool = TestPool::new(&uri, "r-src");
+    let raw = pool.path("r.raw");
+    write_patterned_raw(&raw, 64 * MIB);
+    virsh(&uri, &["pool-refresh", &pool.name]);
+    let src_vm = unique("r-src");
+    let _g = DomainGuard {
+        uri: uri.clone(),
+        name: src_vm.clone(),
+    };
+    let net = unique("nonet");
+    let xml = format!(
+        "<domain type='qemu'><name>{src_vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+         <interface type='network'><source network='{net}'/><model type='virtio'/></interface>\
+         </devices></domain>",
+        raw.display()
+    );
+    let xf = pool.path("d.xml");
+    std::fs::write(&xf, xml).unwrap();
+    virsh(&uri, &["define", xf.to_str().unwrap()]);
+
+    let source = Arc::new(LibvirtProvider::new(&uri));
+    let mut no_default = cfg.clone();
+    no_default.default_network = None;
+    let broken = Arc::new(VsphereProvider::new(no_default).unwrap());
+    let fixed = Arc::new(VsphereProvider::new(cfg).unwrap());
+    let dst_vm = unique("r-dst");
+    let store = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn StorageBackend> = Arc::new(FsBackend::new(store.path()));
+    let mut plan = MigrationPlan::new(&src_vm, "migrations/r");
+    plan.target_name = Some(dst_vm.clone());
+    let err = Migration::new(
+        source.clone(),
+        broken.clone(),
+        storage.clone(),
+        plan.clone(),
+    )
+    .run()
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), virtrigaud_core::ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains(&net), "{err}");
+    let e2 = fixed.describe_vm(&dst_vm).await.unwrap_err();
+    assert_eq!(e2.kind(), virtrigaud_core::ErrorKind::NotFound);
+
+    let report = Migration::new(source.clone(), fixed.clone(), storage.clone(), plan)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!((report.exported_now, report.imported_now), (0, 0));
+    let info = fixed.describe_vm(&dst_vm).await.unwrap();
+    assert!(info.has_marker(&report.state.marker()));
+    assert_eq!(info.nics[0].network.as_deref(), Some("VM Network"));
+    let a = digest_disk(source.as_ref(), &src_vm, "vda", &ImportOptions::default())
+        .await
+        .unwrap();
+    let b = digest_disk(
+        fixed.as_ref(),
+        &dst_vm,
+        &info.disks[0].id,
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a, b);
+    let l = info.disks[0].location.clone();
+    fixed.delete_vm(&dst_vm).await.unwrap();
+    fixed.delete_disk(&dst_vm, &l).await.unwrap();
+}
