@@ -65,10 +65,81 @@ fn refuse_secret_in_url(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// Splits `user@host:port/path?query` (the user may itself hold `@`).
+#[allow(dead_code)]
+struct Parts {
+    user: Option<String>,
+    host: String,
+    path: String,
+    query: Vec<(String, String)>,
+}
+
+#[allow(dead_code)]
+fn parts(rest: &str) -> Result<Parts> {
+    let (before_q, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, path) = before_q.split_once('/').unwrap_or((before_q, ""));
+    let (user, host) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u.to_string()), h.to_string()),
+        None => (None, authority.to_string()),
+    };
+    if host.is_empty() {
+        return Err(Error::invalid("the provider URL has no host"));
+    }
+    let query = query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    Ok(Parts {
+        user,
+        host,
+        path: path.trim_matches('/').to_string(),
+        query,
+    })
+}
+
+/// `vsphere://user@host[:port]/Datacenter?thumbprint=SHA256&datastore=DS&allow_http=1`; the
+/// password from `VIRTRIGAUD_VSPHERE_PASSWORD` or `--password-file`.
+#[cfg(feature = "vsphere")]
+fn open_vsphere(rest: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
+    use virtrigaud::vsphere::{VsphereConfig, VsphereProvider};
+    let p = parts(rest)?;
+    let user = p
+        .user
+        .ok_or_else(|| Error::invalid("vsphere:// needs a user: vsphere://user@host/Datacenter"))?;
+    let mut scheme = "https";
+    let mut cfg = VsphereConfig::new(String::new(), user, secrets.get("VSPHERE")?);
+    for (k, v) in &p.query {
+        match k.as_str() {
+            "thumbprint" => cfg.thumbprint = Some(v.clone()),
+            "datastore" => cfg.datastore = Some(v.clone()),
+            "pool" => cfg.resource_pool = Some(v.clone()),
+            "network" => cfg.default_network = Some(v.clone()),
+            "allow_http" if v == "1" || v == "true" => {
+                cfg.allow_http = true;
+                scheme = "http";
+            }
+            other => {
+                return Err(Error::invalid(format!(
+                    "unknown vsphere:// parameter {other:?} (thumbprint, datastore, pool, \
+                     network, allow_http)"
+                )));
+            }
+        }
+    }
+    cfg.url = format!("{scheme}://{}/sdk", p.host);
+    if !p.path.is_empty() {
+        cfg.datacenter = Some(p.path.clone());
+    }
+    Ok(Arc::new(VsphereProvider::new(cfg)?))
+}
+
 /// Opens the provider a URL names.
 pub fn open(url: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
     refuse_secret_in_url(url)?;
-    let _ = secrets;
     if let Some(path) = url.strip_prefix("local://") {
         if path.is_empty() {
             return Err(Error::invalid(
@@ -86,11 +157,13 @@ pub fn open(url: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
              virtrigaud-cli --features libvirt)"
         )));
     }
-    if url.starts_with("vsphere://") {
-        return Err(Error::unsupported(
-            "vsphere:// providers are not wired into the command yet (the vSphere provider \
-             is in progress)",
-        ));
+    if let Some(rest) = url.strip_prefix("vsphere://") {
+        #[cfg(feature = "vsphere")]
+        return open_vsphere(rest, secrets);
+        #[cfg(not(feature = "vsphere"))]
+        return Err(Error::unsupported(format!(
+            "vsphere://{rest}: this virtrigaud was built without the vsphere feature"
+        )));
     }
     if url.starts_with("proxmox://") {
         return Err(Error::unsupported(
