@@ -243,7 +243,7 @@ async fn staged_object(
         "qemu-io",
         &["-c", "write -P 0x5a 1M 1M", img.to_str().unwrap()],
     );
-    let fs = virtrigaud_storage::FsBackend::new(dir.join("stage")).unwrap();
+    let fs = virtrigaud_storage::FsBackend::new(dir.join("stage"));
     let src = virtrigaud_core::io::LocalFile::open(&img).await.unwrap();
     let opts = ExportOptions {
         format: DiskFormat::Qcow2,
@@ -332,8 +332,8 @@ async fn pulled_disk_becomes_a_vm_and_staging_is_cleaned() {
         overwrite: false,
         annotation: Some(format!("migrated\nvirtrigaud-migration:{vm}")),
     };
+    let _cleanup = Cleanup(pve.config(), vm.clone());
     let info = p.create_vm(&vspec).await.unwrap();
-    let cleanup = Cleanup(p.clone(), info.id.clone());
     assert_eq!(info.name, vm);
     assert_eq!((info.cpus, info.memory_mib), (2, 1024));
     assert_eq!(info.firmware, Firmware::Uefi);
@@ -376,8 +376,16 @@ async fn pulled_disk_becomes_a_vm_and_staging_is_cleaned() {
     vspec.disks[0].location = location;
     vspec.overwrite = true;
     let again = p.create_vm(&vspec).await.unwrap();
-    assert_ne!(again.id, info.id);
-    drop(cleanup);
+    assert_eq!(
+        p.list_vms()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|v| v.name == vm)
+            .count(),
+        1,
+        "replaced"
+    );
     p.delete_vm(&again.id).await.unwrap();
     assert_eq!(
         p.describe_vm(&vm).await.unwrap_err().kind(),
@@ -385,16 +393,19 @@ async fn pulled_disk_becomes_a_vm_and_staging_is_cleaned() {
     );
 }
 
-struct Cleanup(ProxmoxProvider, String);
+/// Deletes the VM named `.1` when the test ends, even on panic (a client of its own: the test's
+/// runtime is blocked while this runs).
+struct Cleanup(ProxmoxConfig, String);
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let (p, id) = (self.0.clone(), self.1.clone());
+        let (c, name) = (self.0.clone(), self.1.clone());
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            let _ = rt.block_on(p.delete_vm(&id));
+            let p = ProxmoxProvider::new(c).unwrap();
+            let _ = rt.block_on(p.delete_vm(&name));
         })
         .join();
     }
