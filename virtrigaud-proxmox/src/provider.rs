@@ -971,19 +971,27 @@ impl Provider for ProxmoxProvider {
             self.delete_vm(&existing.vmid.to_string()).await?;
         }
         let node = self.node().await?;
-        let vmid = self.client.next_id().await?;
-        let params = create_params(
-            spec,
-            vmid,
-            &self.cfg.default_bridge,
-            &self.cfg.target_storage,
-        )?;
-        info!(vm = %spec.name, vmid, node = %node, "creating Proxmox VM");
-        let upid = self
-            .client
-            .vm_create(&node, &params)
-            .await
-            .map_err(|e| e.with_vm(spec.name.clone()))?;
+        // `/cluster/nextid` is advisory: a concurrent create can take the same id first, so a
+        // create refused with "already exists" is retried with a fresh id.
+        let mut attempt = 0;
+        let (vmid, upid) = loop {
+            let vmid = self.client.next_id().await?;
+            let params = create_params(
+                spec,
+                vmid,
+                &self.cfg.default_bridge,
+                &self.cfg.target_storage,
+            )?;
+            info!(vm = %spec.name, vmid, node = %node, "creating Proxmox VM");
+            match self.client.vm_create(&node, &params).await {
+                Ok(upid) => break (vmid, upid),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists && attempt < 5 => {
+                    attempt += 1;
+                    warn!(vmid, error = %e, "VM id taken meanwhile, trying the next one");
+                }
+                Err(e) => return Err(e.with_vm(spec.name.clone())),
+            }
+        };
         self.client
             .wait_task(&upid)
             .await

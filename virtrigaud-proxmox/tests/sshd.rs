@@ -24,6 +24,9 @@ use virtrigaud_storage::FsBackend;
 
 const MIB: u64 = 1 << 20;
 
+/// The host key test counts sshd's logins: the tests of this module take turns.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The content digest of a local image, by exporting it like any disk.
 async fn digest_of(path: &Path, scratch: &Path) -> String {
     let fs = FsBackend::new(scratch.join("ref"));
@@ -56,15 +59,25 @@ async fn test_vm(tag: &str) -> Option<TestVm> {
     let (pve, sshd) = (pve()?, sshd()?);
     let p = ProxmoxProvider::new(pve.config().with_ssh(sshd.config())).unwrap();
     let name = unique(tag);
-    let vmid = p.client().next_id().await.unwrap();
-    let form = [
-        ("vmid", vmid.to_string()),
-        ("name", name.clone()),
-        ("scsi0", "local-lvm:1".to_string()),
-        ("virtio0", "local:1,format=qcow2".to_string()),
-    ];
-    let upid = p.client().vm_create(&pve.node, &form).await.unwrap();
-    p.client().wait_task(&upid).await.unwrap();
+    // Tests run in parallel and /cluster/nextid is advisory: retry a taken id.
+    let mut tries = 0;
+    let vmid = loop {
+        let vmid = p.client().next_id().await.unwrap();
+        let form = [
+            ("vmid", vmid.to_string()),
+            ("name", name.clone()),
+            ("scsi0", "local-lvm:1".to_string()),
+            ("virtio0", "local:1,format=qcow2".to_string()),
+        ];
+        match p.client().vm_create(&pve.node, &form).await {
+            Ok(upid) => {
+                p.client().wait_task(&upid).await.unwrap();
+                break vmid;
+            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists && tries < 10 => tries += 1,
+            Err(e) => panic!("{e}"),
+        }
+    };
     let conf = p.client().vm_config(&pve.node, vmid).await.unwrap();
     let vol = |k: &str| {
         conf[k]
@@ -138,6 +151,7 @@ impl Drop for TestVm {
 
 #[tokio::test]
 async fn export_stream_and_sftp_give_the_images_content() {
+    let _turn = SERIAL.lock().await;
     let Some(vm) = test_vm("export").await else {
         return;
     };
@@ -228,6 +242,7 @@ async fn export_stream_and_sftp_give_the_images_content() {
 
 #[tokio::test]
 async fn cut_stream_is_corrupt_and_nothing_is_stored() {
+    let _turn = SERIAL.lock().await;
     let Some(vm) = test_vm("cut").await else {
         return;
     };
@@ -298,6 +313,7 @@ fn accepted_logins(sshd: &common::Sshd) -> usize {
 
 #[tokio::test]
 async fn host_keys_and_client_keys_are_checked() {
+    let _turn = SERIAL.lock().await;
     let Some(sshd) = sshd() else { return };
     // Pinned fingerprint and known_hosts both let the right server in.
     let node = SshNode::connect(&sshd.config(), &sshd.host).await.unwrap();
