@@ -439,3 +439,109 @@ async fn too_old_pve_fails_before_any_upload() {
     let e = p.upload_object(&fs, "d0.qcow2", &spec).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
 }
+
+/// The URL `download-url` hands PVE is a presigned GET that really returns the staged object
+/// from SeaweedFS (scripts/peers/seaweedfs.sh): fetched here, since fakepve never fetches. The
+/// call PVE gets carries that URL and the object's SHA-256, as its task log shows.
+#[tokio::test]
+async fn pull_url_is_a_presigned_get_of_the_staged_object() {
+    let Some(pve) = pve() else { return };
+    let Some(endpoint) = common::env("VIRTRIGAUD_S3_ENDPOINT", "seaweedfs.sh") else {
+        return;
+    };
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    use virtrigaud_core::StorageBackend;
+    use virtrigaud_storage::s3::{S3Backend, S3Config};
+    let cfg = S3Config::new("virtrigaud-test")
+        .with_endpoint(endpoint)
+        .with_prefix(unique("pve-pull"))
+        .with_region("us-east-1")
+        .with_credentials(
+            env("VIRTRIGAUD_S3_ACCESS_KEY"),
+            env("VIRTRIGAUD_S3_SECRET_KEY"),
+        );
+    let s3 = S3Backend::new(cfg).unwrap();
+    s3.create_bucket().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("src.qcow2");
+    common::run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"],
+    );
+    common::run(
+        "qemu-io",
+        &["-c", "write -P 0x3c 2M 2M", img.to_str().unwrap()],
+    );
+    let src = virtrigaud_core::io::LocalFile::open(&img).await.unwrap();
+    let r = export_image(
+        ImageSource::RandomAccess(std::sync::Arc::new(src)),
+        None,
+        &s3,
+        "d0.qcow2",
+        None,
+        None,
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    let url = s3
+        .presign_get("d0.qcow2", Duration::from_secs(3600))
+        .await
+        .unwrap();
+    // What PVE would fetch: no credentials of ours, just the URL.
+    let body = reqwest::get(&url).await.unwrap();
+    assert!(body.status().is_success(), "{}", body.status());
+    let body = body.bytes().await.unwrap();
+    use sha2::Digest;
+    assert_eq!(body.len() as u64, r.manifest.stored_size);
+    assert_eq!(
+        hex(&sha2::Sha256::digest(&body)),
+        r.manifest.object_digest.value
+    );
+
+    let p = pve.provider();
+    let vm = unique("pull-s3");
+    let upid = p
+        .client()
+        .download_url(
+            &pve.node,
+            "local",
+            &url,
+            &format!("vrg-{vm}-probe.qcow2"),
+            Some(&r.manifest.object_digest.value),
+        )
+        .await
+        .unwrap();
+    p.client().wait_task(&upid).await.unwrap();
+    let log = p
+        .client()
+        .task_log_tail(&upid, 10)
+        .await
+        .unwrap()
+        .join("\n");
+    assert!(
+        log.contains(&url),
+        "the task fetches the presigned URL: {log}"
+    );
+    let spec = DiskCreateSpec {
+        vm: vm.clone(),
+        name: "disk0".into(),
+        capacity: r.manifest.virtual_size,
+        format: None,
+        placement: Some("local-lvm".into()),
+        overwrite: false,
+    };
+    let location = p.pull_object(&url, &r.manifest, &spec).await.unwrap();
+    p.delete_disk(&vm, &location).await.unwrap();
+    assert_eq!(p.find_disk(&spec).await.unwrap(), None);
+    p.delete_disk(
+        &vm,
+        &format!("local-lvm:0,import-from=local:import/vrg-{vm}-probe.qcow2"),
+    )
+    .await
+    .unwrap();
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
