@@ -68,7 +68,8 @@ JSON
         cat >"$d/$which.json" <<JSON
 {"host": "127.0.0.1", "port": $port, "user": "root@pam", "password": "$password",
  "cert": "$d/server.pem", "key": "$d/server.key", "version": "$version",
- "tokens": {"root@pam!virtrigaud": "$token_secret"},
+ "tokens": {"root@pam!virtrigaud": "$token_secret", "audit@pve!ro": "$token_secret"},
+ "acl": {"audit@pve": [["/", ["VM.Audit", "Sys.Audit", "Datastore.Audit"]]]},
  "storage_content": {"local": "iso,vztmpl,backup,import,images"},
  "guests": $(cat "$d/guests.json")}
 JSON
@@ -84,6 +85,8 @@ export VIRTRIGAUD_PVE_USER=root@pam
 export VIRTRIGAUD_PVE_PASSWORD=$password
 export VIRTRIGAUD_PVE_TOKEN_ID=root@pam!virtrigaud
 export VIRTRIGAUD_PVE_TOKEN_SECRET=$token_secret
+export VIRTRIGAUD_PVE_AUDIT_TOKEN_ID=audit@pve!ro
+export VIRTRIGAUD_PVE_AUDIT_TOKEN_SECRET=$token_secret
 export VIRTRIGAUD_PVE_FINGERPRINT=$fp
 export VIRTRIGAUD_PVE_CA=$d/ca.pem
 export VIRTRIGAUD_PVE_NODE=pve1

@@ -173,6 +173,30 @@ async fn locked_vm_and_failing_task() {
     );
 }
 
+/// A token without `VM.PowerMgmt`: PVE's 403 becomes `Auth` naming the path and privilege.
+#[tokio::test]
+async fn missing_privilege_is_auth_with_the_privilege() {
+    let Some(pve) = pve() else { return };
+    let (Some(id), Some(secret)) = (
+        common::env("VIRTRIGAUD_PVE_AUDIT_TOKEN_ID", "fakepve.sh"),
+        common::env("VIRTRIGAUD_PVE_AUDIT_TOKEN_SECRET", "fakepve.sh"),
+    ) else {
+        return;
+    };
+    let auth = Auth::Token {
+        id,
+        secret: Secret::new(secret),
+    };
+    let c = ProxmoxConfig::new(&pve.url, auth)
+        .unwrap()
+        .with_fingerprint(&pve.fingerprint);
+    let p = ProxmoxProvider::new(c).unwrap();
+    p.describe_vm("vrg-power").await.unwrap(); // VM.Audit is enough to read
+    let e = p.power("vrg-power", PowerOp::On).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Auth, "{e}");
+    assert!(e.to_string().contains("/vms/103, VM.PowerMgmt"), "{e}");
+}
+
 #[tokio::test]
 async fn power_operations() {
     let Some(pve) = pve() else { return };

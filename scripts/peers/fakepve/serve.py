@@ -6,7 +6,7 @@ that through fakepve's documented Python API (`FakePve`, `add_vm`, `apitokens`, 
 `version`) and nothing else.
 
     serve.py SPEC.json    # {"host", "port", "user", "password", "cert", "key", "version",
-                          #  "tokens": {"user@realm!id": "secret"}, "guests": [...]}
+                          #  "tokens": {"user@realm!id": "secret"}, "acl": {...}, "guests": [...]}
 """
 
 import asyncio
@@ -25,6 +25,9 @@ async def main(spec_path):
         pve.version = spec['version']
         pve.release_version = '.'.join(spec['version'].split('.')[:2])
     pve.apitokens.update(spec.get('tokens', {}))
+    # Per-path privileges ({"user@realm": [["/path", ["Priv", ...]], ...]}); root@pam holds all.
+    if spec.get('acl'):
+        pve.acl = {user: [(path, set(privs)) for path, privs in grants] for user, grants in spec['acl'].items()}
     # PVE 8.4+ file storages take disk images for import (`content=import`).
     for name, content in spec.get('storage_content', {}).items():
         pve.storages[name]['content'] = content
