@@ -64,15 +64,18 @@ async fn run(
     pool: Option<&str>,
     snapshot: bool,
 ) -> virtrigaud::Result<()> {
-    let source = LibvirtProvider::new(source_uri);
-    let target = LibvirtProvider::new(target_uri);
+    let source = std::sync::Arc::new(LibvirtProvider::new(source_uri));
+    let target = std::sync::Arc::new(LibvirtProvider::new(target_uri));
     let store = virtrigaud::storage::open(store_url)?;
     let mut plan = MigrationPlan::new(vm, format!("migrations/{vm}"));
     plan.target_name = Some(format!("{vm}-migrated"));
     plan.placement = pool.map(str::to_string);
-    if snapshot {
-        plan.prepare = PrepareSource::Snapshot;
-    }
+    // A running domain is refused unless the plan says how to read it.
+    plan.prepare = if snapshot {
+        PrepareSource::Snapshot
+    } else {
+        PrepareSource::RequireStopped
+    };
     let pipeline = PipelineOptions {
         progress: Some(std::sync::Arc::new(|p: &virtrigaud::Progress| {
             eprintln!(
@@ -88,7 +91,7 @@ async fn run(
         })),
         ..Default::default()
     };
-    let report = Migration::new(&source, &target, &*store, plan)
+    let report = Migration::new(source, target, store, plan)
         .with_pipeline(pipeline)
         .run()
         .await?;

@@ -31,7 +31,8 @@ pub use io::{ByteSink, ByteStream, ImageSource, ReadAt};
 pub use local::LocalProvider;
 pub use manifest::Manifest;
 pub use migration::{
-    CleanupPolicy, Migration, MigrationPlan, MigrationReport, MigrationState, PrepareSource,
+    CleanupPolicy, Migration, MigrationEvent, MigrationPlan, MigrationReport, MigrationState,
+    OnFailure, PrepareSource,
 };
 pub use pipeline::{PipelineOptions, TransferReport};
 pub use progress::{Phase, Progress, ProgressFn};
@@ -42,6 +43,6 @@ pub use storage::{
 };
 pub use tokio_util::sync::CancellationToken;
 pub use transfer::{
-    ExportOptions, ExportReport, ImportOptions, ImportReport, digest_disk, export_disk,
-    export_image, import_disk, read_manifest, verify_object,
+    ExportOptions, ExportReport, ImportOptions, ImportReport, digest_disk, digest_opened_disk,
+    export_disk, export_image, import_disk, read_manifest, verify_object,
 };

@@ -262,7 +262,7 @@ impl Provider for LocalProvider {
             });
         }
         let info = VmInfo {
-            annotation: None,
+            annotation: spec.annotation.clone(),
             id: spec.name.clone(),
             name: spec.name.clone(),
             cpus: spec.cpus,
@@ -291,5 +291,54 @@ impl Provider for LocalProvider {
         self.read_vm(vm).await?;
         tokio::fs::remove_dir_all(self.vm_dir(vm)?).await?;
         Ok(())
+    }
+
+    async fn find_disk(&self, spec: &DiskCreateSpec) -> Result<Option<String>> {
+        check_name("disk", &spec.name)?;
+        let formats = [
+            spec.format.unwrap_or(self.default_format),
+            DiskFormat::Raw,
+            DiskFormat::Qcow2,
+            DiskFormat::Vmdk(format::VmdkSubformat::MonolithicSparse),
+        ];
+        for f in formats {
+            let location = format!("{}.{}", spec.name, f.extension());
+            // Only committed disks: temporary files live under other names.
+            if tokio::fs::metadata(self.disk_path(&spec.vm, &location)?)
+                .await
+                .is_ok_and(|m| m.is_file())
+            {
+                return Ok(Some(location));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn open_created_disk(&self, vm: &str, location: &str) -> Result<OpenedDisk> {
+        let path = self.disk_path(vm, location)?;
+        let f = LocalFile::open(&path).await?;
+        let (fmt, size) = format::probe(&f).await?;
+        Ok(OpenedDisk {
+            info: DiskInfo {
+                id: location.to_string(),
+                capacity: size,
+                allocation: None,
+                format: Some(fmt),
+                bus: None,
+                location: location.to_string(),
+            },
+            source: ImageSource::RandomAccess(Arc::new(f)),
+        })
+    }
+
+    async fn delete_disk(&self, vm: &str, location: &str) -> Result<()> {
+        match tokio::fs::remove_file(self.disk_path(vm, location)?).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(
+                e,
+                format!("cannot delete disk {location} of {vm}"),
+            )),
+        }
     }
 }

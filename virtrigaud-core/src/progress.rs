@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The phase of a migration or transfer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Phase {
     /// Checking inputs and peers.
+    #[default]
     Validate,
     /// Shutting down or snapshotting the source.
     Prepare,
@@ -18,6 +20,12 @@ pub enum Phase {
     Import,
     /// Comparing digests.
     Verify,
+    /// Creating the target VM.
+    CreateVm,
+    /// Powering the new VM on.
+    Start,
+    /// Removing what a failed migration created.
+    Rollback,
     /// Removing staged objects and snapshots.
     Cleanup,
     /// Finished.

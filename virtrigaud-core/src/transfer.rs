@@ -1,7 +1,9 @@
 //! Disk export and import through storage, with manifests and end-to-end verification.
 //!
 //! * [`export_disk`]: provider disk → decode → pipeline → stored object in any format, then its
-//!   manifest (written last, so a manifest always describes a complete object).
+//!   manifest. Order: the old manifest at the key (if any) is deleted, the object committed,
+//!   the new manifest written last — a manifest always describes the object beside it, and an
+//!   object without a manifest is refused as an incomplete export.
 //! * [`import_disk`]: manifest → stored object, verified chunk by chunk while it streams →
 //!   decode → encode into the target's format → provider disk. The disk is committed only when
 //!   the object SHA-256, every chunk digest and the content digest match the manifest; otherwise
@@ -11,14 +13,14 @@
 use crate::digest::{CONTENT_ALGORITHM, CONTENT_BLOCK, OBJECT_ALGORITHM, ObjectHasher};
 use crate::extent::Extent;
 use crate::format::{self, DecodeOptions, DiskFormat, EncodeOptions};
-use crate::io::{ByteStream, ImageSource, join_err};
+use crate::io::{AbortOnDrop, ByteStream, ImageSource, join_err};
 use crate::manifest::{
     ChunkDigests, DigestValue, MAX_MANIFEST_BYTES, Manifest, SCHEMA_VERSION, SourceRef,
     manifest_key, now_rfc3339,
 };
 use crate::pipeline::{self, PipelineOptions, TransferReport};
 use crate::progress::Phase;
-use crate::provider::{DiskCreateSpec, Provider, SnapshotRef};
+use crate::provider::{DiskCreateSpec, OpenedDisk, Provider, SnapshotRef};
 use crate::storage::{PutOptions, StorageBackend, StorageExt, validate_key};
 use crate::{Error, ErrorKind, Result};
 use bytes::Bytes;
@@ -243,6 +245,18 @@ pub async fn export_image(
     if opts.pipeline.cancel.is_cancelled() {
         let _ = sink.abort().await;
         return Err(Error::cancelled());
+    }
+    // Ordering, so that no reader ever finds a manifest beside an object it does not
+    // describe: an older manifest at this key goes first, then the object is committed
+    // (atomically, by every backend), then its manifest is written. In between, a reader finds
+    // no manifest ("export not completed") and refuses the object.
+    match storage.delete(&manifest_key(key)).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => {
+            let _ = sink.abort().await;
+            return Err(ctx(e).with_target(manifest_key(key)));
+        }
     }
     sink.commit()
         .await
@@ -583,6 +597,11 @@ pub async fn digest_disk(
     opts: &ImportOptions,
 ) -> Result<String> {
     let opened = provider.open_disk(vm, disk, None).await?;
+    digest_opened_disk(opened, opts).await
+}
+
+/// Computes the content digest of an opened disk (see [`digest_disk`]).
+pub async fn digest_opened_disk(opened: OpenedDisk, opts: &ImportOptions) -> Result<String> {
     let (_, content) = format::decode(opened.source, opened.info.format, &opts.decode).await?;
     content_digest_of(content, &opts.pipeline).await
 }
@@ -613,18 +632,19 @@ fn verified_source(
     stop: CancellationToken,
 ) -> (
     ImageSource,
-    tokio::task::JoinHandle<Result<bool>>,
+    AbortOnDrop<Result<bool>>,
     Arc<Mutex<VerifyState>>,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Extent>>(4);
     let state = Arc::new(Mutex::new(VerifyState { mismatch: None }));
-    let verifier = tokio::spawn(verify_stream(
+    // Aborted when dropped: an import whose future is dropped stops reading the object.
+    let verifier = AbortOnDrop(tokio::spawn(verify_stream(
         stream,
         manifest.clone(),
         tx,
         state.clone(),
         stop,
-    ));
+    )));
     let source = ImageSource::Sequential {
         size: Some(manifest.stored_size),
         stream: futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed(),

@@ -326,7 +326,10 @@ pub fn parse_domain(xml: &str, state: PowerState) -> Result<ParsedDomain> {
         }
     }
     let info = VmInfo {
-        annotation: None,
+        annotation: root
+            .child("description")
+            .map(|d| d.text.clone())
+            .filter(|t| !t.trim().is_empty()),
         id,
         name,
         cpus,
@@ -416,6 +419,9 @@ pub fn generate_domain(spec: &VmSpec, opts: &DomainOptions) -> Result<String> {
     let mut x = String::new();
     let _ = writeln!(x, "<domain type='{}'>", e(dtype));
     let _ = writeln!(x, "  <name>{}</name>", e(&spec.name));
+    if let Some(d) = &spec.annotation {
+        let _ = writeln!(x, "  <description>{}</description>", e(d));
+    }
     let _ = writeln!(
         x,
         "  <memory unit='MiB'>{}</memory>",

@@ -720,9 +720,14 @@ fn create_disk_blocking(c: &Connect, spec: &DiskCreateSpec) -> Result<CreatedDis
     }
     let pool_name = spec.placement.as_deref().unwrap_or(DEFAULT_POOL);
     let pool = find_pool(c, pool_name)?;
-    let name = volume_name(spec, format);
-    let location = format!("{pool_name}/{name}");
-    match pool.lookup_storage_vol_by_name(&name) {
+    let final_name = volume_name(spec, format);
+    let location = format!("{pool_name}/{final_name}");
+    // The old volume of an overwrite stays until the new one is committed (import commits only
+    // after verification): the new bytes go to a temporary volume that replaces the old file
+    // by rename at commit. libvirt cannot rename volumes, so this needs the pool's files on
+    // this host (dir pools of a local libvirtd).
+    let mut replace = None;
+    let name = match pool.lookup_storage_vol_by_name(&final_name) {
         Ok(existing) => {
             if !spec.overwrite {
                 return Err(Error::new(
@@ -731,11 +736,27 @@ fn create_disk_blocking(c: &Connect, spec: &DiskCreateSpec) -> Result<CreatedDis
                 )
                 .with_target(location));
             }
-            existing.delete(0).op("volume.delete")?;
+            let old_path = existing.path().op("volume.path")?;
+            if !std::path::Path::new(&old_path).is_file() {
+                return Err(Error::unsupported(format!(
+                    "overwriting volume {location} needs its file {old_path} on this host \
+                     (the old volume is replaced only once the new one is verified); delete it \
+                     first, or import under another name"
+                ))
+                .with_target(location));
+            }
+            let tmp = format!(
+                "{}.vrg-new-{}.{}",
+                final_name.trim_end_matches(&format!(".{}", format.extension())),
+                virtrigaud_core::io::unique_suffix(),
+                format.extension()
+            );
+            replace = Some(std::path::PathBuf::from(old_path));
+            tmp
         }
-        Err(e) if is_not_found(&e) => {}
+        Err(e) if is_not_found(&e) => final_name.clone(),
         Err(e) => return Err(error::from_virt(e, "volume.lookup")),
-    }
+    };
     // Raw: a sparse file of the full size, written in place. qcow2: an empty file that receives
     // the encoder's bytes; the refresh at commit makes libvirt probe it as qcow2.
     let capacity = match format {
@@ -758,7 +779,7 @@ fn create_disk_blocking(c: &Connect, spec: &DiskCreateSpec) -> Result<CreatedDis
             error::from_virt(e, "volume.create").with_target(location.clone())
         }
     })?;
-    let sink = match volume::UploadSink::start(c, pool, vol, location.clone()) {
+    let sink = match volume::UploadSink::start(c, pool, vol, location.clone(), replace) {
         Ok(s) => s,
         Err(e) => {
             if let Ok(p) = find_pool(c, pool_name)
@@ -891,6 +912,83 @@ impl Provider for LibvirtProvider {
 
     async fn create_vm(&self, spec: &VmSpec) -> Result<VmInfo> {
         self.create_vm_with(spec, &DomainOptions::default()).await
+    }
+
+    async fn find_disk(&self, spec: &DiskCreateSpec) -> Result<Option<String>> {
+        let spec = spec.clone();
+        self.conn
+            .run(move |c| {
+                check_name("disk", &spec.name)?;
+                let pool_name = spec.placement.as_deref().unwrap_or(DEFAULT_POOL);
+                let pool = find_pool(c, pool_name)?;
+                let _ = pool.refresh(0);
+                for f in [DiskFormat::Qcow2, DiskFormat::Raw] {
+                    let name = volume_name(&spec, f);
+                    match pool.lookup_storage_vol_by_name(&name) {
+                        Ok(_) => return Ok(Some(format!("{pool_name}/{name}"))),
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => return Err(error::from_virt(e, "volume.lookup")),
+                    }
+                }
+                Ok(None)
+            })
+            .await
+    }
+
+    async fn open_created_disk(&self, _vm: &str, location: &str) -> Result<OpenedDisk> {
+        let location = location.to_string();
+        let c = self.conn.get().await?;
+        connection::blocking(move || {
+            let c = &c;
+            let (pool_name, vol_name) = location.split_once('/').ok_or_else(|| {
+                Error::invalid(format!("volume location {location:?} is not pool/volume"))
+            })?;
+            let vol = find_volume(&find_pool(c, pool_name)?, pool_name, vol_name)?;
+            let info = vol.info().op("volume.info")?;
+            let xml = vol.xml_desc(0).op("volume.xml")?;
+            let format = domain_xml::parse(&xml)
+                .ok()
+                .and_then(|v| {
+                    v.child("target")
+                        .and_then(|t| t.child("format"))
+                        .and_then(|f| f.attr("type").map(str::to_string))
+                })
+                .and_then(|t| match t.as_str() {
+                    "qcow2" => Some(DiskFormat::Qcow2),
+                    "raw" => Some(DiskFormat::Raw),
+                    _ => None,
+                });
+            let size = volume::physical_size(&vol)?;
+            let source = volume::download(c.clone(), vol, size);
+            Ok(OpenedDisk {
+                info: virtrigaud_core::DiskInfo {
+                    id: location.clone(),
+                    capacity: info.capacity,
+                    allocation: Some(info.allocation),
+                    format,
+                    bus: None,
+                    location: location.clone(),
+                },
+                source,
+            })
+        })
+        .await
+    }
+
+    async fn delete_disk(&self, _vm: &str, location: &str) -> Result<()> {
+        let location = location.to_string();
+        self.conn
+            .run(move |c| {
+                let (pool_name, vol_name) = location.split_once('/').ok_or_else(|| {
+                    Error::invalid(format!("volume location {location:?} is not pool/volume"))
+                })?;
+                match find_volume(&find_pool(c, pool_name)?, pool_name, vol_name) {
+                    Ok(v) => v.delete(0).op("volume.delete"),
+                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e),
+                }
+            })
+            .await
     }
 
     /// Destroys and undefines the domain (with its snapshot metadata and NVRAM). Its volumes

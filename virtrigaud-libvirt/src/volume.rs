@@ -105,6 +105,8 @@ fn download_loop(
 pub struct UploadSink {
     state: Option<UploadState>,
     location: String,
+    /// The file this upload replaces at commit (overwrite): the old volume stays until then.
+    replace: Option<std::path::PathBuf>,
 }
 
 struct UploadState {
@@ -128,6 +130,7 @@ impl UploadSink {
         pool: virt::storage_pool::StoragePool,
         vol: StorageVol,
         location: String,
+        replace: Option<std::path::PathBuf>,
     ) -> Result<UploadSink> {
         let st = SparseStream::new(conn)?;
         vol.upload(
@@ -144,6 +147,7 @@ impl UploadSink {
                 pool,
             }),
             location,
+            replace,
         })
     }
 
@@ -180,6 +184,7 @@ impl ByteSink for UploadSink {
             .take()
             .ok_or_else(|| Error::new(ErrorKind::Io, "upload already finished"))?;
         let location = self.location.clone();
+        let replace = self.replace.take();
         blocking(move || {
             let UploadState { stream, vol, pool } = state;
             let st = Arc::try_unwrap(stream)
@@ -187,6 +192,16 @@ impl ByteSink for UploadSink {
             if let Err(e) = st.finish() {
                 let _ = vol.delete(0);
                 return Err(e.with_target(location));
+            }
+            if let Some(old) = replace {
+                // The new volume takes the old one's file name in one rename: readers see the
+                // old disk or the new one, never a partial one.
+                let tmp = vol.path().op("volume.path")?;
+                if let Err(e) = std::fs::rename(&tmp, &old) {
+                    let _ = vol.delete(0);
+                    return Err(Error::io(e, format!("cannot replace {}", old.display()))
+                        .with_target(location));
+                }
             }
             // libvirt re-probes the file: a qcow2 upload into a fresh volume becomes a qcow2
             // volume with its virtual size.

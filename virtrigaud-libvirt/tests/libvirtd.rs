@@ -1089,17 +1089,27 @@ async fn migration_runner_moves_a_domain_between_pools() {
     let _g2 = guard(&uri, &dst_vm);
     let p = LibvirtProvider::new(&uri);
     let store_dir = tempfile::tempdir().unwrap();
-    let storage = FsBackend::new(store_dir.path());
     let mut plan = MigrationPlan::new(&src_vm, "migrations/one");
     plan.target_name = Some(dst_vm.clone());
     plan.placement = Some(pb.name.clone());
-    let report = Migration::new(&p, &p, &storage, plan.clone())
+    let pa_ = std::sync::Arc::new(LibvirtProvider::new(&uri));
+    let storage_: std::sync::Arc<dyn virtrigaud_core::StorageBackend> =
+        std::sync::Arc::new(FsBackend::new(store_dir.path()));
+    let report = Migration::new(pa_.clone(), pa_.clone(), storage_.clone(), plan.clone())
         .run()
         .await
         .unwrap();
     assert_eq!((report.exported_now, report.imported_now), (2, 2));
     let created = report.state.target_vm.clone().expect("target VM recorded");
     assert_eq!(created.name, dst_vm);
+    assert!(report.state.disks.iter().all(|d| d.verified));
+    // The domain's <description> carries the migration's marker (how a rerun knows it).
+    assert!(
+        p.describe_vm(&dst_vm)
+            .await
+            .unwrap()
+            .has_marker(&report.state.marker())
+    );
     // The new domain exists, with both disks in pool B and the source's hardware.
     let described = p.describe_vm(&dst_vm).await.unwrap();
     assert_eq!(described.disks.len(), 2);
@@ -1127,6 +1137,104 @@ async fn migration_runner_moves_a_domain_between_pools() {
         assert_eq!(a, b, "{} vs {}", s.id, t.id);
     }
     // Rerun: the checkpoint says everything is done.
-    let again = Migration::new(&p, &p, &storage, plan).run().await.unwrap();
+    let again = Migration::new(pa_.clone(), pa_, storage_, plan)
+        .run()
+        .await
+        .unwrap();
     assert_eq!((again.exported_now, again.imported_now), (0, 0));
+}
+
+/// The runner contract on libvirt: `find_disk` finds a committed volume by its spec,
+/// `open_created_disk` re-reads it before any domain uses it, `delete_disk` removes it (and
+/// a second delete is no error). `overwrite` keeps the old volume whole until the new one is
+/// committed: an aborted overwrite leaves the old bytes, a committed one replaces them, and no
+/// temporary volume is left either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_contract_and_overwrite_replaces_only_at_commit() {
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    let pool = TestPool::new(&uri, "ovw");
+    let p = LibvirtProvider::new(&uri);
+    let spec = |overwrite| DiskCreateSpec {
+        vm: String::new(),
+        name: "d1".into(),
+        capacity: MIB,
+        format: Some(DiskFormat::Raw),
+        placement: Some(pool.name.clone()),
+        overwrite,
+    };
+    let write = |fill: u8, overwrite: bool| {
+        let p = &p;
+        let spec = spec(overwrite);
+        async move {
+            let c = p.create_disk(&spec).await.unwrap();
+            let mut sink = c.sink;
+            sink.write(bytes::Bytes::from(vec![fill; MIB as usize]))
+                .await
+                .unwrap();
+            (c.location, sink)
+        }
+    };
+    assert_eq!(p.find_disk(&spec(false)).await.unwrap(), None);
+    let (loc, sink) = write(0xaa, false).await;
+    sink.commit().await.unwrap();
+    assert_eq!(p.find_disk(&spec(false)).await.unwrap(), Some(loc.clone()));
+    let file = pool.path("d1.raw");
+    let files = || {
+        let mut v: Vec<String> = std::fs::read_dir(pool.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    // Re-read through libvirt before any domain exists: the same digest as the file.
+    let local_digest = |path: PathBuf| async move {
+        let f = virtrigaud_core::io::LocalFile::open(&path).await.unwrap();
+        virtrigaud_core::transfer::digest_opened_disk(
+            virtrigaud_core::OpenedDisk {
+                info: virtrigaud_core::DiskInfo {
+                    id: "x".into(),
+                    capacity: MIB,
+                    allocation: None,
+                    format: Some(DiskFormat::Raw),
+                    bus: None,
+                    location: "x".into(),
+                },
+                source: virtrigaud_core::ImageSource::RandomAccess(std::sync::Arc::new(f)),
+            },
+            &ImportOptions::default(),
+        )
+        .await
+        .unwrap()
+    };
+    let reread = virtrigaud_core::transfer::digest_opened_disk(
+        p.open_created_disk("", &loc).await.unwrap(),
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reread, local_digest(file.clone()).await);
+
+    // Overwrite, aborted: the old volume is untouched meanwhile and after.
+    let (loc2, sink) = write(0xbb, true).await;
+    assert_eq!(loc2, loc);
+    assert_eq!(std::fs::read(&file).unwrap(), vec![0xaa; MIB as usize]);
+    sink.abort().await.unwrap();
+    assert_eq!(std::fs::read(&file).unwrap(), vec![0xaa; MIB as usize]);
+    assert_eq!(files(), vec!["d1.raw".to_string()]);
+
+    // Overwrite, committed: replaced in one rename.
+    let (_, sink) = write(0xcc, true).await;
+    assert_eq!(std::fs::read(&file).unwrap(), vec![0xaa; MIB as usize]);
+    sink.commit().await.unwrap();
+    assert_eq!(std::fs::read(&file).unwrap(), vec![0xcc; MIB as usize]);
+    assert_eq!(files(), vec!["d1.raw".to_string()]);
+    assert_eq!(p.find_disk(&spec(false)).await.unwrap(), Some(loc.clone()));
+
+    p.delete_disk("", &loc).await.unwrap();
+    assert!(!file.exists());
+    assert_eq!(p.find_disk(&spec(false)).await.unwrap(), None);
+    p.delete_disk("", &loc).await.unwrap();
 }
