@@ -660,6 +660,16 @@ pub(crate) fn create_params(
             },
             None => (default_bridge.to_string(), None),
         };
+        if bridge.is_empty()
+            || !bridge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(Error::invalid(format!(
+                "NIC {i}: network {:?} is not a PVE bridge name (map the source network to a bridge such as vmbr0, or vmbr0.42 for VLAN 42)",
+                nic.network.as_deref().unwrap_or_default()
+            )));
+        }
         let net = Net {
             model: nic_model(nic.model.as_deref()).into(),
             mac: nic.mac.clone(),
@@ -1291,6 +1301,11 @@ mod tests {
             create_params(&bad, 1, "vmbr0", "l").unwrap_err().kind(),
             ErrorKind::InvalidInput
         );
+        let mut bad_net = spec.clone();
+        bad_net.nics[0].network = Some("bridge:br-src".into());
+        let e = create_params(&bad_net, 1, "vmbr0", "l").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("bridge:br-src"), "{e}");
         bad.disks[0].bus = DiskBus::Nvme;
         assert_eq!(
             create_params(&bad, 1, "vmbr0", "l").unwrap_err().kind(),

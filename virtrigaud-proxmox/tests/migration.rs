@@ -215,3 +215,170 @@ async fn proxmox_to_libvirt_boots_under_tcg() {
     eprintln!("migrated domain booted after {:?}", t.elapsed());
     let _ = source.delete_vm(&vmid.to_string()).await;
 }
+
+/// fakepve behind `tests/multipart_server.py` as a forwarding proxy: the upload with
+/// `content=import` (which fakepve refuses) is parsed and stored by the proxy in the directory
+/// the `pvesm` stand-in serves as `local:import/…`, everything else reaches fakepve.
+struct Proxy {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_proxy(out: &std::path::Path, upstream: &str) -> Proxy {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/multipart_server.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg(out)
+        .arg(upstream)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    Proxy {
+        child,
+        port: line.trim().parse().unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirt_to_proxmox_creates_the_matching_vm() {
+    let (Some(pve), Some(sshd)) = (pve(), sshd()) else {
+        return;
+    };
+    let Some(uri) = common::env("VIRTRIGAUD_LIBVIRT_URI", "libvirt.sh") else {
+        return;
+    };
+
+    // The source: a libvirt domain with one raw disk in a transient pool and one NIC.
+    let pool_dir = tempfile::tempdir().unwrap();
+    let pool = unique("l2p-pool");
+    let domain = unique("l2p-src");
+    let import_dir = sshd.images.join("images/import");
+    std::fs::create_dir_all(&import_dir).unwrap();
+    let _guard = Guard {
+        uri: uri.clone(),
+        domain: domain.clone(),
+        pool: pool.clone(),
+        image: pool_dir.path().join("none"),
+    };
+    let disk = pool_dir.path().join("d0.raw");
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(32 * MIB).unwrap();
+    f.write_all_at(&boot_sector(), 0).unwrap();
+    f.write_all_at(&[0xc3; 65536], 20 * MIB).unwrap();
+    drop(f);
+    virsh(
+        &uri,
+        &[
+            "pool-create-as",
+            &pool,
+            "dir",
+            "--target",
+            pool_dir.path().to_str().unwrap(),
+        ],
+    );
+    let xml = format!(
+        "<domain type='qemu'><name>{domain}</name><memory unit='MiB'>256</memory><vcpu>2</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/>\
+         <target dev='vda' bus='virtio'/></disk>\
+         <interface type='bridge'><mac address='52:54:00:12:34:56'/><source bridge='br-src'/>\
+         <model type='virtio'/></interface></devices></domain>",
+        disk.display()
+    );
+    let xml_file = pool_dir.path().join("src.xml");
+    std::fs::write(&xml_file, xml).unwrap();
+    virsh(&uri, &["define", xml_file.to_str().unwrap()]);
+    virsh(&uri, &["pool-refresh", &pool]);
+    let source = Arc::new(LibvirtProvider::new(&uri));
+    let src_info = source.describe_vm(&domain).await.unwrap();
+
+    // The target: Proxmox through the proxy (API: fakepve; upload: the parser) and SSH.
+    let proxy = start_proxy(&import_dir, &pve.url);
+    let mut cfg = virtrigaud_proxmox::ProxmoxConfig::new(
+        &format!("http://127.0.0.1:{}", proxy.port),
+        pve.token(),
+    )
+    .unwrap()
+    .with_ssh(sshd.config());
+    cfg.node = Some(pve.node.clone());
+    cfg.task_poll = Duration::from_millis(50);
+    let target = ProxmoxProvider::new(cfg).unwrap();
+    let name = unique("l2p-dst");
+
+    let store = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn StorageBackend> = Arc::new(FsBackend::new(store.path()));
+    let plan = MigrationPlan::new(&domain, "migrations/l2p")
+        .with_target_name(&name)
+        // libvirt names a bridge NIC's network `bridge:NAME`.
+        .with_network("bridge:br-src", "vmbr1.30");
+    let report = Migration::new(source, Arc::new(target.clone()), storage, plan)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!((report.exported_now, report.imported_now), (1, 1));
+    assert!(
+        report.state.disks.iter().all(|d| d.verified),
+        "staged disk re-read over SSH/SFTP and verified"
+    );
+
+    // The VM PVE holds: the source's hardware, the import-from drive, the mapped NIC, the marker.
+    let info = target.describe_vm(&name).await.unwrap();
+    let vmid: u32 = info.id.parse().unwrap();
+    let conf = target.client().vm_config(&pve.node, vmid).await.unwrap();
+    assert_eq!((info.cpus, info.memory_mib), (2, 256));
+    assert_eq!(
+        conf["machine"].as_str(),
+        src_info.machine.as_deref(),
+        "{conf:?}"
+    );
+    let drive = conf["virtio0"].as_str().unwrap();
+    assert!(drive.starts_with("local-lvm:vm-"), "{drive}");
+    assert_eq!(info.nics.len(), 1);
+    assert_eq!(info.nics[0].mac.as_deref(), Some("52:54:00:12:34:56"));
+    assert_eq!(info.nics[0].network.as_deref(), Some("vmbr1.30"));
+    assert!(
+        conf["net0"]
+            .as_str()
+            .unwrap()
+            .contains("bridge=vmbr1,tag=30"),
+        "{conf:?}"
+    );
+    assert!(
+        info.has_marker(&report.state.marker()),
+        "{:?}",
+        info.annotation
+    );
+    // The staged import file was parsed by the independent parser, verified, then deleted.
+    let left: Vec<_> = std::fs::read_dir(&import_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(&name) || n.contains(&domain))
+        .collect();
+    assert!(
+        left.iter().all(|n| n.ends_with(".json")),
+        "staged file left: {left:?}"
+    );
+    let rep: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(import_dir.join(left.iter().find(|n| n.ends_with(".json")).unwrap()))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rep["file_size"].as_u64(), Some(32 * MIB));
+    assert_eq!(rep["chunked"], false);
+    for n in &left {
+        let _ = std::fs::remove_file(import_dir.join(n));
+    }
+    target.delete_vm(&info.id).await.unwrap();
+}

@@ -4,7 +4,11 @@ what it saw. It answers just enough of the PVE API for an upload to run: /versio
 storage content (the files it received), the upload (POST .../upload -> a UPID), the task
 status (always OK) and deleting a volume. It is not PVE: it proves the bytes on the wire.
 
-    multipart_server.py OUTDIR     # prints the port, then serves on 127.0.0.1
+    multipart_server.py OUTDIR [UPSTREAM]   # prints the port, then serves on 127.0.0.1
+
+With UPSTREAM (a fakepve URL), every request it does not answer itself is forwarded there
+unchanged (headers, body, status), so a whole migration can run against fakepve while the
+upload, which fakepve refuses for content=import, lands here.
 Per upload it writes OUTDIR/<filename> (the file part) and OUTDIR/<filename>.json:
 {"fields": [names in order], "values": {name: value}, "content_length": int or null,
  "chunked": bool, "body_len": int, "file_size": int, "sha256": hex, "checksum_ok": bool or null}
@@ -16,10 +20,14 @@ import hashlib
 import json
 import os
 import re
+import ssl
 import sys
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 OUT = sys.argv[1]
+UPSTREAM = sys.argv[2].rstrip('/') if len(sys.argv) > 2 else None
 UPID = 'UPID:pve1:00001234:00005678:6B112093:imgcopy::root@pam!virtrigaud:'
 
 
@@ -40,8 +48,38 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(raw)
 
+    def forward(self, body=None):
+        """Send the request on to UPSTREAM unchanged; True when it did."""
+        if not UPSTREAM:
+            return False
+        if body is None and self.headers.get('Content-Length'):
+            body = self.rfile.read(int(self.headers['Content-Length']))
+        req = urllib.request.Request(UPSTREAM + self.path, data=body, method=self.command)
+        for k in ('Authorization', 'Cookie', 'CSRFPreventionToken', 'Content-Type'):
+            if self.headers.get(k):
+                req.add_header(k, self.headers[k])
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # a test fake on loopback behind this test server
+        try:
+            with urllib.request.urlopen(req, context=ctx) as r:
+                status, raw = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+        return True
+
     def do_GET(self):
         path = self.path.split('?')[0]
+        query = self.path.split('?')[1] if '?' in self.path else ''
+        if UPSTREAM and not (path.endswith('/content') and 'content=import' in query) \
+                and not (path.endswith('/status') and 'imgcopy' in path):
+            self.forward()
+            return
         if path == '/api2/json/version':
             return self.answer(200, {'version': '9.0.10', 'release': '9.0'})
         if path == '/api2/json/nodes':
@@ -59,7 +97,9 @@ class Handler(BaseHTTPRequestHandler):
         m = re.fullmatch(r'/api2/json/nodes/pve1/storage/[\w-]+/content/[\w-]+%3Aimport%2F([\w.-]+)',
                          self.path.split('?')[0])
         if not m:
-            return self.answer(501, None, 'Method not implemented')
+            if not self.forward():
+                self.answer(501, None, 'Method not implemented')
+            return
         p = os.path.join(OUT, m.group(1))
         if not os.path.exists(p):
             return self.answer(500, None, 'volume does not exist')
@@ -68,7 +108,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         if not re.fullmatch(r'/api2/json/nodes/pve1/storage/[\w-]+/upload', self.path):
-            return self.answer(501, None, 'Method not implemented')
+            if not self.forward():
+                self.answer(501, None, 'Method not implemented')
+            return
         chunked = 'chunked' in self.headers.get('Transfer-Encoding', '')
         length = self.headers.get('Content-Length')
         if chunked or length is None:
