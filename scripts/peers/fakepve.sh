@@ -5,7 +5,8 @@
 #                                   under ${VRG_FAKEPVE_VENV:-/opt/virtrigaud/fakepve-venv}
 #   fakepve.sh start STATE_DIR      a CA and a server certificate (openssl), then two fakes on
 #                                   127.0.0.1 (PVE 9.0.10, and an "old" 8.3.2 for the version
-#                                   gate) through fakepve/serve.py; writes STATE_DIR/fakepve.env
+#                                   gate, whose tickets expire after 2 s) through
+#                                   fakepve/serve.py; writes STATE_DIR/fakepve.env
 #   fakepve.sh stop STATE_DIR       stops both by PID
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -64,10 +65,11 @@ start)
 ]
 JSON
     for which in main old; do
-        if [ $which = main ]; then port=$PORT; version=9.0.10; else port=$OLD_PORT; version=8.3.2; fi
+        # The old instance's tickets expire after 2 s (PVE: 2 h), for the renewal test.
+        if [ $which = main ]; then port=$PORT; version=9.0.10; ttl=7200; else port=$OLD_PORT; version=8.3.2; ttl=2; fi
         cat >"$d/$which.json" <<JSON
 {"host": "127.0.0.1", "port": $port, "user": "root@pam", "password": "$password",
- "cert": "$d/server.pem", "key": "$d/server.key", "version": "$version",
+ "cert": "$d/server.pem", "key": "$d/server.key", "version": "$version", "ticket_ttl": $ttl,
  "tokens": {"root@pam!virtrigaud": "$token_secret", "audit@pve!ro": "$token_secret"},
  "acl": {"audit@pve": [["/", ["VM.Audit", "Sys.Audit", "Datastore.Audit"]]]},
  "storage_content": {"local": "iso,vztmpl,backup,import,images"},

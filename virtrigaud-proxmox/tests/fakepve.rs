@@ -157,6 +157,27 @@ async fn credentials_and_tls() {
     assert!(e.to_string().contains("not the pinned one"), "{e}");
 }
 
+/// An expired ticket (the old instance's live 2 s) is renewed by logging in again, and a write
+/// with the new ticket carries the new CSRF token.
+#[tokio::test]
+async fn expired_ticket_is_renewed() {
+    let Some(pve) = pve() else { return };
+    let pw = Auth::Password {
+        user: pve.user.clone(),
+        password: Secret::new(pve.password.clone()),
+    };
+    let mut c = ProxmoxConfig::new(&pve.old_url, pw)
+        .unwrap()
+        .with_fingerprint(&pve.fingerprint);
+    c.task_poll = Duration::from_millis(50);
+    let p = ProxmoxProvider::new(c).unwrap();
+    p.list_vms().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    p.list_vms().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    p.power("vrg-power", PowerOp::Off).await.unwrap();
+}
+
 #[tokio::test]
 async fn locked_vm_and_failing_task() {
     let Some(pve) = pve() else { return };

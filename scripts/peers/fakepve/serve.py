@@ -25,6 +25,8 @@ async def main(spec_path):
         pve.version = spec['version']
         pve.release_version = '.'.join(spec['version'].split('.')[:2])
     pve.apitokens.update(spec.get('tokens', {}))
+    if spec.get('ticket_ttl'):
+        pve.ticket_ttl = spec['ticket_ttl']  # seconds a login ticket lives (PVE: 7200)
     # Per-path privileges ({"user@realm": [["/path", ["Priv", ...]], ...]}); root@pam holds all.
     if spec.get('acl'):
         pve.acl = {user: [(path, set(privs)) for path, privs in grants] for user, grants in spec['acl'].items()}
