@@ -382,3 +382,75 @@ async fn host_keys_and_client_keys_are_checked() {
     let e = SshNode::connect(&none, &sshd.host).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
 }
+
+/// Throughput of the two SSH data paths on 512 MiB of data, beside OpenSSH's own client
+/// reading the same file (`ssh … cat`): figures, not assertions (run with `--ignored`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement: run with --ignored --nocapture"]
+async fn throughput_figures() {
+    let _turn = SERIAL.lock().await;
+    let Some(sshd) = sshd() else { return };
+    let dir = sshd.images.join("local-lvm");
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = format!("{}.raw", unique("tput"));
+    let file = dir.join(&name);
+    let f = file.to_str().unwrap().to_string();
+    common::run("qemu-img", &["create", "-q", "-f", "raw", &f, "512M"]);
+    common::run("qemu-io", &["-f", "raw", "-c", "write -P 0x6b 0 512M", &f]);
+    let size = 512 * MIB;
+    let mibs = |t: std::time::Duration| size as f64 / MIB as f64 / t.as_secs_f64();
+
+    let t = std::time::Instant::now();
+    let out = std::process::Command::new("ssh")
+        .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", sshd.known_hosts.display()))
+        .arg("-i")
+        .arg(&sshd.key)
+        .args(["-p", &sshd.port.to_string()])
+        .arg(format!("{}@{}", sshd.user, sshd.host))
+        .arg(format!("cat {f}"))
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout.len() as u64, size);
+    let openssh = t.elapsed();
+
+    let node = SshNode::connect(&sshd.config(), &sshd.host).await.unwrap();
+    let t = std::time::Instant::now();
+    let (n, mut s) = node
+        .export(&format!("local-lvm:{name}"), None)
+        .await
+        .unwrap();
+    assert_eq!(n, size);
+    let mut got = 0u64;
+    while let Some(b) = s.next().await {
+        got += b.unwrap().len() as u64;
+    }
+    assert_eq!(got, size);
+    let export = t.elapsed();
+
+    let sf = node.open_file(&f).await.unwrap();
+    let sf = Arc::new(sf);
+    let t = std::time::Instant::now();
+    // Four ranged reads in flight, 4 MiB each, as the pipeline's readers issue them.
+    let chunk = 4 * MIB;
+    let reads = futures::stream::iter((0..size / chunk).map(|i| {
+        let sf = sf.clone();
+        async move {
+            use virtrigaud_core::ReadAt;
+            sf.read_at(i * chunk, chunk as usize).await.unwrap().len() as u64
+        }
+    }))
+    .buffer_unordered(4);
+    let total: u64 = reads.collect::<Vec<_>>().await.into_iter().sum();
+    assert_eq!(total, size);
+    let sftp = t.elapsed();
+    eprintln!(
+        "512 MiB over SSH on 127.0.0.1: OpenSSH `ssh cat` {:.0} MiB/s; pvesm export stream (russh) {:.0} MiB/s; SFTP ranged reads, 4 x 4 MiB in flight {:.0} MiB/s",
+        mibs(openssh),
+        mibs(export),
+        mibs(sftp)
+    );
+    std::fs::remove_file(&file).unwrap();
+}
