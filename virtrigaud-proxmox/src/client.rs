@@ -670,14 +670,21 @@ impl PveClient {
                     warn!(upid, exit, log = %log.join(" | "), "Proxmox task finished with warnings");
                     return Ok(());
                 }
-                let log = self
+                let log: Vec<String> = self
                     .task_log_tail(upid, TASK_LOG_LINES)
                     .await
-                    .unwrap_or_else(|e| vec![format!("(task log unreadable: {e})")]);
+                    .unwrap_or_else(|e| vec![format!("(task log unreadable: {e})")])
+                    .iter()
+                    .map(|l| redact_urls(l))
+                    .collect();
                 let kind = kind_of_message(exit).unwrap_or(ErrorKind::Provider);
                 return Err(Error::new(
                     kind,
-                    format!("task {upid} failed: {exit}; log: {}", log.join(" | ")),
+                    format!(
+                        "task {upid} failed: {}; log: {}",
+                        redact_urls(exit),
+                        log.join(" | ")
+                    ),
                 )
                 .with_operation("task"));
             }
@@ -696,6 +703,36 @@ impl PveClient {
             .await;
         }
     }
+}
+
+/// `text` with the query string of every `http(s)://` URL replaced by `?***`: a download task's
+/// log names the presigned URL it fetched, and its signature is a credential.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("http") {
+        let (head, tail) = rest.split_at(i);
+        out.push_str(head);
+        if !(tail.starts_with("http://") || tail.starts_with("https://")) {
+            out.push_str("http");
+            rest = &tail[4..];
+            continue;
+        }
+        let end = tail
+            .find(|c: char| c.is_whitespace() || c == '\'' || c == '"')
+            .unwrap_or(tail.len());
+        let url = &tail[..end];
+        match url.find('?') {
+            Some(q) => {
+                out.push_str(&url[..q]);
+                out.push_str("?***");
+            }
+            None => out.push_str(url),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The node a UPID ran on (`UPID:node:…`).
