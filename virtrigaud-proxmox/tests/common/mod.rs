@@ -3,6 +3,18 @@
 //! **No real Proxmox VE is obtainable for these tests.** The API side runs against `fakepve`
 //! (scripts/peers/fakepve.sh), the SSH side against a real OpenSSH sshd with a `pvesm` stand-in
 //! (scripts/peers/sshd.sh). What the fakes cannot prove is said in each test module.
+//!
+//! Variables (written by the peer scripts into `STATE_DIR/NAME.env`; without them a test prints
+//! `SKIP: …` and passes, unless `VIRTRIGAUD_IT=1`, when it fails):
+//! * fakepve.sh: `VIRTRIGAUD_PVE_URL`, `VIRTRIGAUD_PVE_OLD_URL` (PVE 8.3.2, 2 s tickets),
+//!   `VIRTRIGAUD_PVE_USER`, `VIRTRIGAUD_PVE_PASSWORD`, `VIRTRIGAUD_PVE_TOKEN_ID`,
+//!   `VIRTRIGAUD_PVE_TOKEN_SECRET`, `VIRTRIGAUD_PVE_AUDIT_TOKEN_ID`,
+//!   `VIRTRIGAUD_PVE_AUDIT_TOKEN_SECRET`, `VIRTRIGAUD_PVE_FINGERPRINT`, `VIRTRIGAUD_PVE_CA`,
+//!   `VIRTRIGAUD_PVE_NODE`;
+//! * sshd.sh: `VIRTRIGAUD_PVE_SSH_HOST`, `_PORT`, `_USER`, `_KEY`, `_HOST_FINGERPRINT`,
+//!   `_KNOWN_HOSTS`, `_IMAGES` (all `VIRTRIGAUD_PVE_SSH_…`);
+//! * seaweedfs.sh (download-url test): `VIRTRIGAUD_S3_ENDPOINT`, `_ACCESS_KEY`, `_SECRET_KEY`;
+//! * libvirt.sh (migration tests): `VIRTRIGAUD_LIBVIRT_URI`.
 
 #![allow(dead_code)]
 
