@@ -41,7 +41,7 @@ start)
     fp=$(openssl x509 -in "$d/server.pem" -noout -fingerprint -sha256 | cut -d= -f2)
     password=$(openssl rand -hex 12)
     token_secret=$(openssl rand -hex 16)
-    # Guests the tests describe and drive (tests that create VMs use vmids >= 500 of their own).
+    # Guests the tests describe and drive (tests that create VMs take ids from /cluster/nextid).
     cat >"$d/guests.json" <<JSON
 [
   {"vmid": 100, "name": "vrg-describe", "status": "stopped", "config": {
@@ -61,7 +61,9 @@ start)
    "config": {"cores": 1, "memory": "512"}},
   {"vmid": 103, "name": "vrg-power", "status": "stopped", "config": {"cores": 1, "memory": "512"}},
   {"vmid": 104, "name": "vrg-snap", "status": "stopped",
-   "config": {"cores": 1, "memory": "512", "scsi0": "local-lvm:vm-104-disk-0,size=1G"}}
+   "config": {"cores": 1, "memory": "512", "scsi0": "local-lvm:vm-104-disk-0,size=1G"}},
+  {"vmid": 105, "name": "vrg-ha", "status": "stopped", "ha_state": "stopped",
+   "config": {"cores": 1, "memory": "512"}}
 ]
 JSON
     for which in main old; do

@@ -275,6 +275,25 @@ impl ProxmoxProvider {
         self.client.wait_task_for(&upid, deadline).await
     }
 
+    async fn wait_state(&self, f: &Found, want: PowerState, deadline: Duration) -> Result<()> {
+        let start = std::time::Instant::now();
+        loop {
+            if self.current_state(f).await? == want {
+                return Ok(());
+            }
+            if start.elapsed() >= deadline {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "the HA manager did not bring VM {} to {want:?} within {deadline:?}",
+                        f.vmid
+                    ),
+                ));
+            }
+            tokio::time::sleep(self.cfg.task_poll).await;
+        }
+    }
+
     async fn current_state(&self, f: &Found) -> Result<PowerState> {
         let st = self.client.vm_status(&f.node, f.vmid).await?;
         Ok(power_state(st.get("status").and_then(Value::as_str)))
@@ -838,6 +857,15 @@ impl Provider for ProxmoxProvider {
                 }
             }
             PowerOp::Reboot => self.power_task(&f, "reboot", &[], deadline).await,
+        };
+        // An HA-managed VM's task only queues a request for the HA manager (PVE's own
+        // behaviour, not refused here): wait until the VM is where the request puts it.
+        let r = match (r, f.res.hastate.is_some(), op) {
+            (Ok(()), true, PowerOp::On) => self.wait_state(&f, PowerState::Running, deadline).await,
+            (Ok(()), true, PowerOp::Off | PowerOp::Shutdown { .. }) => {
+                self.wait_state(&f, PowerState::Stopped, deadline).await
+            }
+            (r, _, _) => r,
         };
         r.map_err(|e| e.with_vm(vm.to_string()).with_operation("power"))
     }

@@ -6,7 +6,7 @@
 //! that `import-from` really copies a disk (it allocates an empty volume), that `download-url`
 //! fetches the URL (it never does; the presigned URL is fetched by the test itself), and that
 //! an upload with `content=import` is stored (it refuses that content: see tests/upload.rs).
-//! The fake's guests (vmid 100–104) are set up by the peer script; tests that create VMs use
+//! The fake's guests (vmid 100–105) are set up by the peer script; tests that create VMs use
 //! names of their own and remove them.
 
 mod common;
@@ -246,6 +246,26 @@ async fn power_operations() {
     p.power("vrg-power", PowerOp::Off).await.unwrap();
     assert_eq!(
         p.describe_vm("vrg-power").await.unwrap().state,
+        PowerState::Stopped
+    );
+}
+
+/// An HA-managed VM: PVE turns start/stop into HA requests (`hastart`/`hastop` tasks); the
+/// provider goes through them, not around them, and waits for the resulting state.
+#[tokio::test]
+async fn ha_managed_vm_goes_through_the_ha_manager() {
+    let Some(pve) = pve() else { return };
+    let p = pve.provider();
+    p.power("vrg-ha", PowerOp::On).await.unwrap();
+    assert_eq!(
+        p.describe_vm("vrg-ha").await.unwrap().state,
+        PowerState::Running
+    );
+    let st = p.client().vm_status(&pve.node, 105).await.unwrap();
+    assert_eq!(st["ha"]["managed"], 1, "{st}");
+    p.power("vrg-ha", PowerOp::Off).await.unwrap();
+    assert_eq!(
+        p.describe_vm("vrg-ha").await.unwrap().state,
         PowerState::Stopped
     );
 }
