@@ -403,8 +403,15 @@ pub(crate) fn vm_info(
         Some("ovmf") => Firmware::Uefi,
         _ => Firmware::Bios,
     };
-    if firmware == Firmware::Uefi && !config.contains_key("efidisk0") {
-        warnings.push("OVMF firmware without an efidisk0: its EFI variables are not kept".into());
+    match (firmware, config.get("efidisk0").and_then(Value::as_str)) {
+        (Firmware::Uefi, None) => {
+            warnings.push("OVMF firmware without an efidisk0: its EFI variables are not kept".into())
+        }
+        (Firmware::Uefi, Some(efi)) => warnings.push(format!(
+            "efidisk0 {}: the EFI variables (boot entries) are not migrated; the target starts with fresh ones",
+            efi.split(',').next().unwrap_or(efi)
+        )),
+        _ => {}
     }
     // Boot order (`order=scsi0;ide2;net0`) first, then the rest by bus and index.
     let order: Vec<String> = config
@@ -1255,7 +1262,12 @@ mod tests {
         assert_eq!(info.nics[0].network.as_deref(), Some("vmbr0.42"));
         assert_eq!(info.nics[1].model.as_deref(), Some("e1000"));
         assert!(info.has_marker("virtrigaud-migration:abc"));
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("efidisk0 local-lvm:vm-100-disk-9"))
+        );
         assert!(warnings.iter().any(|w| w.contains("cloud-init")));
         assert!(warnings.iter().any(|w| w.contains("cdrom")));
         assert_eq!(
