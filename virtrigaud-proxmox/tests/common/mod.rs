@@ -1,0 +1,152 @@
+//! Shared helpers of the Proxmox provider's integration tests.
+//!
+//! **No real Proxmox VE is obtainable for these tests.** The API side runs against `fakepve`
+//! (scripts/peers/fakepve.sh), the SSH side against a real OpenSSH sshd with a `pvesm` stand-in
+//! (scripts/peers/sshd.sh). What the fakes cannot prove is said in each test module.
+//!
+//! Variables (written by the peer scripts into `STATE_DIR/NAME.env`; without them a test prints
+//! `SKIP: …` and passes, unless `VIRTRIGAUD_IT=1`, when it fails):
+//! * fakepve.sh: `VIRTRIGAUD_PVE_URL`, `VIRTRIGAUD_PVE_OLD_URL` (PVE 8.3.2, 2 s tickets),
+//!   `VIRTRIGAUD_PVE_USER`, `VIRTRIGAUD_PVE_PASSWORD`, `VIRTRIGAUD_PVE_TOKEN_ID`,
+//!   `VIRTRIGAUD_PVE_TOKEN_SECRET`, `VIRTRIGAUD_PVE_AUDIT_TOKEN_ID`,
+//!   `VIRTRIGAUD_PVE_AUDIT_TOKEN_SECRET`, `VIRTRIGAUD_PVE_FINGERPRINT`, `VIRTRIGAUD_PVE_CA`,
+//!   `VIRTRIGAUD_PVE_NODE`;
+//! * sshd.sh: `VIRTRIGAUD_PVE_SSH_HOST`, `_PORT`, `_USER`, `_KEY`, `_HOST_FINGERPRINT`,
+//!   `_KNOWN_HOSTS`, `_IMAGES` (all `VIRTRIGAUD_PVE_SSH_…`);
+//! * seaweedfs.sh (download-url test): `VIRTRIGAUD_S3_ENDPOINT`, `_ACCESS_KEY`, `_SECRET_KEY`;
+//! * libvirt.sh (migration tests): `VIRTRIGAUD_LIBVIRT_URI`.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use virtrigaud_core::Secret;
+use virtrigaud_proxmox::{Auth, ProxmoxConfig, ProxmoxProvider, SshConfig};
+
+/// The value of `var`, or `None` after printing `SKIP` (a panic when `VIRTRIGAUD_IT=1`).
+pub fn env(var: &str, script: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
+                panic!("{var} is not set but VIRTRIGAUD_IT=1: start scripts/peers/{script}");
+            }
+            eprintln!("SKIP: {var} is not set (start scripts/peers/{script})");
+            None
+        }
+    }
+}
+
+/// The fakepve peer's address and credentials.
+pub struct Pve {
+    pub url: String,
+    pub old_url: String,
+    pub user: String,
+    pub password: String,
+    pub token_id: String,
+    pub token_secret: String,
+    pub fingerprint: String,
+    pub ca: String,
+    pub node: String,
+}
+
+pub fn pve() -> Option<Pve> {
+    let s = "fakepve.sh";
+    Some(Pve {
+        url: env("VIRTRIGAUD_PVE_URL", s)?,
+        old_url: env("VIRTRIGAUD_PVE_OLD_URL", s)?,
+        user: env("VIRTRIGAUD_PVE_USER", s)?,
+        password: env("VIRTRIGAUD_PVE_PASSWORD", s)?,
+        token_id: env("VIRTRIGAUD_PVE_TOKEN_ID", s)?,
+        token_secret: env("VIRTRIGAUD_PVE_TOKEN_SECRET", s)?,
+        fingerprint: env("VIRTRIGAUD_PVE_FINGERPRINT", s)?,
+        ca: env("VIRTRIGAUD_PVE_CA", s)?,
+        node: env("VIRTRIGAUD_PVE_NODE", s)?,
+    })
+}
+
+impl Pve {
+    pub fn token(&self) -> Auth {
+        Auth::Token {
+            id: self.token_id.clone(),
+            secret: Secret::new(self.token_secret.clone()),
+        }
+    }
+
+    /// A token-authenticated config pinned to the fake's certificate.
+    pub fn config(&self) -> ProxmoxConfig {
+        let mut c = ProxmoxConfig::new(&self.url, self.token())
+            .unwrap()
+            .with_fingerprint(&self.fingerprint);
+        c.node = Some(self.node.clone());
+        c.task_poll = std::time::Duration::from_millis(50);
+        c
+    }
+
+    pub fn provider(&self) -> ProxmoxProvider {
+        ProxmoxProvider::new(self.config()).unwrap()
+    }
+}
+
+/// The sshd peer.
+pub struct Sshd {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub key: PathBuf,
+    pub fingerprint: String,
+    pub known_hosts: PathBuf,
+    pub images: PathBuf,
+}
+
+pub fn sshd() -> Option<Sshd> {
+    let s = "sshd.sh";
+    Some(Sshd {
+        host: env("VIRTRIGAUD_PVE_SSH_HOST", s)?,
+        port: env("VIRTRIGAUD_PVE_SSH_PORT", s)?.parse().unwrap(),
+        user: env("VIRTRIGAUD_PVE_SSH_USER", s)?,
+        key: env("VIRTRIGAUD_PVE_SSH_KEY", s)?.into(),
+        fingerprint: env("VIRTRIGAUD_PVE_SSH_HOST_FINGERPRINT", s)?,
+        known_hosts: env("VIRTRIGAUD_PVE_SSH_KNOWN_HOSTS", s)?.into(),
+        images: env("VIRTRIGAUD_PVE_SSH_IMAGES", s)?.into(),
+    })
+}
+
+impl Sshd {
+    pub fn config(&self) -> SshConfig {
+        SshConfig {
+            host: Some(self.host.clone()),
+            port: self.port,
+            user: self.user.clone(),
+            key_file: Some(self.key.clone()),
+            use_agent: false,
+            host_key_fingerprint: Some(self.fingerprint.clone()),
+            ..SshConfig::default()
+        }
+    }
+}
+
+/// A unique name for this test run.
+pub fn unique(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "vrg-{tag}-{}-{t:x}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command and asserts it succeeded.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

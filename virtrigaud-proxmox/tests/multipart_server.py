@@ -1,0 +1,162 @@
+"""An independent check of virtrigaud's streamed PVE upload: a tiny HTTP server that parses
+the multipart/form-data body with Python's standard `email` parser (not our code) and records
+what it saw. It answers just enough of the PVE API for an upload to run: /version, /nodes,
+storage content (the files it received), the upload (POST .../upload -> a UPID), the task
+status (always OK) and deleting a volume. It is not PVE: it proves the bytes on the wire.
+
+    multipart_server.py OUTDIR [UPSTREAM]   # prints the port, then serves on 127.0.0.1
+
+With UPSTREAM (a fakepve URL), every request it does not answer itself is forwarded there
+unchanged (headers, body, status), so a whole migration can run against fakepve while the
+upload, which fakepve refuses for content=import, lands here.
+Per upload it writes OUTDIR/<filename> (the file part) and OUTDIR/<filename>.json:
+{"fields": [names in order], "values": {name: value}, "content_length": int or null,
+ "chunked": bool, "body_len": int, "file_size": int, "sha256": hex, "checksum_ok": bool or null}
+"""
+
+import email.parser
+import email.policy
+import hashlib
+import json
+import os
+import re
+import ssl
+import sys
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+OUT = sys.argv[1]
+UPSTREAM = sys.argv[2].rstrip('/') if len(sys.argv) > 2 else None
+UPID = 'UPID:pve1:00001234:00005678:6B112093:imgcopy::root@pam!virtrigaud:'
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, status, data, message=None):
+        body = {'data': data}
+        if message:
+            body['message'] = message
+        raw = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def forward(self, body=None):
+        """Send the request on to UPSTREAM unchanged; True when it did."""
+        if not UPSTREAM:
+            return False
+        if body is None and self.headers.get('Content-Length'):
+            body = self.rfile.read(int(self.headers['Content-Length']))
+        req = urllib.request.Request(UPSTREAM + self.path, data=body, method=self.command)
+        for k in ('Authorization', 'Cookie', 'CSRFPreventionToken', 'Content-Type'):
+            if self.headers.get(k):
+                req.add_header(k, self.headers[k])
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # a test fake on loopback behind this test server
+        try:
+            with urllib.request.urlopen(req, context=ctx) as r:
+                status, raw = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+        return True
+
+    def do_GET(self):
+        path = self.path.split('?')[0]
+        query = self.path.split('?')[1] if '?' in self.path else ''
+        if UPSTREAM and not (path.endswith('/content') and 'content=import' in query) \
+                and not (path.endswith('/status') and 'imgcopy' in path):
+            self.forward()
+            return
+        if path == '/api2/json/version':
+            return self.answer(200, {'version': '9.0.10', 'release': '9.0'})
+        if path == '/api2/json/nodes':
+            return self.answer(200, [{'node': 'pve1', 'status': 'online'}])
+        m = re.fullmatch(r'/api2/json/nodes/pve1/storage/([\w-]+)/content', path)
+        if m:
+            files = sorted(f for f in os.listdir(OUT) if not f.endswith('.json'))
+            return self.answer(200, [{'volid': '{0}:import/{1}'.format(m.group(1), f), 'content': 'import',
+                                      'size': os.path.getsize(os.path.join(OUT, f))} for f in files])
+        if re.fullmatch(r'/api2/json/nodes/pve1/tasks/[^/]+/status', path):
+            return self.answer(200, {'status': 'stopped', 'exitstatus': 'OK'})
+        return self.answer(501, None, 'Method not implemented')
+
+    def do_DELETE(self):
+        m = re.fullmatch(r'/api2/json/nodes/pve1/storage/[\w-]+/content/[\w-]+%3Aimport%2F([\w.-]+)',
+                         self.path.split('?')[0])
+        if not m:
+            if not self.forward():
+                self.answer(501, None, 'Method not implemented')
+            return
+        p = os.path.join(OUT, m.group(1))
+        if not os.path.exists(p):
+            return self.answer(500, None, 'volume does not exist')
+        os.remove(p)
+        return self.answer(200, None)
+
+    def do_POST(self):
+        if not re.fullmatch(r'/api2/json/nodes/pve1/storage/[\w-]+/upload', self.path):
+            if not self.forward():
+                self.answer(501, None, 'Method not implemented')
+            return
+        chunked = 'chunked' in self.headers.get('Transfer-Encoding', '')
+        length = self.headers.get('Content-Length')
+        if chunked or length is None:
+            # PVE's proxy needs a Content-Length; refuse like it would.
+            self.close_connection = True
+            return self.answer(501, None, 'chunked transfer encoding not supported')
+        body = b''
+        want = int(length)
+        while len(body) < want:
+            part = self.rfile.read(min(1 << 20, want - len(body)))
+            if not part:
+                break
+            body += part
+        if len(body) != want:
+            self.close_connection = True
+            return self.answer(400, None, 'short body')
+        head = 'Content-Type: {0}\r\nMIME-Version: 1.0\r\n\r\n'.format(self.headers['Content-Type']).encode()
+        msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+        if not msg.is_multipart():
+            return self.answer(400, None, 'not multipart')
+        fields, values, data, filename = [], {}, None, None
+        for part in msg.iter_parts():
+            name = part.get_param('name', header='content-disposition')
+            fields.append(name)
+            fn = part.get_param('filename', header='content-disposition')
+            if fn is not None:
+                filename, data = fn, part.get_payload(decode=True)
+            else:
+                values[name] = part.get_payload(decode=True).decode()
+        if data is None or not filename or '/' in filename:
+            return self.answer(400, None, 'no file part')
+        sha = hashlib.sha256(data).hexdigest()
+        ok = None
+        if 'checksum' in values:
+            ok = values.get('checksum-algorithm') == 'sha256' and values['checksum'] == sha
+        with open(os.path.join(OUT, filename), 'wb') as f:
+            f.write(data)
+        with open(os.path.join(OUT, filename + '.json'), 'w') as f:
+            json.dump({'fields': fields, 'values': values, 'content_length': want, 'chunked': chunked,
+                       'body_len': len(body), 'file_size': len(data), 'sha256': sha, 'checksum_ok': ok}, f)
+        if ok is False:
+            os.remove(os.path.join(OUT, filename))
+            return self.answer(500, None, 'checksum mismatch')
+        return self.answer(200, UPID)
+
+
+server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
