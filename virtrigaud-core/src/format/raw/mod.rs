@@ -48,7 +48,30 @@ pub async fn decode_random(src: Arc<dyn ReadAt>, opts: &DecodeOptions) -> Result
 pub fn decode_sequential(size: Option<u64>, stream: ExtentStream) -> Result<DiskContent> {
     let size =
         size.ok_or_else(|| Error::invalid("a raw image read as a stream needs its size up front"))?;
-    Ok(DiskContent::new(size, None, stream).validated())
+    // A stream that ends before its announced size is a cut transfer, not a disk whose tail
+    // is zeros: fail at the end instead of padding silently.
+    let reached = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = reached.clone();
+    let tracked = stream.map(move |item| {
+        if let Ok(e) = &item {
+            seen.fetch_max(
+                e.offset().saturating_add(e.len()),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        item
+    });
+    let end = futures::stream::once(async move {
+        let got = reached.load(std::sync::atomic::Ordering::Relaxed);
+        (got < size).then(|| {
+            Err(Error::corrupt(format!(
+                "the raw stream ended after {got} of its {size} bytes"
+            ))
+            .with_offset(got))
+        })
+    })
+    .filter_map(|x| async move { x });
+    Ok(DiskContent::new(size, None, tracked.chain(end).boxed()).validated())
 }
 
 /// Encodes content as raw bytes: data as is, holes as zero runs.
@@ -126,5 +149,50 @@ impl futures::Stream for TailPad {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+#[cfg(test)]
+mod cut_stream_tests {
+    use super::*;
+    use bytes::Bytes;
+
+    async fn drain(c: DiskContent) -> Result<u64> {
+        let mut n = 0;
+        let mut s = c.extents;
+        while let Some(e) = s.next().await {
+            n += e?.len();
+        }
+        Ok(n)
+    }
+
+    #[tokio::test]
+    async fn a_sequential_raw_stream_cut_short_is_corrupt() {
+        let ext = |off: u64, len: usize| {
+            Ok(Extent::Data {
+                offset: off,
+                bytes: Bytes::from(vec![7u8; len]),
+            })
+        };
+        let cut = stream::iter(vec![ext(0, 4096)]).boxed();
+        let e = drain(decode_sequential(Some(8192), cut).unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Corrupt, "{e}");
+        // A whole stream, its tail a reported hole, is fine.
+        let whole = stream::iter(vec![
+            ext(0, 4096),
+            Ok(Extent::Zero {
+                offset: 4096,
+                len: 4096,
+            }),
+        ])
+        .boxed();
+        assert_eq!(
+            drain(decode_sequential(Some(8192), whole).unwrap())
+                .await
+                .unwrap(),
+            8192
+        );
     }
 }
