@@ -137,6 +137,66 @@ fn open_vsphere(rest: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
     Ok(Arc::new(VsphereProvider::new(cfg)?))
 }
 
+/// `proxmox://USER@REALM!TOKEN@host:8006/node?fingerprint=SHA256&storage=local-lvm&…` (an API
+/// token; `USER@REALM@host` logs in with a password instead); the token secret or password from
+/// `VIRTRIGAUD_PROXMOX_PASSWORD` or `--password-file`. Exports run over SSH to the node:
+/// `ssh_key=FILE`, `ssh_fingerprint=SHA256:…` or `known_hosts=FILE`, `ssh_user`, `ssh_port`,
+/// `ssh_host`. Other parameters: `ca=FILE`, `import_storage`, `bridge`.
+#[cfg(feature = "proxmox")]
+fn open_proxmox(rest: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
+    use virtrigaud::proxmox::{Auth, ProxmoxConfig, ProxmoxProvider, SshConfig};
+    let p = parts(rest)?;
+    let who = p.user.ok_or_else(|| {
+        Error::invalid("proxmox:// needs a user or token: proxmox://root@pam!token@host:8006/node")
+    })?;
+    let secret = secrets.get("PROXMOX")?;
+    let auth = if who.contains('!') {
+        Auth::Token { id: who, secret }
+    } else {
+        Auth::Password {
+            user: who,
+            password: secret,
+        }
+    };
+    let mut cfg = ProxmoxConfig::new(&format!("https://{}", p.host), auth)?;
+    if !p.path.is_empty() {
+        cfg.node = Some(p.path.clone());
+    }
+    let mut ssh = SshConfig::default();
+    let mut want_ssh = false;
+    for (k, v) in &p.query {
+        match k.as_str() {
+            "fingerprint" => cfg.tls.fingerprint = Some(v.clone()),
+            "ca" => cfg.tls.ca_file = Some(v.into()),
+            "storage" => cfg.target_storage = v.clone(),
+            "import_storage" => cfg.import_storage = v.clone(),
+            "bridge" => cfg.default_bridge = v.clone(),
+            "ssh_key" => (ssh.key_file, want_ssh) = (Some(v.into()), true),
+            "ssh_fingerprint" => (ssh.host_key_fingerprint, want_ssh) = (Some(v.clone()), true),
+            "known_hosts" => (ssh.known_hosts, want_ssh) = (Some(v.into()), true),
+            "ssh_user" => ssh.user = v.clone(),
+            "ssh_host" => ssh.host = Some(v.clone()),
+            "ssh_port" => {
+                ssh.port = v
+                    .parse()
+                    .map_err(|_| Error::invalid(format!("ssh_port {v:?} is not a port")))?
+            }
+            "pvesm" => ssh.pvesm = v.clone(),
+            other => {
+                return Err(Error::invalid(format!(
+                    "unknown proxmox:// parameter {other:?} (fingerprint, ca, storage, \
+                     import_storage, bridge, ssh_key, ssh_fingerprint, known_hosts, ssh_user, \
+                     ssh_host, ssh_port, pvesm)"
+                )));
+            }
+        }
+    }
+    if want_ssh {
+        cfg.ssh = Some(ssh);
+    }
+    Ok(Arc::new(ProxmoxProvider::new(cfg)?))
+}
+
 /// Opens the provider a URL names.
 pub fn open(url: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
     refuse_secret_in_url(url)?;
@@ -165,11 +225,13 @@ pub fn open(url: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
             "vsphere://{rest}: this virtrigaud was built without the vsphere feature"
         )));
     }
-    if url.starts_with("proxmox://") {
-        return Err(Error::unsupported(
-            "proxmox:// providers are not wired into the command yet (the Proxmox provider \
-             is in progress)",
-        ));
+    if let Some(rest) = url.strip_prefix("proxmox://") {
+        #[cfg(feature = "proxmox")]
+        return open_proxmox(rest, secrets);
+        #[cfg(not(feature = "proxmox"))]
+        return Err(Error::unsupported(format!(
+            "proxmox://{rest}: this virtrigaud was built without the proxmox feature"
+        )));
     }
     Err(Error::invalid(format!(
         "unknown provider URL {url:?}: use local:///dir, libvirt+qemu:///system, \

@@ -533,3 +533,124 @@ fn a_plan_runs_by_index_in_parallel_processes_and_resumes_as_a_whole() {
         Some(3)
     );
 }
+
+fn peer_env(var: &str, script: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
+                panic!("{var} is not set but VIRTRIGAUD_IT=1: start scripts/peers/{script}");
+            }
+            eprintln!("SKIP: {var} is not set (start scripts/peers/{script})");
+            None
+        }
+    }
+}
+
+/// vSphere through the binary, against the govmomi simulator: list, inspect, a wrong password
+/// (exit 6), and a local VM migrated onto it and inspected there.
+#[cfg(feature = "vsphere")]
+#[test]
+fn vsphere_through_the_binary() {
+    let Some(url) = peer_env("VIRTRIGAUD_VSPHERE_URL", "vcsim.sh") else {
+        return;
+    };
+    let user = std::env::var("VIRTRIGAUD_VSPHERE_USER").unwrap();
+    let password = std::env::var("VIRTRIGAUD_VSPHERE_PASSWORD").unwrap();
+    let thumb = std::env::var("VIRTRIGAUD_VSPHERE_THUMBPRINT").unwrap();
+    let host = url
+        .trim_start_matches("https://")
+        .trim_end_matches("/sdk")
+        .to_string();
+    let vs = format!("vsphere://{user}@{host}/DC0?thumbprint={thumb}");
+    let with_pw = |args: &[&str]| {
+        bin()
+            .args(args)
+            .env("VIRTRIGAUD_VSPHERE_PASSWORD", &password)
+            .output()
+            .unwrap()
+    };
+    let o = with_pw(&["--json", "list", &vs]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let vms = json_lines(&String::from_utf8_lossy(&o.stdout));
+    let first = vms[0]["vms"][0]["name"].as_str().unwrap().to_string();
+    let o = with_pw(&["--json", "inspect", &vs, &first]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(json_lines(&String::from_utf8_lossy(&o.stdout))[0]["vm"]["cpus"].as_u64() >= Some(1));
+    let o = bin()
+        .args(["list", &vs])
+        .env("VIRTRIGAUD_VSPHERE_PASSWORD", "wrong")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // local → vSphere.
+    let t = tempfile::tempdir().unwrap();
+    local_vm(&t.path().join("src"), 2);
+    let from = format!("local://{}", t.path().join("src").display());
+    let via = format!("file://{}", t.path().join("store").display());
+    let name = format!("cli-vs-{}", std::process::id());
+    let o = with_pw(&[
+        "migrate",
+        "--from",
+        &from,
+        "--to",
+        &vs,
+        "--via",
+        &via,
+        "web01",
+        "--name",
+        &name,
+        "--network-map",
+        "default=VM Network",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = with_pw(&["--json", "inspect", &vs, &name]);
+    let vm = &json_lines(&String::from_utf8_lossy(&o.stdout))[0]["vm"];
+    assert_eq!(vm["disks"].as_array().unwrap().len(), 2);
+    assert!(
+        vm["annotation"]
+            .as_str()
+            .unwrap()
+            .contains("virtrigaud-migration:")
+    );
+}
+
+/// Proxmox through the binary, against fakepve: inspect by vmid with an API token, a wrong
+/// token (exit 6).
+#[cfg(feature = "proxmox")]
+#[test]
+fn proxmox_through_the_binary() {
+    let Some(url) = peer_env("VIRTRIGAUD_PVE_URL", "fakepve.sh") else {
+        return;
+    };
+    let token = std::env::var("VIRTRIGAUD_PVE_TOKEN_ID").unwrap();
+    let secret = std::env::var("VIRTRIGAUD_PVE_TOKEN_SECRET").unwrap();
+    let fp = std::env::var("VIRTRIGAUD_PVE_FINGERPRINT").unwrap();
+    let node = std::env::var("VIRTRIGAUD_PVE_NODE").unwrap();
+    let host = url.trim_start_matches("https://");
+    let pve = format!("proxmox://{token}@{host}/{node}?fingerprint={fp}");
+    let o = bin()
+        .args(["--json", "inspect", &pve, "100"])
+        .env("VIRTRIGAUD_PROXMOX_PASSWORD", &secret)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let vm = &json_lines(&String::from_utf8_lossy(&o.stdout))[0]["vm"];
+    assert_eq!(vm["name"], "vrg-describe");
+    let o = bin()
+        .args(["list", &pve])
+        .env("VIRTRIGAUD_PROXMOX_PASSWORD", "wrong")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
