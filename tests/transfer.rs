@@ -1096,12 +1096,20 @@ async fn compressed_qcow2_export_of_a_local_disk_imports_back_with_equal_content
 
     // A stream cannot be read twice: the fallback format is stored, or without one the export
     // fails before anything is stored.
+    // A whole stream: 1 MiB of data, then the rest reported as a hole (a stream that ends
+    // early is a cut transfer and fails as Corrupt).
     let stream_source = || ImageSource::Sequential {
         size: Some(size),
-        stream: futures::stream::iter(vec![Ok(Extent::Data {
-            offset: 0,
-            bytes: Bytes::from(virtrigaud::testdata::text(5, 1 << 20)),
-        })])
+        stream: futures::stream::iter(vec![
+            Ok(Extent::Data {
+                offset: 0,
+                bytes: Bytes::from(virtrigaud::testdata::text(5, 1 << 20)),
+            }),
+            Ok(Extent::Zero {
+                offset: 1 << 20,
+                len: size - (1 << 20),
+            }),
+        ])
         .boxed(),
     };
     let r = export_image(
