@@ -22,10 +22,11 @@
 //! cancelled migration keeps its checkpoint and resumes on the next run.
 //!
 //! ```no_run
-//! # async fn demo() -> virtrigaud_core::Result<()> {
+//! # async fn demo(
+//! #     storage: std::sync::Arc<dyn virtrigaud_core::StorageBackend>,
+//! # ) -> virtrigaud_core::Result<()> {
 //! use std::sync::Arc;
 //! use virtrigaud_core::{LocalProvider, Migration, MigrationPlan, PrepareSource};
-//! # let storage: Arc<dyn virtrigaud_core::StorageBackend> = unimplemented!();
 //! let source = Arc::new(LocalProvider::new("/srv/images"));
 //! let target = Arc::new(LocalProvider::new("/srv/new"));
 //! let plan = MigrationPlan::new("web01", "migrations/web01").with_prepare(PrepareSource::AsIs);
