@@ -197,35 +197,6 @@ impl std::fmt::Debug for CrashingStore {
     }
 }
 
-struct CheckpointSink {
-    key: String,
-    buf: Vec<u8>,
-    store: Arc<FsBackend>,
-    crash: bool,
-}
-
-#[async_trait]
-impl ByteSink for CheckpointSink {
-    async fn write(&mut self, data: bytes::Bytes) -> Result<()> {
-        self.buf.extend_from_slice(&data);
-        Ok(())
-    }
-    async fn commit(self: Box<Self>) -> Result<()> {
-        if self.crash {
-            return Err(Error::new(
-                ErrorKind::Io,
-                "injected crash before the checkpoint",
-            ));
-        }
-        self.store
-            .put_bytes(&self.key, bytes::Bytes::from(self.buf))
-            .await
-    }
-    async fn abort(self: Box<Self>) -> Result<()> {
-        Ok(())
-    }
-}
-
 impl CrashingStore {
     fn new(inner: Arc<FsBackend>, crash: Crash) -> Self {
         CrashingStore {
@@ -234,9 +205,7 @@ impl CrashingStore {
             dead: AtomicBool::new(false),
         }
     }
-}
 
-impl CrashingStore {
     fn should_crash(&self, data: &[u8]) -> bool {
         let Ok(state) = serde_json::from_slice::<MigrationState>(data) else {
             return false;
@@ -267,13 +236,16 @@ impl ByteSink for DecidingSink {
         Ok(())
     }
     async fn commit(self: Box<Self>) -> Result<()> {
-        let sink = Box::new(CheckpointSink {
-            crash: self.store.should_crash(&self.buf),
-            key: self.key,
-            buf: self.buf,
-            store: self.store.inner.clone(),
-        });
-        sink.commit().await
+        if self.store.should_crash(&self.buf) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "injected crash before the checkpoint",
+            ));
+        }
+        self.store
+            .inner
+            .put_bytes(&self.key, bytes::Bytes::from(self.buf))
+            .await
     }
     async fn abort(self: Box<Self>) -> Result<()> {
         Ok(())
