@@ -243,6 +243,11 @@ struct MigrateArgs {
     /// Check everything and print the plan; write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Never let a target that can fetch URLs itself (Proxmox `download-url`) pull the staged
+    /// objects from presigned GETs; upload them instead (for a target that cannot reach the
+    /// store's endpoint).
+    #[arg(long)]
+    no_pull: bool,
 }
 
 fn main() -> ExitCode {
@@ -707,6 +712,7 @@ async fn run_plan(
                 replace: false,
                 jobs: 2,
                 dry_run: false,
+                no_pull: false,
             };
             let renderer = renderer.clone();
             async move {
@@ -781,6 +787,7 @@ async fn migrate(
     )
     .with_stored_format(DiskFormat::parse(&a.format)?)
     .with_disk_parallelism(a.jobs)
+    .with_target_pull(!a.no_pull)
     .with_start_after(a.start)
     .with_replace_existing(a.replace)
     .with_on_failure(if a.rollback {

@@ -3,6 +3,8 @@
 
 use crate::format::DiskFormat;
 use crate::io::{ByteSink, ImageSource};
+use crate::manifest::Manifest;
+use crate::storage::StorageBackend;
 use crate::{Error, Result};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -226,8 +228,13 @@ pub struct Capabilities {
     pub create_vm: bool,
     /// Disk reads allow random access (else they are one sequential stream).
     pub random_access_read: bool,
-    /// The target can pull a disk from a URL itself (presigned GET).
+    /// The target can pull a disk from a URL itself (presigned GET), through
+    /// [`Provider::import_staged`].
     pub pull_from_url: bool,
+    /// The target imports staged objects as they are stored, without this process decoding
+    /// them ([`Provider::import_staged`]).
+    #[serde(default)]
+    pub import_staged: bool,
     /// Changed-block tracking for warm migration.
     pub changed_blocks: bool,
 }
@@ -280,6 +287,32 @@ impl std::fmt::Debug for CreatedDisk {
     }
 }
 
+/// A staged object offered to a target as it is stored (see [`Provider::import_staged`]).
+pub struct StagedObject<'a> {
+    /// The store holding it.
+    pub storage: &'a dyn StorageBackend,
+    /// Its key in the store.
+    pub key: &'a str,
+    /// Its manifest (format, sizes, object and content digests), already checked against the
+    /// stored object's size.
+    pub manifest: &'a Manifest,
+    /// A presigned GET of the object, when the store can make one and the caller lets the
+    /// target fetch it itself ([`Capabilities::pull_from_url`]).
+    pub url: Option<&'a str>,
+}
+
+impl std::fmt::Debug for StagedObject<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL's signature is a credential: never printed.
+        f.debug_struct("StagedObject")
+            .field("key", &self.key)
+            .field("format", &self.manifest.format)
+            .field("stored_size", &self.manifest.stored_size)
+            .field("url", &self.url.map(|_| "(presigned, redacted)"))
+            .finish_non_exhaustive()
+    }
+}
+
 /// A hypervisor or image store that VMs move from or to.
 ///
 /// Operations a provider cannot do return [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported)
@@ -315,6 +348,24 @@ pub trait Provider: Send + Sync {
     async fn create_vm(&self, spec: &VmSpec) -> Result<VmInfo>;
     /// Deletes a VM (and its disks, where the provider owns them).
     async fn delete_vm(&self, vm: &str) -> Result<()>;
+
+    /// Imports a staged object **without this process decoding it**, for a target whose
+    /// hypervisor imports the staged format itself: given [`StagedObject::url`], the
+    /// hypervisor fetches the object from that presigned GET (no disk byte passes through this
+    /// process); without it, the object is uploaded as it is stored. Either way the target must
+    /// check the manifest's object digest before the disk becomes usable. Returns the disk's
+    /// location (as [`CreatedDisk::location`]), or `Ok(None)` when this target cannot take this
+    /// object as it is (the default): the caller then streams it through
+    /// [`Provider::create_disk`]. The disk is found, re-read and deleted like one made by
+    /// `create_disk` for the same `spec`.
+    async fn import_staged(
+        &self,
+        staged: &StagedObject<'_>,
+        spec: &DiskCreateSpec,
+    ) -> Result<Option<String>> {
+        let _ = (staged, spec);
+        Ok(None)
+    }
 
     // --- the runner contract: find again, re-read and remove what a migration created ------
 

@@ -812,6 +812,7 @@ impl Provider for LibvirtProvider {
             create_vm: true,
             random_access_read: false,
             pull_from_url: false,
+            import_staged: false,
             changed_blocks: false,
         }
     }

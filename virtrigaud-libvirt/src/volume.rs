@@ -101,7 +101,23 @@ fn download_loop(
     st.finish()
 }
 
+/// Data gathered into one libvirt send: smaller writes (a qcow2 encoder's clusters) are copied
+/// into one buffer of this size; larger ones go as they are.
+pub const SEND_SIZE: usize = 1 << 20;
+/// Writes queued between the pipeline and the libvirt upload thread.
+pub const SEND_DEPTH: usize = 16;
+
+/// What the pipeline hands the upload thread.
+enum Piece {
+    Data(Bytes),
+    Hole(u64),
+}
+
 /// A volume being uploaded. Created by [`UploadSink::start`].
+///
+/// One thread of its own sends to libvirt, fed through a bounded queue, so the pipeline encodes
+/// the next bytes while libvirt sends the last ones (a blocking call per write made each wait
+/// for the other), and small writes are gathered into sends of [`SEND_SIZE`].
 pub struct UploadSink {
     state: Option<UploadState>,
     location: String,
@@ -110,6 +126,8 @@ pub struct UploadSink {
 }
 
 struct UploadState {
+    tx: Option<tokio::sync::mpsc::Sender<Piece>>,
+    worker: Option<std::thread::JoinHandle<Result<()>>>,
     stream: Arc<SparseStream>,
     vol: Arc<StorageVol>,
     pool: virt::storage_pool::StoragePool,
@@ -121,6 +139,41 @@ impl std::fmt::Debug for UploadSink {
             .field("location", &self.location)
             .finish_non_exhaustive()
     }
+}
+
+fn upload_loop(st: &SparseStream, rx: &mut tokio::sync::mpsc::Receiver<Piece>) -> Result<()> {
+    let mut buf: Vec<u8> = Vec::with_capacity(SEND_SIZE);
+    let mut pos = 0u64;
+    let flush = |buf: &mut Vec<u8>, pos: u64| -> Result<()> {
+        if !buf.is_empty() {
+            st.send_all(buf)
+                .map_err(|e| e.with_offset(pos - buf.len() as u64))?;
+            buf.clear();
+        }
+        Ok(())
+    };
+    while let Some(piece) = rx.blocking_recv() {
+        match piece {
+            Piece::Data(d) => {
+                if buf.len() + d.len() > SEND_SIZE {
+                    flush(&mut buf, pos)?;
+                }
+                pos += d.len() as u64;
+                if d.len() >= SEND_SIZE {
+                    st.send_all(&d)
+                        .map_err(|e| e.with_offset(pos - d.len() as u64))?;
+                } else {
+                    buf.extend_from_slice(&d);
+                }
+            }
+            Piece::Hole(n) => {
+                flush(&mut buf, pos)?;
+                st.send_hole(n).map_err(|e| e.with_offset(pos))?;
+                pos += n;
+            }
+        }
+    }
+    flush(&mut buf, pos)
 }
 
 impl UploadSink {
@@ -140,9 +193,27 @@ impl UploadSink {
             virt::sys::VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM,
         )
         .op("volume.upload")?;
+        let stream = Arc::new(st);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(SEND_DEPTH);
+        let worker_stream = stream.clone();
+        let worker = std::thread::Builder::new()
+            .name("vrg-libvirt-upload".into())
+            .spawn(move || upload_loop(&worker_stream, &mut rx));
+        let worker = match worker {
+            Ok(w) => w,
+            Err(e) => {
+                if let Ok(st) = Arc::try_unwrap(stream) {
+                    let _ = st.abort();
+                }
+                let _ = vol.delete(0);
+                return Err(Error::io(e, "cannot start the upload thread"));
+            }
+        };
         Ok(UploadSink {
             state: Some(UploadState {
-                stream: Arc::new(st),
+                tx: Some(tx),
+                worker: Some(worker),
+                stream,
                 vol: Arc::new(vol),
                 pool,
             }),
@@ -151,15 +222,51 @@ impl UploadSink {
         })
     }
 
-    fn state(&self) -> Result<&UploadState> {
-        self.state
+    async fn send(&mut self, piece: Piece) -> Result<()> {
+        let state = self
+            .state
+            .as_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Io, "upload already finished"))?;
+        let tx = state
+            .tx
             .as_ref()
-            .ok_or_else(|| Error::new(ErrorKind::Io, "upload already finished"))
+            .ok_or_else(|| Error::new(ErrorKind::Io, "upload already finished"))?;
+        if tx.send(piece).await.is_ok() {
+            return Ok(());
+        }
+        // The upload thread stopped: it failed; its error says why.
+        state.tx = None;
+        let worker = state.worker.take();
+        let r = blocking(move || join(worker)).await;
+        Err(r.err().unwrap_or_else(|| {
+            Error::new(ErrorKind::Provider, "the libvirt upload thread stopped")
+        }))
+    }
+}
+
+/// Waits for the upload thread and returns its result.
+fn join(worker: Option<std::thread::JoinHandle<Result<()>>>) -> Result<()> {
+    match worker {
+        Some(w) => w.join().unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Provider,
+                "the libvirt upload thread panicked",
+            ))
+        }),
+        None => Ok(()),
     }
 }
 
 fn discard(state: UploadState) -> Result<()> {
-    let UploadState { stream, vol, .. } = state;
+    let UploadState {
+        tx,
+        worker,
+        stream,
+        vol,
+        ..
+    } = state;
+    drop(tx);
+    let _ = join(worker);
     if let Ok(st) = Arc::try_unwrap(stream) {
         let _ = st.abort();
     }
@@ -169,13 +276,17 @@ fn discard(state: UploadState) -> Result<()> {
 #[async_trait]
 impl ByteSink for UploadSink {
     async fn write(&mut self, data: Bytes) -> Result<()> {
-        let st = self.state()?.stream.clone();
-        blocking(move || st.send_all(&data)).await
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.send(Piece::Data(data)).await
     }
 
     async fn write_zeros(&mut self, len: u64) -> Result<()> {
-        let st = self.state()?.stream.clone();
-        blocking(move || st.send_hole(len)).await
+        if len == 0 {
+            return Ok(());
+        }
+        self.send(Piece::Hole(len)).await
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
@@ -186,7 +297,21 @@ impl ByteSink for UploadSink {
         let location = self.location.clone();
         let replace = self.replace.take();
         blocking(move || {
-            let UploadState { stream, vol, pool } = state;
+            let UploadState {
+                tx,
+                worker,
+                stream,
+                vol,
+                pool,
+            } = state;
+            drop(tx);
+            if let Err(e) = join(worker) {
+                if let Ok(st) = Arc::try_unwrap(stream) {
+                    let _ = st.abort();
+                }
+                let _ = vol.delete(0);
+                return Err(e.with_target(location));
+            }
             let st = Arc::try_unwrap(stream)
                 .map_err(|_| Error::new(ErrorKind::Io, "upload stream still in use"))?;
             if let Err(e) = st.finish() {

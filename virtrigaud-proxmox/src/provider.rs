@@ -19,8 +19,8 @@ use virtrigaud_core::storage::StorageBackend;
 use virtrigaud_core::transfer::read_manifest;
 use virtrigaud_core::{
     Capabilities, CreatedDisk, DiskBus, DiskCreateSpec, DiskInfo, Error, ErrorKind, Firmware,
-    NicInfo, OpenedDisk, PowerOp, PowerState, Provider, Result, SnapshotRef, VmInfo, VmSpec,
-    VmSummary,
+    NicInfo, OpenedDisk, PowerOp, PowerState, Provider, Result, SnapshotRef, StagedObject, VmInfo,
+    VmSpec, VmSummary,
 };
 
 const KIND: &str = "proxmox";
@@ -217,8 +217,18 @@ impl ProxmoxProvider {
         spec: &DiskCreateSpec,
     ) -> Result<String> {
         let manifest = read_manifest(storage, key).await?;
+        self.upload_staged(storage, key, &manifest, spec).await
+    }
+
+    async fn upload_staged(
+        &self,
+        storage: &dyn StorageBackend,
+        key: &str,
+        manifest: &Manifest,
+        spec: &DiskCreateSpec,
+    ) -> Result<String> {
         let ext = importable_ext(manifest.format)?;
-        let sha = manifest_sha256(&manifest)?;
+        let sha = manifest_sha256(manifest)?;
         let (node, st, filename, volid) = self.prepare_stage(spec, ext).await?;
         let body = storage.get(key, None).await?;
         info!(key, volid = %volid, size = manifest.stored_size, "uploading staged object to Proxmox");
@@ -777,6 +787,7 @@ impl Provider for ProxmoxProvider {
             create_vm: true,
             random_access_read: false,
             pull_from_url: true,
+            import_staged: true,
             changed_blocks: false,
         }
     }
@@ -1069,6 +1080,27 @@ impl Provider for ProxmoxProvider {
             .wait_task(&upid)
             .await
             .map_err(|e| e.with_vm(vm.to_string()))
+    }
+
+    /// A staged qcow2, raw or single-extent VMDK goes to PVE as it is: pulled by PVE from the
+    /// presigned URL when there is one (`download-url`), else uploaded as stored; PVE checks
+    /// the manifest's SHA-256 either way. Other formats answer `None` (streamed as raw).
+    async fn import_staged(
+        &self,
+        staged: &StagedObject<'_>,
+        spec: &DiskCreateSpec,
+    ) -> Result<Option<String>> {
+        if importable_ext(staged.manifest.format).is_err() {
+            return Ok(None);
+        }
+        let location = match staged.url {
+            Some(url) => self.pull_object(url, staged.manifest, spec).await?,
+            None => {
+                self.upload_staged(staged.storage, staged.key, staged.manifest, spec)
+                    .await?
+            }
+        };
+        Ok(Some(location))
     }
 
     async fn find_disk(&self, spec: &DiskCreateSpec) -> Result<Option<String>> {

@@ -251,8 +251,41 @@ fn start_proxy(out: &std::path::Path, upstream: &str) -> Proxy {
     }
 }
 
+/// How the staged object reaches the (fake) PVE node.
+enum Via {
+    /// A file store: the object is uploaded as it is stored (multipart, parsed independently).
+    Upload,
+    /// SeaweedFS S3: PVE pulls it from a presigned GET (`download-url`; the proxy fetches the URL
+    /// as PVE would, with no credentials, since fakepve fetches nothing).
+    Pull,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libvirt_to_proxmox_creates_the_matching_vm() {
+    libvirt_to_proxmox(Via::Upload).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libvirt_to_proxmox_through_s3_lets_pve_pull_the_staged_object() {
+    libvirt_to_proxmox(Via::Pull).await;
+}
+
+fn seaweedfs(prefix: &str) -> Option<virtrigaud_storage::s3::S3Backend> {
+    use virtrigaud_storage::s3::{S3Backend, S3Config};
+    let endpoint = common::env("VIRTRIGAUD_S3_ENDPOINT", "seaweedfs.sh")?;
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let cfg = S3Config::new("virtrigaud-test")
+        .with_endpoint(endpoint)
+        .with_prefix(prefix)
+        .with_region("us-east-1")
+        .with_credentials(
+            env("VIRTRIGAUD_S3_ACCESS_KEY"),
+            env("VIRTRIGAUD_S3_SECRET_KEY"),
+        );
+    Some(S3Backend::new(cfg).unwrap())
+}
+
+async fn libvirt_to_proxmox(via: Via) {
     let (Some(pve), Some(sshd)) = (pve(), sshd()) else {
         return;
     };
@@ -318,12 +351,21 @@ async fn libvirt_to_proxmox_creates_the_matching_vm() {
     let name = unique("l2p-dst");
 
     let store = tempfile::tempdir().unwrap();
-    let storage: Arc<dyn StorageBackend> = Arc::new(FsBackend::new(store.path()));
+    let storage: Arc<dyn StorageBackend> = match via {
+        Via::Upload => Arc::new(FsBackend::new(store.path())),
+        Via::Pull => {
+            let Some(s3) = seaweedfs(&unique("l2p-pull")) else {
+                return;
+            };
+            s3.create_bucket().await.unwrap();
+            Arc::new(s3)
+        }
+    };
     let plan = MigrationPlan::new(&domain, "migrations/l2p")
         .with_target_name(&name)
         // libvirt names a bridge NIC's network `bridge:NAME`.
         .with_network("bridge:br-src", "vmbr1.30");
-    let report = Migration::new(source, Arc::new(target.clone()), storage, plan)
+    let report = Migration::new(source, Arc::new(target.clone()), storage.clone(), plan)
         .run()
         .await
         .unwrap();
@@ -375,8 +417,38 @@ async fn libvirt_to_proxmox_creates_the_matching_vm() {
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(rep["file_size"].as_u64(), Some(32 * MIB));
-    assert_eq!(rep["chunked"], false);
+    // The disk went to PVE as it was staged (a libvirt stream is staged as streamOptimized
+    // VMDK, not as a raw stream of the whole capacity), with the manifest's SHA-256 that PVE
+    // checks.
+    let key = &report.state.disks[0].key;
+    let manifest = virtrigaud_core::transfer::read_manifest(storage.as_ref(), key)
+        .await
+        .unwrap();
+    let ext = match manifest.format {
+        virtrigaud_core::DiskFormat::Qcow2 => "qcow2",
+        virtrigaud_core::DiskFormat::Vmdk(_) => "vmdk",
+        f => panic!("staged as {f:?}"),
+    };
+    let json_name = left.iter().find(|n| n.ends_with(".json")).unwrap();
+    assert!(json_name.ends_with(&format!(".{ext}.json")), "{json_name}");
+    assert_eq!(rep["file_size"].as_u64(), Some(manifest.stored_size));
+    assert!(manifest.stored_size < 32 * MIB, "{}", manifest.stored_size);
+    assert_eq!(
+        rep["sha256"].as_str(),
+        Some(manifest.object_digest.value.as_str())
+    );
+    assert_eq!(rep["checksum_ok"], true, "{rep}");
+    match via {
+        Via::Upload => {
+            assert_eq!(rep["chunked"], false);
+            assert!(rep.get("pulled").is_none(), "{rep}");
+        }
+        Via::Pull => {
+            // Fetched by "PVE" from a presigned GET: no byte passed through the migration.
+            assert_eq!(rep["pulled"], true, "{rep}");
+            assert_eq!(rep["url_signed"], true, "{rep}");
+        }
+    }
     for n in &left {
         let _ = std::fs::remove_file(import_dir.join(n));
     }

@@ -12,6 +12,13 @@ upload, which fakepve refuses for content=import, lands here.
 Per upload it writes OUTDIR/<filename> (the file part) and OUTDIR/<filename>.json:
 {"fields": [names in order], "values": {name: value}, "content_length": int or null,
  "chunked": bool, "body_len": int, "file_size": int, "sha256": hex, "checksum_ok": bool or null}
+
+A `download-url` POST is first forwarded to UPSTREAM (which checks its parameters against PVE's
+schema and runs a task, but fetches nothing); when UPSTREAM accepts it, this server does what
+PVE would: it fetches the URL with no credentials of its own, checks the SHA-256 it was given,
+and stores the file as OUTDIR/<filename>, with OUTDIR/<filename>.json:
+{"pulled": true, "url_scheme": str, "url_signed": bool, "file_size": int, "sha256": hex,
+ "checksum_ok": bool or null}. A fetch that fails or a checksum that differs answers 500.
 """
 
 import email.parser
@@ -23,6 +30,7 @@ import re
 import ssl
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -106,7 +114,70 @@ class Handler(BaseHTTPRequestHandler):
         os.remove(p)
         return self.answer(200, None)
 
+    def pull(self):
+        """download-url: forward for the schema check, then fetch the URL as PVE would."""
+        length = int(self.headers.get('Content-Length') or 0)
+        raw = self.rfile.read(length)
+        form = dict(urllib.parse.parse_qsl(raw.decode()))
+        if not UPSTREAM:
+            return self.answer(501, None, 'download-url needs an upstream')
+        # Forward, capturing the answer instead of sending it.
+        req = urllib.request.Request(UPSTREAM + self.path, data=raw, method='POST')
+        for k in ('Authorization', 'Cookie', 'CSRFPreventionToken', 'Content-Type'):
+            if self.headers.get(k):
+                req.add_header(k, self.headers[k])
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # a test fake on loopback behind this test server
+        try:
+            with urllib.request.urlopen(req, context=ctx) as r:
+                status, upstream = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, upstream = e.code, e.read()
+        if status != 200:
+            self.send_response(status)
+            self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(upstream)))
+            self.end_headers()
+            self.wfile.write(upstream)
+            return
+        filename, url = form.get('filename', ''), form.get('url', '')
+        if not filename or '/' in filename:
+            return self.answer(400, None, 'bad filename')
+        sha, size = hashlib.sha256(), 0
+        try:
+            with urllib.request.urlopen(url) as r, open(os.path.join(OUT, filename), 'wb') as f:
+                while True:
+                    chunk = r.read(1 << 20)
+                    if not chunk:
+                        break
+                    sha.update(chunk)
+                    size += len(chunk)
+                    f.write(chunk)
+        except Exception as e:  # noqa: BLE001 - any fetch failure fails the task, as on PVE
+            if os.path.exists(os.path.join(OUT, filename)):
+                os.remove(os.path.join(OUT, filename))
+            return self.answer(500, None, 'download failed: {0}'.format(type(e).__name__))
+        ok = None
+        if 'checksum' in form:
+            ok = form.get('checksum-algorithm') == 'sha256' and form['checksum'] == sha.hexdigest()
+        query = urllib.parse.urlparse(url).query
+        with open(os.path.join(OUT, filename + '.json'), 'w') as f:
+            json.dump({'pulled': True, 'url_scheme': urllib.parse.urlparse(url).scheme,
+                       'url_signed': 'X-Amz-Signature=' in query, 'file_size': size,
+                       'sha256': sha.hexdigest(), 'checksum_ok': ok}, f)
+        if ok is False:
+            os.remove(os.path.join(OUT, filename))
+            return self.answer(500, None, 'checksum mismatch')
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(upstream)))
+        self.end_headers()
+        self.wfile.write(upstream)
+
     def do_POST(self):
+        if re.fullmatch(r'/api2/json/nodes/pve1/storage/[\w-]+/download-url', self.path):
+            return self.pull()
         if not re.fullmatch(r'/api2/json/nodes/pve1/storage/[\w-]+/upload', self.path):
             if not self.forward():
                 self.answer(501, None, 'Method not implemented')

@@ -671,6 +671,7 @@ impl Provider for VsphereProvider {
             create_vm: true,
             random_access_read: true,
             pull_from_url: false,
+            import_staged: false,
             changed_blocks: false,
         }
     }

@@ -60,8 +60,8 @@ use crate::manifest::{manifest_key, now_rfc3339};
 use crate::pipeline::PipelineOptions;
 use crate::progress::{Phase, Progress};
 use crate::provider::{
-    DiskBus, DiskCreateSpec, NicInfo, PowerOp, PowerState, Provider, SnapshotRef, VmDiskSpec,
-    VmInfo, VmSpec,
+    DiskBus, DiskCreateSpec, NicInfo, PowerOp, PowerState, Provider, SnapshotRef, StagedObject,
+    VmDiskSpec, VmInfo, VmSpec,
 };
 use crate::storage::{StorageBackend, StorageExt, validate_prefix};
 use crate::transfer::{
@@ -77,6 +77,10 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
+
+/// How long a presigned URL handed to a target that pulls ([`MigrationPlan::target_pull`])
+/// stays valid: long enough for a large disk over a slow link, well inside SigV4's 7 days.
+const PULL_URL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
 /// The outcome of a migration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -936,6 +940,17 @@ impl Run<'_> {
             .last()
             .map(|r| r.key.clone())
             .unwrap_or(d.key.clone());
+        if let Some((location, format)) = self.import_as_stored(&st, &d, &key).await? {
+            self.update(|s| {
+                let dd = &mut s.disks[i];
+                dd.import = StepStatus::Done;
+                dd.target_location = Some(location.clone());
+                dd.target_format = Some(format);
+            })
+            .await?;
+            self.phase_done(Phase::Import, Some(&d.id), false);
+            return Ok(());
+        }
         let opts = ImportOptions {
             format: m.plan.target_format,
             placement: d.placement.clone(),
@@ -973,6 +988,86 @@ impl Run<'_> {
         .await?;
         self.phase_done(Phase::Import, Some(&d.id), false);
         Ok(())
+    }
+
+    /// Offers the staged object to a target that imports staged objects as they are stored
+    /// ([`Provider::import_staged`]): pulled from a presigned GET when the plan allows it and
+    /// the store can presign, else uploaded as stored. `None` when the target streams instead.
+    async fn import_as_stored(
+        &self,
+        st: &MigrationState,
+        d: &DiskState,
+        key: &str,
+    ) -> Result<Option<(String, DiskFormat)>> {
+        let m = self.m;
+        let caps = m.target.capabilities();
+        if !caps.import_staged {
+            return Ok(None);
+        }
+        let manifest = read_manifest(m.storage.as_ref(), key)
+            .await
+            .map_err(|e| e.with_disk(d.id.clone()))?;
+        if m.plan.target_format.is_some_and(|f| f != manifest.format) {
+            return Ok(None);
+        }
+        if d.content_digest.as_deref() != Some(manifest.content_digest.value.as_str()) {
+            return Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!(
+                    "the staged object {key} now has content digest {}, the export recorded {:?}",
+                    manifest.content_digest.value, d.content_digest
+                ),
+            )
+            .with_disk(d.id.clone()));
+        }
+        let size = m
+            .storage
+            .stat(key)
+            .await
+            .map_err(|e| e.with_target(key.to_string()))?
+            .size;
+        if size != manifest.stored_size {
+            return Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!(
+                    "stored object {key} is {size} bytes, its manifest records {}",
+                    manifest.stored_size
+                ),
+            )
+            .with_disk(d.id.clone()));
+        }
+        let url = if m.plan.target_pull && caps.pull_from_url && m.storage.capabilities().presign {
+            match m.storage.presign_get(key, PULL_URL_VALIDITY).await {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    self.warn(
+                        Some(&d.id),
+                        format!("the store cannot presign {key} ({e}); uploading it instead"),
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut spec = self.create_spec(st, d);
+        spec.capacity = manifest.virtual_size;
+        let staged = StagedObject {
+            storage: m.storage.as_ref(),
+            key,
+            manifest: &manifest,
+            url: url.as_deref(),
+        };
+        info!(
+            key,
+            pull = url.is_some(),
+            "offering the staged object to the target as it is stored"
+        );
+        let location = m
+            .guard(m.target.import_staged(&staged, &spec))
+            .await
+            .map_err(|e| e.with_disk(d.id.clone()))?;
+        Ok(location.map(|l| (l, manifest.format)))
     }
 
     async fn verify(&self, i: usize) -> Result<()> {

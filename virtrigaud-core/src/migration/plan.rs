@@ -154,6 +154,14 @@ pub struct MigrationPlan {
     /// Disks moved at once (export, import and verify of one disk run as one chain).
     #[serde(default = "two")]
     pub disk_parallelism: usize,
+    /// Let a target that can fetch a URL itself ([`Capabilities::pull_from_url`], Proxmox's
+    /// `download-url`) pull each staged object from a presigned GET, when the store can presign
+    /// (S3) and the object is in a format the target imports as it is. On by default; turn it
+    /// off when the target cannot reach the store's endpoint (the object is then uploaded).
+    ///
+    /// [`Capabilities::pull_from_url`]: crate::Capabilities::pull_from_url
+    #[serde(default = "yes")]
+    pub target_pull: bool,
 }
 
 fn yes() -> bool {
@@ -189,9 +197,16 @@ impl MigrationPlan {
             on_failure: OnFailure::default(),
             cleanup: CleanupPolicy::default(),
             disk_parallelism: 2,
+            target_pull: true,
         }
     }
 
+    /// Sets whether a target that can fetch a URL pulls staged objects from presigned GETs
+    /// (see [`MigrationPlan::target_pull`]).
+    pub fn with_target_pull(mut self, yes: bool) -> Self {
+        self.target_pull = yes;
+        self
+    }
     /// Sets the target VM's name.
     pub fn with_target_name(mut self, name: impl Into<String>) -> Self {
         self.target_name = Some(name.into());

@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""A whole libvirt -> libvirt migration through a file:// store, timed side by side with the
+same job done by hand the way the Go implementation did it (see benches/README.md).
+
+    scripts/bench-migration.sh [SPEC ...]      # SPEC = VIRTUAL_GIB/DATA_GIB, default 4/1 10/3
+
+Per size: a qcow2 source volume holding DATA GiB of random data spread over VIRTUAL GiB, in a
+libvirt dir pool of a domain; then, alternating, ROUNDS times each:
+  * ours: `virtrigaud --json migrate --from libvirt+URI --to libvirt+URI --via file://STORE`
+    (export, import, verification, domain definition), phases timed from its JSON events;
+  * by hand: virsh vol-download --sparse to a temp file, qemu-img convert into the store,
+    sha256sum, a copy back, qemu-img convert, virsh vol-create-as + vol-upload --sparse,
+    virsh define, each step timed.
+Prints medians, the ratio ours/by-hand, each phase's share and ours' peak RSS (/usr/bin/time).
+No assertion: figures are for the README's performance table.
+"""
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+URI = os.environ.get('VIRTRIGAUD_LIBVIRT_URI', 'qemu:///system')
+BIN = os.environ.get('VRG_BIN', 'target/release/virtrigaud')
+ROUNDS = int(os.environ.get('VRG_BENCH_ROUNDS', '3'))
+GIB = 1 << 30
+CHUNK = 16 << 20
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def virsh(*args, check=True):
+    r = subprocess.run(('virsh', '-q', '-c', URI) + args, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+    if check and r.returncode != 0:
+        raise RuntimeError('virsh {0}: {1}'.format(' '.join(args), r.stderr.strip()))
+    return r.stdout
+
+
+def make_source(path, vgib, dgib):
+    """A qcow2 of vgib GiB with dgib GiB of random data in 16 MiB runs spread evenly."""
+    raw = path + '.raw'
+    n = dgib * GIB // CHUNK
+    step = vgib * GIB // n
+    with open(raw, 'wb') as f:
+        f.truncate(vgib * GIB)
+        for i in range(n):
+            f.seek(i * step)
+            f.write(os.urandom(CHUNK))
+    sh('qemu-img', 'convert', '-O', 'qcow2', raw, path)
+    os.remove(raw)
+
+
+def domain_xml(name, disk, fmt='qcow2'):
+    return ("<domain type='qemu'><name>{0}</name><memory unit='MiB'>512</memory><vcpu>2</vcpu>"
+            "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+            "<disk type='file' device='disk'><driver name='qemu' type='{2}'/>"
+            "<source file='{1}'/><target dev='vda' bus='virtio'/></disk>"
+            "</devices></domain>").format(name, disk, fmt)
+
+
+def define(xml, work):
+    p = os.path.join(work, 'dom.xml')
+    with open(p, 'w') as f:
+        f.write(xml)
+    virsh('define', p)
+
+
+def ours(src_dom, dst_pool, dst_name, store, prefix):
+    cmd = ['/usr/bin/time', '-v', BIN, '--json', 'migrate', '--from', 'libvirt+' + URI,
+           '--to', 'libvirt+' + URI, '--via', 'file://' + store, '--prefix', prefix,
+           '--placement', dst_pool, '--name', dst_name, src_dom]
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started, phases = {}, {}
+    for line in p.stdout:
+        now = time.monotonic() - t0
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        kind = ev.get('event')
+        key = (ev.get('phase'), ev.get('disk'))
+        if kind == 'phase_started':
+            started[key] = now
+        elif kind == 'phase_finished' and key in started:
+            phases[key[0]] = phases.get(key[0], 0.0) + now - started.pop(key)
+    err = p.stderr.read()
+    rc = p.wait()
+    total = time.monotonic() - t0
+    if rc != 0:
+        raise RuntimeError('virtrigaud failed ({0}): {1}'.format(rc, err[-2000:]))
+    rss = 0
+    for l in err.splitlines():
+        if 'Maximum resident set size' in l:
+            rss = int(l.split(':')[1]) // 1024
+    return total, phases, rss
+
+
+def by_hand(src_pool, src_vol, dst_pool, dst_vol, dst_name, vgib, work, store):
+    steps = {}
+
+    def step(name, *args):
+        t = time.monotonic()
+        sh(*args)
+        steps[name] = steps.get(name, 0.0) + time.monotonic() - t
+
+    tmp = os.path.join(work, 'dl.qcow2')
+    staged = os.path.join(store, 'hand.qcow2')
+    back = os.path.join(work, 'back.qcow2')
+    conv = os.path.join(work, 'conv.qcow2')
+    t0 = time.monotonic()
+    step('vol-download', 'virsh', '-q', '-c', URI, 'vol-download', '--sparse', '--pool', src_pool,
+         src_vol, tmp)
+    step('convert-to-store', 'qemu-img', 'convert', '-O', 'qcow2', tmp, staged)
+    step('sha256sum', 'sha256sum', staged)
+    step('copy-back', 'cp', '--sparse=always', staged, back)
+    step('convert-back', 'qemu-img', 'convert', '-O', 'qcow2', back, conv)
+    step('vol-create', 'virsh', '-q', '-c', URI, 'vol-create-as', dst_pool, dst_vol,
+         '{0}G'.format(vgib), '--format', 'qcow2')
+    step('vol-upload', 'virsh', '-q', '-c', URI, 'vol-upload', '--sparse', '--pool', dst_pool,
+         dst_vol, conv)
+    path = virsh('vol-path', '--pool', dst_pool, dst_vol).strip()
+    t = time.monotonic()
+    define(domain_xml(dst_name, path), work)
+    steps['define'] = time.monotonic() - t
+    total = time.monotonic() - t0
+    for f in (tmp, staged, back, conv):
+        os.remove(f)
+    return total, steps
+
+
+def shares(parts, total):
+    return ', '.join('{0} {1:.0%}'.format(k, v / total) for k, v in
+                     sorted(parts.items(), key=lambda kv: -kv[1]))
+
+
+def bench(vgib, dgib, base):
+    tag = 'vrgbench{0}'.format(os.getpid())
+    src_dir, dst_dir = os.path.join(base, 'src'), os.path.join(base, 'dst')
+    store, work = os.path.join(base, 'store'), os.path.join(base, 'work')
+    for d in (src_dir, dst_dir, store, work):
+        os.makedirs(d, exist_ok=True)
+    src_pool, dst_pool, src_dom = tag + '-src', tag + '-dst', tag + '-vm'
+    disk = os.path.join(src_dir, 'disk0.qcow2')
+    print('== {0} GiB virtual / {1} GiB data: preparing the source'.format(vgib, dgib), flush=True)
+    make_source(disk, vgib, dgib)
+    virsh('pool-create-as', src_pool, 'dir', '--target', src_dir)
+    virsh('pool-create-as', dst_pool, 'dir', '--target', dst_dir)
+    define(domain_xml(src_dom, disk), work)
+    created = []
+    res = {'ours': [], 'hand': [], 'rss': [], 'phases': [], 'steps': []}
+    try:
+        # Warm the page cache with the source once, for both.
+        subprocess.run(['cat', disk], stdout=subprocess.DEVNULL, check=True)
+        for r in range(ROUNDS):
+            name = '{0}-ours{1}'.format(tag, r)
+            total, phases, rss = ours(src_dom, dst_pool, name, store, 'm/{0}'.format(r))
+            created.append(name)
+            res['ours'].append(total)
+            res['rss'].append(rss)
+            res['phases'].append(phases)
+            print('  ours    round {0}: {1:6.2f} s  peak RSS {2} MiB  ({3})'.format(
+                r, total, rss, shares(phases, total)), flush=True)
+            shutil.rmtree(os.path.join(store, 'm'), ignore_errors=True)
+            name = '{0}-hand{1}'.format(tag, r)
+            total, steps = by_hand(src_pool, 'disk0.qcow2', dst_pool, 'hand{0}.qcow2'.format(r),
+                                   name, vgib, work, store)
+            created.append(name)
+            res['hand'].append(total)
+            res['steps'].append(steps)
+            print('  by hand round {0}: {1:6.2f} s  ({2})'.format(r, total, shares(steps, total)),
+                  flush=True)
+        o, h = statistics.median(res['ours']), statistics.median(res['hand'])
+        print('RESULT {0}G/{1}G: ours {2:.2f} s, by hand {3:.2f} s, ratio {4:.2f}, '
+              'peak RSS {5} MiB (medians of {6})'.format(vgib, dgib, o, h, o / h,
+                                                           max(res['rss']), ROUNDS), flush=True)
+        mid = res['ours'].index(o)
+        print('  ours phases (median run): ' + shares(res['phases'][mid], o))
+        mid = res['hand'].index(h)
+        print('  by hand steps (median run): ' + shares(res['steps'][mid], h))
+    finally:
+        for name in created:
+            virsh('undefine', name, check=False)
+        virsh('undefine', src_dom, check=False)
+        for pool in (src_pool, dst_pool):
+            virsh('pool-destroy', pool, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main():
+    specs = sys.argv[1:] or ['4/1', '10/3']
+    root = os.environ.get('VRG_BENCH_DIR', '/var/tmp')
+    for spec in specs:
+        v, d = (int(x) for x in spec.split('/'))
+        bench(v, d, tempfile.mkdtemp(prefix='vrg-bench-', dir=root))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Whole-migration benchmark (issue: a whole migration at the speed of its slowest component):
+# builds the CLI in release, starts the libvirt peer unless VIRTRIGAUD_LIBVIRT_URI is set, and
+# runs scripts/bench-migration.py. See benches/README.md.
+#   scripts/bench-migration.sh [4/1 10/3 ...]     (VIRTUAL_GIB/DATA_GIB; rounds: VRG_BENCH_ROUNDS)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+command -v qemu-img >/dev/null 2>&1 || apt_install qemu-utils
+[ -x /usr/bin/time ] || apt_install time
+if [ -z "${VIRTRIGAUD_LIBVIRT_URI:-}" ]; then
+    scripts/peers/libvirt.sh install
+    STATE=$(mktemp -d /tmp/virtrigaud-bench.XXXXXX)
+    trap 'scripts/peers/libvirt.sh stop "$STATE"; rm -rf "$STATE"' EXIT
+    scripts/peers/libvirt.sh start "$STATE"
+    source "$STATE/libvirt.env"
+fi
+cargo build --release -p virtrigaud-cli --features libvirt
+exec python3 scripts/bench-migration.py "$@"
