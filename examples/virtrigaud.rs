@@ -100,6 +100,14 @@ async fn run(args: Vec<String>) -> AnyResult<()> {
             let store = virtrigaud::storage::open(url)?;
             let f = LocalFile::open(image).await?;
             let mut opts = ExportOptions::default();
+            // A VMDK given by its descriptor opens its extents next to it.
+            let dir = std::path::Path::new(image)
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            opts.decode.extent_resolver = Some(Arc::new(
+                virtrigaud::format::vmdk::LocalExtentResolver::new(dir),
+            ));
             if let Some(fmt) = format {
                 opts.format = fmt;
             }

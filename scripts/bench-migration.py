@@ -2,7 +2,8 @@
 """A whole libvirt -> libvirt migration through a file:// store, timed side by side with the
 same job done by hand the way the Go implementation did it (see benches/README.md).
 
-    scripts/bench-migration.sh [SPEC ...]      # SPEC = VIRTUAL_GIB/DATA_GIB, default 4/1 10/3
+    scripts/bench-migration.sh [SPEC ...]      # SPEC = VIRTUAL_GIB/DATA_GIB[xDISKS]
+                                               # default: 4/1 4/1x2 10/3
 
 Per size: a qcow2 source volume holding DATA GiB of random data spread over VIRTUAL GiB, in a
 libvirt dir pool of a domain; then, alternating, ROUNDS times each:
@@ -12,6 +13,8 @@ libvirt dir pool of a domain; then, alternating, ROUNDS times each:
     sha256sum, a copy back, qemu-img convert, virsh vol-create-as + vol-upload --sparse,
     virsh define, each step timed.
 Prints medians, the ratio ours/by-hand, each phase's share and ours' peak RSS (/usr/bin/time).
+With xDISKS (several disks of that size in one domain) only ours runs, and its time is compared
+with the one-disk run of the same size made earlier in the same invocation.
 No assertion: figures are for the README's performance table.
 """
 
@@ -57,12 +60,15 @@ def make_source(path, vgib, dgib):
     os.remove(raw)
 
 
-def domain_xml(name, disk, fmt='qcow2'):
+def domain_xml(name, disks, fmt='qcow2'):
+    if isinstance(disks, str):
+        disks = [disks]
+    devs = ''.join("<disk type='file' device='disk'><driver name='qemu' type='{0}'/>"
+                   "<source file='{1}'/><target dev='vd{2}' bus='virtio'/></disk>".format(
+                       fmt, d, 'abcdefgh'[i]) for i, d in enumerate(disks))
     return ("<domain type='qemu'><name>{0}</name><memory unit='MiB'>512</memory><vcpu>2</vcpu>"
-            "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
-            "<disk type='file' device='disk'><driver name='qemu' type='{2}'/>"
-            "<source file='{1}'/><target dev='vda' bus='virtio'/></disk>"
-            "</devices></domain>").format(name, disk, fmt)
+            "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{1}"
+            "</devices></domain>").format(name, devs)
 
 
 def define(xml, work):
@@ -141,24 +147,26 @@ def shares(parts, total):
                      sorted(parts.items(), key=lambda kv: -kv[1]))
 
 
-def bench(vgib, dgib, base):
+def bench(vgib, dgib, ndisks, base, one_disk):
     tag = 'vrgbench{0}'.format(os.getpid())
     src_dir, dst_dir = os.path.join(base, 'src'), os.path.join(base, 'dst')
     store, work = os.path.join(base, 'store'), os.path.join(base, 'work')
     for d in (src_dir, dst_dir, store, work):
         os.makedirs(d, exist_ok=True)
     src_pool, dst_pool, src_dom = tag + '-src', tag + '-dst', tag + '-vm'
-    disk = os.path.join(src_dir, 'disk0.qcow2')
-    print('== {0} GiB virtual / {1} GiB data: preparing the source'.format(vgib, dgib), flush=True)
-    make_source(disk, vgib, dgib)
+    disks = [os.path.join(src_dir, 'disk{0}.qcow2'.format(i)) for i in range(ndisks)]
+    print('== {0} disk(s) of {1} GiB virtual / {2} GiB data: preparing the source'.format(
+        ndisks, vgib, dgib), flush=True)
+    for disk in disks:
+        make_source(disk, vgib, dgib)
     virsh('pool-create-as', src_pool, 'dir', '--target', src_dir)
     virsh('pool-create-as', dst_pool, 'dir', '--target', dst_dir)
-    define(domain_xml(src_dom, disk), work)
+    define(domain_xml(src_dom, disks), work)
     created = []
     res = {'ours': [], 'hand': [], 'rss': [], 'phases': [], 'steps': []}
     try:
         # Warm the page cache with the source once, for both.
-        subprocess.run(['cat', disk], stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(['cat'] + disks, stdout=subprocess.DEVNULL, check=True)
         for r in range(ROUNDS):
             name = '{0}-ours{1}'.format(tag, r)
             total, phases, rss = ours(src_dom, dst_pool, name, store, 'm/{0}'.format(r))
@@ -169,6 +177,8 @@ def bench(vgib, dgib, base):
             print('  ours    round {0}: {1:6.2f} s  peak RSS {2} MiB  ({3})'.format(
                 r, total, rss, shares(phases, total)), flush=True)
             shutil.rmtree(os.path.join(store, 'm'), ignore_errors=True)
+            if ndisks > 1:
+                continue
             name = '{0}-hand{1}'.format(tag, r)
             total, steps = by_hand(src_pool, 'disk0.qcow2', dst_pool, 'hand{0}.qcow2'.format(r),
                                    name, vgib, work, store)
@@ -177,7 +187,18 @@ def bench(vgib, dgib, base):
             res['steps'].append(steps)
             print('  by hand round {0}: {1:6.2f} s  ({2})'.format(r, total, shares(steps, total)),
                   flush=True)
-        o, h = statistics.median(res['ours']), statistics.median(res['hand'])
+        o = statistics.median(res['ours'])
+        if ndisks > 1:
+            base1 = one_disk.get((vgib, dgib))
+            print('RESULT {0}x {1}G/{2}G: ours {3:.2f} s{4}, peak RSS {5} MiB (median of {6})'.format(
+                ndisks, vgib, dgib, o,
+                ', {0:.2f}x the one-disk time'.format(o / base1) if base1 else '',
+                max(res['rss']), ROUNDS), flush=True)
+            mid = res['ours'].index(o)
+            print('  ours phases (median run, summed over disks): ' + shares(res['phases'][mid], o))
+            return
+        one_disk[(vgib, dgib)] = o
+        h = statistics.median(res['hand'])
         print('RESULT {0}G/{1}G: ours {2:.2f} s, by hand {3:.2f} s, ratio {4:.2f}, '
               'peak RSS {5} MiB (medians of {6})'.format(vgib, dgib, o, h, o / h,
                                                            max(res['rss']), ROUNDS), flush=True)
@@ -195,11 +216,13 @@ def bench(vgib, dgib, base):
 
 
 def main():
-    specs = sys.argv[1:] or ['4/1', '10/3']
+    specs = sys.argv[1:] or ['4/1', '4/1x2', '10/3']
     root = os.environ.get('VRG_BENCH_DIR', '/var/tmp')
+    one_disk = {}
     for spec in specs:
-        v, d = (int(x) for x in spec.split('/'))
-        bench(v, d, tempfile.mkdtemp(prefix='vrg-bench-', dir=root))
+        size, _, n = spec.partition('x')
+        v, d = (int(x) for x in size.split('/'))
+        bench(v, d, int(n or 1), tempfile.mkdtemp(prefix='vrg-bench-', dir=root), one_disk)
 
 
 if __name__ == '__main__':

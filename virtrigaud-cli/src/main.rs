@@ -472,6 +472,10 @@ async fn run(cli: Cli) -> Result<()> {
                 // An image file.
                 let s = virtrigaud::storage::open(&second)?;
                 let f = LocalFile::open(&source).await?;
+                // A VMDK given by its descriptor opens its extents next to it.
+                opts.decode.extent_resolver = Some(Arc::new(
+                    virtrigaud::format::vmdk::LocalExtentResolver::new(image_dir(&source)),
+                ));
                 let r2 = renderer.clone();
                 let label = third.clone();
                 opts.pipeline.progress = Some(Arc::new(move |pr| r2.progress(&label, pr)));
@@ -918,5 +922,13 @@ async fn dry_run(
             "{} problem(s) found",
             findings.len()
         )))
+    }
+}
+
+/// The directory an image file's relative extent names resolve in.
+fn image_dir(path: &str) -> std::path::PathBuf {
+    match std::path::Path::new(path).parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
     }
 }

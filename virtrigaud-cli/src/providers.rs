@@ -198,6 +198,10 @@ fn open_proxmox(rest: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
 }
 
 /// Opens the provider a URL names.
+#[cfg_attr(
+    not(any(feature = "vsphere", feature = "proxmox")),
+    allow(unused_variables)
+)]
 pub fn open(url: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
     refuse_secret_in_url(url)?;
     if let Some(path) = url.strip_prefix("local://") {

@@ -654,3 +654,51 @@ fn proxmox_through_the_binary() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `export IMAGE STORE KEY` of a VMDK given by its descriptor opens its extents: the split
+/// twoGbMaxExtentSparse VMware Workstation writes by default, and monolithicFlat, each with the
+/// content digest of the raw disk qemu-img made it from.
+#[test]
+fn export_of_a_vmdk_descriptor_reads_its_extents() {
+    if Command::new("qemu-img").arg("--version").output().is_err() {
+        assert_ne!(
+            std::env::var("VIRTRIGAUD_IT").as_deref(),
+            Ok("1"),
+            "qemu-img not found and VIRTRIGAUD_IT=1"
+        );
+        eprintln!("SKIP: qemu-img not found");
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let t = tempfile::tempdir().unwrap();
+    let raw = t.path().join("disk.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(4200 << 20).unwrap();
+    f.write_all_at(&pattern(1 << 20, 7), 3 << 20).unwrap();
+    f.write_all_at(&pattern(3 << 20, 8), 2047 << 20).unwrap();
+    f.write_all_at(&pattern(1 << 20, 9), 4100 << 20).unwrap();
+    drop(f);
+    let store = format!("file://{}", t.path().join("store").display());
+    let digest_of = |image: &Path, key: &str| -> String {
+        let out = ok(&["--json", "export", image.to_str().unwrap(), &store, key]);
+        json_lines(&out)[0]["manifest"]["content_digest"]["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let want = digest_of(&raw, "raw");
+    for sub in ["twoGbMaxExtentSparse", "monolithicFlat"] {
+        let dir = t.path().join(sub);
+        std::fs::create_dir(&dir).unwrap();
+        let vmdk = dir.join("disk.vmdk");
+        let o = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "vmdk", "-o"])
+            .arg(format!("subformat={sub}"))
+            .arg(&raw)
+            .arg(&vmdk)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(digest_of(&vmdk, sub), want, "{sub}");
+    }
+}

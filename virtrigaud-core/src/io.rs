@@ -702,10 +702,20 @@ impl ByteSink for MemorySink {
 /// at program start in applications that move disks; it fixes the threshold at 1 MiB. It is a
 /// process-wide allocator setting, so the library never does it on its own. No-op elsewhere.
 pub fn limit_allocator_retention() {
+    // Fixing the mmap threshold also fixes the trim threshold at its 128 KiB default: the heap
+    // then shrank and grew again around every few messages of the libvirt client (its buffers
+    // are a few hundred KiB), and page faults took a quarter of a whole migration's CPU time.
+    // Free memory up to this much stays mapped at the top of each heap.
+    const TRIM_THRESHOLD: i32 = 4 << 20;
+    // Each heap keeps up to that much; a transfer's threads (runtime workers, blocking
+    // threads, libvirt's) would otherwise get up to 8 heaps per core.
+    const ARENA_MAX: i32 = 4;
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes an allocator tuning parameter; it is thread-safe in glibc.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        libc::mallopt(libc::M_ARENA_MAX, ARENA_MAX);
     }
 }
 

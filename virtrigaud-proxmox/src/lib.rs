@@ -23,7 +23,11 @@
 //!   qcow2, raw or single-extent VMDK) with its manifest's size and SHA-256 (`checksum`), so PVE
 //!   verifies what it stored, and [`ProxmoxProvider::pull_object`] lets PVE fetch it itself
 //!   from a presigned URL (`download-url`, capability `pull_from_url`): no disk byte passes
-//!   through this process. These two are the efficient paths;
+//!   through this process. These two are the efficient paths, and the `Migration` runner takes
+//!   them through [`Provider::import_staged`](virtrigaud_core::Provider::import_staged): a pull
+//!   when the staging store can presign (S3) and `MigrationPlan::target_pull` is on (the
+//!   default; the CLI's `--no-pull` turns it off for a node that cannot reach the store), an
+//!   upload as stored otherwise; `create_disk` remains for formats PVE cannot import;
 //! * the location of a staged disk is PVE's own drive syntax, `TARGET:0,import-from=VOLID`,
 //!   naming both the staged import file and the storage the VM's disk is created on
 //!   (`DiskCreateSpec::placement`, default [`ProxmoxConfig::target_storage`]);

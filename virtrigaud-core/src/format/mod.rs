@@ -21,7 +21,10 @@ pub enum VmdkSubformat {
     MonolithicSparse,
     /// Compressed grains with markers, written and read sequentially (OVF, NFC).
     StreamOptimized,
-    /// A text descriptor pointing at a flat (raw) extent.
+    /// A text descriptor naming its extents in files of their own: monolithicFlat (one flat
+    /// extent) and the split twoGbMaxExtentFlat and twoGbMaxExtentSparse (flat or hosted sparse
+    /// extents of at most 2 GiB), read through an
+    /// [`ExtentResolver`](vmdk::ExtentResolver). Named `vmdk-flat` for history.
     MonolithicFlat,
 }
 
@@ -363,14 +366,15 @@ async fn decode_as(
         (DiskFormat::Vmdk(VmdkSubformat::MonolithicFlat), ImageSource::RandomAccess(r)) => {
             let resolver = opts.extent_resolver.clone().ok_or_else(|| {
                 crate::Error::unsupported(
-                    "a monolithicFlat VMDK needs an extent resolver to open its flat extent",
+                    "a VMDK descriptor (monolithicFlat, twoGbMaxExtentFlat or \
+                     twoGbMaxExtentSparse) needs an extent resolver to open its extent files",
                 )
             })?;
             vmdk::decode_flat(r, resolver, opts).await?
         }
         (DiskFormat::Vmdk(VmdkSubformat::MonolithicFlat), ImageSource::Sequential { .. }) => {
             return Err(crate::Error::unsupported(
-                "a monolithicFlat VMDK descriptor cannot be read as a stream",
+                "a VMDK descriptor and its extent files cannot be read as a stream",
             ));
         }
         (DiskFormat::Vmdk(_), ImageSource::RandomAccess(r)) => vmdk::decode_random(r, opts).await?,

@@ -851,6 +851,10 @@ impl Run<'_> {
             snapshot: st.snapshot.clone(),
             include_vm: true,
             pipeline: self.pipeline_for(&d.id),
+            encode: crate::format::EncodeOptions {
+                compression_level: m.plan.staging_compression_level.min(9),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let rep = export_disk(

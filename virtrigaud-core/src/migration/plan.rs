@@ -162,6 +162,14 @@ pub struct MigrationPlan {
     /// [`Capabilities::pull_from_url`]: crate::Capabilities::pull_from_url
     #[serde(default = "yes")]
     pub target_pull: bool,
+    /// Deflate level (0–9) of staged objects that are compressed: a streamOptimized VMDK, the
+    /// format a source that cannot tell its allocation up front (a libvirt volume stream) is
+    /// staged in. Default 0 (stored deflate blocks): a staged object lives for one migration,
+    /// and measured on a whole libvirt migration of 1 GiB of random data on 2 cores, level 1
+    /// added 13 s of CPU (the whole migration took 8–9 s at level 0, 13–15 s at level 1). Raise
+    /// it when the store is across a slow link and the disks compress well.
+    #[serde(default)]
+    pub staging_compression_level: u32,
 }
 
 fn yes() -> bool {
@@ -198,6 +206,7 @@ impl MigrationPlan {
             cleanup: CleanupPolicy::default(),
             disk_parallelism: 2,
             target_pull: true,
+            staging_compression_level: 0,
         }
     }
 
@@ -205,6 +214,12 @@ impl MigrationPlan {
     /// (see [`MigrationPlan::target_pull`]).
     pub fn with_target_pull(mut self, yes: bool) -> Self {
         self.target_pull = yes;
+        self
+    }
+    /// Sets the deflate level of compressed staged objects (see
+    /// [`MigrationPlan::staging_compression_level`]; clamped to 9).
+    pub fn with_staging_compression_level(mut self, level: u32) -> Self {
+        self.staging_compression_level = level.min(9);
         self
     }
     /// Sets the target VM's name.

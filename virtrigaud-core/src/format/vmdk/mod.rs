@@ -13,9 +13,13 @@
 //!   emitted as they arrive, and must come in increasing LBA order (else `Corrupt`). A
 //!   monolithicSparse file arriving as a stream is read too when its grain directory and tables
 //!   precede the grains and the grains follow in guest order (what qemu-img and our encoder
-//!   write); otherwise it is `Unsupported` ("needs random access"). monolithicFlat: the
-//!   descriptor (at most 64 KiB) names `FLAT`/`VMFS`/`ZERO` extents, opened through an
-//!   [`ExtentResolver`] after their names are checked; holes of the extent files are skipped.
+//!   write); otherwise it is `Unsupported` ("needs random access"). A descriptor file
+//!   (monolithicFlat, twoGbMaxExtentFlat, twoGbMaxExtentSparse; at most 64 KiB) names
+//!   `FLAT`/`VMFS`/`ZERO`/`SPARSE` extents, opened through an [`ExtentResolver`] after their
+//!   names are checked, concatenated in descriptor order: holes of flat extent files are
+//!   skipped, and each hosted sparse extent is decoded like a monolithicSparse file (its grain
+//!   tables give its part of the allocation map). A delta disk (a `parentCID`) is
+//!   `Unsupported`, naming consolidation.
 //! - `writer`: encoders, strictly sequential and deterministic. streamOptimized: header with
 //!   `gdOffset = GD_AT_END`, descriptor, compressed grains (all-zero grains skipped, compression
 //!   on `parallelism` blocking workers in batches of 16 grains, at most `2 × parallelism` batches
@@ -35,8 +39,8 @@
 //!
 //! Limits: grain table entries are 32-bit sector offsets, so files are limited to 2 TiB; the
 //! random-access decoder keeps 16 bytes per allocated grain in memory (25 MiB per 100 GiB of
-//! allocated 64 KiB grains); sparse extents named by a separate descriptor (twoGbMaxExtentSparse,
-//! vmfsSparse) and grains compressed without markers are not supported.
+//! allocated 64 KiB grains); ESXi's vmfsSparse/seSparse extents and grains compressed without
+//! markers are not supported.
 
 pub mod descriptor;
 pub mod header;

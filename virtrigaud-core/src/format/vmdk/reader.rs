@@ -302,7 +302,7 @@ pub(crate) async fn decode_random(
     let head = src.read_at(0, 32).await?;
     if head.starts_with(b"# Disk DescriptorFile") {
         return Err(Error::unsupported(
-            "a VMDK descriptor file needs an extent resolver (monolithicFlat)",
+            "a VMDK descriptor file is read with its extent files (an extent resolver)",
         ));
     }
     let h = read_sparse_header(src.as_ref()).await?;
@@ -842,8 +842,18 @@ pub(crate) async fn decode_flat(
     if d.extents.is_empty() {
         return Err(Error::corrupt("VMDK descriptor names no extent"));
     }
-    // (guest offset, source, file offset, len)
-    let mut pieces: Vec<(u64, Arc<dyn ReadAt>, u64, u64)> = Vec::new();
+    if let Some(parent) = d.get("parentCID")
+        && !parent.eq_ignore_ascii_case("ffffffff")
+    {
+        return Err(Error::unsupported(format!(
+            "this VMDK is a delta disk of a parent ({}): consolidate the snapshot chain (or \
+             convert the chain with qemu-img) and export the result",
+            d.get("parentFileNameHint").unwrap_or("parentCID {parent}")
+        )));
+    }
+    // The extents in guest order, each one stream; sparse extents are decoded up front (their
+    // grain tables give the allocation map), their grains read when the stream gets there.
+    let mut parts: Vec<ExtentStream> = Vec::new();
     let mut alloc = Vec::new();
     let mut guest = 0u64;
     let piece = opts.read_size.max(4096) as u64;
@@ -875,16 +885,70 @@ pub(crate) async fn decode_flat(
                         .collect(),
                     None => std::iter::once(foff..foff + len).collect(),
                 };
+                // (guest offset, file offset, len)
+                let mut pieces: Vec<(u64, u64, u64)> = Vec::new();
                 for r in ranges {
                     let g = guest + (r.start - foff);
                     alloc.push(g..g + (r.end - r.start));
                     let mut o = r.start;
                     while o < r.end {
                         let n = piece.min(r.end - o);
-                        pieces.push((guest + (o - foff), f.clone(), o, n));
+                        pieces.push((guest + (o - foff), o, n));
                         o += n;
                     }
                 }
+                parts.push(
+                    stream::iter(pieces)
+                        .map(move |(g, o, n)| {
+                            let f = f.clone();
+                            async move {
+                                let bytes = f.read_exact_at(o, n as usize).await?;
+                                Ok(Extent::Data { offset: g, bytes })
+                            }
+                        })
+                        .buffered(opts.read_ahead.max(1))
+                        .boxed(),
+                );
+            }
+            // A hosted sparse extent (twoGbMaxExtentSparse): a monolithicSparse file of its own.
+            ExtentKind::Sparse if e.kind_name.eq_ignore_ascii_case("SPARSE") => {
+                let name = e.file.as_deref().unwrap_or("");
+                check_extent_name(name)?;
+                let f = resolver.open(name).await?;
+                let head = f.read_at(0, 4).await?;
+                if head.as_ref() != b"KDMV" {
+                    return Err(Error::corrupt(format!(
+                        "sparse extent '{name}' has no sparse extent header"
+                    )));
+                }
+                let c = Box::pin(decode_random(f, opts)).await?;
+                if c.virtual_size != len {
+                    return Err(Error::corrupt(format!(
+                        "sparse extent '{name}' holds {} bytes, the descriptor says {len}",
+                        c.virtual_size
+                    )));
+                }
+                match &c.allocation {
+                    Some(m) => {
+                        alloc.extend(m.ranges().iter().map(|r| r.start + guest..r.end + guest))
+                    }
+                    None => alloc.push(guest..guest + len),
+                }
+                let base = guest;
+                parts.push(
+                    c.extents
+                        .map_ok(move |x| match x {
+                            Extent::Data { offset, bytes } => Extent::Data {
+                                offset: offset + base,
+                                bytes,
+                            },
+                            Extent::Zero { offset, len } => Extent::Zero {
+                                offset: offset + base,
+                                len,
+                            },
+                        })
+                        .boxed(),
+                );
             }
             ExtentKind::Sparse | ExtentKind::Other => {
                 return Err(Error::unsupported(format!(
@@ -895,17 +959,10 @@ pub(crate) async fn decode_flat(
         }
         guest += len;
     }
-    let extents = stream::iter(pieces)
-        .map(|(g, f, o, n)| async move {
-            let bytes = f.read_exact_at(o, n as usize).await?;
-            Ok(Extent::Data { offset: g, bytes })
-        })
-        .buffered(opts.read_ahead.max(1))
-        .boxed();
     Ok(DiskContent::new(
         guest,
         Some(AllocationMap::from_ranges(alloc)),
-        extents,
+        stream::iter(parts).flatten().boxed(),
     ))
 }
 
