@@ -689,6 +689,7 @@ async fn run_plan(
         m.iter().map(|(a, b)| format!("{a}={b}")).collect()
     };
     let prepare = plan.prepare.clone().unwrap_or_default();
+    renderer.start_plan(all.len());
     let results: Vec<(String, Result<()>)> = futures::stream::iter(all)
         .map(|j| {
             let limit = limits.get(&j.from).cloned();
@@ -725,7 +726,16 @@ async fn run_plan(
                     None => None,
                 };
                 let name = j.vm.name.clone();
-                let r = migrate(args, secrets, json, cancel, renderer, Some(name.clone())).await;
+                let r = migrate(
+                    args,
+                    secrets,
+                    json,
+                    cancel,
+                    renderer.clone(),
+                    Some(name.clone()),
+                )
+                .await;
+                renderer.vm_finished(r.is_ok());
                 (name, r)
             }
         })

@@ -44,10 +44,72 @@ pub fn json_line(mut v: serde_json::Value) {
     println!("{v}");
 }
 
+/// What a plan's total bar shows: VMs finished (and failed) out of all, and the data bytes
+/// moved so far, summed over every VM, disk and phase (export, import and verification each
+/// move a disk's data once).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PlanTotals {
+    total: usize,
+    done: usize,
+    failed: usize,
+    /// Latest data bytes per `vm/disk` and phase.
+    moved: HashMap<(String, String), u64>,
+}
+
+impl PlanTotals {
+    /// Totals for a plan of `total` VMs.
+    pub fn new(total: usize) -> Self {
+        PlanTotals {
+            total,
+            ..Default::default()
+        }
+    }
+    /// Records a progress report of `key` (`vm/disk`).
+    pub fn progress(&mut self, key: &str, p: &Progress) {
+        let slot = self
+            .moved
+            .entry((key.to_string(), format!("{:?}", p.phase)))
+            .or_default();
+        // A resumed transfer may report from 0 again: keep the largest figure.
+        *slot = (*slot).max(p.data_bytes);
+    }
+    /// Records a VM that finished, successfully or not.
+    pub fn vm_finished(&mut self, ok: bool) {
+        self.done += 1;
+        if !ok {
+            self.failed += 1;
+        }
+    }
+    /// VMs finished so far.
+    pub fn done(&self) -> usize {
+        self.done
+    }
+    /// Data bytes moved so far.
+    pub fn bytes(&self) -> u64 {
+        self.moved.values().sum()
+    }
+    /// The bar's message.
+    pub fn message(&self) -> String {
+        format!(
+            "{}/{} VMs{}, {:.1} GiB moved",
+            self.done,
+            self.total,
+            if self.failed > 0 {
+                format!(" ({} failed)", self.failed)
+            } else {
+                String::new()
+            },
+            self.bytes() as f64 / (1u64 << 30) as f64
+        )
+    }
+}
+
 /// Renders migration events: JSON lines, or bars on a terminal, or nothing.
 pub struct Renderer {
     json: bool,
     bars: Option<(MultiProgress, Mutex<HashMap<String, ProgressBar>>)>,
+    /// A plan's total bar and its figures.
+    plan: Mutex<Option<(ProgressBar, PlanTotals)>>,
 }
 
 impl Renderer {
@@ -55,7 +117,40 @@ impl Renderer {
     pub fn new(json: bool, quiet: bool) -> Arc<Renderer> {
         let bars = (!json && !quiet && std::io::stderr().is_terminal())
             .then(|| (MultiProgress::new(), Mutex::new(HashMap::new())));
-        Arc::new(Renderer { json, bars })
+        Arc::new(Renderer {
+            json,
+            bars,
+            plan: Mutex::new(None),
+        })
+    }
+
+    /// Starts a plan's total bar (on a terminal only) for `total` VMs.
+    pub fn start_plan(&self, total: usize) {
+        let Some((mp, _)) = &self.bars else { return };
+        let b = mp.insert(0, ProgressBar::new(total as u64));
+        b.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {pos}/{len} {elapsed} {wide_msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b.set_prefix("plan");
+        let t = PlanTotals::new(total);
+        b.set_message(t.message());
+        if let Ok(mut p) = self.plan.lock() {
+            *p = Some((b, t));
+        }
+    }
+
+    /// Records a plan VM that finished.
+    pub fn vm_finished(&self, ok: bool) {
+        if let Ok(mut p) = self.plan.lock()
+            && let Some((b, t)) = p.as_mut()
+        {
+            t.vm_finished(ok);
+            b.set_position(t.done() as u64);
+            b.set_message(t.message());
+        }
     }
 
     fn bar(&self, disk: &str) -> Option<ProgressBar> {
@@ -91,7 +186,16 @@ impl Renderer {
         }
         match e {
             MigrationEvent::Progress { disk, progress, .. } => match vm {
-                Some(vm) => self.progress(&format!("{vm}/{disk}"), progress),
+                Some(vm) => {
+                    let key = format!("{vm}/{disk}");
+                    if let Ok(mut p) = self.plan.lock()
+                        && let Some((b, t)) = p.as_mut()
+                    {
+                        t.progress(&key, progress);
+                        b.set_message(t.message());
+                    }
+                    self.progress(&key, progress)
+                }
                 None => self.progress(disk, progress),
             },
             MigrationEvent::Warning { disk, message, .. } => {
@@ -146,6 +250,11 @@ impl Renderer {
 
     /// Removes the bars.
     pub fn finish(&self) {
+        if let Ok(mut p) = self.plan.lock()
+            && let Some((b, t)) = p.take()
+        {
+            b.finish_with_message(t.message());
+        }
         if let Some((_, map)) = &self.bars
             && let Ok(map) = map.lock()
         {
@@ -158,4 +267,44 @@ impl Renderer {
 
 fn disk_suffix(d: &Option<String>) -> String {
     d.as_ref().map(|d| format!(" ({d})")).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtrigaud::Phase;
+
+    fn progress(phase: Phase, data_bytes: u64) -> Progress {
+        Progress {
+            phase,
+            label: String::new(),
+            position: data_bytes,
+            virtual_size: 1 << 30,
+            data_bytes,
+            data_total: Some(1 << 30),
+            rate: 0.0,
+            eta: None,
+            finished: false,
+        }
+    }
+
+    #[test]
+    fn plan_totals_count_vms_and_bytes_per_disk_and_phase() {
+        let mut t = PlanTotals::new(3);
+        t.progress("web01/vda", &progress(Phase::Export, 100));
+        t.progress("web01/vda", &progress(Phase::Export, 300));
+        t.progress("web01/vda", &progress(Phase::Import, 50));
+        t.progress("web02/vda", &progress(Phase::Export, 1000));
+        // A resumed transfer starting over does not lower what was moved.
+        t.progress("web02/vda", &progress(Phase::Export, 10));
+        assert_eq!(t.bytes(), 300 + 50 + 1000);
+        t.vm_finished(true);
+        t.vm_finished(false);
+        assert_eq!(t.done(), 2);
+        assert!(
+            t.message().starts_with("2/3 VMs (1 failed), "),
+            "{}",
+            t.message()
+        );
+    }
 }

@@ -702,3 +702,59 @@ fn export_of_a_vmdk_descriptor_reads_its_extents() {
         assert_eq!(digest_of(&vmdk, sub), want, "{sub}");
     }
 }
+
+/// `--dry-run` against the vSphere simulator with a wrong password: the auth exit code (6),
+/// the error names the login, and the store stays untouched (no checkpoint, no lease).
+#[cfg(feature = "vsphere")]
+#[test]
+fn dry_run_finds_a_wrong_password_and_writes_nothing() {
+    let Some(url) = peer_env("VIRTRIGAUD_VSPHERE_URL", "vcsim.sh") else {
+        return;
+    };
+    let user = std::env::var("VIRTRIGAUD_VSPHERE_USER").unwrap();
+    let thumb = std::env::var("VIRTRIGAUD_VSPHERE_THUMBPRINT").unwrap();
+    let host = url
+        .trim_start_matches("https://")
+        .trim_end_matches("/sdk")
+        .to_string();
+    let vs = format!("vsphere://{user}@{host}/DC0?thumbprint={thumb}");
+    let t = tempfile::tempdir().unwrap();
+    local_vm(&t.path().join("src"), 1);
+    let store = t.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let from = format!("local://{}", t.path().join("src").display());
+    let via = format!("file://{}", store.display());
+    let o = bin()
+        .args([
+            "--json",
+            "migrate",
+            "--dry-run",
+            "--from",
+            &from,
+            "--to",
+            &vs,
+            "--via",
+            &via,
+            "web01",
+            "--network-map",
+            "default=VM Network",
+        ])
+        .env("VIRTRIGAUD_VSPHERE_PASSWORD", "wrong")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = json_lines(&out)
+        .into_iter()
+        .find(|l| l["event"] == "error")
+        .unwrap_or_else(|| panic!("no error line: {out}"));
+    assert_eq!(err["kind"], "auth", "{err}");
+    let left: Vec<_> = std::fs::read_dir(&store).unwrap().collect();
+    assert!(left.is_empty(), "dry run wrote {left:?}");
+}
