@@ -354,3 +354,161 @@ fn local_libvirt_tcp_and_back_through_s3_and_the_migrated_disk_boots() {
         qemu_img_compare(src.join(orig).to_str().unwrap(), p.to_str().unwrap());
     }
 }
+
+/// Proxmox → libvirt through the binary, staged in S3: the source VM's config from fakepve
+/// (`scripts/peers/fakepve.sh`; no real PVE can be installed here), its disk bytes over real SSH
+/// from the `pvesm` stand-in (`scripts/peers/sshd.sh`), the token secret from the environment.
+/// The migrated boot-sector disk boots under TCG and equals the image it came from.
+#[cfg(feature = "proxmox")]
+#[test]
+fn proxmox_to_libvirt_through_s3_boots() {
+    use std::os::unix::fs::FileExt;
+    use virtrigaud::proxmox::{Auth, ProxmoxConfig, ProxmoxProvider};
+    let Some(uri) = peer_env("VIRTRIGAUD_LIBVIRT_URI", "libvirt.sh") else {
+        return;
+    };
+    let Some(s3) = S3::from_env() else { return };
+    let Some(pve_url) = peer_env("VIRTRIGAUD_PVE_URL", "fakepve.sh") else {
+        return;
+    };
+    let Some(images) = peer_env("VIRTRIGAUD_PVE_SSH_IMAGES", "sshd.sh") else {
+        return;
+    };
+    let var = |k: &str| std::env::var(k).unwrap();
+    let (token, secret, fp, node) = (
+        var("VIRTRIGAUD_PVE_TOKEN_ID"),
+        var("VIRTRIGAUD_PVE_TOKEN_SECRET"),
+        var("VIRTRIGAUD_PVE_FINGERPRINT"),
+        var("VIRTRIGAUD_PVE_NODE"),
+    );
+    s3.create_bucket("virtrigaud-test");
+    let tag = format!("clip2l{}", std::process::id());
+
+    // The source VM on fakepve, its 32 MiB disk an image file the pvesm stand-in serves.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cfg = ProxmoxConfig::new(
+        &pve_url,
+        Auth::Token {
+            id: token.clone(),
+            secret: virtrigaud::Secret::new(secret.clone()),
+        },
+    )
+    .unwrap()
+    .with_fingerprint(&fp);
+    cfg.node = Some(node.clone());
+    let pve = ProxmoxProvider::new(cfg).unwrap();
+    let (vmid, volid) = rt.block_on(async {
+        let vmid = pve.client().next_id().await.unwrap();
+        let form = [
+            ("vmid", vmid.to_string()),
+            ("name", tag.clone()),
+            ("cores", "1".to_string()),
+            ("memory", "128".to_string()),
+            ("ostype", "other".to_string()),
+            ("scsi0", "local-lvm:1".to_string()),
+        ];
+        let upid = pve.client().vm_create(&node, &form).await.unwrap();
+        pve.client().wait_task(&upid).await.unwrap();
+        let conf = pve.client().vm_config(&node, vmid).await.unwrap();
+        let volid = conf["scsi0"]
+            .as_str()
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .to_string();
+        (vmid, volid)
+    });
+    struct PveGuard<'a>(
+        &'a ProxmoxProvider,
+        &'a tokio::runtime::Runtime,
+        u32,
+        PathBuf,
+    );
+    impl Drop for PveGuard<'_> {
+        fn drop(&mut self) {
+            let _ = self.1.block_on(self.0.delete_vm(&self.2.to_string()));
+            let _ = std::fs::remove_file(&self.3);
+        }
+    }
+    use std::path::PathBuf;
+    use virtrigaud::Provider;
+    let image = Path::new(&images)
+        .join("local-lvm")
+        .join(volid.split_once(':').unwrap().1);
+    let _pve_guard = PveGuard(&pve, &rt, vmid, image.clone());
+    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    let f = std::fs::File::create(&image).unwrap();
+    f.set_len(32 << 20).unwrap();
+    f.write_all_at(&boot_sector(), 0).unwrap();
+    f.write_all_at(&[0x5a; 8192], 20 << 20).unwrap();
+    drop(f);
+
+    // The target pool on libvirtd.
+    let pool_dir = tempfile::Builder::new()
+        .prefix("vrg-cli-p2l-pool")
+        .tempdir()
+        .unwrap();
+    virsh(
+        &uri,
+        &[
+            "pool-create-as",
+            &tag,
+            "dir",
+            "--target",
+            pool_dir.path().to_str().unwrap(),
+        ],
+    );
+    let dom = format!("{tag}-dst");
+    let _guard = Guard {
+        uri: uri.clone(),
+        domains: vec![dom.clone()],
+        pool: tag.clone(),
+    };
+    let host = pve_url.trim_start_matches("https://");
+    let from = format!(
+        "proxmox://{token}@{host}/{node}?fingerprint={fp}&ssh_host={}&ssh_port={}&ssh_user={}\
+         &ssh_key={}&ssh_fingerprint={}",
+        var("VIRTRIGAUD_PVE_SSH_HOST"),
+        var("VIRTRIGAUD_PVE_SSH_PORT"),
+        var("VIRTRIGAUD_PVE_SSH_USER"),
+        var("VIRTRIGAUD_PVE_SSH_KEY"),
+        var("VIRTRIGAUD_PVE_SSH_HOST_FINGERPRINT"),
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_virtrigaud"))
+        .args([
+            "migrate",
+            "--from",
+            &from,
+            "--to",
+            &format!("libvirt+{uri}"),
+            "--via",
+            &format!("s3://virtrigaud-test/{tag}"),
+            &tag,
+            "--name",
+            &dom,
+            "--placement",
+            &tag,
+        ])
+        .env("VIRTRIGAUD_PROXMOX_PASSWORD", &secret)
+        .env("AWS_ENDPOINT_URL", &s3.endpoint)
+        .env("AWS_ACCESS_KEY_ID", &s3.access)
+        .env("AWS_SECRET_ACCESS_KEY", &s3.secret)
+        .env("AWS_REGION", &s3.region)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let paths = disk_paths(&uri, &dom, &tag);
+    assert_eq!(paths.len(), 1, "{paths:?}");
+    qemu_img_compare(image.to_str().unwrap(), &paths[0]);
+    boot(&uri, &dom, pool_dir.path());
+}

@@ -335,7 +335,7 @@ impl ByteSink for UploadSink {
             }
             // libvirt re-probes the file: a qcow2 upload into a fresh volume becomes a qcow2
             // volume with its virtual size.
-            pool.refresh(0).op("pool.refresh")?;
+            refresh_when_idle(&pool)?;
             Ok(())
         })
         .await
@@ -358,6 +358,28 @@ impl Drop for UploadSink {
                 .spawn(move || {
                     let _ = discard(state);
                 });
+        }
+    }
+}
+
+/// Longest wait for the pool's other uploads before a refresh gives up.
+const REFRESH_WAIT: std::time::Duration = std::time::Duration::from_secs(2 * 3600);
+
+/// Refreshes `pool` once no other upload into it runs: libvirt refuses to refresh a pool with
+/// jobs in flight ("has asynchronous jobs running"), which is what several disks of one VM
+/// imported in parallel into one pool are. Blocking.
+fn refresh_when_idle(pool: &virt::storage_pool::StoragePool) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        match pool.refresh(0) {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if e.message().contains("asynchronous jobs")
+                    && start.elapsed() < REFRESH_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(e) => return Err(crate::error::from_virt(e, "pool.refresh")),
         }
     }
 }
