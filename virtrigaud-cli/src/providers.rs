@@ -158,7 +158,15 @@ fn open_proxmox(rest: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
             password: secret,
         }
     };
-    let mut cfg = ProxmoxConfig::new(&format!("https://{}", p.host), auth)?;
+    let http = p
+        .query
+        .iter()
+        .any(|(k, v)| k == "allow_http" && (v == "1" || v == "true"));
+    let mut cfg = ProxmoxConfig::new(
+        &format!("{}://{}", if http { "http" } else { "https" }, p.host),
+        auth,
+    )?;
+    cfg.allow_http = http;
     if !p.path.is_empty() {
         cfg.node = Some(p.path.clone());
     }
@@ -182,11 +190,12 @@ fn open_proxmox(rest: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
                     .map_err(|_| Error::invalid(format!("ssh_port {v:?} is not a port")))?
             }
             "pvesm" => ssh.pvesm = v.clone(),
+            "allow_http" if v == "1" || v == "true" => {}
             other => {
                 return Err(Error::invalid(format!(
                     "unknown proxmox:// parameter {other:?} (fingerprint, ca, storage, \
                      import_storage, bridge, ssh_key, ssh_fingerprint, known_hosts, ssh_user, \
-                     ssh_host, ssh_port, pvesm)"
+                     ssh_host, ssh_port, pvesm, allow_http)"
                 )));
             }
         }

@@ -374,8 +374,7 @@ fn refresh_when_idle(pool: &virt::storage_pool::StoragePool) -> Result<()> {
         match pool.refresh(0) {
             Ok(_) => return Ok(()),
             Err(e)
-                if e.message().contains("asynchronous jobs")
-                    && start.elapsed() < REFRESH_WAIT =>
+                if e.message().contains("asynchronous jobs") && start.elapsed() < REFRESH_WAIT =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }

@@ -131,6 +131,13 @@ impl std::fmt::Debug for PveClient {
 impl PveClient {
     /// A client for `cfg` (nothing is sent yet).
     pub fn new(cfg: Arc<ProxmoxConfig>) -> Result<Self> {
+        if cfg.url.scheme() == "http" && !cfg.allow_http {
+            return Err(Error::invalid(format!(
+                "{} is plain http: the API token or password would travel in clear; use \
+                 https:// with a pinned fingerprint (ProxmoxConfig::allow_http opts in)",
+                cfg.url
+            )));
+        }
         let builder = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(30))

@@ -115,6 +115,10 @@ pub struct ProxmoxConfig {
     pub default_bridge: String,
     /// Whether download-url checks the presigned URL's TLS certificate (default true).
     pub pull_verify_certificates: bool,
+    /// Accept a plain `http://` URL (default false: the API token or password would travel in
+    /// clear; PVE itself serves only HTTPS, so this is for test proxies and TLS-terminating
+    /// front ends on the same host).
+    pub allow_http: bool,
     /// SSH side for exports; `None`: exports are unsupported.
     pub ssh: Option<SshConfig>,
 }
@@ -150,6 +154,7 @@ impl ProxmoxConfig {
             target_storage: "local-lvm".into(),
             default_bridge: "vmbr0".into(),
             pull_verify_certificates: true,
+            allow_http: false,
             ssh: None,
         })
     }

@@ -1406,6 +1406,23 @@ mod tests {
     }
 
     #[test]
+    fn plain_http_is_refused_unless_allowed() {
+        let token = || crate::config::Auth::Token {
+            id: "root@pam!t".into(),
+            secret: virtrigaud_core::Secret::new("s".to_string()),
+        };
+        let cfg = ProxmoxConfig::new("http://127.0.0.1:8006", token()).unwrap();
+        let e = ProxmoxProvider::new(cfg).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("in clear"), "{e}");
+        let mut cfg = ProxmoxConfig::new("http://127.0.0.1:8006", token()).unwrap();
+        cfg.allow_http = true;
+        assert!(ProxmoxProvider::new(cfg).is_ok());
+        let cfg = ProxmoxConfig::new("https://127.0.0.1:8006", token()).unwrap();
+        assert!(ProxmoxProvider::new(cfg).is_ok());
+    }
+
+    #[test]
     fn staged_names_and_locations() {
         assert_eq!(
             ProxmoxProvider::staged_name("my vm/1", "disk.0", "raw"),

@@ -347,6 +347,7 @@ async fn libvirt_to_proxmox(via: Via) {
     .with_ssh(sshd.config());
     cfg.node = Some(pve.node.clone());
     cfg.task_poll = Duration::from_millis(50);
+    cfg.allow_http = true; // the test proxy on loopback
     let target = ProxmoxProvider::new(cfg).unwrap();
     let name = unique("l2p-dst");
 

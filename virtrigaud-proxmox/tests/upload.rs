@@ -60,6 +60,7 @@ impl Parser {
             secret: Secret::new("not-checked-by-the-parser"),
         };
         let mut c = ProxmoxConfig::new(&format!("http://127.0.0.1:{}", self.port), auth).unwrap();
+        c.allow_http = true; // the test server on loopback
         c.task_poll = std::time::Duration::from_millis(20);
         ProxmoxProvider::new(c).unwrap()
     }
