@@ -612,7 +612,7 @@ fn local_to_proxmox_through_s3_pve_pulls_the_disks() {
         },
     )
     .unwrap()
-    .with_fingerprint(&var("VIRTRIGAUD_PVE_FINGERPRINT"));
+    .with_fingerprint(var("VIRTRIGAUD_PVE_FINGERPRINT"));
     cfg.node = Some(node.clone());
     let pve = ProxmoxProvider::new(cfg).unwrap();
     use virtrigaud::Provider;
