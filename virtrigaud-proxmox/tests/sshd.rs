@@ -454,3 +454,56 @@ async fn throughput_figures() {
     );
     std::fs::remove_file(&file).unwrap();
 }
+
+/// Agent authentication against the real sshd: OpenSSH's own `ssh-agent` holding the client key
+/// lets the node in with no key file configured; the same agent emptied gives `Auth`.
+#[tokio::test]
+async fn agent_authentication() {
+    let _turn = SERIAL.lock().await;
+    let Some(sshd) = sshd() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let agent = std::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("ssh-agent (openssh-client)");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Kill(agent);
+    let t = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t.elapsed().as_secs() < 10, "ssh-agent did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let add = |args: &[&str]| {
+        let o = std::process::Command::new("ssh-add")
+            .args(args)
+            .env("SSH_AUTH_SOCK", &sock)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    add(&[sshd.key.to_str().unwrap()]);
+    // SAFETY: the tests of this file run one at a time (SERIAL) and only the agent client
+    // reads this variable.
+    unsafe { std::env::set_var("SSH_AUTH_SOCK", &sock) };
+    let mut cfg = sshd.config();
+    cfg.key_file = None;
+    cfg.use_agent = true;
+    let node = SshNode::connect(&cfg, &sshd.host).await.unwrap();
+    assert_eq!(node.run("echo agent").await.unwrap(), b"agent\n");
+    drop(node);
+    add(&["-D"]);
+    let e = SshNode::connect(&cfg, &sshd.host).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Auth, "{e}");
+    // SAFETY: as above.
+    unsafe { std::env::remove_var("SSH_AUTH_SOCK") };
+}
