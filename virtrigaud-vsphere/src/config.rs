@@ -110,6 +110,11 @@ pub struct VsphereConfig {
     pub export_mode: ExportMode,
     /// Ranged `/folder` reads in flight per disk (ESXi throttles above ~4 per host).
     pub folder_concurrency: usize,
+    /// On a VM with changed-block tracking on, ask `QueryChangedDiskAreas` (change id `*`)
+    /// which areas of a disk hold data, so the unallocated space of a thin disk is neither read
+    /// nor sent. Default on; when the call fails, zero detection does the work (a warning says
+    /// so).
+    pub changed_block_map: bool,
     /// Size of one ranged `/folder` read.
     pub read_size: usize,
     /// Longest wait for one task.
@@ -165,6 +170,7 @@ impl VsphereConfig {
             import_mode: ImportMode::default(),
             export_mode: ExportMode::default(),
             folder_concurrency: 4,
+            changed_block_map: true,
             read_size: 4 << 20,
             task_timeout: Duration::from_secs(3600),
             lease_progress_interval: Duration::from_secs(30),

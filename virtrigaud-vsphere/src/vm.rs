@@ -3,7 +3,7 @@
 use crate::client::MoRef;
 use crate::xml::Node;
 use virtrigaud_core::format::{DiskFormat, VmdkSubformat};
-use virtrigaud_core::{DiskBus, DiskInfo, NicInfo, PowerState};
+use virtrigaud_core::{DiskBus, DiskInfo, Error, NicInfo, PowerState, Result};
 
 /// The VM properties [`describe`](crate::VsphereProvider) reads.
 pub const VM_PATHS: &[&str] = &[
@@ -293,6 +293,61 @@ pub fn snapshots(info: &Node) -> Vec<SnapshotNode> {
     out
 }
 
+/// One answer of `QueryChangedDiskAreas` (a `DiskChangeInfo`): the span of the disk it covers
+/// and the areas inside that span that hold data (change id `*`) or changed since a change id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskChangeInfo {
+    /// First byte of the span covered.
+    pub start_offset: u64,
+    /// Length of the span covered.
+    pub length: u64,
+    /// The areas, in bytes, each inside the span.
+    pub areas: Vec<std::ops::Range<u64>>,
+}
+
+/// Reads a `QueryChangedDiskAreasResponse`; areas outside the span they come with are
+/// `Corrupt`.
+pub fn parse_disk_change_info(response: &Node) -> Result<DiskChangeInfo> {
+    let rv = response
+        .child("returnval")
+        .ok_or_else(|| Error::corrupt("QueryChangedDiskAreas: no returnval"))?;
+    let num = |n: &Node, path: &[&str]| -> Result<u64> {
+        n.parse_at::<u64>(path).ok_or_else(|| {
+            Error::corrupt(format!(
+                "QueryChangedDiskAreas: missing or bad {}",
+                path.join(".")
+            ))
+        })
+    };
+    let start_offset = num(rv, &["startOffset"])?;
+    let length = num(rv, &["length"])?;
+    let span_end = start_offset
+        .checked_add(length)
+        .ok_or_else(|| Error::corrupt("QueryChangedDiskAreas: span overflows"))?;
+    let mut areas = Vec::new();
+    for a in rv.children_named("changedArea") {
+        let s = num(a, &["start"])?;
+        let l = num(a, &["length"])?;
+        let e = s
+            .checked_add(l)
+            .filter(|e| s >= start_offset && *e <= span_end)
+            .ok_or_else(|| {
+                Error::corrupt(format!(
+                    "QueryChangedDiskAreas: area {s}+{l} outside the span \
+                     {start_offset}+{length}"
+                ))
+            })?;
+        if l > 0 {
+            areas.push(s..e);
+        }
+    }
+    Ok(DiskChangeInfo {
+        start_offset,
+        length,
+        areas,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,5 +392,41 @@ mod tests {
         assert_eq!(hw.nics[0].network_name.as_deref(), Some("VM Network"));
         assert_eq!(hw.nics[0].info(None).model.as_deref(), Some("vmxnet3"));
         assert_eq!(hw.nics[1].portgroup_key.as_deref(), Some("dvportgroup-13"));
+    }
+}
+
+#[cfg(test)]
+mod change_info_tests {
+    use super::*;
+
+    /// A `QueryChangedDiskAreasResponse` shaped as the vSphere WSDL has it (vim25
+    /// `DiskChangeInfo`: `startOffset`, `length`, `changedArea[]` of `start` + `length`).
+    const RESPONSE: &str = r#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"
+      xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body>
+      <QueryChangedDiskAreasResponse xmlns="urn:vim25"><returnval>
+        <startOffset>0</startOffset><length>1073741824</length>
+        <changedArea><start>0</start><length>65536</length></changedArea>
+        <changedArea><start>1048576</start><length>2097152</length></changedArea>
+      </returnval></QueryChangedDiskAreasResponse></soapenv:Body></soapenv:Envelope>"#;
+
+    fn response(xml: &str) -> Node {
+        let env = crate::xml::parse(xml.as_bytes()).unwrap();
+        env.path(&["Body"]).unwrap().children[0].clone()
+    }
+
+    #[test]
+    fn disk_change_info_parses_and_checks_its_span() {
+        let info = parse_disk_change_info(&response(RESPONSE)).unwrap();
+        assert_eq!(info.start_offset, 0);
+        assert_eq!(info.length, 1 << 30);
+        assert_eq!(info.areas, vec![0..65536, 1048576..3145728]);
+
+        let outside = RESPONSE.replace("<start>1048576</start>", "<start>1073741000</start>");
+        let e = parse_disk_change_info(&response(&outside)).unwrap_err();
+        assert_eq!(e.kind(), virtrigaud_core::ErrorKind::Corrupt, "{e}");
+        let bad = RESPONSE.replace("<length>65536</length>", "<length>x</length>");
+        assert!(parse_disk_change_info(&response(&bad)).is_err());
+        let empty = r#"<Envelope><Body><QueryChangedDiskAreasResponse/></Body></Envelope>"#;
+        assert!(parse_disk_change_info(&response(empty)).is_err());
     }
 }

@@ -369,6 +369,32 @@ async fn disks_vm_export_import_and_snapshot() {
     let err = p.create_vm(&spec).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
 
+    // Changed-block tracking on. The simulator records the flag but has no
+    // QueryChangedDiskAreas (it answers MethodNotFound): this proves the request is made and
+    // that the export falls back to zero detection with the same content. The map itself is
+    // checked against the WSDL shapes in the unit tests; no real ESXi proves it here.
+    let r = p.find_vm(&vm).await.unwrap();
+    p.client()
+        .run_task(
+            "ReconfigVM_Task",
+            &format!(
+                "{}<spec><changeTrackingEnabled>true</changeTrackingEnabled></spec>",
+                r.this()
+            ),
+        )
+        .await
+        .unwrap();
+    let cbt = p
+        .client()
+        .properties(&r, &["config.changeTrackingEnabled"])
+        .await
+        .unwrap();
+    assert_eq!(cbt.text("config.changeTrackingEnabled"), Some("true"));
+    let key: i32 = info.disks[0].id.parse().unwrap();
+    let err = p.allocated_areas(&r, None, key, 8 * MIB).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("QueryChangedDiskAreas"), "{err}");
+
     // Export both disks to a file store, import them back under new names: same content.
     let store = tempfile::tempdir().unwrap();
     let storage = FsBackend::new(store.path());
