@@ -45,6 +45,30 @@ fn peers() -> Option<(String, VsphereConfig)> {
     }
 }
 
+/// The VM `name` as pyVmomi (VMware's Python client, installed by `vcsim.sh install`) reads it:
+/// `scripts/peers/vcsim/pyvmomi_devices.py`'s JSON.
+fn pyvmomi(name: &str) -> Option<serde_json::Value> {
+    let Some(cmd) = var("VIRTRIGAUD_PYVMOMI") else {
+        if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
+            panic!("VIRTRIGAUD_PYVMOMI is not set but VIRTRIGAUD_IT=1: run vcsim.sh install");
+        }
+        eprintln!("SKIP: the pyVmomi check (VIRTRIGAUD_PYVMOMI is not set)");
+        return None;
+    };
+    let mut parts = cmd.split_whitespace();
+    let out = Command::new(parts.next().unwrap())
+        .args(parts)
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pyVmomi: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
 fn unique(tag: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
@@ -175,7 +199,9 @@ async fn libvirt_to_vsphere_through_the_runner() {
     };
     let xml = format!(
         "<domain type='qemu'><name>{src_vm}</name><memory unit='MiB'>64</memory><vcpu>2</vcpu>\
-         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{}{}</devices></domain>",
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{}{}\
+         <interface type='network'><mac address='52:54:00:5a:1e:07'/>\
+         <source network='default'/><model type='virtio'/></interface></devices></domain>",
         disk(&q, "qcow2", "vda"),
         disk(&raw, "raw", "vdb")
     );
@@ -215,6 +241,40 @@ async fn libvirt_to_vsphere_through_the_runner() {
             .await
             .unwrap();
         assert_eq!(a, b, "{} vs {}", s.id, t.id);
+    }
+    // The devices as VMware's own client (pyVmomi) reads them, against the spec.
+    if let Some(v) = pyvmomi(&dst_vm) {
+        assert_eq!(v["cpus"], 2, "{v}");
+        assert_eq!(v["memory_mb"], 64, "{v}");
+        assert_eq!(v["firmware"], "bios", "{v}");
+        // The source names no OS: the documented fallback of the guest id map.
+        assert_eq!(v["guest_id"], "otherGuest64", "{v}");
+        let marker = report.state.marker();
+        assert!(
+            v["annotation"].as_str().unwrap_or("").contains(&marker),
+            "{v}"
+        );
+        let disks = v["disks"].as_array().unwrap();
+        assert_eq!(disks.len(), 2, "{v}");
+        for (d, (want_cap, unit)) in disks.iter().zip([(48 * MIB, 0), (64 * MIB, 1)]) {
+            assert_eq!(d["controller"], "ParaVirtualSCSIController", "{v}");
+            assert_eq!(d["bus_number"], 0, "{v}");
+            assert_eq!(d["unit"], unit, "{v}");
+            assert_eq!(d["capacity"], want_cap, "{v}");
+            assert!(
+                d["file"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("[LocalDS_0] {dst_vm}/")),
+                "{v}"
+            );
+        }
+        let nics = v["nics"].as_array().unwrap();
+        assert_eq!(nics.len(), 1, "{v}");
+        assert_eq!(nics[0]["type"], "VirtualVmxnet3", "{v}");
+        assert_eq!(nics[0]["mac"], "52:54:00:5a:1e:07", "{v}");
+        assert_eq!(nics[0]["address_type"], "manual", "{v}");
+        assert_eq!(nics[0]["network"], "VM Network", "{v}");
     }
     // Rerun: the checkpoint says everything is done, nothing moves, the VM stays.
     let again = Migration::new(source.clone(), target.clone(), storage.clone(), plan)
