@@ -63,6 +63,8 @@ start)
   {"vmid": 104, "name": "vrg-snap", "status": "stopped",
    "config": {"cores": 1, "memory": "512", "scsi0": "local-lvm:vm-104-disk-0,size=1G"}},
   {"vmid": 105, "name": "vrg-ha", "status": "stopped", "ha_state": "stopped",
+   "config": {"cores": 1, "memory": "512"}},
+  {"vmid": 106, "name": "vrg-noacpi", "status": "stopped", "acpi": false,
    "config": {"cores": 1, "memory": "512"}}
 ]
 JSON

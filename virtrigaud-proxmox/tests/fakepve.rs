@@ -250,6 +250,45 @@ async fn power_operations() {
     );
 }
 
+/// A guest that ignores ACPI (fakepve's `acpi: false`): a shutdown without `force` fails with
+/// `Timeout` naming the seconds waited and leaves the VM running; with `force` PVE stops it at
+/// the timeout (a task warning, not an error).
+#[tokio::test]
+async fn shutdown_that_the_guest_ignores() {
+    let Some(pve) = pve() else { return };
+    let p = pve.provider();
+    p.power("vrg-noacpi", PowerOp::On).await.unwrap();
+    let e = p
+        .power(
+            "vrg-noacpi",
+            PowerOp::Shutdown {
+                timeout: Duration::from_secs(3),
+                force: false,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("within 3 s"), "{e}");
+    assert_eq!(
+        p.describe_vm("vrg-noacpi").await.unwrap().state,
+        PowerState::Running
+    );
+    p.power(
+        "vrg-noacpi",
+        PowerOp::Shutdown {
+            timeout: Duration::from_secs(3),
+            force: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        p.describe_vm("vrg-noacpi").await.unwrap().state,
+        PowerState::Stopped
+    );
+}
+
 /// An HA-managed VM: PVE turns start/stop into HA requests (`hastart`/`hastop` tasks); the
 /// provider goes through them, not around them, and waits for the resulting state.
 #[tokio::test]

@@ -36,7 +36,7 @@ async def main(spec_path):
     for g in spec.get('guests', []):
         vm = pve.add_vm(g['vmid'], g['name'], node=g.get('node', 'pve1'), status=g.get('status', 'stopped'),
                         config=g.get('config', {}), lock=g.get('lock'))
-        for key in ('shutdown_secs', 'start_error', 'ha_state'):
+        for key in ('shutdown_secs', 'start_error', 'ha_state', 'acpi'):
             if key in g:
                 setattr(vm, key, g[key])
     await pve.start(spec['cert'], spec['key'])
