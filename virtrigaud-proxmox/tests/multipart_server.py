@@ -13,6 +13,13 @@ Per upload it writes OUTDIR/<filename> (the file part) and OUTDIR/<filename>.jso
 {"fields": [names in order], "values": {name: value}, "content_length": int or null,
  "chunked": bool, "body_len": int, "file_size": int, "sha256": hex, "checksum_ok": bool or null}
 
+A VM create (`POST .../qemu`) whose drives carry `import-from=STORAGE:import/FILE` is
+forwarded; when UPSTREAM accepts it, this server does what PVE's import would (fakepve allocates
+the volume but writes nothing): it reads the new VM's config from UPSTREAM and converts
+OUTDIR/FILE with `qemu-img convert` into the file the `pvesm` stand-in serves for that volume
+(`ROOT/images/NAME` for `local:`, `ROOT/STORAGE/NAME` otherwise, ROOT being OUTDIR/../..; raw
+unless the volume name says qcow2), so the imported VM can be exported again over SSH.
+
 A `download-url` POST is first forwarded to UPSTREAM (which checks its parameters against PVE's
 schema and runs a task, but fetches nothing); when UPSTREAM accepts it, this server does what
 PVE would: it fetches the URL with no credentials of its own, checks the SHA-256 it was given,
@@ -28,6 +35,7 @@ import json
 import os
 import re
 import ssl
+import subprocess
 import sys
 import urllib.error
 import urllib.parse
@@ -175,9 +183,58 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(upstream)
 
+    def upstream(self, method, path, body=None):
+        """One request to UPSTREAM with this request's credentials: (status, raw body)."""
+        req = urllib.request.Request(UPSTREAM + path, data=body, method=method)
+        for k in ('Authorization', 'Cookie', 'CSRFPreventionToken', 'Content-Type'):
+            if self.headers.get(k) and (body is not None or k != 'Content-Type'):
+                req.add_header(k, self.headers[k])
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # a test fake on loopback behind this test server
+        try:
+            with urllib.request.urlopen(req, context=ctx) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def create_vm(self):
+        """Forward a VM create, then import its `import-from` drives as PVE would."""
+        length = int(self.headers.get('Content-Length') or 0)
+        raw = self.rfile.read(length)
+        form = dict(urllib.parse.parse_qsl(raw.decode()))
+        status, answer = self.upstream('POST', self.path, raw)
+        if status == 200:
+            imports = {}
+            for key, value in form.items():
+                m = re.search(r'(?:^|,)import-from=[\w-]+:import/([\w.-]+)', value)
+                if re.fullmatch(r'(scsi|virtio|sata|ide)\d+', key) and m:
+                    imports[key] = m.group(1)
+            # Only where OUTDIR is the stand-in's ROOT/images/import (never outside ROOT).
+            if imports and os.path.abspath(OUT).endswith(os.path.join('images', 'import')):
+                st, conf = self.upstream('GET', '/api2/json/nodes/pve1/qemu/{0}/config'.format(form['vmid']))
+                conf = json.loads(conf)['data'] if st == 200 else {}
+                root = os.path.dirname(os.path.dirname(os.path.abspath(OUT)))
+                for key, filename in imports.items():
+                    volid = conf.get(key, '').split(',')[0]
+                    store, _, name = volid.partition(':')
+                    if not name or '..' in name:
+                        continue
+                    dest = os.path.join(root, 'images', name) if store == 'local' else os.path.join(root, store, name)
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    fmt = 'qcow2' if name.endswith('.qcow2') else 'raw'
+                    subprocess.run(['qemu-img', 'convert', '-O', fmt, os.path.join(OUT, filename), dest], check=True)
+        self.send_response(status)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
     def do_POST(self):
         if re.fullmatch(r'/api2/json/nodes/pve1/storage/[\w-]+/download-url', self.path):
             return self.pull()
+        if UPSTREAM and re.fullmatch(r'/api2/json/nodes/pve1/qemu', self.path):
+            return self.create_vm()
         if not re.fullmatch(r'/api2/json/nodes/pve1/storage/[\w-]+/upload', self.path):
             if not self.forward():
                 self.answer(501, None, 'Method not implemented')
