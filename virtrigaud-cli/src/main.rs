@@ -231,7 +231,8 @@ struct MigrateArgs {
     /// On failure, remove what the migration created and restore the source.
     #[arg(long)]
     rollback: bool,
-    /// Delete the staged objects after success.
+    /// Delete the staged objects after success. With Ctrl-C, leave nothing behind instead of
+    /// keeping what a rerun needs: target disks removed, staged objects and checkpoint deleted.
     #[arg(long)]
     cleanup: bool,
     /// Replace a target VM of the same name that this migration did not create.

@@ -255,10 +255,8 @@ impl Migration {
             };
             let mut run: Option<Run<'_>> = None;
             let result = self.run_inner(&mut run).await;
-            if let Err(e) = held.release().await {
-                warn!(error = %e, "cannot release the migration lease");
-            }
-            match result {
+            // Rollback and cleanup after a failure run under the lease; it is released last.
+            let out = match result {
                 Ok(report) => {
                     self.emit(MigrationEvent::Finished {
                         report: Box::new(report.clone()),
@@ -267,6 +265,18 @@ impl Migration {
                 }
                 Err(e) => {
                     let mut rolled_back = false;
+                    if e.kind() == ErrorKind::Cancelled
+                        && self.plan.cleanup.delete_staged
+                        && let Some(run) = &run
+                    {
+                        match run.abandon().await {
+                            Ok(()) => rolled_back = true,
+                            Err(ce) => {
+                                warn!(error = %ce, "cleanup after the cancel failed");
+                                run.warn(None, format!("cleanup after the cancel failed: {ce}"));
+                            }
+                        }
+                    }
                     if e.kind() != ErrorKind::Cancelled
                         && self.plan.on_failure == OnFailure::Rollback
                         && let Some(run) = &run
@@ -287,7 +297,11 @@ impl Migration {
                     });
                     Err(e)
                 }
+            };
+            if let Err(e) = held.release().await {
+                warn!(error = %e, "cannot release the migration lease");
             }
+            out
         }
         .instrument(span)
         .await
@@ -1275,12 +1289,7 @@ impl Run<'_> {
             self.update(|s| s.snapshot = None).await?;
         }
         if m.plan.cleanup.delete_staged {
-            for d in &st.disks {
-                for r in &d.exports {
-                    m.storage.delete(&manifest_key(&r.key)).await?;
-                    m.storage.delete(&r.key).await?;
-                }
-            }
+            self.delete_staged(&st).await?;
         }
         self.update(|s| {
             s.cleaned_up = true;
@@ -1290,6 +1299,35 @@ impl Run<'_> {
         .await?;
         self.phase_done(Phase::Cleanup, None, false);
         Ok(())
+    }
+
+    /// Deletes every staged object of `st` and its manifest (a key never written is fine).
+    async fn delete_staged(&self, st: &MigrationState) -> Result<()> {
+        for d in &st.disks {
+            for r in &d.exports {
+                for key in [manifest_key(&r.key), r.key.clone()] {
+                    match self.m.storage.delete(&key).await {
+                        Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A cancelled migration whose plan asks for cleanup leaves nothing behind: what it created
+    /// on the target is removed and the source restored ([`Run::rollback`]), then its staged
+    /// objects and its checkpoint are deleted, so the same command starts afresh.
+    async fn abandon(&self) -> Result<()> {
+        let r = self.rollback().await;
+        let st = self.snapshot().await;
+        self.delete_staged(&st).await?;
+        match self.m.storage.delete(&self.cp.key).await {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        r
     }
 
     /// Removes what this migration created on the target and restores the source. Every

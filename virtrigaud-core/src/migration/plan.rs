@@ -49,7 +49,10 @@ pub enum OnFailure {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct CleanupPolicy {
-    /// Delete the staged objects and manifests.
+    /// Delete the staged objects and manifests after success. A cancelled migration with this
+    /// set leaves nothing behind: what it created on the target is removed, the source is
+    /// restored, and its staged objects and checkpoint are deleted (a rerun starts afresh).
+    /// Without it, a cancel keeps everything a rerun needs to resume.
     pub delete_staged: bool,
     /// Delete the snapshot taken for the export.
     pub delete_snapshot: bool,
