@@ -42,6 +42,10 @@ struct Cli {
     /// Read the provider password or token secret from this file.
     #[arg(long, global = true, value_name = "FILE")]
     password_file: Option<PathBuf>,
+    /// Cap the bandwidth of the whole process, shared by every transfer in it (all disks and
+    /// all VMs of a plan): bytes per second with an optional unit, e.g. 50MiB/s, 20M, 1.5GB/s.
+    #[arg(long, global = true, value_name = "RATE", env = "VIRTRIGAUD_LIMIT")]
+    limit: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -312,10 +316,14 @@ fn bus(s: &str) -> Result<DiskBus> {
     })
 }
 
+/// The process-wide bandwidth cap of `--limit`, set once at start.
+static LIMIT: std::sync::OnceLock<virtrigaud::Bandwidth> = std::sync::OnceLock::new();
+
 fn pipeline(json: bool, cancel: &CancellationToken) -> PipelineOptions {
     PipelineOptions {
         cancel: cancel.clone(),
         progress_interval: std::time::Duration::from_millis(if json { 1000 } else { 200 }),
+        bandwidth: LIMIT.get().cloned().into_iter().collect(),
         ..Default::default()
     }
 }
@@ -333,6 +341,9 @@ fn print_result(json: bool, v: serde_json::Value, text: String) {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Some(rate) = &cli.limit {
+        let _ = LIMIT.set(virtrigaud::Bandwidth::parse(rate)?);
+    }
     let secrets = Secrets {
         password_file: cli.password_file.clone(),
     };

@@ -875,3 +875,31 @@ fn dry_run_finds_a_wrong_password_and_writes_nothing() {
     let left: Vec<_> = std::fs::read_dir(&store).unwrap().collect();
     assert!(left.is_empty(), "dry run wrote {left:?}");
 }
+
+/// `--limit`: a bad rate is a usage error (exit 3) naming the forms it takes; 64 MiB of data
+/// exported under 32 MiB/s takes at least about two seconds (a lower bound only: a slow machine
+/// cannot make it fail), where the same export without a cap takes a fraction of that.
+#[test]
+fn the_limit_flag_caps_the_transfer() {
+    let t = tempfile::tempdir().unwrap();
+    let image = t.path().join("d.raw");
+    std::fs::write(&image, pattern(64 << 20, 3)).unwrap();
+    let store = format!("file://{}", t.path().join("store").display());
+    let image = image.to_str().unwrap();
+    let o = run(&["--limit", "0", "export", image, &store, "a.raw"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("50MiB/s"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = run(&["--limit", "fast", "export", image, &store, "a.raw"]);
+    assert_eq!(o.status.code(), Some(3));
+    let t0 = std::time::Instant::now();
+    ok(&["--limit", "32MiB/s", "export", image, &store, "b.raw"]);
+    let capped = t0.elapsed();
+    assert!(
+        capped >= std::time::Duration::from_millis(1800),
+        "64 MiB under 32 MiB/s took {capped:?}"
+    );
+}

@@ -13,6 +13,7 @@ pub mod error;
 pub mod extent;
 pub mod format;
 pub mod io;
+pub mod limit;
 pub mod local;
 pub mod manifest;
 pub mod migration;
@@ -29,6 +30,7 @@ pub use error::{Error, ErrorContext, ErrorKind, Result, ResultExt};
 pub use extent::{AllocationBuilder, AllocationMap, DiskContent, Extent, ExtentStream, Replay};
 pub use format::DiskFormat;
 pub use io::{ByteSink, ByteStream, ImageSource, ReadAt};
+pub use limit::Bandwidth;
 pub use local::LocalProvider;
 pub use manifest::Manifest;
 pub use migration::{

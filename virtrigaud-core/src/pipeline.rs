@@ -41,6 +41,10 @@ pub struct PipelineOptions {
     pub progress_interval: Duration,
     /// Cancels the transfer; the sink is aborted.
     pub cancel: CancellationToken,
+    /// Bandwidth caps this transfer waits for (each of them), on the data bytes it reads
+    /// from its source; clones shared with other transfers share the cap (see
+    /// [`crate::limit`]). Empty: no cap.
+    pub bandwidth: Vec<crate::limit::Bandwidth>,
 }
 
 impl std::fmt::Debug for PipelineOptions {
@@ -66,6 +70,7 @@ impl Default for PipelineOptions {
             progress: None,
             progress_interval: Duration::from_millis(250),
             cancel: CancellationToken::new(),
+            bandwidth: Vec::new(),
         }
     }
 }
@@ -233,6 +238,13 @@ async fn run_inner(
             let e = item?;
             if e.is_data() {
                 read += e.len();
+                if !opts.bandwidth.is_empty() {
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return Err(Error::cancelled()),
+                        _ = crate::limit::consume_all(&opts.bandwidth, e.len()) => {}
+                    }
+                }
             }
             reporter.advance(e.end(), if e.is_data() { e.len() } else { 0 });
             for piece in zero_detect(e, opts.zero_block) {

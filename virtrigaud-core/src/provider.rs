@@ -299,6 +299,10 @@ pub struct StagedObject<'a> {
     /// A presigned GET of the object, when the store can make one and the caller lets the
     /// target fetch it itself ([`Capabilities::pull_from_url`]).
     pub url: Option<&'a str>,
+    /// Bandwidth caps for sending the object (the transfer's
+    /// [`PipelineOptions::bandwidth`](crate::pipeline::PipelineOptions::bandwidth)); a target
+    /// that streams it applies them ([`crate::limit::limit_stream`]).
+    pub bandwidth: &'a [crate::limit::Bandwidth],
 }
 
 impl std::fmt::Debug for StagedObject<'_> {

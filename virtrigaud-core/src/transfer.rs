@@ -575,7 +575,7 @@ pub async fn verify_object(
     let stream = storage.get(key, None).await?;
     let (source, verifier, _) = verified_source(stream, &manifest, CancellationToken::new());
     let (_, content) = format::decode(source, Some(manifest.format), &opts.decode).await?;
-    let digest = content_digest_of(content, &opts.pipeline).await?;
+    let digest = content_digest_of(content, &opts.pipeline, key).await?;
     verifier.await.map_err(join_err)??;
     if digest != manifest.content_digest.value {
         return Err(Error::new(
@@ -604,25 +604,47 @@ pub async fn digest_disk(
 /// Computes the content digest of an opened disk (see [`digest_disk`]).
 pub async fn digest_opened_disk(opened: OpenedDisk, opts: &ImportOptions) -> Result<String> {
     let (_, content) = format::decode(opened.source, opened.info.format, &opts.decode).await?;
-    content_digest_of(content, &opts.pipeline).await
+    content_digest_of(content, &opts.pipeline, &opened.info.id).await
 }
 
 /// The content digest of decoded content, zero-detected like the pipeline does it.
+/// Reads count against the transfer's bandwidth caps and are reported as `Verify` progress.
 async fn content_digest_of(
     content: crate::extent::DiskContent,
     opts: &PipelineOptions,
+    label: &str,
 ) -> Result<String> {
+    let data_total = content.allocation.as_ref().map(|a| a.allocated_bytes());
+    let mut reporter = crate::progress::Reporter::new(
+        opts.progress.clone(),
+        opts.progress_interval,
+        crate::progress::Phase::Verify,
+        label.to_string(),
+        content.virtual_size,
+        data_total,
+    );
     let mut digester = crate::digest::ContentDigester::new(content.virtual_size, opts.parallelism);
     let mut ex = content.extents;
     while let Some(e) = ex.next().await {
         if opts.cancel.is_cancelled() {
             return Err(Error::cancelled());
         }
-        for piece in crate::extent::zero_detect(e?, opts.zero_block) {
+        let e = e?;
+        if e.is_data() && !opts.bandwidth.is_empty() {
+            tokio::select! {
+                biased;
+                _ = opts.cancel.cancelled() => return Err(Error::cancelled()),
+                _ = crate::limit::consume_all(&opts.bandwidth, e.len()) => {}
+            }
+        }
+        reporter.advance(e.end(), if e.is_data() { e.len() } else { 0 });
+        for piece in crate::extent::zero_detect(e, opts.zero_block) {
             digester.update(&piece).await?;
         }
     }
-    digester.finish().await
+    let d = digester.finish().await?;
+    reporter.finish();
+    Ok(d)
 }
 
 /// A stored object's byte stream wrapped by [`verify_stream`] on its own task: the image

@@ -217,7 +217,7 @@ impl ProxmoxProvider {
         spec: &DiskCreateSpec,
     ) -> Result<String> {
         let manifest = read_manifest(storage, key).await?;
-        self.upload_staged(storage, key, &manifest, spec).await
+        self.upload_staged(storage, key, &manifest, spec, &[]).await
     }
 
     async fn upload_staged(
@@ -226,11 +226,13 @@ impl ProxmoxProvider {
         key: &str,
         manifest: &Manifest,
         spec: &DiskCreateSpec,
+        bandwidth: &[virtrigaud_core::Bandwidth],
     ) -> Result<String> {
         let ext = importable_ext(manifest.format)?;
         let sha = manifest_sha256(manifest)?;
         let (node, st, filename, volid) = self.prepare_stage(spec, ext).await?;
-        let body = storage.get(key, None).await?;
+        let body =
+            virtrigaud_core::limit::limit_stream(storage.get(key, None).await?, bandwidth.to_vec());
         info!(key, volid = %volid, size = manifest.stored_size, "uploading staged object to Proxmox");
         let upid = self
             .client
@@ -1096,8 +1098,14 @@ impl Provider for ProxmoxProvider {
         let location = match staged.url {
             Some(url) => self.pull_object(url, staged.manifest, spec).await?,
             None => {
-                self.upload_staged(staged.storage, staged.key, staged.manifest, spec)
-                    .await?
+                self.upload_staged(
+                    staged.storage,
+                    staged.key,
+                    staged.manifest,
+                    spec,
+                    staged.bandwidth,
+                )
+                .await?
             }
         };
         Ok(Some(location))

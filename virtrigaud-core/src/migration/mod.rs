@@ -1075,6 +1075,7 @@ impl Run<'_> {
             key,
             manifest: &manifest,
             url: url.as_deref(),
+            bandwidth: &m.pipeline.bandwidth,
         };
         info!(
             key,
