@@ -89,6 +89,51 @@ pub struct S3Config {
     pub idle_timeout: Duration,
     /// Timeout of establishing a connection.
     pub connect_timeout: Duration,
+    /// Server-side encryption of what is written (and, for SSE-C, the key every request needs).
+    pub sse: Option<ServerSideEncryption>,
+    /// An unknown `VIRTRIGAUD_S3_SSE` seen by [`S3Config::with_env`], refused by `validate`.
+    sse_env_error: Option<String>,
+}
+
+/// Server-side encryption of the objects a backend writes.
+///
+/// The headers go on every request that needs them: PutObject and CreateMultipartUpload for
+/// all three; for SSE-C also every UploadPart, GetObject and HeadObject (our own requests and
+/// opendal's). A presigned GET cannot carry an SSE-C key (the target would have to send it), so
+/// with SSE-C [`presign_get`](virtrigaud_core::StorageBackend::presign_get) answers
+/// `Unsupported` and a migration uploads the staged disk instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerSideEncryption {
+    /// SSE-S3 (`x-amz-server-side-encryption: AES256`): keys held by the server.
+    S3,
+    /// SSE-KMS (`aws:kms`) with this key id, or the account's default KMS key when `None`.
+    Kms {
+        /// KMS key id or ARN.
+        key_id: Option<String>,
+    },
+    /// SSE-C: the customer's 256-bit key, base64-encoded (as `openssl rand -base64 32`
+    /// prints it), sent with its MD5 on every request; the server keeps neither.
+    CustomerKey(Secret),
+}
+
+impl ServerSideEncryption {
+    /// The raw 32-byte key of SSE-C (checked), `None` for the others.
+    pub(crate) fn customer_key(&self) -> Result<Option<Vec<u8>>> {
+        let ServerSideEncryption::CustomerKey(k) = self else {
+            return Ok(None);
+        };
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(k.expose().trim())
+            .map_err(|_| Error::invalid("the SSE-C key is not valid base64"))?;
+        if raw.len() != 32 {
+            return Err(Error::invalid(format!(
+                "the SSE-C key must be 32 bytes (256 bits), not {}",
+                raw.len()
+            )));
+        }
+        Ok(Some(raw))
+    }
 }
 
 impl S3Config {
@@ -115,12 +160,22 @@ impl S3Config {
             request_timeout: Duration::from_secs(900),
             idle_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            sse: None,
+            sse_env_error: None,
         }
+    }
+
+    /// Sets the server-side encryption of what is written.
+    pub fn with_sse(mut self, sse: ServerSideEncryption) -> S3Config {
+        self.sse = Some(sse);
+        self
     }
 
     /// A configuration for `bucket`/`prefix` completed from the standard environment variables:
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` (or
-    /// `AWS_DEFAULT_REGION`), `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`).
+    /// `AWS_DEFAULT_REGION`), `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`); server-side
+    /// encryption from `VIRTRIGAUD_S3_SSE_C_KEY` (an SSE-C key, base64), or
+    /// `VIRTRIGAUD_S3_SSE` = `AES256` or `aws:kms` (with `VIRTRIGAUD_S3_SSE_KMS_KEY_ID`).
     pub fn from_env(bucket: impl Into<String>, prefix: impl Into<String>) -> S3Config {
         S3Config::new(bucket)
             .with_prefix(prefix)
@@ -147,6 +202,24 @@ impl S3Config {
             && let Some(e) = get("AWS_ENDPOINT_URL_S3").or_else(|| get("AWS_ENDPOINT_URL"))
         {
             self = self.with_endpoint(e);
+        }
+        if self.sse.is_none() {
+            self.sse = if let Some(k) = get("VIRTRIGAUD_S3_SSE_C_KEY") {
+                Some(ServerSideEncryption::CustomerKey(Secret::new(k)))
+            } else {
+                match get("VIRTRIGAUD_S3_SSE").as_deref() {
+                    Some("AES256") => Some(ServerSideEncryption::S3),
+                    Some("aws:kms") => Some(ServerSideEncryption::Kms {
+                        key_id: get("VIRTRIGAUD_S3_SSE_KMS_KEY_ID"),
+                    }),
+                    // Anything else is refused by `validate`, never silently ignored.
+                    Some(other) => {
+                        self.sse_env_error = Some(other.to_string());
+                        None
+                    }
+                    None => None,
+                }
+            };
         }
         self
     }
@@ -216,6 +289,15 @@ impl S3Config {
         }
         if !self.prefix.is_empty() {
             virtrigaud_core::storage::validate_key(&self.prefix)?;
+        }
+        if let Some(mode) = &self.sse_env_error {
+            return Err(Error::invalid(format!(
+                "VIRTRIGAUD_S3_SSE={mode:?}: use AES256 or aws:kms (or set \
+                 VIRTRIGAUD_S3_SSE_C_KEY for SSE-C)"
+            )));
+        }
+        if let Some(sse) = &self.sse {
+            sse.customer_key()?;
         }
         if let Some(p) = self.part_size
             && !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&p)
@@ -291,6 +373,45 @@ pub fn first_part_size(configured: Option<u64>) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sse_from_the_environment() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(a, _)| *a == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let c = S3Config::new("bkt").with_env(env(&[("VIRTRIGAUD_S3_SSE", "AES256")]));
+        assert_eq!(c.sse, Some(ServerSideEncryption::S3));
+        let c = S3Config::new("bkt").with_env(env(&[
+            ("VIRTRIGAUD_S3_SSE", "aws:kms"),
+            ("VIRTRIGAUD_S3_SSE_KMS_KEY_ID", "k1"),
+        ]));
+        assert_eq!(
+            c.sse,
+            Some(ServerSideEncryption::Kms {
+                key_id: Some("k1".into())
+            })
+        );
+        let c = S3Config::new("bkt").with_env(env(&[
+            ("VIRTRIGAUD_S3_SSE", "AES256"),
+            (
+                "VIRTRIGAUD_S3_SSE_C_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            ),
+        ]));
+        assert!(matches!(c.sse, Some(ServerSideEncryption::CustomerKey(_))));
+        assert!(!format!("{c:?}").contains("MDEy"), "{c:?}");
+        c.validate().unwrap();
+        let c = S3Config::new("bkt").with_env(env(&[("VIRTRIGAUD_S3_SSE", "aes")]));
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("AES256"), "{e}");
+        let c = S3Config::new("bkt").with_env(env(&[("VIRTRIGAUD_S3_SSE_C_KEY", "not base64!")]));
+        assert!(c.validate().is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -94,6 +94,83 @@ pub(crate) struct S3Core {
     client: reqwest::Client,
     signer: Option<Signer>,
     retry: RetryConfig,
+    sse: SseHeaders,
+}
+
+/// The server-side encryption headers of a configuration: those for requests that create an
+/// object (PutObject, CreateMultipartUpload) and those for every request on an object's data
+/// (SSE-C: UploadPart, ListParts, GetObject, HeadObject too). An SSE-C value holds the key:
+/// `Debug` prints only the header names.
+#[derive(Clone, Default)]
+pub(crate) struct SseHeaders {
+    create: Vec<(String, String)>,
+    every: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for SseHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseHeaders")
+            .field(
+                "create",
+                &self.create.iter().map(|h| &h.0).collect::<Vec<_>>(),
+            )
+            .field(
+                "every",
+                &self.every.iter().map(|h| &h.0).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl SseHeaders {
+    pub(crate) fn of(cfg: &S3Config) -> Result<SseHeaders> {
+        use crate::s3::config::ServerSideEncryption as Sse;
+        let h = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let mut out = SseHeaders::default();
+        match &cfg.sse {
+            None => {}
+            Some(Sse::S3) => out.create.push(h("x-amz-server-side-encryption", "AES256")),
+            Some(Sse::Kms { key_id }) => {
+                out.create
+                    .push(h("x-amz-server-side-encryption", "aws:kms"));
+                if let Some(id) = key_id {
+                    out.create
+                        .push(h("x-amz-server-side-encryption-aws-kms-key-id", id));
+                }
+            }
+            Some(sse @ Sse::CustomerKey(_)) => {
+                use base64::Engine;
+                use md5::{Digest, Md5};
+                let b64 = base64::engine::general_purpose::STANDARD;
+                let raw = sse.customer_key()?.unwrap_or_default();
+                out.every = vec![
+                    h("x-amz-server-side-encryption-customer-algorithm", "AES256"),
+                    h(
+                        "x-amz-server-side-encryption-customer-key",
+                        &b64.encode(&raw),
+                    ),
+                    h(
+                        "x-amz-server-side-encryption-customer-key-md5",
+                        &b64.encode(Md5::digest(&raw)),
+                    ),
+                ];
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds the headers of a request that creates an object.
+    fn on_create(&self, mut req: Request) -> Request {
+        req.headers.extend(self.create.iter().cloned());
+        req.headers.extend(self.every.iter().cloned());
+        req
+    }
+
+    /// Adds the headers of a request on an object's data.
+    fn on_data(&self, mut req: Request) -> Request {
+        req.headers.extend(self.every.iter().cloned());
+        req
+    }
 }
 
 /// The `host[:port]` and scheme of `cfg`'s endpoint (bucket not included).
@@ -179,6 +256,7 @@ impl S3Core {
             client,
             signer,
             retry: cfg.retry,
+            sse: SseHeaders::of(cfg)?,
         })
     }
 
@@ -284,7 +362,9 @@ impl S3Core {
         key: &str,
         content_type: Option<&str>,
     ) -> Result<String> {
-        let mut req = Request::new(Method::POST, Some(key)).query("uploads", "");
+        let mut req = self
+            .sse
+            .on_create(Request::new(Method::POST, Some(key)).query("uploads", ""));
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
@@ -310,10 +390,12 @@ impl S3Core {
         data: Bytes,
         sha256: String,
     ) -> Result<String> {
-        let req = Request::new(Method::PUT, Some(key))
-            .query("partNumber", number.to_string())
-            .query("uploadId", upload_id)
-            .body(data, Some(sha256));
+        let req = self.sse.on_data(
+            Request::new(Method::PUT, Some(key))
+                .query("partNumber", number.to_string())
+                .query("uploadId", upload_id)
+                .body(data, Some(sha256)),
+        );
         let resp = self.send("upload_part", &req).await?;
         match resp.headers.get("etag").and_then(|v| v.to_str().ok()) {
             Some(e) if !normalize_etag(e).is_empty() => Ok(normalize_etag(e)),
@@ -377,9 +459,11 @@ impl S3Core {
         let mut out = Vec::new();
         let mut marker: Option<String> = None;
         for _page in 0..100 {
-            let mut req = Request::new(Method::GET, Some(key))
-                .query("uploadId", upload_id)
-                .query("max-parts", "1000");
+            let mut req = self.sse.on_data(
+                Request::new(Method::GET, Some(key))
+                    .query("uploadId", upload_id)
+                    .query("max-parts", "1000"),
+            );
             if let Some(m) = &marker {
                 req = req.query("part-number-marker", m.clone());
             }
@@ -455,7 +539,9 @@ impl S3Core {
         if_none_match: bool,
     ) -> Result<()> {
         let sha = sha256_hex(&data);
-        let mut req = Request::new(Method::PUT, Some(key)).body(data, Some(sha));
+        let mut req = self
+            .sse
+            .on_create(Request::new(Method::PUT, Some(key)).body(data, Some(sha)));
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
@@ -467,7 +553,7 @@ impl S3Core {
 
     /// GetObject of a small object (at most 16 MiB); `None` when absent.
     pub(crate) async fn get_small_object(&self, key: &str) -> Result<Option<Bytes>> {
-        let req = Request::new(Method::GET, Some(key));
+        let req = self.sse.on_data(Request::new(Method::GET, Some(key)));
         match self.send("get_object", &req).await {
             Ok(r) => Ok(Some(r.body)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
@@ -475,9 +561,25 @@ impl S3Core {
         }
     }
 
+    /// HeadObject: the server-side encryption the server reports for `key`
+    /// (`x-amz-server-side-encryption`, or `SSE-C/<algorithm>`); `None` when it reports none.
+    pub(crate) async fn head_encryption(&self, key: &str) -> Result<Option<String>> {
+        let req = self.sse.on_data(Request::new(Method::HEAD, Some(key)));
+        let r = self.send("head_object", &req).await?;
+        let get = |h: &str| {
+            r.headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        Ok(get("x-amz-server-side-encryption").or_else(|| {
+            get("x-amz-server-side-encryption-customer-algorithm").map(|a| format!("SSE-C/{a}"))
+        }))
+    }
+
     /// HeadObject: size and ETag; `None` when absent.
     pub(crate) async fn head_object(&self, key: &str) -> Result<Option<(u64, Option<String>)>> {
-        let req = Request::new(Method::HEAD, Some(key));
+        let req = self.sse.on_data(Request::new(Method::HEAD, Some(key)));
         match self.send("head_object", &req).await {
             Ok(r) => {
                 let size = r
@@ -667,6 +769,91 @@ fn parse_xml<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The SSE headers of each mode, as the S3 API reference names them, go on the requests
+    /// that need them and are covered by the SigV4 signature (SSE-KMS cannot be proven against
+    /// SeaweedFS here: it answers 500 without a KMS configured). `Debug` never shows an SSE-C
+    /// key.
+    #[test]
+    fn sse_headers_are_sent_and_signed() {
+        use crate::s3::config::ServerSideEncryption as Sse;
+        let cfg = |sse| S3Config::new("bucket").with_sse(sse);
+        let kms = SseHeaders::of(&cfg(Sse::Kms {
+            key_id: Some("arn:aws:kms:eu-west-1:1:key/k".into()),
+        }))
+        .unwrap();
+        let req = kms.on_create(Request::new(Method::PUT, Some("k")));
+        let names: Vec<&str> = req.headers.iter().map(|h| h.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "x-amz-server-side-encryption",
+                "x-amz-server-side-encryption-aws-kms-key-id"
+            ]
+        );
+        assert_eq!(req.headers[0].1, "aws:kms");
+        // Not on a part upload or a read: SSE-KMS needs them only where the object is created.
+        assert!(
+            kms.on_data(Request::new(Method::GET, Some("k")))
+                .headers
+                .is_empty()
+        );
+        let mut headers = req.headers.clone();
+        let signer = crate::s3::sign::Signer {
+            access_key_id: "AK".into(),
+            secret_access_key: virtrigaud_core::Secret::new("SK"),
+            session_token: None,
+            region: "eu-west-1".into(),
+        };
+        signer.sign(
+            crate::s3::sign::SignTarget {
+                method: "PUT",
+                host: "h",
+                canonical_uri: "/bucket/k",
+                query: &[],
+            },
+            &mut headers,
+            "UNSIGNED-PAYLOAD",
+            std::time::SystemTime::UNIX_EPOCH,
+        );
+        let auth = headers
+            .iter()
+            .find(|h| h.0.eq_ignore_ascii_case("authorization"))
+            .unwrap();
+        assert!(
+            auth.1.contains(
+                "x-amz-server-side-encryption;x-amz-server-side-encryption-aws-kms-key-id"
+            ),
+            "{}",
+            auth.1
+        );
+
+        let s3 = SseHeaders::of(&cfg(Sse::S3)).unwrap();
+        assert_eq!(
+            s3.on_create(Request::new(Method::POST, Some("k"))).headers,
+            [(
+                "x-amz-server-side-encryption".to_string(),
+                "AES256".to_string()
+            )]
+        );
+        // SSE-C: on every data request, the key and its MD5, both base64 (the key is the 32
+        // bytes "0123456789abcdef0123456789abcdef").
+        let c = SseHeaders::of(&cfg(Sse::CustomerKey(virtrigaud_core::Secret::new(
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+        ))))
+        .unwrap();
+        let part = c.on_data(Request::new(Method::PUT, Some("k"))).headers;
+        assert_eq!(part.len(), 3);
+        assert_eq!(part[0].1, "AES256");
+        assert_eq!(part[1].1, "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=");
+        assert_eq!(part[2].1, {
+            use base64::Engine;
+            use md5::{Digest, Md5};
+            base64::engine::general_purpose::STANDARD
+                .encode(Md5::digest(b"0123456789abcdef0123456789abcdef"))
+        });
+        assert!(!format!("{c:?}").contains("MDEy"));
+    }
 
     #[test]
     fn etags_are_normalized() {

@@ -85,7 +85,7 @@ pub mod error;
 mod sign;
 pub mod writer;
 
-pub use self::config::{DropPolicy, RetryConfig, S3Config};
+pub use self::config::{DropPolicy, RetryConfig, S3Config, ServerSideEncryption};
 pub use self::core::{PendingUpload, RemotePart};
 pub use self::writer::{CHECKPOINT_SUFFIX, CHECKPOINT_VERSION, Checkpoint, S3Writer, WriterStats};
 
@@ -131,6 +131,14 @@ impl std::fmt::Debug for S3Backend {
 }
 
 impl S3Backend {
+    /// The server-side encryption the server reports for the object at `key`
+    /// (`AES256`, `aws:kms`, `SSE-C/AES256`), `None` when it reports none: what an operator
+    /// checks to see that staged disks are encrypted at rest.
+    pub async fn object_encryption(&self, key: &str) -> Result<Option<String>> {
+        validate_key(key)?;
+        self.core.head_encryption(&self.core.full_key(key)).await
+    }
+
     /// A backend for `cfg` (validated; no request is sent).
     pub fn new(cfg: S3Config) -> Result<S3Backend> {
         cfg.validate()?;
@@ -146,6 +154,21 @@ impl S3Backend {
         if !cfg.path_style {
             b = b.enable_virtual_host_style();
         }
+        b = match &cfg.sse {
+            None => b,
+            Some(ServerSideEncryption::S3) => b.server_side_encryption_with_s3_key(),
+            Some(ServerSideEncryption::Kms { key_id: None }) => {
+                b.server_side_encryption_with_aws_managed_kms_key()
+            }
+            Some(ServerSideEncryption::Kms { key_id: Some(id) }) => {
+                b.server_side_encryption_with_customer_managed_kms_key(id)
+            }
+            Some(sse @ ServerSideEncryption::CustomerKey(_)) => b
+                .server_side_encryption_with_customer_key(
+                    "AES256",
+                    &sse.customer_key()?.unwrap_or_default(),
+                ),
+        };
         b = match (&cfg.access_key_id, &cfg.secret_access_key) {
             (Some(ak), Some(sk)) => {
                 let b = b.access_key_id(ak).secret_access_key(sk.expose());
@@ -497,6 +520,12 @@ impl StorageBackend for S3Backend {
 
     async fn presign_get(&self, key: &str, expires: Duration) -> Result<String> {
         validate_key(key)?;
+        if matches!(self.cfg.sse, Some(ServerSideEncryption::CustomerKey(_))) {
+            return Err(Error::unsupported(
+                "objects under SSE-C cannot be read through a presigned GET: the reader would \
+                 need the customer key (a migration uploads the staged disk instead)",
+            ));
+        }
         if expires.is_zero() || expires > MAX_PRESIGN {
             return Err(Error::invalid(
                 "presigned URLs must expire within 1 s and 7 days",
