@@ -16,6 +16,8 @@ source scripts/lib.sh
 # qemu-img/qemu-io/qemu-nbd are the format oracle. The machine ships qemu 10; Debian's
 # qemu-utils (7.2) would replace it, so install it only when qemu-img is missing.
 command -v curl >/dev/null 2>&1 || apt_install curl
+# The reference age binary: decrypts what an encrypted export stored (tests/encryption.rs).
+command -v age >/dev/null 2>&1 || apt_install age
 
 # --- peers ---------------------------------------------------------------------------------------
 # Each scripts/peers/NAME.sh knows `install`, `start STATE_DIR` (writes STATE_DIR/NAME.env with

@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod crypt;
 pub mod digest;
 pub mod error;
 pub mod extent;

@@ -96,6 +96,10 @@ pub struct Manifest {
     /// The VM's hardware description at export time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmInfo>,
+    /// Client-side encryption of the stored bytes (scheme and recipients, never a key); the
+    /// object digest, chunk digests and stored size are those of the ciphertext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::crypt::EncryptionInfo>,
     /// Creation time, RFC 3339 UTC.
     pub created: String,
     /// `virtrigaud <version>`.
@@ -249,6 +253,7 @@ mod tests {
             allocation: Some(vec![[0, 4], [6, 10]]),
             source: None,
             vm: None,
+            encryption: None,
             created: now_rfc3339(),
             library: "virtrigaud test".into(),
         }

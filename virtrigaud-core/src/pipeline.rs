@@ -279,6 +279,9 @@ async fn run_inner(
     let chunk_size = opts.chunk_size;
     let writer = async move {
         let mut chunks = crate::format::encode(encoded, format, encode_opts)?;
+        if let Some(enc) = &encode_opts.encrypt {
+            chunks = crate::crypt::encrypt_chunks(chunks, enc)?;
+        }
         // The SHA-256 is the one sequential computation on the critical path: it runs on a
         // blocking worker of its own, fed through a short queue so it never waits for a write,
         // while this task computes the chunk CRC32Cs and writes.

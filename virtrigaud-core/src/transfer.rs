@@ -238,6 +238,7 @@ pub async fn export_image(
         ),
         source: source_ref,
         vm: vm_info,
+        encryption: opts.encode.encrypt.as_ref().map(|e| e.info()),
         created: now_rfc3339(),
         library: LIBRARY.into(),
     };
@@ -446,6 +447,9 @@ pub async fn import_disk(
     );
     async {
         let manifest = read_manifest(storage, key).await?;
+        if let Some(enc) = &manifest.encryption {
+            return Err(crate::crypt::cannot_decrypt_yet(enc, key));
+        }
         let meta = storage
             .stat(key)
             .await
@@ -572,6 +576,9 @@ pub async fn verify_object(
     opts: &ImportOptions,
 ) -> Result<Manifest> {
     let manifest = read_manifest(storage, key).await?;
+    if let Some(enc) = &manifest.encryption {
+        return Err(crate::crypt::cannot_decrypt_yet(enc, key));
+    }
     let stream = storage.get(key, None).await?;
     let (source, verifier, _) = verified_source(stream, &manifest, CancellationToken::new());
     let (_, content) = format::decode(source, Some(manifest.format), &opts.decode).await?;

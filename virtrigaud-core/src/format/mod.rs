@@ -269,6 +269,9 @@ pub struct EncodeOptions {
     pub cluster_size: u32,
     /// Compression workers (default: the number of cores).
     pub parallelism: usize,
+    /// Encrypt the encoded bytes for these age recipients before they are hashed and stored
+    /// (feature `encryption`; see [`crate::crypt`]). Exports only.
+    pub encrypt: Option<crate::crypt::Encryption>,
 }
 
 impl Default for EncodeOptions {
@@ -280,6 +283,7 @@ impl Default for EncodeOptions {
             parallelism: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            encrypt: None,
         }
     }
 }

@@ -1025,7 +1025,11 @@ impl Run<'_> {
         let manifest = read_manifest(m.storage.as_ref(), key)
             .await
             .map_err(|e| e.with_disk(d.id.clone()))?;
-        if m.plan.target_format.is_some_and(|f| f != manifest.format) {
+        // An encrypted object is never handed to a target as it is stored (the target would
+        // get ciphertext); the decoding import path answers for it.
+        if m.plan.target_format.is_some_and(|f| f != manifest.format)
+            || manifest.encryption.is_some()
+        {
             return Ok(None);
         }
         if d.content_digest.as_deref() != Some(manifest.content_digest.value.as_str()) {
