@@ -46,6 +46,20 @@ struct Cli {
     /// all VMs of a plan): bytes per second with an optional unit, e.g. 50MiB/s, 20M, 1.5GB/s.
     #[arg(long, global = true, value_name = "RATE", env = "VIRTRIGAUD_LIMIT")]
     limit: Option<String>,
+    /// Encrypt staged disks for this age recipient (`age1…`, repeatable): export and
+    /// migrate. The standard `age` tool decrypts what is stored. Needs the `encryption`
+    /// feature.
+    #[arg(long, global = true, value_name = "RECIPIENT")]
+    encrypt_to: Vec<String>,
+    /// The age identity file (`age-keygen` output) that decrypts encrypted staged disks:
+    /// import, verify and migrate.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "VIRTRIGAUD_AGE_IDENTITY_FILE"
+    )]
+    identity: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -316,6 +330,20 @@ fn bus(s: &str) -> Result<DiskBus> {
     })
 }
 
+/// `--encrypt-to` and `--identity`, read once at start.
+static CRYPT: std::sync::OnceLock<(
+    Option<virtrigaud::crypt::Encryption>,
+    Option<virtrigaud::crypt::Decryption>,
+)> = std::sync::OnceLock::new();
+
+fn encryption() -> Option<virtrigaud::crypt::Encryption> {
+    CRYPT.get().and_then(|c| c.0.clone())
+}
+
+fn decryption() -> Option<virtrigaud::crypt::Decryption> {
+    CRYPT.get().and_then(|c| c.1.clone())
+}
+
 /// The process-wide bandwidth cap of `--limit`, set once at start.
 static LIMIT: std::sync::OnceLock<virtrigaud::Bandwidth> = std::sync::OnceLock::new();
 
@@ -344,6 +372,19 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(rate) = &cli.limit {
         let _ = LIMIT.set(virtrigaud::Bandwidth::parse(rate)?);
     }
+    let enc = if cli.encrypt_to.is_empty() {
+        None
+    } else {
+        Some(virtrigaud::crypt::Encryption::to_recipients(
+            &cli.encrypt_to,
+        )?)
+    };
+    let dec = cli
+        .identity
+        .as_ref()
+        .map(virtrigaud::crypt::Decryption::from_identity_file)
+        .transpose()?;
+    let _ = CRYPT.set((enc, dec));
     let secrets = Secrets {
         password_file: cli.password_file.clone(),
     };
@@ -418,6 +459,7 @@ async fn run(cli: Cli) -> Result<()> {
             let s = virtrigaud::storage::open(&store)?;
             let opts = ImportOptions {
                 pipeline: pipeline(json, &cancel),
+                decrypt: decryption(),
                 ..Default::default()
             };
             let m = virtrigaud::verify_object(&*s, &key, &opts).await?;
@@ -446,6 +488,7 @@ async fn run(cli: Cli) -> Result<()> {
                 format: format.as_deref().map(DiskFormat::parse).transpose()?,
                 placement,
                 pipeline: pipeline(json, &cancel),
+                decrypt: decryption(),
                 ..Default::default()
             };
             let r2 = renderer.clone();
@@ -480,6 +523,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             opts.encode.compress = compress;
+            opts.encode.encrypt = encryption();
             if !source.contains("://") {
                 // An image file.
                 let s = virtrigaud::storage::open(&second)?;
@@ -850,9 +894,14 @@ async fn migrate(
         return dry_run(&plan, &*source, &*target, &*store, json).await;
     }
     let r = renderer.clone();
-    let m = Migration::new(source, target, store, plan)
-        .with_pipeline(pipeline(json, cancel))
-        .on_event(move |e| r.event(label.as_deref(), e));
+    let mut m = Migration::new(source, target, store, plan).with_pipeline(pipeline(json, cancel));
+    if let Some(e) = encryption() {
+        m = m.with_encryption(e);
+    }
+    if let Some(d) = decryption() {
+        m = m.with_decryption(d);
+    }
+    let m = m.on_event(move |e| r.event(label.as_deref(), e));
     let result = m.run().await;
     if !plan_mode {
         renderer.finish();

@@ -413,6 +413,9 @@ pub struct ImportOptions {
     pub decode: DecodeOptions,
     /// Encoder options.
     pub encode: EncodeOptions,
+    /// Identities for an object stored encrypted (see [`crate::crypt`]); without them such an
+    /// object is an `Auth` error before anything is created.
+    pub decrypt: Option<crate::crypt::Decryption>,
 }
 
 /// What an import produced.
@@ -447,8 +450,10 @@ pub async fn import_disk(
     );
     async {
         let manifest = read_manifest(storage, key).await?;
-        if let Some(enc) = &manifest.encryption {
-            return Err(crate::crypt::cannot_decrypt_yet(enc, key));
+        if let Some(enc) = &manifest.encryption
+            && opts.decrypt.is_none()
+        {
+            return Err(crate::crypt::missing_identity(enc, key));
         }
         let meta = storage
             .stat(key)
@@ -473,6 +478,10 @@ pub async fn import_disk(
         let mismatch =
             |state: &Arc<Mutex<VerifyState>>| state.lock().ok().and_then(|s| s.mismatch.clone());
         let result = async {
+            let source = match (&manifest.encryption, &opts.decrypt) {
+                (Some(info), Some(d)) => crate::crypt::decrypt_source(source, d, info).await?,
+                _ => source,
+            };
             let (_, mut content) =
                 format::decode(source, Some(manifest.format), &opts.decode).await?;
             if content.allocation.is_none() {
@@ -576,13 +585,36 @@ pub async fn verify_object(
     opts: &ImportOptions,
 ) -> Result<Manifest> {
     let manifest = read_manifest(storage, key).await?;
-    if let Some(enc) = &manifest.encryption {
-        return Err(crate::crypt::cannot_decrypt_yet(enc, key));
-    }
+    let decrypt = match (&manifest.encryption, &opts.decrypt) {
+        (Some(info), Some(d)) => Some((info, d)),
+        (Some(info), None) => return Err(crate::crypt::missing_identity(info, key)),
+        _ => None,
+    };
     let stream = storage.get(key, None).await?;
-    let (source, verifier, _) = verified_source(stream, &manifest, CancellationToken::new());
-    let (_, content) = format::decode(source, Some(manifest.format), &opts.decode).await?;
-    let digest = content_digest_of(content, &opts.pipeline, key).await?;
+    let stop = CancellationToken::new();
+    let (source, verifier, state) = verified_source(stream, &manifest, stop.clone());
+    let digest = async {
+        let source = match decrypt {
+            Some((info, d)) => crate::crypt::decrypt_source(source, d, info).await?,
+            None => source,
+        };
+        let (_, content) = format::decode(source, Some(manifest.format), &opts.decode).await?;
+        content_digest_of(content, &opts.pipeline, key).await
+    }
+    .await;
+    let digest = match digest {
+        Ok(d) => d,
+        Err(e) => {
+            stop.cancel();
+            let _ = verifier.await;
+            if let Some(why) = state.lock().ok().and_then(|s| s.mismatch.clone()) {
+                return Err(
+                    Error::new(ErrorKind::ChecksumMismatch, why).with_target(key.to_string())
+                );
+            }
+            return Err(e);
+        }
+    };
     verifier.await.map_err(join_err)??;
     if digest != manifest.content_digest.value {
         return Err(Error::new(

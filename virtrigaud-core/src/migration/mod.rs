@@ -104,6 +104,8 @@ pub struct Migration {
     pipeline: PipelineOptions,
     listeners: Vec<EventFn>,
     lease_ttl: Duration,
+    encryption: Option<crate::crypt::Encryption>,
+    decryption: Option<crate::crypt::Decryption>,
 }
 
 impl std::fmt::Debug for Migration {
@@ -145,7 +147,22 @@ impl Migration {
             pipeline: PipelineOptions::default(),
             listeners: Vec::new(),
             lease_ttl: Duration::from_secs(60),
+            encryption: None,
+            decryption: None,
         }
+    }
+
+    /// Encrypts every staged disk for these recipients (see [`crate::crypt`]); the migration
+    /// then needs [`Migration::with_decryption`] too, to import them.
+    pub fn with_encryption(mut self, encryption: crate::crypt::Encryption) -> Self {
+        self.encryption = Some(encryption);
+        self
+    }
+
+    /// Identities to decrypt staged disks that were stored encrypted.
+    pub fn with_decryption(mut self, decryption: crate::crypt::Decryption) -> Self {
+        self.decryption = Some(decryption);
+        self
     }
 
     /// How long the lease of a run stays valid without renewal (default 60 s; renewed every
@@ -387,6 +404,12 @@ impl Migration {
     async fn run_inner<'a>(&'a self, slot: &mut Option<Run<'a>>) -> Result<MigrationReport> {
         let plan = &self.plan;
         validate_prefix(&plan.prefix)?;
+        if self.encryption.is_some() && self.decryption.is_none() {
+            return Err(Error::invalid(
+                "an encrypted staging needs the identity to import it: add with_decryption \
+                 (--identity FILE)",
+            ));
+        }
         if plan.prefix.trim_matches('/').is_empty() {
             return Err(Error::invalid(
                 "a migration needs a non-empty storage prefix",
@@ -867,6 +890,7 @@ impl Run<'_> {
             pipeline: self.pipeline_for(&d.id),
             encode: crate::format::EncodeOptions {
                 compression_level: m.plan.staging_compression_level.min(9),
+                encrypt: m.encryption.clone(),
                 ..Default::default()
             },
             ..Default::default()
@@ -974,6 +998,7 @@ impl Run<'_> {
             placement: d.placement.clone(),
             overwrite: false,
             pipeline: self.pipeline_for(&d.id),
+            decrypt: m.decryption.clone(),
             ..Default::default()
         };
         let rep = import_disk(
