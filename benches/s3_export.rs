@@ -10,6 +10,9 @@
 //! ```text
 //! scripts/bench-s3.sh          # installs awscli, starts SeaweedFS, runs this, stops it
 //! ```
+//! Then the same export encrypted with age for one recipient (feature `encryption`), medians
+//! of 3, against the plain one (target: at most 10 % more wall time, peak RSS under 128 MiB).
+//!
 //! Inputs: `VRG_BENCH_VIRTUAL_GIB` (default 4) and `VRG_BENCH_DATA_GIB` (default 1); the RSS
 //! check repeats ours on a disk 4× larger in virtual size with the same data.
 
@@ -38,7 +41,10 @@ fn backend(bucket: &str) -> S3Backend {
 }
 
 /// The child process: one export with default settings, nothing else in the process.
-fn child(image: &str, bucket: &str, key: &str) {
+/// A public age key whose secret was thrown away: the encrypted rounds only need to encrypt.
+const BENCH_RECIPIENT: &str = "age10df4xut4t7chqkjzatagwcjpxepmh9fcgzv8q9lqn42hsgzhnc4s6tn3f2";
+
+fn child(image: &str, bucket: &str, key: &str, encrypt: bool) {
     virtrigaud::io::limit_allocator_retention();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -47,6 +53,11 @@ fn child(image: &str, bucket: &str, key: &str) {
     rt.block_on(async {
         let b = backend(bucket);
         let f = LocalFile::open(image).await.unwrap();
+        let mut opts = ExportOptions::default();
+        if encrypt {
+            opts.encode.encrypt =
+                Some(virtrigaud::crypt::Encryption::to_recipients(&[BENCH_RECIPIENT]).unwrap());
+        }
         let r = export_image(
             ImageSource::RandomAccess(Arc::new(f)),
             None,
@@ -54,7 +65,7 @@ fn child(image: &str, bucket: &str, key: &str) {
             key,
             None,
             None,
-            &ExportOptions::default(),
+            &opts,
         )
         .await
         .expect("export");
@@ -108,12 +119,18 @@ fn sh(cmd: &mut Command) {
 
 /// Runs ourselves as a child under `/usr/bin/time -v`: (wall time, peak RSS in KiB).
 fn ours(image: &Path, bucket: &str, key: &str) -> (Duration, u64) {
+    ours_with(image, bucket, key, &[])
+}
+
+/// [`ours`] with more arguments for the child (`--encrypt`).
+fn ours_with(image: &Path, bucket: &str, key: &str, extra: &[&str]) -> (Duration, u64) {
     let exe = std::env::current_exe().unwrap();
     let t = Instant::now();
     let out = Command::new("/usr/bin/time")
         .arg("-v")
         .arg(exe)
         .args(["--child-export", image.to_str().unwrap(), bucket, key])
+        .args(extra)
         .output()
         .unwrap();
     let wall = t.elapsed();
@@ -146,7 +163,12 @@ fn loadavg() -> String {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--child-export") {
-        child(&args[i + 1], &args[i + 2], &args[i + 3]);
+        child(
+            &args[i + 1],
+            &args[i + 2],
+            &args[i + 3],
+            args.iter().any(|a| a == "--encrypt"),
+        );
         return;
     }
     if env("VIRTRIGAUD_S3_ENDPOINT").is_none() {
@@ -288,6 +310,27 @@ fn main() {
         wall.as_secs_f64(),
         bare.as_secs_f64(),
         wall.as_secs_f64() / bare.as_secs_f64()
+    );
+    // Encrypted (age, one X25519 recipient), beside the plain export: medians of 3.
+    let (mut encs, mut enc_rss) = (Vec::new(), 0);
+    for r in 0..3 {
+        let (w, peak) = ours_with(
+            &image,
+            &bucket,
+            &format!("enc/disk{r}.qcow2"),
+            &["--encrypt"],
+        );
+        println!("  encrypted round {r}: virtrigaud {:.2} s", w.as_secs_f64());
+        encs.push(w);
+        enc_rss = enc_rss.max(peak);
+    }
+    let enc = median(encs);
+    println!(
+        "RESULT s3 export encrypted (age): {:.2} s vs plain {:.2} s, +{:.1} % (target <= 10 %); peak RSS {} MiB (target < 128)",
+        enc.as_secs_f64(),
+        wall.as_secs_f64(),
+        (enc.as_secs_f64() / wall.as_secs_f64() - 1.0) * 100.0,
+        enc_rss >> 10
     );
     std::fs::remove_file(&image).unwrap();
 

@@ -12,4 +12,4 @@ trap 'scripts/peers/seaweedfs.sh stop "$STATE"; rm -rf "$STATE"' EXIT
 scripts/peers/seaweedfs.sh start "$STATE"
 source "$STATE/seaweedfs.env"
 sleep 2
-cargo bench --features s3 --bench s3_export
+cargo bench --features s3,encryption --bench s3_export
