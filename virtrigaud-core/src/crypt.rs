@@ -278,9 +278,11 @@ pub(crate) async fn decrypt_source(
 }
 
 /// `chunks` encrypted: the age header, then the ciphertext of every byte (zeros included), as
-/// data chunks of the size the encoder wrote.
+/// data chunks of the size the encoder wrote. The encryption runs on a blocking worker of its
+/// own (like the object SHA-256), fed through short queues, so it overlaps with the encoder
+/// and the writes instead of adding to them.
 #[cfg(feature = "encryption")]
-pub(crate) fn encrypt_chunks(chunks: ChunkStream, enc: &Encryption) -> Result<ChunkStream> {
+pub(crate) fn encrypt_chunks(mut chunks: ChunkStream, enc: &Encryption) -> Result<ChunkStream> {
     use crate::format::Chunk;
     use futures::StreamExt;
     use std::io::Write;
@@ -303,56 +305,69 @@ pub(crate) fn encrypt_chunks(chunks: ChunkStream, enc: &Encryption) -> Result<Ch
     let io = |e: std::io::Error| Error::new(ErrorKind::Io, format!("age encryption: {e}"));
     let buf = Arc::new(Mutex::new(Vec::new()));
     let recipients = enc.parsed.iter().map(|r| r as &dyn age::Recipient);
-    let writer = age::Encryptor::with_recipients(recipients)
+    let mut writer = age::Encryptor::with_recipients(recipients)
         .map_err(|e| Error::invalid(format!("age encryption: {e}")))?
         .wrap_output(Out(buf.clone()))
         .map_err(io)?;
-    let take = |buf: &Arc<Mutex<Vec<u8>>>| -> Result<Vec<u8>> {
-        Ok(std::mem::take(&mut *buf.lock().map_err(|_| {
-            Error::new(ErrorKind::Io, "age encryption: poisoned buffer")
-        })?))
-    };
-    let state = (chunks, Some(writer), buf);
-    Ok(
-        futures::stream::unfold(state, move |(mut chunks, mut writer, buf)| async move {
-            loop {
-                let w = writer.as_mut()?;
-                let step: Result<()> = match chunks.next().await {
-                    Some(Ok(Chunk::Data(b))) => w.write_all(&b).map_err(io),
-                    Some(Ok(Chunk::Zeros(mut n))) => {
-                        let zeros = [0u8; 64 << 10];
-                        let mut r = Ok(());
-                        while n > 0 && r.is_ok() {
-                            let k = n.min(zeros.len() as u64) as usize;
-                            r = w.write_all(&zeros[..k]).map_err(io);
-                            n -= k as u64;
-                        }
-                        r
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Chunk>(2);
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<Chunk>>(2);
+    // The feeder: pulls the encoder, hands plaintext to the worker, passes errors on.
+    let err_tx = out_tx.clone();
+    tokio::spawn(async move {
+        while let Some(c) = chunks.next().await {
+            match c {
+                Ok(c) => {
+                    if in_tx.send(c).await.is_err() {
+                        return;
                     }
-                    Some(Err(e)) => Err(e),
-                    None => match writer.take() {
-                        Some(w) => w.finish().map(|_| ()).map_err(io),
-                        None => Ok(()),
-                    },
-                };
-                if let Err(e) = step {
-                    return Some((Err(e), (chunks, None, buf)));
                 }
-                let out = match take(&buf) {
-                    Ok(o) => o,
-                    Err(e) => return Some((Err(e), (chunks, None, buf))),
-                };
-                if !out.is_empty() {
-                    return Some((
-                        Ok(Chunk::Data(bytes::Bytes::from(out))),
-                        (chunks, writer, buf),
-                    ));
+                Err(e) => {
+                    let _ = err_tx.send(Err(e)).await;
+                    return;
                 }
-                writer.as_ref()?;
             }
-        })
-        .boxed(),
-    )
+        }
+    });
+    // The worker: encrypts; ends when the plaintext ends (then finishes the age stream) or when
+    // nobody reads the ciphertext any more.
+    tokio::task::spawn_blocking(move || {
+        let take = |buf: &Arc<Mutex<Vec<u8>>>| -> Vec<u8> {
+            buf.lock()
+                .map(|mut b| std::mem::take(&mut *b))
+                .unwrap_or_default()
+        };
+        while let Some(c) = in_rx.blocking_recv() {
+            let r = match c {
+                Chunk::Data(b) => writer.write_all(&b).map_err(io),
+                Chunk::Zeros(mut n) => {
+                    let zeros = [0u8; 64 << 10];
+                    let mut r = Ok(());
+                    while n > 0 && r.is_ok() {
+                        let k = n.min(zeros.len() as u64) as usize;
+                        r = writer.write_all(&zeros[..k]).map_err(io);
+                        n -= k as u64;
+                    }
+                    r
+                }
+            };
+            if let Err(e) = r {
+                let _ = out_tx.blocking_send(Err(e));
+                return;
+            }
+            let out = take(&buf);
+            if !out.is_empty()
+                && out_tx
+                    .blocking_send(Ok(Chunk::Data(bytes::Bytes::from(out))))
+                    .is_err()
+            {
+                return;
+            }
+        }
+        let last = writer.finish().map_err(io).map(|_| take(&buf));
+        let _ = out_tx.blocking_send(last.map(|b| Chunk::Data(bytes::Bytes::from(b))));
+    });
+    let mut out_rx = out_rx;
+    Ok(futures::stream::poll_fn(move |cx| out_rx.poll_recv(cx)).boxed())
 }
 
 /// Without the feature there is no [`Encryption`] to apply.
