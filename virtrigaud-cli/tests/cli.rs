@@ -2,6 +2,14 @@
 //! store (no peer needed), and libvirt pairs against the libvirt peer (`VIRTRIGAUD_LIBVIRT_URI`,
 //! started by `scripts/peers/libvirt.sh`; a missing peer fails under `VIRTRIGAUD_IT=1`).
 
+mod common;
+
+#[cfg(feature = "proxmox")]
+use common::peer_env;
+#[cfg(feature = "libvirt")]
+use common::virsh;
+#[cfg(feature = "vsphere")]
+use common::vsphere_url;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -422,22 +430,6 @@ fn libvirt_uri() -> Option<String> {
     }
 }
 
-#[cfg(feature = "libvirt")]
-fn virsh(uri: &str, args: &[&str]) -> String {
-    let o = Command::new("virsh")
-        .arg("-c")
-        .arg(uri)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "virsh {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// local → libvirt and back (libvirt → local), through the binary; libvirt side over
 /// `qemu+tcp` when the peer offers it.
 #[cfg(feature = "libvirt")]
@@ -651,36 +643,13 @@ fn a_plan_runs_by_index_in_parallel_processes_and_resumes_as_a_whole() {
     );
 }
 
-#[cfg(any(feature = "vsphere", feature = "proxmox"))]
-fn peer_env(var: &str, script: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-                panic!("{var} is not set but VIRTRIGAUD_IT=1: start scripts/peers/{script}");
-            }
-            eprintln!("SKIP: {var} is not set (start scripts/peers/{script})");
-            None
-        }
-    }
-}
-
 /// vSphere through the binary, against the govmomi simulator: list, inspect, a wrong password
 /// (exit 6), and a local VM migrated onto it and inspected there.
 #[cfg(feature = "vsphere")]
 #[test]
 fn vsphere_through_the_binary() {
-    let Some(url) = peer_env("VIRTRIGAUD_VSPHERE_URL", "vcsim.sh") else {
-        return;
-    };
-    let user = std::env::var("VIRTRIGAUD_VSPHERE_USER").unwrap();
+    let Some(vs) = vsphere_url() else { return };
     let password = std::env::var("VIRTRIGAUD_VSPHERE_PASSWORD").unwrap();
-    let thumb = std::env::var("VIRTRIGAUD_VSPHERE_THUMBPRINT").unwrap();
-    let host = url
-        .trim_start_matches("https://")
-        .trim_end_matches("/sdk")
-        .to_string();
-    let vs = format!("vsphere://{user}@{host}/DC0?thumbprint={thumb}");
     let with_pw = |args: &[&str]| {
         bin()
             .args(args)
@@ -826,16 +795,7 @@ fn export_of_a_vmdk_descriptor_reads_its_extents() {
 #[cfg(feature = "vsphere")]
 #[test]
 fn dry_run_finds_a_wrong_password_and_writes_nothing() {
-    let Some(url) = peer_env("VIRTRIGAUD_VSPHERE_URL", "vcsim.sh") else {
-        return;
-    };
-    let user = std::env::var("VIRTRIGAUD_VSPHERE_USER").unwrap();
-    let thumb = std::env::var("VIRTRIGAUD_VSPHERE_THUMBPRINT").unwrap();
-    let host = url
-        .trim_start_matches("https://")
-        .trim_end_matches("/sdk")
-        .to_string();
-    let vs = format!("vsphere://{user}@{host}/DC0?thumbprint={thumb}");
+    let Some(vs) = vsphere_url() else { return };
     let t = tempfile::tempdir().unwrap();
     local_vm(&t.path().join("src"), 1);
     let store = t.path().join("store");

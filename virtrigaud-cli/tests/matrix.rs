@@ -8,22 +8,13 @@
 
 #![cfg(feature = "libvirt")]
 
+mod common;
+
+use common::{peer_env, virsh};
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn peer_env(var: &str, script: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-                panic!("{var} is not set but VIRTRIGAUD_IT=1: start scripts/peers/{script}");
-            }
-            eprintln!("SKIP: {var} is not set (start scripts/peers/{script})");
-            None
-        }
-    }
-}
 
 /// The SeaweedFS peer as the binary sees it: the `AWS_*` environment.
 struct S3 {
@@ -83,21 +74,6 @@ impl S3 {
         );
         String::from_utf8(o.stdout).unwrap()
     }
-}
-
-fn virsh(uri: &str, args: &[&str]) -> String {
-    let o = Command::new("virsh")
-        .arg("-c")
-        .arg(uri)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "virsh {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// A real-mode boot sector that prints a marker on COM1 and halts.
@@ -177,11 +153,41 @@ fn disk_paths(uri: &str, dom: &str, pool: &str) -> Vec<String> {
         .collect()
 }
 
-/// Removes the test's domains and pool, even on panic.
+/// A transient dir pool named `pool` in a temporary directory, and the test's domains in it:
+/// all removed on drop, even on panic (the domains and pool first, the directory last).
 struct Guard {
     uri: String,
     domains: Vec<String>,
     pool: String,
+    dir: tempfile::TempDir,
+}
+
+impl Guard {
+    /// Creates the pool `tag` in a new directory named after `prefix`.
+    fn pool(uri: &str, tag: &str, prefix: &str, domains: Vec<String>) -> Guard {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+        virsh(
+            uri,
+            &[
+                "pool-create-as",
+                tag,
+                "dir",
+                "--target",
+                dir.path().to_str().unwrap(),
+            ],
+        );
+        Guard {
+            uri: uri.to_string(),
+            domains,
+            pool: tag.to_string(),
+            dir,
+        }
+    }
+
+    /// The pool's directory.
+    fn dir(&self) -> &tempfile::TempDir {
+        &self.dir
+    }
 }
 
 impl Drop for Guard {
@@ -256,26 +262,9 @@ fn local_libvirt_tcp_and_back_through_s3_and_the_migrated_disk_boots() {
 
     let t = tempfile::tempdir().unwrap();
     local_vm(&t.path().join("src"));
-    let pool_dir = tempfile::Builder::new()
-        .prefix("vrg-cli-s3-pool")
-        .tempdir()
-        .unwrap();
-    virsh(
-        &uri,
-        &[
-            "pool-create-as",
-            &tag,
-            "dir",
-            "--target",
-            pool_dir.path().to_str().unwrap(),
-        ],
-    );
     let (a, b) = (format!("{tag}-a"), format!("{tag}-b"));
-    let _guard = Guard {
-        uri: uri.clone(),
-        domains: vec![a.clone(), b.clone()],
-        pool: tag.clone(),
-    };
+    let guard = Guard::pool(&uri, &tag, "vrg-cli-s3-pool", vec![a.clone(), b.clone()]);
+    let pool_dir = guard.dir();
     let from = format!("local://{}", t.path().join("src").display());
     let lv = format!("libvirt+{uri}");
     let lv_tcp = format!("libvirt+{tcp}");
@@ -451,26 +440,9 @@ fn proxmox_to_libvirt_through_s3_boots() {
     drop(f);
 
     // The target pool on libvirtd.
-    let pool_dir = tempfile::Builder::new()
-        .prefix("vrg-cli-p2l-pool")
-        .tempdir()
-        .unwrap();
-    virsh(
-        &uri,
-        &[
-            "pool-create-as",
-            &tag,
-            "dir",
-            "--target",
-            pool_dir.path().to_str().unwrap(),
-        ],
-    );
     let dom = format!("{tag}-dst");
-    let _guard = Guard {
-        uri: uri.clone(),
-        domains: vec![dom.clone()],
-        pool: tag.clone(),
-    };
+    let guard = Guard::pool(&uri, &tag, "vrg-cli-p2l-pool", vec![dom.clone()]);
+    let pool_dir = guard.dir();
     let host = pve_url.trim_start_matches("https://");
     let from = format!(
         "proxmox://{token}@{host}/{node}?fingerprint={fp}&ssh_host={}&ssh_port={}&ssh_user={}\
@@ -675,20 +647,18 @@ fn ring_nic_came_back(uri: &str, dom: &str) {
 /// The vSphere peer as a `vsphere://` URL, and a provider to clean up with.
 #[cfg(feature = "vsphere")]
 fn vsphere_peer() -> Option<(String, virtrigaud::vsphere::VsphereProvider)> {
-    let url = peer_env("VIRTRIGAUD_VSPHERE_URL", "vcsim.sh")?;
+    let url = common::vsphere_url()?;
     let var = |k: &str| std::env::var(k).unwrap();
-    let (user, pw, thumb) = (
+    let cfg = virtrigaud::vsphere::VsphereConfig::new(
+        var("VIRTRIGAUD_VSPHERE_URL"),
         var("VIRTRIGAUD_VSPHERE_USER"),
-        var("VIRTRIGAUD_VSPHERE_PASSWORD"),
-        var("VIRTRIGAUD_VSPHERE_THUMBPRINT"),
-    );
-    let host = url.trim_start_matches("https://").trim_end_matches("/sdk");
-    let cfg = virtrigaud::vsphere::VsphereConfig::new(&url, &user, pw.as_str())
-        .with_thumbprint(&thumb)
-        .with_datacenter("DC0")
-        .with_datastore("LocalDS_0");
+        var("VIRTRIGAUD_VSPHERE_PASSWORD").as_str(),
+    )
+    .with_thumbprint(var("VIRTRIGAUD_VSPHERE_THUMBPRINT"))
+    .with_datacenter("DC0")
+    .with_datastore("LocalDS_0");
     Some((
-        format!("vsphere://{user}@{host}/DC0?thumbprint={thumb}&datastore=LocalDS_0"),
+        format!("{url}&datastore=LocalDS_0"),
         virtrigaud::vsphere::VsphereProvider::new(cfg).unwrap(),
     ))
 }
@@ -733,26 +703,14 @@ fn libvirt_vsphere_and_back_through_s3_boots() {
     };
     s3.create_bucket("virtrigaud-test");
     let tag = format!("clil2v{}", std::process::id());
-    let pool_dir = tempfile::Builder::new()
-        .prefix("vrg-cli-l2v-pool")
-        .tempdir()
-        .unwrap();
-    virsh(
-        &uri,
-        &[
-            "pool-create-as",
-            &tag,
-            "dir",
-            "--target",
-            pool_dir.path().to_str().unwrap(),
-        ],
-    );
     let (src, back) = (format!("{tag}-src"), format!("{tag}-back"));
-    let _guard = Guard {
-        uri: uri.clone(),
-        domains: vec![src.clone(), back.clone()],
-        pool: tag.clone(),
-    };
+    let guard = Guard::pool(
+        &uri,
+        &tag,
+        "vrg-cli-l2v-pool",
+        vec![src.clone(), back.clone()],
+    );
+    let pool_dir = guard.dir();
     let _vs_guard = ProviderGuard {
         provider: std::sync::Arc::new(vsphere),
         vms: vec![tag.clone()],
@@ -895,31 +853,19 @@ fn libvirt_proxmox_vsphere_proxmox_libvirt_through_s3_boots() {
     let Some(pve) = PveProxy::start() else { return };
     s3.create_bucket("virtrigaud-test");
     let tag = format!("cliring{}", std::process::id());
-    let pool_dir = tempfile::Builder::new()
-        .prefix("vrg-cli-ring-pool")
-        .tempdir()
-        .unwrap();
-    virsh(
-        &uri,
-        &[
-            "pool-create-as",
-            &tag,
-            "dir",
-            "--target",
-            pool_dir.path().to_str().unwrap(),
-        ],
-    );
     let (src, back) = (format!("{tag}-src"), format!("{tag}-back"));
     let (pve1, vs1, pve2) = (
         format!("{tag}-pve1"),
         format!("{tag}-vs"),
         format!("{tag}-pve2"),
     );
-    let _guard = Guard {
-        uri: uri.clone(),
-        domains: vec![src.clone(), back.clone()],
-        pool: tag.clone(),
-    };
+    let guard = Guard::pool(
+        &uri,
+        &tag,
+        "vrg-cli-ring-pool",
+        vec![src.clone(), back.clone()],
+    );
+    let pool_dir = guard.dir();
     let _vs_guard = ProviderGuard {
         provider: std::sync::Arc::new(vsphere),
         vms: vec![vs1.clone()],
