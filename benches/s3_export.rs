@@ -209,48 +209,8 @@ fn main() {
         qsize >> 20
     );
 
-    // The usual script.
-    let tmp = dir.path().join("tmp.raw");
+    // `aws s3 cp --quiet ARGS…` against the peer, credentials in its environment.
     let endpoint = env("VIRTRIGAUD_S3_ENDPOINT").unwrap();
-    let t = Instant::now();
-    sh(Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&image)
-        .arg(&tmp));
-    let tmp_alloc = {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(&tmp).unwrap().blocks() * 512
-    };
-    sh(Command::new("sha256sum")
-        .arg(&tmp)
-        .stdout(std::process::Stdio::null()));
-    sh(Command::new("aws")
-        .args(["s3", "cp", "--quiet", "--endpoint-url", &endpoint])
-        .arg(&tmp)
-        .arg(format!("s3://{bucket}/script/disk.raw"))
-        .env(
-            "AWS_ACCESS_KEY_ID",
-            env("VIRTRIGAUD_S3_ACCESS_KEY").unwrap(),
-        )
-        .env(
-            "AWS_SECRET_ACCESS_KEY",
-            env("VIRTRIGAUD_S3_SECRET_KEY").unwrap(),
-        )
-        .env(
-            "AWS_DEFAULT_REGION",
-            env("VIRTRIGAUD_S3_REGION").unwrap_or_else(|| "us-east-1".into()),
-        ));
-    let script = t.elapsed();
-    std::fs::remove_file(&tmp).unwrap();
-    println!(
-        "  script: {:.1} s, temp file {} MiB allocated ({} MiB apparent)",
-        script.as_secs_f64(),
-        tmp_alloc >> 20,
-        (vg << 30) >> 20
-    );
-
-    // Ours, alternating with a bare `aws s3 cp` of the very object ours stored (downloaded once,
-    // untimed): the network peer's own limit for these bytes. Medians of 3.
     let aws = |args: &[&str]| {
         let mut c = Command::new("aws");
         c.args(["s3", "cp", "--quiet", "--endpoint-url", &endpoint])
@@ -269,6 +229,36 @@ fn main() {
             );
         c
     };
+
+    // The usual script.
+    let tmp = dir.path().join("tmp.raw");
+    let t = Instant::now();
+    sh(Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&image)
+        .arg(&tmp));
+    let tmp_alloc = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&tmp).unwrap().blocks() * 512
+    };
+    sh(Command::new("sha256sum")
+        .arg(&tmp)
+        .stdout(std::process::Stdio::null()));
+    sh(&mut aws(&[
+        tmp.to_str().unwrap(),
+        &format!("s3://{bucket}/script/disk.raw"),
+    ]));
+    let script = t.elapsed();
+    std::fs::remove_file(&tmp).unwrap();
+    println!(
+        "  script: {:.1} s, temp file {} MiB allocated ({} MiB apparent)",
+        script.as_secs_f64(),
+        tmp_alloc >> 20,
+        (vg << 30) >> 20
+    );
+
+    // Ours, alternating with a bare `aws s3 cp` of the very object ours stored (downloaded once,
+    // untimed): the network peer's own limit for these bytes. Medians of 3.
     let stored = dir.path().join("stored.qcow2");
     let (mut walls, mut bares, mut rss) = (Vec::new(), Vec::new(), 0);
     for r in 0..3 {

@@ -210,39 +210,46 @@ pub(crate) async fn decrypt_source(
         .decrypt_async(dec.identities.iter().map(|i| i as &dyn age::Identity))
         .map_err(|e| decrypt_error(e, info))?;
     let mut offset = 0u64;
+    // One 1 MiB buffer at a time, kept across `Pending` (not allocated again on every poll).
+    let (mut buf, mut filled) = (Vec::new(), 0usize);
     let stream = futures::stream::poll_fn(move |cx| {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut filled = 0;
+        use std::task::Poll;
+        if buf.is_empty() {
+            buf = vec![0u8; 1 << 20];
+            filled = 0;
+        }
         // Fill a whole buffer where the reader allows it (age hands out 64 KiB at a time).
         loop {
             match std::pin::Pin::new(&mut plain).poll_read(cx, &mut buf[filled..]) {
-                std::task::Poll::Ready(Ok(0)) => break,
-                std::task::Poll::Ready(Ok(n)) => {
+                Poll::Ready(Ok(0)) => break,
+                Poll::Ready(Ok(n)) => {
                     filled += n;
                     if filled == buf.len() {
                         break;
                     }
                 }
-                std::task::Poll::Ready(Err(e)) => {
-                    return std::task::Poll::Ready(Some(Err(Error::new(
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Some(Err(Error::new(
                         ErrorKind::ChecksumMismatch,
                         format!("decrypting the object failed (tampered or corrupt): {e}"),
                     ))));
                 }
-                std::task::Poll::Pending if filled == 0 => return std::task::Poll::Pending,
-                std::task::Poll::Pending => break,
+                Poll::Pending if filled == 0 => return Poll::Pending,
+                Poll::Pending => break,
             }
         }
         if filled == 0 {
-            return std::task::Poll::Ready(None);
+            return Poll::Ready(None);
         }
-        buf.truncate(filled);
+        let mut out = std::mem::take(&mut buf);
+        out.truncate(filled);
         let e = Extent::Data {
             offset,
-            bytes: bytes::Bytes::from(buf),
+            bytes: bytes::Bytes::from(out),
         };
         offset += filled as u64;
-        std::task::Poll::Ready(Some(Ok(e)))
+        filled = 0;
+        Poll::Ready(Some(Ok(e)))
     })
     .boxed();
     Ok(ImageSource::Sequential { size: None, stream })

@@ -137,6 +137,23 @@ fn limiter(rate: f64) -> Limiter {
         .build()
 }
 
+/// [`consume_all`] for the data a transfer just read, unless `cancel` fires first
+/// (`Cancelled`). No caps: returns at once.
+pub(crate) async fn consume_or_cancel(
+    limits: &[Bandwidth],
+    bytes: u64,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    if limits.is_empty() {
+        return Ok(());
+    }
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(Error::cancelled()),
+        _ = consume_all(limits, bytes) => Ok(()),
+    }
+}
+
 fn check(bytes_per_second: u64) -> Result<()> {
     if bytes_per_second == 0 {
         return Err(Error::invalid(

@@ -238,13 +238,7 @@ async fn run_inner(
             let e = item?;
             if e.is_data() {
                 read += e.len();
-                if !opts.bandwidth.is_empty() {
-                    tokio::select! {
-                        biased;
-                        _ = cancel.cancelled() => return Err(Error::cancelled()),
-                        _ = crate::limit::consume_all(&opts.bandwidth, e.len()) => {}
-                    }
-                }
+                crate::limit::consume_or_cancel(&opts.bandwidth, e.len(), &cancel).await?;
             }
             reporter.advance(e.end(), if e.is_data() { e.len() } else { 0 });
             for piece in zero_detect(e, opts.zero_block) {

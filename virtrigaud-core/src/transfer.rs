@@ -669,12 +669,8 @@ async fn content_digest_of(
             return Err(Error::cancelled());
         }
         let e = e?;
-        if e.is_data() && !opts.bandwidth.is_empty() {
-            tokio::select! {
-                biased;
-                _ = opts.cancel.cancelled() => return Err(Error::cancelled()),
-                _ = crate::limit::consume_all(&opts.bandwidth, e.len()) => {}
-            }
+        if e.is_data() {
+            crate::limit::consume_or_cancel(&opts.bandwidth, e.len(), &opts.cancel).await?;
         }
         reporter.advance(e.end(), if e.is_data() { e.len() } else { 0 });
         for piece in crate::extent::zero_detect(e, opts.zero_block) {

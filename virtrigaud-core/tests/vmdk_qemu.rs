@@ -44,6 +44,24 @@ fn p(x: &Path) -> &str {
     x.to_str().expect("utf-8 path")
 }
 
+/// `qemu-img convert -f raw -O vmdk -o subformat=SUB SRC OUT`.
+fn qemu_vmdk(src: &Path, out: &Path, sub: &str) {
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            &format!("subformat={sub}"),
+            p(src),
+            p(out),
+        ],
+    );
+}
+
 /// Pseudo-random bytes (xorshift), so compression has real work.
 fn noise(seed: u64, n: usize) -> Vec<u8> {
     let mut x = seed | 1;
@@ -158,20 +176,7 @@ async fn decodes_what_qemu_img_writes() {
     };
     for sub in ["monolithicSparse", "streamOptimized"] {
         let out = dir.path().join(format!("{sub}.vmdk"));
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "vmdk",
-                "-o",
-                &format!("subformat={sub}"),
-                p(&src),
-                p(&out),
-            ],
-        );
+        qemu_vmdk(&src, &out, sub);
         let r = open(&out).await;
         assert_eq!(vmdk::probe(r.as_ref()).await.unwrap(), SIZE, "{sub}");
         let c = vmdk::decode_random(r.clone(), &opts).await.unwrap();
@@ -200,20 +205,7 @@ async fn decodes_what_qemu_img_writes() {
     }
     // monolithicFlat: a descriptor plus a -flat extent next to it.
     let out = dir.path().join("flat.vmdk");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            p(&src),
-            p(&out),
-        ],
-    );
+    qemu_vmdk(&src, &out, "monolithicFlat");
     let r = open(&out).await;
     assert_eq!(vmdk::probe(r.as_ref()).await.unwrap(), SIZE);
     let res = Arc::new(vmdk::LocalExtentResolver::new(dir.path()));
@@ -337,20 +329,7 @@ async fn measure(kind: &str, map: fn(u8) -> u8) {
     println!("load before: {}", load.trim());
     let c0 = cpu_secs(libc::RUSAGE_CHILDREN);
     let t = std::time::Instant::now();
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            p(&src),
-            p(&qout),
-        ],
-    );
+    qemu_vmdk(&src, &qout, "streamOptimized");
     let tq = t.elapsed();
     let cq = cpu_secs(libc::RUSAGE_CHILDREN) - c0;
     let ours = dir.path().join("ours.vmdk");
@@ -507,20 +486,7 @@ async fn split_extents_decode_to_the_same_disk() {
         let sub_dir = dir.path().join(sub);
         std::fs::create_dir(&sub_dir).unwrap();
         let out = sub_dir.join("disk.vmdk");
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "vmdk",
-                "-o",
-                &format!("subformat={sub}"),
-                p(&src),
-                p(&out),
-            ],
-        );
+        qemu_vmdk(&src, &out, sub);
         let extents = std::fs::read_dir(&sub_dir).unwrap().count() - 1;
         assert!(extents >= 3, "{sub}: {extents} extent files");
         let r = open(&out).await;
