@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 export VIRTRIGAUD_IT=1          # a missing peer is a failure, not a skip
 export CARGO_TERM_COLOR=never
 export RUST_BACKTRACE=1
+# A one-shot build gains nothing from incremental state, which doubled the size of target/.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 log() { printf '\n== %s\n' "$*"; }
 # shellcheck source=scripts/lib.sh
@@ -49,6 +51,7 @@ for script in scripts/peers/*.sh; do
 done
 
 # --- checks --------------------------------------------------------------------------------------
+df -h . | tail -1
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -58,6 +61,7 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 log "cargo test"
 cargo test --workspace --all-features
 
+df -h . | tail -1; du -sh target 2>/dev/null || true
 log "quickstart"
 cargo run --example quickstart
 log "custom backend example (conformance suite + export/import on an in-memory backend)"
