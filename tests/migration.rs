@@ -87,6 +87,9 @@ struct Faults {
     report_running: AtomicBool,
     /// open_created_disk reads the source's other disk instead (a target that lies).
     lie_on_reread: AtomicBool,
+    /// create_disk's sink flips the first byte of every data write (a target that damages
+    /// what it stores).
+    damage_writes: AtomicBool,
     create_vm_calls: AtomicUsize,
     delete_disk_calls: AtomicUsize,
 }
@@ -151,7 +154,11 @@ impl Provider for Faulty {
                 return Err(injected("create_disk"));
             }
         }
-        self.inner.create_disk(spec).await
+        let mut created = self.inner.create_disk(spec).await?;
+        if self.f.damage_writes.load(Ordering::SeqCst) {
+            created.sink = Box::new(DamagingSink(created.sink));
+        }
+        Ok(created)
     }
     async fn create_vm(&self, spec: &VmSpec) -> Result<VmInfo> {
         self.f.create_vm_calls.fetch_add(1, Ordering::SeqCst);
@@ -177,6 +184,29 @@ impl Provider for Faulty {
     async fn delete_disk(&self, vm: &str, location: &str) -> Result<()> {
         self.f.delete_disk_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.delete_disk(vm, location).await
+    }
+}
+
+/// A sink that flips the first byte of every data write it passes on.
+struct DamagingSink(Box<dyn ByteSink>);
+
+#[async_trait]
+impl ByteSink for DamagingSink {
+    async fn write(&mut self, data: bytes::Bytes) -> Result<()> {
+        let mut v = data.to_vec();
+        if let Some(b) = v.first_mut() {
+            *b ^= 0xff;
+        }
+        self.0.write(bytes::Bytes::from(v)).await
+    }
+    async fn write_zeros(&mut self, len: u64) -> Result<()> {
+        self.0.write_zeros(len).await
+    }
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.0.commit().await
+    }
+    async fn abort(self: Box<Self>) -> Result<()> {
+        self.0.abort().await
     }
 }
 
@@ -718,6 +748,28 @@ async fn a_target_disk_that_differs_on_reread_leaves_no_vm() {
     assert!(s.target.describe_vm("web01-new").await.is_err());
     s.faults.lie_on_reread.store(false, Ordering::SeqCst);
     s.migration(plan()).run().await.unwrap();
+    s.assert_migrated("web01-new").await;
+}
+
+/// The import leaves its SHA-256 proofs to the verify step (`ImportOptions::verified_later`):
+/// a target that damages what it writes is caught by the re-read, before any VM exists, and
+/// the damaged disk is removed so a rerun imports it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_damages_its_writes_is_caught_by_the_reread() {
+    let s = Setup::new().await;
+    s.faults.damage_writes.store(true, Ordering::SeqCst);
+    let e = s.migration(plan()).run().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
+    assert!(
+        e.to_string().contains("target disk"),
+        "caught by the re-read: {e}"
+    );
+    assert_eq!(s.faults.create_vm_calls.load(Ordering::SeqCst), 0);
+    assert!(s.target.describe_vm("web01-new").await.is_err());
+
+    s.faults.damage_writes.store(false, Ordering::SeqCst);
+    let r = s.migration(plan()).run().await.unwrap();
+    assert!(r.imported_now >= 1, "the damaged disk is imported again");
     s.assert_migrated("web01-new").await;
 }
 

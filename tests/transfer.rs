@@ -274,6 +274,51 @@ fn virtrigaud_storage_fs(root: std::path::PathBuf) -> Arc<dyn StorageBackend> {
     Arc::new(virtrigaud::storage::FsBackend::new(root))
 }
 
+/// An import whose caller verifies the target afterwards hashes no SHA-256 of its own, yet
+/// a damaged object still stops it (per-chunk CRC32C) before anything becomes visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_verified_later_skips_its_digests_but_still_refuses_a_damaged_object() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 16u64 << 20;
+    let src = provider_with_disk(
+        &tmp.path().join("src"),
+        size,
+        &[(1 << 20, pattern(4 << 20, 9))],
+    )
+    .await;
+    let store = virtrigaud_storage_fs(tmp.path().join("store"));
+    export_disk(&src, "vm1", "disk0", &*store, "a/disk.raw", &raw_export())
+        .await
+        .unwrap();
+    let later = ImportOptions {
+        verified_later: true,
+        ..Default::default()
+    };
+    let dst = LocalProvider::new(tmp.path().join("dst"));
+    let imp = import_disk(&*store, "a/disk.raw", &dst, "vm1", "disk0", &later)
+        .await
+        .unwrap();
+    assert_eq!(imp.transfer.content_digest, None);
+    assert_eq!(imp.transfer.content_hashed_bytes, 0);
+    let imported = std::fs::read(tmp.path().join("dst/vm1").join(&imp.location)).unwrap();
+    assert_eq!(
+        imported,
+        std::fs::read(tmp.path().join("store/a/disk.raw")).unwrap()
+    );
+
+    let obj = tmp.path().join("store/a/disk.raw");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&obj).unwrap();
+    f.seek(SeekFrom::Start(3 << 20)).unwrap();
+    f.write_all(&[0x5a]).unwrap();
+    drop(f);
+    let dst2 = LocalProvider::new(tmp.path().join("dst2"));
+    let e = import_disk(&*store, "a/disk.raw", &dst2, "vm1", "disk0", &later)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
+    assert!(files_under(&tmp.path().join("dst2")).is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_or_missing_stored_objects_are_refused_and_nothing_is_written() {
     let tmp = tempfile::tempdir().unwrap();

@@ -66,6 +66,7 @@ use crate::provider::{
 use crate::storage::{StorageBackend, StorageExt, validate_prefix};
 use crate::transfer::{
     ExportOptions, ImportOptions, digest_opened_disk, export_disk, import_disk, read_manifest,
+    verify_object,
 };
 use crate::{Error, ErrorKind, Result};
 use bytes::Bytes;
@@ -632,6 +633,14 @@ impl Migration {
     }
 }
 
+/// The key of the object an import of disk `d` reads: its last export round's.
+fn staged_key(d: &DiskState) -> String {
+    d.exports
+        .last()
+        .map(|r| r.key.clone())
+        .unwrap_or(d.key.clone())
+}
+
 fn short(h: &str) -> &str {
     h.get(..12).unwrap_or(h)
 }
@@ -977,11 +986,7 @@ impl Run<'_> {
             dd.verified = false;
         })
         .await?;
-        let key = d
-            .exports
-            .last()
-            .map(|r| r.key.clone())
-            .unwrap_or(d.key.clone());
+        let key = staged_key(&d);
         if let Some((location, format)) = self.import_as_stored(&st, &d, &key).await? {
             self.update(|s| {
                 let dd = &mut s.disks[i];
@@ -999,6 +1004,7 @@ impl Run<'_> {
             overwrite: false,
             pipeline: self.pipeline_for(&d.id),
             decrypt: m.decryption.clone(),
+            verified_later: self.verified_later(),
             ..Default::default()
         };
         let rep = import_disk(
@@ -1118,6 +1124,12 @@ impl Run<'_> {
         Ok(location.map(|l| (l, manifest.format)))
     }
 
+    /// Whether the verify step will re-read the imported disks from the target, so an import
+    /// can leave the SHA-256 proofs to it ([`ImportOptions::verified_later`]).
+    fn verified_later(&self) -> bool {
+        self.m.plan.verify_target && self.m.target.capabilities().export
+    }
+
     async fn verify(&self, i: usize) -> Result<()> {
         let m = self.m;
         let st = self.snapshot().await;
@@ -1134,11 +1146,27 @@ impl Run<'_> {
         {
             Ok(o) => o,
             Err(e) if e.kind() == ErrorKind::Unsupported => {
+                if self.verified_later() {
+                    // The import left its SHA-256 proofs to this step: prove the staged object
+                    // it read instead (its bytes reached the target under chunk CRC32Cs).
+                    let key = staged_key(&d);
+                    verify_object(
+                        m.storage.as_ref(),
+                        &key,
+                        &ImportOptions {
+                            pipeline: self.pipeline_for(&d.id),
+                            decrypt: m.decryption.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| e.with_disk(d.id.clone()))?;
+                }
                 self.warn(
                     Some(&d.id),
                     format!(
                         "the {} target cannot re-read a disk before its VM exists; the import \
-                         was verified on the stream it wrote ({e})",
+                         was verified on the stream it read ({e})",
                         m.target.kind()
                     ),
                 );
