@@ -169,6 +169,8 @@ def bench(vgib, dgib, ndisks, base, one_disk):
         subprocess.run(['cat'] + disks, stdout=subprocess.DEVNULL, check=True)
         for r in range(ROUNDS):
             name = '{0}-ours{1}'.format(tag, r)
+            # Earlier rounds' dirty pages are written back now, not inside the next timed run.
+            os.sync()
             total, phases, rss = ours(src_dom, dst_pool, name, store, 'm/{0}'.format(r))
             created.append(name)
             res['ours'].append(total)
@@ -180,6 +182,7 @@ def bench(vgib, dgib, ndisks, base, one_disk):
             if ndisks > 1:
                 continue
             name = '{0}-hand{1}'.format(tag, r)
+            os.sync()
             total, steps = by_hand(src_pool, 'disk0.qcow2', dst_pool, 'hand{0}.qcow2'.format(r),
                                    name, vgib, work, store)
             created.append(name)

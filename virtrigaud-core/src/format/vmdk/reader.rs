@@ -6,7 +6,7 @@ use super::descriptor::{Descriptor, ExtentKind, MAX_DESCRIPTOR, check_extent_nam
 use super::header::*;
 use crate::extent::{AllocationMap, DiskContent, Extent, ExtentStream, is_zero};
 use crate::format::DecodeOptions;
-use crate::io::{ReadAt, join_err};
+use crate::io::{ReadAt, ReadBuf, join_err};
 use crate::{Error, Result};
 use bytes::{Bytes, BytesMut};
 use flate2::{Decompress, FlushDecompress, Status};
@@ -251,47 +251,117 @@ fn allocation_of(grains: &[Grain], gb: u64, cap: u64) -> AllocationMap {
     AllocationMap::from_ranges(ranges)
 }
 
-/// Inflates one zlib-wrapped grain into at most `max` bytes.
-pub(crate) fn inflate(data: &[u8], max: usize, d: &mut Decompress) -> Result<Vec<u8>> {
+/// Inflates one zlib-wrapped grain into the front of `out` (its length is the most the grain
+/// may inflate to); returns the inflated length.
+fn inflate_into(data: &[u8], out: &mut [u8], d: &mut Decompress) -> Result<usize> {
     d.reset(true);
-    let mut out = Vec::with_capacity(max + 1);
     loop {
-        let before_in = d.total_in();
-        let before_out = d.total_out();
-        let consumed = before_in as usize;
+        let (before_in, before_out) = (d.total_in(), d.total_out());
         let status = d
-            .decompress_vec(
-                data.get(consumed..).unwrap_or(&[]),
-                &mut out,
+            .decompress(
+                data.get(before_in as usize..).unwrap_or(&[]),
+                out.get_mut(before_out as usize..).unwrap_or(&mut []),
                 FlushDecompress::Finish,
             )
             .map_err(|e| Error::corrupt(format!("VMDK grain does not inflate: {e}")))?;
-        if out.len() > max {
-            return Err(Error::corrupt(
-                "VMDK grain inflates to more than the grain size",
-            ));
-        }
         match status {
-            Status::StreamEnd => return Ok(out),
+            Status::StreamEnd => return Ok(d.total_out() as usize),
             Status::Ok | Status::BufError => {
                 if d.total_in() == before_in && d.total_out() == before_out {
-                    return Err(Error::corrupt("VMDK compressed grain truncated"));
+                    return Err(Error::corrupt(if d.total_out() as usize >= out.len() {
+                        "VMDK grain inflates to more than the grain size"
+                    } else {
+                        "VMDK compressed grain truncated"
+                    }));
                 }
             }
         }
     }
 }
 
-/// Places an inflated grain at `offset`, dropping zero bytes past the capacity.
-fn clip_to_capacity(mut data: Vec<u8>, offset: u64, cap: u64) -> Result<Vec<u8>> {
-    let room = cap.saturating_sub(offset);
-    if data.len() as u64 > room {
-        if !is_zero(&data[room as usize..]) {
-            return Err(Error::corrupt("VMDK grain data beyond the capacity").with_offset(offset));
+/// Grains of one run inflated into one buffer at most.
+const RUN_GRAINS: usize = 16;
+
+/// Inflates grains in guest order into runs: a grain that continues the current run is
+/// inflated straight into the run's buffer (pooled and page-aligned, see [`ReadBuf`]), so
+/// contiguous grains reach the encoder as extents of up to [`RUN_GRAINS`] grains, without a
+/// copy or an allocation per grain.
+struct GrainRuns {
+    d: Decompress,
+    gb: usize,
+    cap: u64,
+    /// Short grains are zero-padded to the grain size (else the run ends after them).
+    pad: bool,
+    /// (guest offset, buffer, bytes filled)
+    cur: Option<(u64, ReadBuf, usize)>,
+    out: Vec<Extent>,
+}
+
+impl GrainRuns {
+    fn new(gb: u64, cap: u64, pad: bool) -> Self {
+        GrainRuns {
+            d: Decompress::new(true),
+            gb: gb as usize,
+            cap,
+            pad,
+            cur: None,
+            out: Vec::new(),
         }
-        data.truncate(room as usize);
     }
-    Ok(data)
+
+    fn flush(&mut self) {
+        if let Some((o, b, n)) = self.cur.take()
+            && n > 0
+        {
+            self.out.push(Extent::Data {
+                offset: o,
+                bytes: b.freeze(n),
+            });
+        }
+    }
+
+    /// Inflates the grain at guest offset `off`; `left` grains (this one included) remain in
+    /// this batch, which sizes a new run's buffer.
+    fn push(&mut self, off: u64, data: &[u8], left: usize) -> Result<()> {
+        let gb = self.gb;
+        let continues = matches!(&self.cur, Some((o, b, n))
+            if *o + *n as u64 == off && b.as_ref().len() - n >= gb);
+        if !continues {
+            self.flush();
+            let grains = left.clamp(1, RUN_GRAINS);
+            self.cur = Some((off, ReadBuf::new(grains * gb), 0));
+        }
+        let Some((_, buf, n)) = self.cur.as_mut() else {
+            return Err(Error::corrupt("VMDK grain run lost"));
+        };
+        let at = *n;
+        let slot = &mut buf.as_mut()[at..at + gb];
+        let mut len = inflate_into(data, slot, &mut self.d).map_err(|e| e.with_offset(off))?;
+        // Zero bytes past the capacity are dropped; data there is corrupt.
+        let room = self.cap.saturating_sub(off);
+        if len as u64 > room {
+            if !is_zero(&slot[room as usize..len]) {
+                return Err(Error::corrupt("VMDK grain data beyond the capacity").with_offset(off));
+            }
+            len = room as usize;
+        }
+        let full = (gb as u64).min(room) as usize;
+        if self.pad && len < full {
+            slot[len..full].fill(0);
+            len = full;
+        }
+        *n += len;
+        if len < gb {
+            // A short grain ends its run: the next grain does not start where it ends.
+            self.flush();
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Vec<Extent> {
+        self.flush();
+        self.out
+    }
 }
 
 /// Decodes a sparse VMDK read by ranges.
@@ -423,36 +493,13 @@ async fn read_compressed_batch(
     let gb = h.grain_bytes();
     let cap = h.capacity_bytes();
     tokio::task::spawn_blocking(move || -> Result<Vec<Extent>> {
-        let mut d = Decompress::new(true);
-        let mut out: Vec<Extent> = Vec::new();
-        let mut run: Option<(u64, BytesMut)> = None;
-        for (index, data) in jobs {
-            let off = index * gb;
-            let mut g = inflate(&data, gb as usize, &mut d).map_err(|e| e.with_offset(off))?;
-            g = clip_to_capacity(g, off, cap)?;
-            // Short grains read as zero-padded.
-            let full = gb.min(cap - off) as usize;
-            g.resize(full, 0);
-            match &mut run {
-                Some((o, b)) if *o + b.len() as u64 == off => b.extend_from_slice(&g),
-                _ => {
-                    if let Some((o, b)) = run.take() {
-                        out.push(Extent::Data {
-                            offset: o,
-                            bytes: b.freeze(),
-                        });
-                    }
-                    run = Some((off, BytesMut::from(&g[..])));
-                }
-            }
+        // Short grains read as zero-padded.
+        let mut runs = GrainRuns::new(gb, cap, true);
+        let n = jobs.len();
+        for (i, (index, data)) in jobs.into_iter().enumerate() {
+            runs.push(index * gb, &data, n - i)?;
         }
-        if let Some((o, b)) = run.take() {
-            out.push(Extent::Data {
-                offset: o,
-                bytes: b.freeze(),
-            });
-        }
-        Ok(out)
+        Ok(runs.finish())
     })
     .await
     .map_err(join_err)?
@@ -687,18 +734,12 @@ pub(crate) async fn decode_sequential(
     })
     .map_ok(move |batch| async move {
         tokio::task::spawn_blocking(move || -> Result<Vec<Extent>> {
-            let mut d = Decompress::new(true);
-            let mut out = Vec::with_capacity(batch.len());
-            for (lba, data) in batch {
-                let off = lba * SECTOR;
-                let g = inflate(&data, gb as usize, &mut d).map_err(|e| e.with_offset(off))?;
-                let g = clip_to_capacity(g, off, cap)?;
-                out.push(Extent::Data {
-                    offset: off,
-                    bytes: Bytes::from(g),
-                });
+            let mut runs = GrainRuns::new(gb, cap, false);
+            let n = batch.len();
+            for (i, (lba, data)) in batch.into_iter().enumerate() {
+                runs.push(lba * SECTOR, &data, n - i)?;
             }
-            Ok(out)
+            Ok(runs.finish())
         })
         .await
         .map_err(join_err)?
@@ -987,4 +1028,101 @@ pub(crate) async fn probe(src: &dyn ReadAt) -> Result<u64> {
         return Ok(read_descriptor(src).await?.virtual_size());
     }
     Err(Error::corrupt("not a VMDK image"))
+}
+
+#[cfg(test)]
+mod grain_run_tests {
+    use super::*;
+    use flate2::Compression;
+    use flate2::write::ZlibEncoder;
+    use std::io::Write;
+
+    fn zlib(data: &[u8]) -> Vec<u8> {
+        let mut e = ZlibEncoder::new(Vec::new(), Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn data_of(extents: &[Extent]) -> Vec<(u64, Vec<u8>)> {
+        extents
+            .iter()
+            .map(|e| match e {
+                Extent::Data { offset, bytes } => (*offset, bytes.to_vec()),
+                Extent::Zero { .. } => panic!("a zero extent from inflated grains"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_grain_larger_than_its_slot_or_cut_short_is_corrupt() {
+        let mut d = Decompress::new(true);
+        let mut slot = vec![0u8; 4096];
+        let e = inflate_into(&zlib(&[7u8; 4097]), &mut slot, &mut d).unwrap_err();
+        assert!(e.to_string().contains("more than the grain size"), "{e}");
+        let z = zlib(&crate::testdata::noise(3, 4096));
+        let e = inflate_into(&z[..z.len() - 9], &mut slot, &mut d).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+        // exactly the slot's size is fine
+        assert_eq!(inflate_into(&z, &mut slot, &mut d).unwrap(), 4096);
+        assert_eq!(slot, crate::testdata::noise(3, 4096));
+    }
+
+    #[test]
+    fn contiguous_grains_share_one_buffer_and_gaps_start_a_new_run() {
+        let gb = 4096u64;
+        let g = |seed| crate::testdata::noise(seed, gb as usize);
+        let mut r = GrainRuns::new(gb, 64 * gb, false);
+        r.push(0, &zlib(&g(1)), 4).unwrap();
+        r.push(gb, &zlib(&g(2)), 3).unwrap();
+        r.push(5 * gb, &zlib(&g(3)), 2).unwrap();
+        r.push(6 * gb, &zlib(&g(4)[..100]), 1).unwrap();
+        let got = data_of(&r.finish());
+        assert_eq!(
+            got,
+            vec![
+                (0, [g(1), g(2)].concat()),
+                (5 * gb, [g(3), g(4)[..100].to_vec()].concat()),
+            ]
+        );
+    }
+
+    #[test]
+    fn more_grains_than_one_run_holds_continue_in_a_new_run() {
+        let gb = 4096u64;
+        let n = RUN_GRAINS + 3;
+        let mut r = GrainRuns::new(gb, 64 * gb, false);
+        for i in 0..n {
+            r.push(i as u64 * gb, &zlib(&[i as u8 + 1; 4096]), n - i)
+                .unwrap();
+        }
+        let got = data_of(&r.finish());
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].1.len(), RUN_GRAINS * 4096);
+        assert_eq!(got[1].0, RUN_GRAINS as u64 * gb);
+        let flat: Vec<u8> = got.into_iter().flat_map(|(_, b)| b).collect();
+        let want: Vec<u8> = (0..n).flat_map(|i| vec![i as u8 + 1; 4096]).collect();
+        assert_eq!(flat, want);
+    }
+
+    #[test]
+    fn short_grains_pad_when_asked_and_the_capacity_clips_zeros_only() {
+        let gb = 4096u64;
+        let mut r = GrainRuns::new(gb, 10_000, true);
+        r.push(0, &zlib(&[5u8; 100]), 3).unwrap();
+        r.push(gb, &zlib(&[6u8; 4096]), 2).unwrap();
+        // the last grain crosses the capacity (10 000): zeros past it are dropped
+        let mut last = vec![7u8; 10_000 - 2 * 4096];
+        last.resize(4096, 0);
+        r.push(2 * gb, &zlib(&last), 1).unwrap();
+        let got = data_of(&r.finish());
+        let mut want = vec![5u8; 100];
+        want.resize(4096, 0);
+        want.extend_from_slice(&[6u8; 4096]);
+        want.extend_from_slice(&[7u8; 10_000 - 2 * 4096]);
+        assert_eq!(got, vec![(0, want)]);
+
+        let mut r = GrainRuns::new(gb, 10_000, true);
+        let e = r.push(2 * gb, &zlib(&[7u8; 4096]), 1).unwrap_err();
+        assert!(e.to_string().contains("beyond the capacity"), "{e}");
+    }
 }
