@@ -680,6 +680,97 @@ impl StorageBackend for OneByteGets {
     }
 }
 
+/// Wraps a backend and counts the bytes its GETs deliver.
+#[derive(Debug)]
+struct CountingGets(Arc<dyn StorageBackend>, Arc<std::sync::atomic::AtomicU64>);
+
+#[async_trait::async_trait]
+impl StorageBackend for CountingGets {
+    fn location(&self) -> String {
+        self.0.location()
+    }
+    fn capabilities(&self) -> StorageCapabilities {
+        self.0.capabilities()
+    }
+    async fn put(&self, key: &str, opts: &PutOptions) -> Result<Box<dyn ByteSink>> {
+        self.0.put(key, opts).await
+    }
+    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> Result<ByteStream> {
+        let n = self.1.clone();
+        let inner = self.0.get(key, range).await?;
+        Ok(inner
+            .inspect(move |r| {
+                if let Ok(b) = r {
+                    n.fetch_add(b.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
+            .boxed())
+    }
+    async fn stat(&self, key: &str) -> Result<ObjectMeta> {
+        self.0.stat(key).await
+    }
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.0.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        self.0.list(prefix).await
+    }
+}
+
+/// A raw object that is mostly holes is imported by ranged reads of its mapped data (a
+/// server never reads the holes), and still gives the disk byte for byte; `verify_object`
+/// reads every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sparse_raw_object_is_imported_by_reading_its_mapped_data_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 64u64 << 20;
+    let src = provider_with_disk(
+        &tmp.path().join("src"),
+        size,
+        &[
+            (1 << 20, pattern(1 << 20, 5)),
+            (40 << 20, pattern(300_000, 6)),
+        ],
+    )
+    .await;
+    let store = virtrigaud_storage_fs(tmp.path().join("store"));
+    let exp = export_disk(&src, "vm1", "disk0", &*store, "s/disk.raw", &raw_export())
+        .await
+        .unwrap();
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counting: Arc<dyn StorageBackend> = Arc::new(CountingGets(store.clone(), read.clone()));
+    let dst = LocalProvider::new(tmp.path().join("dst"));
+    let imp = import_disk(
+        &*counting,
+        "s/disk.raw",
+        &dst,
+        "vm1",
+        "disk0",
+        &ImportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        imp.transfer.content_digest,
+        Some(exp.manifest.content_digest.value.clone())
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join("dst/vm1").join(&imp.location)).unwrap(),
+        std::fs::read(tmp.path().join("store/s/disk.raw")).unwrap()
+    );
+    let n = read.swap(0, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        n < 4 << 20,
+        "the import read {n} bytes of a 64 MiB object with 1.3 MiB of data"
+    );
+    verify_object(&*counting, "s/disk.raw", &ImportOptions::default())
+        .await
+        .unwrap();
+    // every byte of the object, and its manifest
+    let n = read.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((size..size + (64 << 10)).contains(&n), "verify_object read {n} bytes");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_verifies_a_store_that_returns_one_byte_at_a_time() {
     let tmp = tempfile::tempdir().unwrap();
