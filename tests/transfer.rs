@@ -768,7 +768,10 @@ async fn a_sparse_raw_object_is_imported_by_reading_its_mapped_data_only() {
         .unwrap();
     // every byte of the object, and its manifest
     let n = read.load(std::sync::atomic::Ordering::SeqCst);
-    assert!((size..size + (64 << 10)).contains(&n), "verify_object read {n} bytes");
+    assert!(
+        (size..size + (64 << 10)).contains(&n),
+        "verify_object read {n} bytes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -364,7 +364,7 @@ fn print_result(json: bool, v: serde_json::Value, text: String) {
         }
         json_line(v);
     } else {
-        println!("{text}");
+        output::out_line(text);
     }
 }
 
@@ -908,22 +908,22 @@ async fn migrate(
     }
     let report = result?;
     if !json {
-        println!(
+        output::out_line(format_args!(
             "migrated {} → {} ({} disk(s), {} exported and {} imported by this run)",
             a.vm,
             report.state.target_name,
             report.state.disks.len(),
             report.exported_now,
             report.imported_now
-        );
+        ));
         for d in &report.state.disks {
-            println!(
+            output::out_line(format_args!(
                 "  {} → {}  content {}{}",
                 d.id,
                 d.target_location.as_deref().unwrap_or("-"),
                 d.content_digest.as_deref().unwrap_or("-"),
                 if d.verified { "  verified" } else { "" }
-            );
+            ));
         }
     }
     Ok(())

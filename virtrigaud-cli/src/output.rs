@@ -41,7 +41,14 @@ pub fn json_line(mut v: serde_json::Value) {
     if let Some(o) = v.as_object_mut() {
         o.insert("v".into(), JSON_SCHEMA.into());
     }
-    println!("{v}");
+    out_line(v);
+}
+
+/// Writes one line to stdout. A reader that went away (`virtrigaud … | head -1`) is not an
+/// error, and never a panic: the work goes on, and its outcome still reaches the exit status.
+pub(crate) fn out_line(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 /// What a plan's total bar shows: VMs finished (and failed) out of all, and the data bytes

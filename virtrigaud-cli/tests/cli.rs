@@ -982,3 +982,25 @@ fn an_encrypted_staging_through_the_binary() {
     );
     ok(&["--identity", id_s, "verify", &via, &key]);
 }
+
+/// A reader that goes away (`virtrigaud … | head -1`) is no panic and no failure: the export
+/// finishes, is stored, and the exit status is success.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("disk.raw");
+    std::fs::write(&img, pattern(1 << 20, 11)).unwrap();
+    let store = format!("file://{}", t.path().join("store").display());
+    let mut child = bin()
+        .args(["-q", "export", img.to_str().unwrap(), &store, "k"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before anything is printed
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{:?}: {err}", o.status);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(t.path().join("store/k.manifest.json").exists());
+}
