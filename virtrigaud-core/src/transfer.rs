@@ -349,7 +349,7 @@ impl StreamHasher {
     }
 }
 
-/// Streams the object (as [`feed_object`] reads it) through its chunk digests and (with
+/// Streams the object (as [`object_feeder`] reads it) through its chunk digests and (with
 /// `whole`) its whole SHA-256, forwarding the extents to `tx`. Stops early (at a chunk
 /// boundary) when `stop` fires, and forwards an error when a chunk does not match so the
 /// consumer stops.
@@ -555,13 +555,14 @@ pub async fn import_disk(
         let stop = CancellationToken::new();
         let (feed_tx, source, verifier, state) =
             verified_source(&manifest, !opts.verified_later, stop.clone());
-        let feeder = feed_object(
+        let (_whole_read, feeder) = object_feeder(
             storage,
             key,
             manifest.stored_size,
             sparse_reads(&manifest),
             feed_tx,
-        );
+        )
+        .await?;
         with_feeder(
             async {
                 let mismatch = |state: &Arc<Mutex<VerifyState>>| {
@@ -690,7 +691,8 @@ pub async fn verify_object(
     let stop = CancellationToken::new();
     let (feed_tx, source, verifier, state) = verified_source(&manifest, true, stop.clone());
     // Read whole: this proves the stored object itself, holes included.
-    let feeder = feed_object(storage, key, manifest.stored_size, None, feed_tx);
+    let (_whole_read, feeder) =
+        object_feeder(storage, key, manifest.stored_size, None, feed_tx).await?;
     with_feeder(
         check_object(&manifest, key, opts, decrypt, source, verifier, state, stop),
         feeder,
@@ -834,59 +836,89 @@ fn sparse_reads(manifest: &Manifest) -> Option<Vec<std::ops::Range<u64>>> {
     (reads.len() <= SPARSE_MAX_READS && read <= size / 4 * 3).then_some(reads)
 }
 
-/// Reads the object at `key` into `tx` as extents in order: whole, or (see [`sparse_reads`])
-/// the ranges worth reading with zero extents between them. Ends early, quietly, when the
-/// receiver is gone; a read error is forwarded.
-async fn feed_object(
+/// Forwards `stream` (object bytes from offset `pos`) to `tx` as data extents; returns the
+/// offset reached, or `None` when the receiver is gone or a read failed (the error is
+/// forwarded).
+async fn forward_bytes(
+    mut stream: crate::io::ByteStream,
+    mut pos: u64,
+    tx: &tokio::sync::mpsc::Sender<Result<Extent>>,
+) -> Option<u64> {
+    while let Some(b) = stream.next().await {
+        let item = b.map(|bytes| {
+            let offset = pos;
+            pos += bytes.len() as u64;
+            Extent::Data { offset, bytes }
+        });
+        let failed = item.is_err();
+        if tx.send(item).await.is_err() || failed {
+            return None;
+        }
+    }
+    Some(pos)
+}
+
+/// Ranged reads of `reads` (see [`sparse_reads`]) into `tx`, with zero extents between them
+/// up to `size`. Ends early, quietly, when the receiver is gone; a read error is forwarded.
+async fn feed_ranges(
     storage: &dyn StorageBackend,
     key: &str,
     size: u64,
-    reads: Option<Vec<std::ops::Range<u64>>>,
+    reads: Vec<std::ops::Range<u64>>,
     tx: tokio::sync::mpsc::Sender<Result<Extent>>,
 ) {
-    let ranges = match &reads {
-        Some(r) => r.iter().map(|r| Some(r.clone())).collect(),
-        None => vec![None],
-    };
     let mut pos = 0u64;
-    for range in ranges {
-        let start = range.as_ref().map_or(0, |r| r.start);
-        if start > pos {
+    for range in reads.into_iter().chain(std::iter::once(size..size)) {
+        if range.start > pos {
             let zero = Extent::Zero {
                 offset: pos,
-                len: start - pos,
+                len: range.start - pos,
             };
             if tx.send(Ok(zero)).await.is_err() {
                 return;
             }
-            pos = start;
+            pos = range.start;
         }
-        let mut stream = match storage.get(key, range).await {
+        if range.is_empty() {
+            continue;
+        }
+        let stream = match storage.get(key, Some(range)).await {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx.send(Err(e.with_target(key.to_string()))).await;
                 return;
             }
         };
-        while let Some(b) = stream.next().await {
-            let item = b.map(|bytes| {
-                let offset = pos;
-                pos += bytes.len() as u64;
-                Extent::Data { offset, bytes }
-            });
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
-                return;
-            }
+        match forward_bytes(stream, pos, &tx).await {
+            Some(p) => pos = p,
+            None => return,
         }
     }
-    if reads.is_some() && pos < size {
-        let _ = tx
-            .send(Ok(Extent::Zero {
-                offset: pos,
-                len: size - pos,
-            }))
-            .await;
+}
+
+/// The reads that feed a verifying read of the object at `key` to `tx`: a whole read runs on
+/// a task of its own (returned, aborted when dropped); ranged reads ([`sparse_reads`]), which
+/// borrow the store, run in the returned future, which the caller drives beside its own work
+/// ([`with_feeder`]).
+async fn object_feeder<'a>(
+    storage: &'a dyn StorageBackend,
+    key: &'a str,
+    size: u64,
+    reads: Option<Vec<std::ops::Range<u64>>>,
+    tx: tokio::sync::mpsc::Sender<Result<Extent>>,
+) -> Result<(Option<AbortOnDrop<()>>, futures::future::BoxFuture<'a, ()>)> {
+    match reads {
+        None => {
+            let stream = storage
+                .get(key, None)
+                .await
+                .map_err(|e| e.with_target(key.to_string()))?;
+            let task = AbortOnDrop(tokio::spawn(async move {
+                let _ = forward_bytes(stream, 0, &tx).await;
+            }));
+            Ok((Some(task), Box::pin(futures::future::ready(()))))
+        }
+        Some(reads) => Ok((None, Box::pin(feed_ranges(storage, key, size, reads, tx)))),
     }
 }
 
@@ -904,7 +936,7 @@ async fn with_feeder<T>(main: impl Future<Output = T>, feeder: impl Future<Outpu
     }
 }
 
-/// A stored object's extents (fed to the returned sender by [`feed_object`]) wrapped by
+/// A stored object's extents (fed to the returned sender by [`object_feeder`]) wrapped by
 /// [`verify_stream`] on its own task: the sender, the image source a decoder reads, the
 /// verifier's handle, and its mismatch record.
 #[allow(clippy::type_complexity)]
