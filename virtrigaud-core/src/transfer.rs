@@ -564,115 +564,128 @@ pub async fn import_disk(
         )
         .await?;
         with_feeder(
-            async {
-                let mismatch = |state: &Arc<Mutex<VerifyState>>| {
-                    state.lock().ok().and_then(|s| s.mismatch.clone())
-                };
-                let result = async {
-                    let source = match (&manifest.encryption, &opts.decrypt) {
-                        (Some(info), Some(d)) => {
-                            crate::crypt::decrypt_source(source, d, info).await?
-                        }
-                        _ => source,
-                    };
-                    let (_, mut content) =
-                        format::decode(source, Some(manifest.format), &opts.decode).await?;
-                    if content.allocation.is_none() {
-                        // A stream cannot tell where the data is before it arrives; the manifest can.
-                        // Aligned out to the zero-detection block: a block holding any data at export
-                        // holds it now, and zero detection hands the encoder whole blocks.
-                        content.allocation = manifest
-                            .allocation_map()
-                            .map(|m| m.aligned(opts.pipeline.zero_block, manifest.virtual_size));
-                    }
-                    if content.virtual_size != manifest.virtual_size {
-                        return Err(Error::new(
-                            ErrorKind::ChecksumMismatch,
-                            format!(
-                                "decoded virtual size {} differs from the manifest's {}",
-                                content.virtual_size, manifest.virtual_size
-                            ),
-                        ));
-                    }
-                    let created = provider
-                        .create_disk(&DiskCreateSpec {
-                            vm: vm.to_string(),
-                            name: name.to_string(),
-                            capacity: manifest.virtual_size,
-                            format: opts.format,
-                            placement: opts.placement.clone(),
-                            overwrite: opts.overwrite,
-                        })
-                        .await?;
-                    let (report, sink) = pipeline::run(
-                        content,
-                        created.sink,
-                        pipeline::Job {
-                            format: created.format,
-                            encode: &opts.encode,
-                            content_digest: !opts.verified_later,
-                            hash_object: false,
-                            phase: Phase::Import,
-                            label: name,
-                        },
-                        &opts.pipeline,
-                    )
-                    .await?;
-                    Ok((report, sink, created.location, created.format))
-                }
-                .await;
-                let (report, sink, location, fmt) = match result {
-                    Ok(v) => v,
-                    Err(e) => {
-                        stop.cancel();
-                        let _ = verifier.await;
-                        if let Some(why) = mismatch(&state) {
-                            return Err(Error::new(ErrorKind::ChecksumMismatch, why)
-                                .with_target(key.to_string())
-                                .with_operation("import_disk"));
-                        }
-                        return Err(e.with_operation("import_disk").with_target(key.to_string()));
-                    }
-                };
-                let verified = verifier.await.map_err(join_err).and_then(|r| r);
-                let content_ok = opts.verified_later
-                    || report.content_digest.as_deref()
-                        == Some(manifest.content_digest.value.as_str());
-                match verified {
-                    Ok(true) if content_ok => {
-                        sink.commit().await?;
-                        info!(location = %location, "disk imported and verified");
-                        Ok(ImportReport {
-                            manifest,
-                            location,
-                            format: fmt,
-                            transfer: report,
-                        })
-                    }
-                    Ok(_) => {
-                        let _ = sink.abort().await;
-                        Err(Error::new(
-                            ErrorKind::ChecksumMismatch,
-                            format!(
-                                "content digest {} differs from the manifest's {}",
-                                report.content_digest.as_deref().unwrap_or("(none)"),
-                                manifest.content_digest.value
-                            ),
-                        )
-                        .with_target(key.to_string()))
-                    }
-                    Err(e) => {
-                        let _ = sink.abort().await;
-                        Err(e.with_target(key.to_string()).with_operation("import_disk"))
-                    }
-                }
-            },
+            import_fed(
+                manifest, provider, vm, name, key, opts, source, verifier, state, stop,
+            ),
             feeder,
         )
         .await
     }
     .instrument(span)
     .await
+}
+
+/// [`import_disk`]'s work on the object fed to `source`: decode, create the disk, write it
+/// through the pipeline, and commit it only when the verifier and the content digest agree.
+#[allow(clippy::too_many_arguments)]
+async fn import_fed(
+    manifest: Manifest,
+    provider: &dyn Provider,
+    vm: &str,
+    name: &str,
+    key: &str,
+    opts: &ImportOptions,
+    source: ImageSource,
+    verifier: AbortOnDrop<Result<bool>>,
+    state: Arc<Mutex<VerifyState>>,
+    stop: CancellationToken,
+) -> Result<ImportReport> {
+    let mismatch =
+        |state: &Arc<Mutex<VerifyState>>| state.lock().ok().and_then(|s| s.mismatch.clone());
+    let result = async {
+        let source = match (&manifest.encryption, &opts.decrypt) {
+            (Some(info), Some(d)) => crate::crypt::decrypt_source(source, d, info).await?,
+            _ => source,
+        };
+        let (_, mut content) = format::decode(source, Some(manifest.format), &opts.decode).await?;
+        if content.allocation.is_none() {
+            // A stream cannot tell where the data is before it arrives; the manifest can.
+            // Aligned out to the zero-detection block: a block holding any data at export
+            // holds it now, and zero detection hands the encoder whole blocks.
+            content.allocation = manifest
+                .allocation_map()
+                .map(|m| m.aligned(opts.pipeline.zero_block, manifest.virtual_size));
+        }
+        if content.virtual_size != manifest.virtual_size {
+            return Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!(
+                    "decoded virtual size {} differs from the manifest's {}",
+                    content.virtual_size, manifest.virtual_size
+                ),
+            ));
+        }
+        let created = provider
+            .create_disk(&DiskCreateSpec {
+                vm: vm.to_string(),
+                name: name.to_string(),
+                capacity: manifest.virtual_size,
+                format: opts.format,
+                placement: opts.placement.clone(),
+                overwrite: opts.overwrite,
+            })
+            .await?;
+        let (report, sink) = pipeline::run(
+            content,
+            created.sink,
+            pipeline::Job {
+                format: created.format,
+                encode: &opts.encode,
+                content_digest: !opts.verified_later,
+                hash_object: false,
+                phase: Phase::Import,
+                label: name,
+            },
+            &opts.pipeline,
+        )
+        .await?;
+        Ok((report, sink, created.location, created.format))
+    }
+    .await;
+    let (report, sink, location, fmt) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            stop.cancel();
+            let _ = verifier.await;
+            if let Some(why) = mismatch(&state) {
+                return Err(Error::new(ErrorKind::ChecksumMismatch, why)
+                    .with_target(key.to_string())
+                    .with_operation("import_disk"));
+            }
+            return Err(e.with_operation("import_disk").with_target(key.to_string()));
+        }
+    };
+    let verified = verifier.await.map_err(join_err).and_then(|r| r);
+    let content_ok = opts.verified_later
+        || report.content_digest.as_deref() == Some(manifest.content_digest.value.as_str());
+    match verified {
+        Ok(true) if content_ok => {
+            sink.commit().await?;
+            info!(location = %location, "disk imported and verified");
+            Ok(ImportReport {
+                manifest,
+                location,
+                format: fmt,
+                transfer: report,
+            })
+        }
+        Ok(_) => {
+            let _ = sink.abort().await;
+            Err(Error::new(
+                ErrorKind::ChecksumMismatch,
+                format!(
+                    "content digest {} differs from the manifest's {}",
+                    report.content_digest.as_deref().unwrap_or("(none)"),
+                    manifest.content_digest.value
+                ),
+            )
+            .with_target(key.to_string()))
+        }
+        Err(e) => {
+            let _ = sink.abort().await;
+            Err(e.with_target(key.to_string()).with_operation("import_disk"))
+        }
+    }
 }
 
 /// Re-reads the object at `key` and checks its size, SHA-256, chunk digests and content digest
