@@ -274,22 +274,37 @@ fn virtrigaud_storage_fs(root: std::path::PathBuf) -> Arc<dyn StorageBackend> {
     Arc::new(virtrigaud::storage::FsBackend::new(root))
 }
 
-/// An import whose caller verifies the target afterwards hashes no SHA-256 of its own, yet
-/// a damaged object still stops it (per-chunk CRC32C) before anything becomes visible.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_import_verified_later_skips_its_digests_but_still_refuses_a_damaged_object() {
+/// A 16 MiB local disk with 4 MiB of data at 1 MiB (pattern `seed`), exported as a raw object
+/// at `a/disk.raw` of a filesystem store: (temp dir, source provider, store).
+async fn exported_raw_disk(
+    seed: u64,
+) -> (tempfile::TempDir, LocalProvider, Arc<dyn StorageBackend>) {
     let tmp = tempfile::tempdir().unwrap();
-    let size = 16u64 << 20;
     let src = provider_with_disk(
         &tmp.path().join("src"),
-        size,
-        &[(1 << 20, pattern(4 << 20, 9))],
+        16 << 20,
+        &[(1 << 20, pattern(4 << 20, seed))],
     )
     .await;
     let store = virtrigaud_storage_fs(tmp.path().join("store"));
     export_disk(&src, "vm1", "disk0", &*store, "a/disk.raw", &raw_export())
         .await
         .unwrap();
+    (tmp, src, store)
+}
+
+/// Overwrites the byte at `at` of the file at `path` with 0x5a.
+fn flip_byte(path: &std::path::Path, at: u64) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&[0x5a]).unwrap();
+}
+
+/// An import whose caller verifies the target afterwards hashes no SHA-256 of its own, yet
+/// a damaged object still stops it (per-chunk CRC32C) before anything becomes visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_verified_later_skips_its_digests_but_still_refuses_a_damaged_object() {
+    let (tmp, _src, store) = exported_raw_disk(9).await;
     let later = ImportOptions {
         verified_later: true,
         ..Default::default()
@@ -307,10 +322,7 @@ async fn an_import_verified_later_skips_its_digests_but_still_refuses_a_damaged_
     );
 
     let obj = tmp.path().join("store/a/disk.raw");
-    let mut f = std::fs::OpenOptions::new().write(true).open(&obj).unwrap();
-    f.seek(SeekFrom::Start(3 << 20)).unwrap();
-    f.write_all(&[0x5a]).unwrap();
-    drop(f);
+    flip_byte(&obj, 3 << 20);
     let dst2 = LocalProvider::new(tmp.path().join("dst2"));
     let e = import_disk(&*store, "a/disk.raw", &dst2, "vm1", "disk0", &later)
         .await
@@ -321,26 +333,13 @@ async fn an_import_verified_later_skips_its_digests_but_still_refuses_a_damaged_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_or_missing_stored_objects_are_refused_and_nothing_is_written() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, src, store) = exported_raw_disk(7).await;
     let size = 16u64 << 20;
-    let src = provider_with_disk(
-        &tmp.path().join("src"),
-        size,
-        &[(1 << 20, pattern(4 << 20, 7))],
-    )
-    .await;
-    let store = virtrigaud_storage_fs(tmp.path().join("store"));
-    export_disk(&src, "vm1", "disk0", &*store, "a/disk.raw", &raw_export())
-        .await
-        .unwrap();
     let obj = tmp.path().join("store/a/disk.raw");
     let dst = LocalProvider::new(tmp.path().join("dst"));
 
     // one flipped byte in the middle
-    let mut f = std::fs::OpenOptions::new().write(true).open(&obj).unwrap();
-    f.seek(SeekFrom::Start(3 << 20)).unwrap();
-    f.write_all(&[0x5a]).unwrap();
-    drop(f);
+    flip_byte(&obj, 3 << 20);
     let e = import_disk(
         &*store,
         "a/disk.raw",
@@ -640,80 +639,78 @@ async fn bad_input_gets_clear_errors() {
     );
 }
 
-/// Wraps a backend so that every GET hands out one byte at a time.
-#[derive(Debug)]
-struct OneByteGets(Arc<dyn StorageBackend>);
+/// Wraps a backend so that every GET stream passes through `map` (tests that starve or count
+/// the reads).
+struct MappedGets {
+    inner: Arc<dyn StorageBackend>,
+    map: Box<dyn Fn(ByteStream) -> ByteStream + Send + Sync>,
+}
 
-#[async_trait::async_trait]
-impl StorageBackend for OneByteGets {
-    fn location(&self) -> String {
-        self.0.location()
-    }
-    fn capabilities(&self) -> StorageCapabilities {
-        self.0.capabilities()
-    }
-    async fn put(&self, key: &str, opts: &PutOptions) -> Result<Box<dyn ByteSink>> {
-        self.0.put(key, opts).await
-    }
-    async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> Result<ByteStream> {
-        let inner = self.0.get(key, range).await?;
-        Ok(inner
-            .flat_map(|r| match r {
-                Ok(b) => futures::stream::iter(
-                    (0..b.len())
-                        .map(move |i| Ok(b.slice(i..i + 1)))
-                        .collect::<Vec<_>>(),
-                )
-                .left_stream(),
-                Err(e) => futures::stream::iter(vec![Err(e)]).right_stream(),
-            })
-            .boxed())
-    }
-    async fn stat(&self, key: &str) -> Result<ObjectMeta> {
-        self.0.stat(key).await
-    }
-    async fn delete(&self, key: &str) -> Result<()> {
-        self.0.delete(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
-        self.0.list(prefix).await
+impl std::fmt::Debug for MappedGets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MappedGets")
     }
 }
 
-/// Wraps a backend and counts the bytes its GETs deliver.
-#[derive(Debug)]
-struct CountingGets(Arc<dyn StorageBackend>, Arc<std::sync::atomic::AtomicU64>);
+impl MappedGets {
+    /// Every GET hands out one byte at a time.
+    fn one_byte_at_a_time(inner: Arc<dyn StorageBackend>) -> Self {
+        MappedGets {
+            inner,
+            map: Box::new(|s| {
+                s.flat_map(|r| match r {
+                    Ok(b) => futures::stream::iter(
+                        (0..b.len())
+                            .map(move |i| Ok(b.slice(i..i + 1)))
+                            .collect::<Vec<_>>(),
+                    )
+                    .left_stream(),
+                    Err(e) => futures::stream::iter(vec![Err(e)]).right_stream(),
+                })
+                .boxed()
+            }),
+        }
+    }
+
+    /// Counts the bytes every GET delivers into `n`.
+    fn counting(inner: Arc<dyn StorageBackend>, n: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        MappedGets {
+            inner,
+            map: Box::new(move |s| {
+                let n = n.clone();
+                s.inspect(move |r| {
+                    if let Ok(b) = r {
+                        n.fetch_add(b.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                    }
+                })
+                .boxed()
+            }),
+        }
+    }
+}
 
 #[async_trait::async_trait]
-impl StorageBackend for CountingGets {
+impl StorageBackend for MappedGets {
     fn location(&self) -> String {
-        self.0.location()
+        self.inner.location()
     }
     fn capabilities(&self) -> StorageCapabilities {
-        self.0.capabilities()
+        self.inner.capabilities()
     }
     async fn put(&self, key: &str, opts: &PutOptions) -> Result<Box<dyn ByteSink>> {
-        self.0.put(key, opts).await
+        self.inner.put(key, opts).await
     }
     async fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> Result<ByteStream> {
-        let n = self.1.clone();
-        let inner = self.0.get(key, range).await?;
-        Ok(inner
-            .inspect(move |r| {
-                if let Ok(b) = r {
-                    n.fetch_add(b.len() as u64, std::sync::atomic::Ordering::SeqCst);
-                }
-            })
-            .boxed())
+        Ok((self.map)(self.inner.get(key, range).await?))
     }
     async fn stat(&self, key: &str) -> Result<ObjectMeta> {
-        self.0.stat(key).await
+        self.inner.stat(key).await
     }
     async fn delete(&self, key: &str) -> Result<()> {
-        self.0.delete(key).await
+        self.inner.delete(key).await
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
-        self.0.list(prefix).await
+        self.inner.list(prefix).await
     }
 }
 
@@ -738,7 +735,8 @@ async fn a_sparse_raw_object_is_imported_by_reading_its_mapped_data_only() {
         .await
         .unwrap();
     let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counting: Arc<dyn StorageBackend> = Arc::new(CountingGets(store.clone(), read.clone()));
+    let counting: Arc<dyn StorageBackend> =
+        Arc::new(MappedGets::counting(store.clone(), read.clone()));
     let dst = LocalProvider::new(tmp.path().join("dst"));
     let imp = import_disk(
         &*counting,
@@ -790,7 +788,7 @@ async fn import_verifies_a_store_that_returns_one_byte_at_a_time() {
     let exp = export_disk(&src, "vm1", "disk0", &*store, "one/disk.raw", &opts)
         .await
         .unwrap();
-    let slow: Arc<dyn StorageBackend> = Arc::new(OneByteGets(store.clone()));
+    let slow: Arc<dyn StorageBackend> = Arc::new(MappedGets::one_byte_at_a_time(store.clone()));
     let dst = LocalProvider::new(tmp.path().join("dst"));
     let imp = import_disk(
         &*slow,
