@@ -26,8 +26,10 @@ libvirt+qemu+tcp://host/system, libvirt+qemu+ssh://user@host/system, \
 vsphere://user@vcenter/Datacenter?thumbprint=SHA256, \
 proxmox://user@realm!token@host:8006/node?fingerprint=SHA256. Stores: file:///dir, \
 s3://bucket/prefix (AWS_* variables), http(s)://host/path (WebDAV), nfs://host/export/path. \
-Secrets only from VIRTRIGAUD_VSPHERE_PASSWORD / VIRTRIGAUD_PROXMOX_PASSWORD or --password-file, \
-never from a URL.";
+Secrets only from VIRTRIGAUD_VSPHERE_PASSWORD / VIRTRIGAUD_PROXMOX_PASSWORD, --password-file \
+or a prompt (no echo) when stdin is a terminal; store credentials from AWS_ACCESS_KEY_ID / \
+AWS_SECRET_ACCESS_KEY (s3) and VIRTRIGAUD_WEBDAV_USER / _PASSWORD / _TOKEN (http); a secret in \
+a URL is refused.";
 
 /// Migrate virtual machines between libvirt/KVM, VMware vSphere and Proxmox VE.
 #[derive(Debug, Parser)]
@@ -385,9 +387,7 @@ async fn run(cli: Cli) -> Result<()> {
         .map(virtrigaud::crypt::Decryption::from_identity_file)
         .transpose()?;
     let _ = CRYPT.set((enc, dec));
-    let secrets = Secrets {
-        password_file: cli.password_file.clone(),
-    };
+    let secrets = Secrets::new(cli.password_file.clone());
     let json = cli.json;
     let cancel = CancellationToken::new();
     ctrl_c(&cancel);
@@ -456,7 +456,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Verify { store, key } => {
-            let s = virtrigaud::storage::open(&store)?;
+            let s = providers::open_store(&store)?;
             let opts = ImportOptions {
                 pipeline: pipeline(json, &cancel),
                 decrypt: decryption(),
@@ -482,7 +482,7 @@ async fn run(cli: Cli) -> Result<()> {
             format,
             placement,
         } => {
-            let s = virtrigaud::storage::open(&store)?;
+            let s = providers::open_store(&store)?;
             let p = providers::open(&provider, &secrets)?;
             let mut opts = ImportOptions {
                 format: format.as_deref().map(DiskFormat::parse).transpose()?,
@@ -526,7 +526,7 @@ async fn run(cli: Cli) -> Result<()> {
             opts.encode.encrypt = encryption();
             if !source.contains("://") {
                 // An image file.
-                let s = virtrigaud::storage::open(&second)?;
+                let s = providers::open_store(&second)?;
                 let f = LocalFile::open(&source).await?;
                 // A VMDK given by its descriptor opens its extents next to it.
                 opts.decode.extent_resolver = Some(Arc::new(
@@ -562,7 +562,7 @@ async fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let p = providers::open(&source, &secrets)?;
-            let s = virtrigaud::storage::open(&third)?;
+            let s = providers::open_store(&third)?;
             let vm = second;
             let info = p.describe_vm(&vm).await?;
             if snapshot {
@@ -621,7 +621,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Status { store, prefix } => {
-            let s = virtrigaud::storage::open(&store)?;
+            let s = providers::open_store(&store)?;
             let objs = s.list(&prefix).await?;
             let mut rows = Vec::new();
             for o in objs.iter().filter(|o| o.key.ends_with("/migration.json")) {
@@ -846,9 +846,11 @@ async fn migrate(
     label: Option<String>,
 ) -> Result<()> {
     let plan_mode = label.is_some();
+    // A refused store URL is said before any password prompt.
+    providers::refuse_secret_in_store_url(&a.via)?;
     let source = providers::open(&a.from, secrets)?;
     let target = providers::open(&a.to, secrets)?;
-    let store = virtrigaud::storage::open(&a.via)?;
+    let store = providers::open_store(&a.via)?;
     let mut plan = MigrationPlan::new(
         a.vm.clone(),
         a.prefix

@@ -19,50 +19,204 @@ use virtrigaud::{Error, LocalProvider, Provider, Result};
 pub struct Secrets {
     /// `--password-file`: read the password or token secret from this file.
     pub password_file: Option<std::path::PathBuf>,
+    /// Secrets typed at a prompt, by variable, so that a plan of many VMs asks once.
+    typed: Arc<std::sync::Mutex<std::collections::HashMap<String, virtrigaud::Secret>>>,
+}
+
+/// Where a provider's secret comes from, in this order: the environment variable, the
+/// `--password-file`, a prompt (only when stdin is a terminal), else nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `VIRTRIGAUD_<WHAT>_PASSWORD`.
+    Env,
+    /// `--password-file`.
+    File,
+    /// A prompt on the terminal, without echo.
+    Prompt,
+    /// None: an error naming the variable and the file option.
+    Missing,
+}
+
+/// Decides where the secret comes from (see [`SecretSource`]).
+pub fn secret_source(env_set: bool, file_given: bool, stdin_is_terminal: bool) -> SecretSource {
+    if env_set {
+        SecretSource::Env
+    } else if file_given {
+        SecretSource::File
+    } else if stdin_is_terminal {
+        SecretSource::Prompt
+    } else {
+        SecretSource::Missing
+    }
 }
 
 impl Secrets {
-    /// The secret for `what` (`VSPHERE` or `PROXMOX`): from `VIRTRIGAUD_<WHAT>_PASSWORD`, or
-    /// the password file.
-    #[allow(dead_code)]
-    pub fn get(&self, what: &str) -> Result<virtrigaud::Secret> {
+    /// Secrets from the environment, `file`, or a prompt.
+    pub fn new(password_file: Option<std::path::PathBuf>) -> Secrets {
+        Secrets {
+            password_file,
+            ..Default::default()
+        }
+    }
+
+    /// The secret for `what` (`VSPHERE` or `PROXMOX`) of `account` (shown in the prompt): from
+    /// `VIRTRIGAUD_<WHAT>_PASSWORD`, the password file, or a prompt without echo when stdin is a
+    /// terminal.
+    pub fn get(&self, what: &str, account: &str) -> Result<virtrigaud::Secret> {
+        use std::io::IsTerminal;
         let var = format!("VIRTRIGAUD_{what}_PASSWORD");
-        if let Ok(v) = std::env::var(&var) {
-            return Ok(virtrigaud::Secret::new(v));
+        let env = std::env::var(&var).ok().filter(|v| !v.is_empty());
+        match secret_source(
+            env.is_some(),
+            self.password_file.is_some(),
+            std::io::stdin().is_terminal(),
+        ) {
+            SecretSource::Env => Ok(virtrigaud::Secret::new(env.unwrap_or_default())),
+            SecretSource::File => {
+                let f = self
+                    .password_file
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""));
+                let s = std::fs::read_to_string(f)
+                    .map_err(|e| Error::io(e, format!("cannot read {}", f.display())))?;
+                Ok(virtrigaud::Secret::new(s.trim_end_matches(['\r', '\n'])))
+            }
+            SecretSource::Prompt => {
+                let mut typed = self
+                    .typed
+                    .lock()
+                    .map_err(|_| Error::new(virtrigaud::ErrorKind::Io, "prompt lock poisoned"))?;
+                if let Some(s) = typed.get(&var) {
+                    return Ok(s.clone());
+                }
+                let label = what.to_lowercase();
+                let pw = rpassword::prompt_password(format!(
+                    "{label} password for {account} (or set {var}): "
+                ))
+                .map_err(|e| Error::io(e, "cannot read the password from the terminal"))?;
+                if pw.is_empty() {
+                    return Err(Error::new(
+                        virtrigaud::ErrorKind::Auth,
+                        format!("no password typed: set {var} or pass --password-file FILE"),
+                    ));
+                }
+                let s = virtrigaud::Secret::new(pw);
+                typed.insert(var, s.clone());
+                Ok(s)
+            }
+            SecretSource::Missing => Err(Error::new(
+                virtrigaud::ErrorKind::Auth,
+                format!(
+                    "no password: set {var}, pass --password-file FILE, or run on a terminal \
+                     to be asked"
+                ),
+            )),
         }
-        if let Some(f) = &self.password_file {
-            let s = std::fs::read_to_string(f)
-                .map_err(|e| Error::io(e, format!("cannot read {}", f.display())))?;
-            return Ok(virtrigaud::Secret::new(s.trim_end_matches(['\r', '\n'])));
-        }
-        Err(Error::new(
-            virtrigaud::ErrorKind::Auth,
-            format!("no password: set {var} or pass --password-file FILE"),
-        ))
     }
 }
 
-/// Refuses a URL that carries a password.
+/// Refuses a provider URL that carries a password, naming where the secret goes instead.
 fn refuse_secret_in_url(url: &str) -> Result<()> {
-    let Some((_, rest)) = url.split_once("://") else {
+    let Some((scheme, rest)) = url.split_once("://") else {
         return Ok(());
     };
     let authority = rest.split(['/', '?']).next().unwrap_or("");
-    if let Some((userinfo, _)) = authority.rsplit_once('@')
-        && userinfo.contains(':')
-    {
-        let scheme = url.split("://").next().unwrap_or("");
-        let var = if scheme.starts_with("proxmox") {
-            "VIRTRIGAUD_PROXMOX_PASSWORD"
-        } else {
-            "VIRTRIGAUD_VSPHERE_PASSWORD"
-        };
-        return Err(Error::invalid(format!(
-            "a password in a URL is visible to every user of this machine (ps, shell \
-             history): remove it from the URL and set {var}, or pass --password-file FILE"
-        )));
+    let in_userinfo = authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'));
+    if !in_userinfo && secret_query_key(url).is_none() {
+        return Ok(());
     }
-    Ok(())
+    let instead = if scheme.starts_with("proxmox") {
+        "set VIRTRIGAUD_PROXMOX_PASSWORD (the API token secret or password), or pass \
+         --password-file FILE, or type it at the prompt on a terminal"
+            .to_string()
+    } else if scheme.starts_with("vsphere") {
+        "set VIRTRIGAUD_VSPHERE_PASSWORD, or pass --password-file FILE, or type it at the \
+         prompt on a terminal"
+            .to_string()
+    } else if scheme.starts_with("libvirt") && scheme.contains("ssh") {
+        "libvirt over SSH logs in with an SSH key: load it into ssh-agent (SSH_AUTH_SOCK) or \
+         name it in ~/.ssh/config (for qemu+ssh, ?keyfile=FILE)"
+            .to_string()
+    } else if scheme.starts_with("libvirt") {
+        "libvirt reads SASL credentials from its auth file: set LIBVIRT_AUTH_FILE (or use \
+         ~/.config/libvirt/auth.conf)"
+            .to_string()
+    } else {
+        "use the provider's environment variable or --password-file".to_string()
+    };
+    Err(Error::invalid(format!(
+        "a secret in a URL is visible to every user of this machine (ps, shell history): \
+         remove it from the URL; {instead}"
+    )))
+}
+
+/// The first query parameter of `url` whose name says it carries a secret.
+fn secret_query_key(url: &str) -> Option<String> {
+    let (_, query) = url.split_once('?')?;
+    query
+        .split('&')
+        .filter_map(|kv| kv.split('=').next())
+        .map(|k| k.to_ascii_lowercase())
+        .find(|k| {
+            [
+                "secret",
+                "password",
+                "passwd",
+                "pwd",
+                "token",
+                "signature",
+                "credential",
+                "access_key",
+                "accesskey",
+                "apikey",
+                "api_key",
+            ]
+            .iter()
+            .any(|w| k.contains(w))
+                || k == "key"
+                || k == "sig"
+        })
+}
+
+/// Refuses a store URL that carries credentials, naming the environment variables the storage
+/// layer reads them from.
+pub fn refuse_secret_in_store_url(url: &str) -> Result<()> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Ok(());
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let userinfo = authority.rsplit_once('@').map(|(u, _)| u);
+    let key = secret_query_key(url);
+    // A user name alone is no secret (`https://user@host/dav` with the password elsewhere).
+    let s3 = scheme.eq_ignore_ascii_case("s3");
+    if key.is_none() && !userinfo.is_some_and(|u| u.contains(':') || s3) {
+        return Ok(());
+    }
+    let instead = match scheme.to_ascii_lowercase().as_str() {
+        "s3" => {
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN, \
+                 AWS_REGION, AWS_ENDPOINT_URL as needed)"
+        }
+        "http" | "https" | "webdav" | "webdavs" => {
+            "set VIRTRIGAUD_WEBDAV_USER and VIRTRIGAUD_WEBDAV_PASSWORD, or VIRTRIGAUD_WEBDAV_TOKEN \
+             for a bearer token"
+        }
+        "nfs" => "NFS takes no password (AUTH_UNIX: ?uid=N&gid=N)",
+        _ => "set the storage's environment variables",
+    };
+    Err(Error::invalid(format!(
+        "credentials in a store URL are visible to every user of this machine (ps, shell \
+         history) and may be written to checkpoints and logs: remove them from the URL; \
+         {instead}"
+    )))
+}
+
+/// Opens a store by URL, after refusing credentials in it.
+pub fn open_store(url: &str) -> Result<Arc<dyn virtrigaud::StorageBackend>> {
+    refuse_secret_in_store_url(url)?;
+    virtrigaud::storage::open(url)
 }
 
 /// Splits `user@host:port/path?query` (the user may itself hold `@`).
@@ -111,7 +265,8 @@ fn open_vsphere(rest: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
         .user
         .ok_or_else(|| Error::invalid("vsphere:// needs a user: vsphere://user@host/Datacenter"))?;
     let mut scheme = "https";
-    let mut cfg = VsphereConfig::new(String::new(), user, secrets.get("VSPHERE")?);
+    let secret = secrets.get("VSPHERE", &format!("{user}@{}", p.host))?;
+    let mut cfg = VsphereConfig::new(String::new(), user, secret);
     for (k, v) in &p.query {
         match k.as_str() {
             "thumbprint" => cfg.thumbprint = Some(v.clone()),
@@ -149,7 +304,7 @@ fn open_proxmox(rest: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
     let who = p.user.ok_or_else(|| {
         Error::invalid("proxmox:// needs a user or token: proxmox://root@pam!token@host:8006/node")
     })?;
-    let secret = secrets.get("PROXMOX")?;
+    let secret = secrets.get("PROXMOX", &format!("{who}@{}", p.host))?;
     let auth = if who.contains('!') {
         Auth::Token { id: who, secret }
     } else {
@@ -269,6 +424,44 @@ mod tests {
         };
         assert!(e.to_string().contains("VIRTRIGAUD_PROXMOX_PASSWORD"), "{e}");
         assert!(refuse_secret_in_url("proxmox://root@pam!tok@pve:8006/n1").is_ok());
+    }
+
+    #[test]
+    fn where_a_secret_comes_from() {
+        use SecretSource::*;
+        assert_eq!(secret_source(true, true, true), Env);
+        assert_eq!(secret_source(false, true, true), File);
+        assert_eq!(secret_source(false, false, true), Prompt);
+        assert_eq!(secret_source(false, false, false), Missing);
+    }
+
+    #[test]
+    fn store_urls_with_credentials_are_refused_naming_the_variables() {
+        for (url, var) in [
+            ("s3://AKID:s3cr3t@bucket/p", "AWS_SECRET_ACCESS_KEY"),
+            ("s3://AKID@bucket/p", "AWS_ACCESS_KEY_ID"),
+            ("s3://bucket/p?secret=s3cr3t", "AWS_SECRET_ACCESS_KEY"),
+            ("https://u:s3cr3t@dav/x", "VIRTRIGAUD_WEBDAV_PASSWORD"),
+            ("webdav://dav/x?token=s3cr3t", "VIRTRIGAUD_WEBDAV_TOKEN"),
+        ] {
+            let e = refuse_secret_in_store_url(url).unwrap_err();
+            assert_eq!(e.kind(), virtrigaud::ErrorKind::InvalidInput);
+            let m = e.to_string();
+            assert!(m.contains(var) && !m.contains("s3cr3t"), "{url}: {m}");
+        }
+        for url in [
+            "s3://bucket/p",
+            "https://user@dav/x",
+            "file:///srv/stage",
+            "nfs://h/export?uid=0&gid=0",
+        ] {
+            assert!(refuse_secret_in_store_url(url).is_ok(), "{url}");
+        }
+        let e = refuse_secret_in_url("libvirt+qemu+ssh://root:pw@kvm1/system").unwrap_err();
+        assert!(
+            e.to_string().contains("SSH_AUTH_SOCK") && !e.to_string().contains("VSPHERE"),
+            "{e}"
+        );
     }
 
     #[test]

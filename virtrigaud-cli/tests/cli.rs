@@ -200,6 +200,65 @@ fn exit_codes_and_refusals() {
         err.contains("VIRTRIGAUD_VSPHERE_PASSWORD") && !err.contains("s3cret"),
         "{err}"
     );
+    // Credentials in a store URL or a libvirt URL: refused before anything is opened, each
+    // message naming the variables that take them instead, none echoing the secret.
+    for (args, var) in [
+        (
+            vec![
+                "migrate",
+                "--from",
+                &from,
+                "--to",
+                &to,
+                "--via",
+                "s3://AKID:s3cret@bkt/p",
+                "web01",
+            ],
+            "AWS_SECRET_ACCESS_KEY",
+        ),
+        (
+            vec!["status", "https://dav:s3cret@127.0.0.1:9/dav/"],
+            "VIRTRIGAUD_WEBDAV_PASSWORD",
+        ),
+        (
+            vec!["verify", "s3://bkt/p?secret=s3cret", "k"],
+            "AWS_ACCESS_KEY_ID",
+        ),
+        (
+            vec![
+                "export",
+                &from,
+                "web01",
+                "webdav://127.0.0.1:9/x?token=s3cret",
+            ],
+            "VIRTRIGAUD_WEBDAV_TOKEN",
+        ),
+        (
+            vec![
+                "inspect",
+                "libvirt+qemu+ssh://root:s3cret@kvm1/system",
+                "vm1",
+            ],
+            "SSH_AUTH_SOCK",
+        ),
+        (
+            vec!["list", "vsphere://admin@vc/DC0?password=s3cret"],
+            "VIRTRIGAUD_VSPHERE_PASSWORD",
+        ),
+    ] {
+        let o = run(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {err}");
+        assert!(
+            err.contains(var) && !err.contains("s3cret"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            var == "VIRTRIGAUD_VSPHERE_PASSWORD" || !err.contains("VSPHERE"),
+            "{err}"
+        );
+    }
+    assert!(!t.path().join("store").exists(), "nothing written");
     // Not found.
     let o = run(&["inspect", &from, "nope"]);
     assert_eq!(
@@ -1003,4 +1062,76 @@ fn a_closed_stdout_is_not_a_panic() {
     assert!(o.status.success(), "{:?}: {err}", o.status);
     assert!(!err.contains("panicked"), "{err}");
     assert!(t.path().join("store/k.manifest.json").exists());
+}
+
+/// No password in the environment or a file, stdin a terminal (a pseudo-terminal made by
+/// util-linux `script`): the command asks for it with echo off, and what is typed logs in to
+/// the vSphere simulator (a wrong one is an auth error, exit 6); the typed text never appears
+/// on the terminal. Without a terminal there is no prompt: the error names the variable.
+#[cfg(feature = "vsphere")]
+#[test]
+fn the_password_is_asked_on_a_terminal_without_echo() {
+    use std::io::Read;
+    let Some(vs) = vsphere_url() else { return };
+    if Command::new("script").arg("--version").output().is_err() {
+        assert_ne!(
+            std::env::var("VIRTRIGAUD_IT").as_deref(),
+            Ok("1"),
+            "util-linux script not found and VIRTRIGAUD_IT=1"
+        );
+        eprintln!("SKIP: util-linux script not found");
+        return;
+    }
+    let password = std::env::var("VIRTRIGAUD_VSPHERE_PASSWORD").unwrap();
+    let o = run(&["list", &vs]);
+    assert_eq!(o.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("VIRTRIGAUD_VSPHERE_PASSWORD"));
+    for (typed, code) in [(password.as_str(), 0), ("typed-wrong-pw", 6)] {
+        let cmd = format!("'{}' list '{vs}'", env!("CARGO_BIN_EXE_virtrigaud"));
+        let mut child = Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env_remove("VIRTRIGAUD_VSPHERE_PASSWORD")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reader = {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stdout.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            })
+        };
+        // Type only once the prompt is there (echo is off by then).
+        let t0 = std::time::Instant::now();
+        while !String::from_utf8_lossy(&seen.lock().unwrap()).contains("password for") {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(30),
+                "no prompt: {}",
+                String::from_utf8_lossy(&seen.lock().unwrap())
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(format!("{typed}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        let status = child.wait().unwrap();
+        drop(stdin);
+        reader.join().unwrap();
+        let screen = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+        assert_eq!(status.code(), Some(code), "{screen}");
+        assert!(!screen.contains(typed), "the password was echoed: {screen}");
+        assert!(screen.contains("vsphere password for vrg@"), "{screen}");
+        if code == 0 {
+            assert!(screen.contains("DC0_H0_VM0"), "{screen}");
+        }
+    }
 }
