@@ -641,6 +641,58 @@ impl VsphereProvider {
         false
     }
 
+    /// Deletes a disk's descriptor, then its `-flat.vmdk` extent (a file that is gone is fine).
+    pub(crate) async fn delete_disk_files(&self, path: &DsPath) -> Result<()> {
+        let folder = self.folder().await?;
+        // The descriptor first: without it, what is left is no disk.
+        folder.delete(path).await?;
+        let stem = path.path.rsplit('/').next().unwrap_or("");
+        if let Some(stem) = stem.strip_suffix(".vmdk") {
+            folder
+                .delete(&path.sibling(&format!("{stem}-flat.vmdk")))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the NFC import placeholder VM `name` that an interrupted import left (its
+    /// files one by one, the disk it holds included). Returns whether there was one. A VM of
+    /// that name without the placeholder marker ([`nfc::PLACEHOLDER_MARKER`]) is not ours:
+    /// `Conflict`, and it is left alone.
+    pub(crate) async fn remove_placeholder(&self, name: &str) -> Result<bool> {
+        let r = match self.find_vm(name).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let o = self
+            .client
+            .properties(&r, &["config.annotation", "config.hardware.device"])
+            .await?;
+        if !nfc::is_placeholder(o.text("config.annotation")) {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "a VM named '{name}' exists without virtrigaud's import-placeholder marker; \
+                     it is left alone (rename or remove it)"
+                ),
+            ));
+        }
+        self.replace(&r, &[]).await?;
+        // The disk it held, whether or not its file layout listed it.
+        let hw = o
+            .props
+            .get("config.hardware.device")
+            .map(vm::parse_devices)
+            .unwrap_or_default();
+        for d in &hw.disks {
+            if let Ok(p) = DsPath::parse(&d.file) {
+                self.delete_disk_files(&p).await?;
+            }
+        }
+        Ok(true)
+    }
+
     /// Destroys `r` with its files (`Destroy_Task`), powered off first.
     pub(crate) async fn destroy(&self, r: &MoRef) -> Result<()> {
         self.hard_off(r).await?;
@@ -950,7 +1002,8 @@ impl Provider for VsphereProvider {
                 Some(s) => MoRef::new("VirtualMachineSnapshot", s.id.clone()),
                 None => r.clone(),
             };
-            let (size, stream) = nfc::open_export(self.client.clone(), &entity, d.key)
+            let index = hw.disks.iter().position(|x| x.key == d.key).unwrap_or(0);
+            let (size, stream) = nfc::open_export(self.client.clone(), &entity, &hw.disks, index)
                 .await
                 .map_err(ctx)?;
             let mut info = d.info();
@@ -997,9 +1050,12 @@ impl Provider for VsphereProvider {
         self.make_directory(&path.datastore, path.dir())
             .await
             .map_err(ctx)?;
-        // A replaced disk disappears first: its descriptor is what makes it a disk.
+        // A replaced disk disappears first (descriptor, extent, and the placeholder VM of an
+        // interrupted NFC import that holds it).
         if spec.overwrite {
-            folder.delete(&path).await.map_err(ctx)?;
+            self.delete_disk(&spec.vm, &path.display())
+                .await
+                .map_err(ctx)?;
         }
         if self.cfg().import_mode == ImportMode::NfcStreamOptimized {
             let w = nfc::NfcWriter::start(self.clone(), &spec.vm, path.clone(), spec.capacity)
@@ -1134,18 +1190,24 @@ impl Provider for VsphereProvider {
 
     async fn delete_disk(&self, vm: &str, location: &str) -> Result<()> {
         let path = DsPath::parse(location)?;
-        let folder = self.folder().await?;
         let ctx = |e: Error| e.with_vm(vm.to_string()).with_disk(location.to_string());
-        // The descriptor first: without it, what is left is no disk.
-        folder.delete(&path).await.map_err(ctx)?;
-        let stem = path.path.rsplit('/').next().unwrap_or("");
-        if let Some(stem) = stem.strip_suffix(".vmdk") {
-            folder
-                .delete(&path.sibling(&format!("{stem}-flat.vmdk")))
-                .await
-                .map_err(ctx)?;
+        // An NFC import that a crash interrupted left its placeholder VM holding the disk.
+        let file = path.path.rsplit('/').next().unwrap_or("");
+        match self
+            .remove_placeholder(&nfc::placeholder_name(vm, file))
+            .await
+        {
+            Ok(true) => info!(
+                vm,
+                disk = location,
+                "removed an interrupted import's placeholder VM"
+            ),
+            Ok(false) => {}
+            // Another VM of that name is no business of ours; the disk still goes.
+            Err(e) if e.kind() == ErrorKind::Conflict => warn!(vm, error = %e, "left alone"),
+            Err(e) => return Err(ctx(e)),
         }
-        Ok(())
+        self.delete_disk_files(&path).await.map_err(ctx)
     }
 }
 

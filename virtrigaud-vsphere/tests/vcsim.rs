@@ -6,7 +6,10 @@
 //! fails.
 //!
 //! What the simulator (govmomi 0.24) cannot prove, and so these tests do not claim: NFC export
-//! (`ExportVm` is MethodNotFound there) and NFC import (not implemented by the provider yet),
+//! (`ExportVm` is MethodNotFound there: the lease loop is proven on the `ImportVApp` lease,
+//! the device-URL matching by unit tests only), that an NFC import becomes a VMFS disk (the
+//! simulator discards the bytes; our `main.go` keeps a copy that is compared with the source),
+//! a lease's `done`/`error` state after Complete/Abort (the simulator forgets the lease),
 //! changed-block tracking (`QueryChangedDiskAreas` is absent), real VMFS behaviour (its
 //! datastore is a plain directory, its snapshots do not create delta disks, `/folder` checks no
 //! session, guest shutdown/reboot need no tools), and paged property answers (it never pages:
@@ -924,6 +927,16 @@ async fn nfc_import_lease() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     assert_eq!(p.find_disk(&spec).await.unwrap(), None);
+    // The disk imported before, in the same directory, survives the abort.
+    assert_eq!(
+        p.find_disk(&DiskCreateSpec {
+            name: "boot".into(),
+            ..spec.clone()
+        })
+        .await
+        .unwrap(),
+        Some(imp.location.clone())
+    );
 }
 
 /// Figures, not a pass/fail timing: a 1 GiB disk holding 300 MiB of data, exported from the
@@ -1040,4 +1053,293 @@ async fn nfc_export_is_unsupported_on_the_simulator() {
     assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
     assert!(err.to_string().contains("ExportVm"), "{err}");
     assert!(err.to_string().contains("ExportMode::Datastore"), "{err}");
+}
+
+fn nfc_config(e: &Env) -> VsphereConfig {
+    let mut c = config(e);
+    c.import_mode = virtrigaud_vsphere::ImportMode::NfcStreamOptimized;
+    c.lease_progress_interval = Duration::from_millis(50);
+    c
+}
+
+/// Writes `data` through the sink of `spec` (NFC: the simulator discards the bytes, the lease
+/// and the placeholder VM are what is checked) and commits; returns the location.
+async fn write_spec(p: &VsphereProvider, spec: &DiskCreateSpec, data: &[u8]) -> String {
+    let mut c = p.create_disk(spec).await.unwrap();
+    for chunk in data.chunks(MIB as usize) {
+        c.sink
+            .write(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .unwrap();
+    }
+    c.sink.commit().await.unwrap();
+    c.location
+}
+
+/// An NFC import in a process that dies mid-way: its own runtime is shut down with the sink
+/// forgotten, so neither an abort nor a drop runs. The lease is orphaned, the placeholder VM
+/// and its disk stay on the simulator.
+fn crash_mid_import(e: &Env, spec: &DiskCreateSpec) {
+    let (e, spec) = (e.clone(), spec.clone());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let p = VsphereProvider::new(nfc_config(&e)).unwrap();
+            let mut c = p.create_disk(&spec).await.unwrap();
+            c.sink
+                .write(bytes::Bytes::from(sample(9, MIB)))
+                .await
+                .unwrap();
+            std::mem::forget(c.sink);
+        });
+        rt.shutdown_background();
+    })
+    .join()
+    .unwrap();
+}
+
+/// Runner contract of the NFC import: the placeholder VM carries a marker; after a crash, a
+/// rerun that overwrites removes the stale placeholder before `ImportVApp` (which would fail
+/// on the duplicate name), and `delete_disk` (what the runner calls on a rerun) removes it
+/// too; a VM of that name without the marker is left alone. A disk imported before survives
+/// all of it (the placeholder is removed file by file, not with `Destroy_Task`, which takes
+/// the whole directory on the simulator).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nfc_import_after_a_crash() {
+    let Some(e) = env() else { return };
+    let p = VsphereProvider::new(nfc_config(&e)).unwrap();
+    let vm = unique("crash");
+    let _cl = Cleanup {
+        env: e.clone(),
+        vm: vm.clone(),
+        disks: vec![
+            format!("[LocalDS_0] {vm}/d.vmdk"),
+            format!("[LocalDS_0] {vm}/keep.vmdk"),
+        ],
+    };
+    let data = sample(8, 4 * MIB);
+    let spec = |name: &str| DiskCreateSpec {
+        vm: vm.clone(),
+        name: name.into(),
+        capacity: 4 * MIB,
+        format: None,
+        placement: None,
+        overwrite: false,
+    };
+    let keep = write_spec(&p, &spec("keep"), &data).await;
+    let ph = virtrigaud_vsphere::nfc::placeholder_name(&vm, "d.vmdk");
+    let gone = |p: VsphereProvider, ph: String| async move {
+        let err = p.describe_vm(&ph).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    };
+
+    // Crash, then a rerun that overwrites.
+    crash_mid_import(&e, &spec("d"));
+    let left = p.describe_vm(&ph).await.unwrap();
+    assert!(
+        virtrigaud_vsphere::nfc::is_placeholder(left.annotation.as_deref()),
+        "{:?}",
+        left.annotation
+    );
+    let mut over = spec("d");
+    over.overwrite = true;
+    let loc = write_spec(&p, &over, &data).await;
+    assert_eq!(loc, format!("[LocalDS_0] {vm}/d.vmdk"));
+    gone(p.clone(), ph.clone()).await;
+
+    // Crash (replacing that disk), then a rerun as the runner does it: find the disk, delete
+    // it, import again.
+    crash_mid_import(&e, &over);
+    assert!(
+        p.describe_vm(&ph).await.is_ok(),
+        "the crash left no placeholder"
+    );
+    let found = p
+        .find_disk(&spec("d"))
+        .await
+        .unwrap()
+        .expect("the crashed disk");
+    p.delete_disk(&vm, &found).await.unwrap();
+    gone(p.clone(), ph.clone()).await;
+    assert_eq!(p.find_disk(&spec("d")).await.unwrap(), None);
+    write_spec(&p, &spec("d"), &data).await;
+
+    // Crash, then the disk files are deleted by hand (the placeholder stays): the next
+    // import removes the stale placeholder before its ImportVApp.
+    crash_mid_import(&e, &over);
+    let fm = p.client().content().await.unwrap().file_manager.clone();
+    let dc = p.datacenter().await.unwrap().moref.clone();
+    for f in ["d.vmdk", "d-flat.vmdk"] {
+        let _ = p
+            .client()
+            .run_task(
+                "DeleteDatastoreFile_Task",
+                &format!(
+                    "{}<name>[LocalDS_0] {vm}/{f}</name>{}",
+                    fm.this(),
+                    dc.xml("datacenter")
+                ),
+            )
+            .await;
+    }
+    assert_eq!(p.find_disk(&spec("d")).await.unwrap(), None);
+    assert!(
+        p.describe_vm(&ph).await.is_ok(),
+        "the crash left no placeholder"
+    );
+    write_spec(&p, &spec("d"), &data).await;
+    gone(p.clone(), ph.clone()).await;
+
+    // Exactly the two disks, no VM of this test left.
+    assert_eq!(p.find_disk(&spec("d")).await.unwrap(), Some(loc));
+    assert_eq!(p.find_disk(&spec("keep")).await.unwrap(), Some(keep));
+    let ours: Vec<_> = p
+        .list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.name.contains(&vm))
+        .collect();
+    assert!(ours.is_empty(), "{ours:?}");
+
+    // A VM of the placeholder's name that is not ours blocks the import and is left alone.
+    let flat = provider(&e);
+    let other = write_disk(&flat, &vm, "other", &sample(10, MIB)).await;
+    let squatter = virtrigaud_vsphere::nfc::placeholder_name(&vm, "x.vmdk");
+    flat.create_vm(&VmSpec {
+        name: squatter.clone(),
+        cpus: 1,
+        memory_mib: 64,
+        firmware: Firmware::Bios,
+        machine: None,
+        guest_os: None,
+        disks: vec![VmDiskSpec {
+            location: other.clone(),
+            bus: DiskBus::Scsi,
+            format: DiskFormat::Raw,
+        }],
+        nics: vec![],
+        overwrite: false,
+        annotation: Some("someone else's".into()),
+    })
+    .await
+    .unwrap();
+    let err = p.create_disk(&spec("x")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    p.delete_disk(&vm, &format!("[LocalDS_0] {vm}/x.vmdk"))
+        .await
+        .unwrap();
+    assert!(
+        p.describe_vm(&squatter).await.is_ok(),
+        "not ours, not removed"
+    );
+    flat.delete_vm(&squatter).await.unwrap();
+    flat.delete_disk(&vm, &other).await.unwrap();
+}
+
+/// The lease keep-alive loop against the simulator's `ImportVApp` lease (the same
+/// `HttpNfcLease` object as an export lease): progress is reported while it runs, `Complete`
+/// and `Abort` (explicit or by drop) end it. The simulator forgets a lease once it is completed
+/// or aborted (a property read answers ManagedObjectNotFound), where vSphere would show
+/// `state` `done` or `error`: the test accepts only the simulator's answer, so a keeper that
+/// ended nothing would fail it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_keeper_on_an_import_lease() {
+    use virtrigaud_vsphere::nfc::{LeaseKeeper, start_import_lease, wait_ready};
+    let Some(e) = env() else { return };
+    let p = provider(&e);
+    let vm = unique("lk");
+    let base = write_disk(&p, &vm, "base", &sample(11, MIB)).await;
+    let disk = virtrigaud_vsphere::datastore::DsPath {
+        datastore: "LocalDS_0".into(),
+        path: format!("{vm}/k.vmdk"),
+    };
+    let _cl = Cleanup {
+        env: e.clone(),
+        vm: vm.clone(),
+        disks: vec![disk.display(), base.clone()],
+    };
+    let client = p.client().clone();
+    let ended = |client: std::sync::Arc<virtrigaud_vsphere::Client>, lease| async move {
+        let err = client.properties(&lease, &["state"]).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    };
+
+    // Progress while it runs, then Complete.
+    let lease = start_import_lease(&p, &vm, &disk, MIB).await.unwrap();
+    wait_ready(&client, &lease, "ImportVApp").await.unwrap();
+    let k = LeaseKeeper::start(
+        client.clone(),
+        lease.clone(),
+        Duration::from_millis(50),
+        || 42,
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        k.progress_calls() >= 3,
+        "{} progress calls",
+        k.progress_calls()
+    );
+    let o = client
+        .properties(&lease, &["transferProgress", "state"])
+        .await
+        .unwrap();
+    assert_eq!(o.text("transferProgress"), Some("42"));
+    assert_eq!(o.text("state"), Some("ready"));
+    k.complete().await.unwrap();
+    ended(client.clone(), lease).await;
+
+    // Explicit abort.
+    let lease = start_import_lease(&p, &vm, &disk, MIB).await.unwrap();
+    wait_ready(&client, &lease, "ImportVApp").await.unwrap();
+    let k = LeaseKeeper::start(
+        client.clone(),
+        lease.clone(),
+        Duration::from_millis(50),
+        || 7,
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        client
+            .properties(&lease, &["transferProgress"])
+            .await
+            .unwrap()
+            .text("transferProgress"),
+        Some("7")
+    );
+    k.abort().await.unwrap();
+    ended(client.clone(), lease).await;
+
+    // Dropped without an end: aborted in the background.
+    let lease = start_import_lease(&p, &vm, &disk, MIB).await.unwrap();
+    wait_ready(&client, &lease, "ImportVApp").await.unwrap();
+    let k = LeaseKeeper::start(
+        client.clone(),
+        lease.clone(),
+        Duration::from_millis(50),
+        || 1,
+    );
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    drop(k);
+    let mut aborted = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(err) = client.properties(&lease, &["state"]).await {
+            assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+            aborted = true;
+            break;
+        }
+    }
+    assert!(aborted, "the dropped keeper did not abort the lease");
+    // The placeholder of the last lease: removed by delete_disk, as after a crash.
+    p.delete_disk(&vm, &disk.display()).await.unwrap();
+    let err = p
+        .describe_vm(&virtrigaud_vsphere::nfc::placeholder_name(&vm, "k.vmdk"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
 }
