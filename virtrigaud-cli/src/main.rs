@@ -931,8 +931,38 @@ async fn migrate(
     Ok(())
 }
 
+/// One problem a dry run found, with the kind of error the real run would meet.
+struct Finding {
+    kind: ErrorKind,
+    message: String,
+}
+
+/// Reads the first block of a source disk (nothing else), to prove it can be read.
+async fn read_first_block(
+    source: &dyn virtrigaud::Provider,
+    vm: &str,
+    disk: &str,
+) -> Result<usize> {
+    use futures::StreamExt;
+    let opened = source.open_disk(vm, disk, None).await?;
+    match opened.source {
+        virtrigaud::ImageSource::RandomAccess(r) => {
+            let len = r.size().min(4096) as usize;
+            Ok(r.read_at(0, len).await?.len())
+        }
+        virtrigaud::ImageSource::Sequential { mut stream, .. } => match stream.next().await {
+            Some(Ok(virtrigaud::Extent::Data { bytes, .. })) => Ok(bytes.len()),
+            Some(Ok(_)) | None => Ok(0),
+            Some(Err(e)) => Err(e),
+        },
+    }
+}
+
 /// Checks everything a migration needs without writing: credentials of both providers and
-/// the store, the source VM, the target name, the maps.
+/// the store, the source VM and its running state against the chosen preparation, every disk
+/// opened and its first block read, the target name, the maps complete, and the target's
+/// placements and networks present (where the target can tell). Prints the plan (disks, NICs,
+/// maps) and every problem; fails with the kind of the first problem.
 async fn dry_run(
     plan: &MigrationPlan,
     source: &dyn virtrigaud::Provider,
@@ -940,61 +970,266 @@ async fn dry_run(
     store: &dyn virtrigaud::StorageBackend,
     json: bool,
 ) -> Result<()> {
+    use virtrigaud::PowerState;
     source.validate().await?;
     target.validate().await?;
     store.list(&plan.prefix).await?;
     let info = source.describe_vm(&plan.source_vm).await?;
-    let mut findings = Vec::new();
-    for n in &info.nics {
-        if let Some(net) = &n.network
-            && !plan.network_map.contains_key(net)
-            && source.kind() != target.kind()
-        {
-            findings.push(format!(
-                "NIC {} is on network {net:?}, which has no --network-map entry (the {} target \
-                 would get a network of that name)",
-                n.mac.as_deref().unwrap_or("-"),
-                target.kind()
-            ));
+    let mut findings: Vec<Finding> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let mut problem = |kind: ErrorKind, message: String| findings.push(Finding { kind, message });
+
+    // The running state against --snapshot / --shutdown / --as-is.
+    let running = matches!(info.state, PowerState::Running | PowerState::Paused);
+    let caps = source.capabilities();
+    let prepare = match &plan.prepare {
+        PrepareSource::RequireStopped if running => {
+            problem(
+                ErrorKind::InvalidInput,
+                format!(
+                    "the source VM is {}: pass --snapshot (read a snapshot taken for the \
+                     migration), --shutdown [SECS] (shut it down first) or --as-is (read it \
+                     running, possibly inconsistent)",
+                    format!("{:?}", info.state).to_lowercase()
+                ),
+            );
+            "must be stopped".to_string()
+        }
+        PrepareSource::RequireStopped => "stopped, read as it is".to_string(),
+        PrepareSource::Snapshot if !caps.snapshots => {
+            problem(
+                ErrorKind::Unsupported,
+                format!(
+                    "--snapshot: the {} source cannot take snapshots",
+                    source.kind()
+                ),
+            );
+            "snapshot (unsupported)".to_string()
+        }
+        PrepareSource::Snapshot => "read from a snapshot taken for the migration".to_string(),
+        PrepareSource::Shutdown { timeout_secs, .. } if running && !caps.power => {
+            problem(
+                ErrorKind::Unsupported,
+                format!(
+                    "--shutdown: the {} source cannot power VMs off",
+                    source.kind()
+                ),
+            );
+            format!("shut down (up to {timeout_secs} s; unsupported)")
+        }
+        PrepareSource::Shutdown { timeout_secs, .. } if running => {
+            format!("shut down first (forced off after {timeout_secs} s)")
+        }
+        PrepareSource::Shutdown { .. } => "stopped already".to_string(),
+        PrepareSource::AsIs if running => {
+            notes.push("the source is read while it runs (--as-is): may be inconsistent".into());
+            "read running, as it is".to_string()
+        }
+        other => format!("{other:?}").to_lowercase(),
+    };
+
+    // Every disk opened and its first block read.
+    let disks: Vec<_> = info.disks.iter().filter(|d| plan.includes(&d.id)).collect();
+    for id in &plan.include_disks {
+        if !info.disks.iter().any(|d| &d.id == id) {
+            problem(
+                ErrorKind::NotFound,
+                format!("--disk {id}: the source VM has no such disk"),
+            );
         }
     }
+    let mut disk_rows = Vec::new();
+    let mut placements: Vec<Option<String>> = Vec::new();
+    for d in &disks {
+        let placement = plan.placement_for(d);
+        placements.push(placement.clone());
+        let read = read_first_block(source, &plan.source_vm, &d.id).await;
+        if let Err(e) = &read {
+            problem(
+                e.kind(),
+                format!("disk {}: cannot open and read it: {e}", d.id),
+            );
+        }
+        disk_rows.push(serde_json::json!({
+            "id": d.id,
+            "capacity": d.capacity,
+            "format": d.format.map(|f| f.to_string()),
+            "location": d.location,
+            "placement": placement,
+            "first_block_read": read.is_ok(),
+        }));
+    }
+    for p in plan.storage_map.values() {
+        placements.push(Some(p.clone()));
+    }
+
+    // NICs: every network mapped (between providers of different kinds), and where it lands.
+    let mut nic_rows = Vec::new();
+    let mut networks = Vec::new();
+    for n in &info.nics {
+        let Some(net) = &n.network else { continue };
+        let mapped = plan.network_map.get(net);
+        if mapped.is_none() && source.kind() != target.kind() {
+            problem(
+                ErrorKind::InvalidInput,
+                format!(
+                    "NIC {} is on network {net:?}, which has no --network-map entry (the {} \
+                     target would get a network of that name)",
+                    n.mac.as_deref().unwrap_or("-"),
+                    target.kind()
+                ),
+            );
+        }
+        let to = mapped.unwrap_or(net).clone();
+        networks.push(to.clone());
+        nic_rows.push(serde_json::json!({
+            "mac": n.mac, "model": n.model, "network": net, "target_network": to,
+        }));
+    }
+    for (a, b) in &plan.network_map {
+        if !info.nics.iter().any(|n| n.network.as_deref() == Some(a)) {
+            notes.push(format!(
+                "--network-map {a}={b} matches no NIC of the source"
+            ));
+        }
+        networks.push(b.clone());
+    }
+    networks.sort();
+    networks.dedup();
+
+    // The target: its placements and networks, and no VM of the same name.
+    let placement_check = match target.check_placement(&placements, &networks).await {
+        Ok(c) => {
+            for p in &c.missing_placements {
+                problem(
+                    ErrorKind::NotFound,
+                    format!(
+                        "the {} target has no placement (pool, storage, datastore) {p:?}",
+                        target.kind()
+                    ),
+                );
+            }
+            for n in &c.missing_networks {
+                problem(
+                    ErrorKind::NotFound,
+                    format!("the {} target has no network {n:?}", target.kind()),
+                );
+            }
+            "checked".to_string()
+        }
+        Err(e) if e.kind() == ErrorKind::Unsupported => {
+            notes.push(format!(
+                "the {} target cannot check its placements and networks: not checked",
+                target.kind()
+            ));
+            "cannot check".to_string()
+        }
+        Err(e) => return Err(e),
+    };
     match target.describe_vm(plan.target_vm_name()).await {
-        Ok(_) if !plan.replace_existing => findings.push(format!(
-            "a VM named {:?} already exists on the target",
-            plan.target_vm_name()
-        )),
+        Ok(_) if !plan.replace_existing => problem(
+            ErrorKind::AlreadyExists,
+            format!(
+                "a VM named {:?} already exists on the target (--replace replaces it)",
+                plan.target_vm_name()
+            ),
+        ),
         Ok(_) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let disks: Vec<_> = info.disks.iter().filter(|d| plan.includes(&d.id)).collect();
-    let text = format!(
-        "dry run: {} VM {:?} ({} disk(s), {} bytes virtual) → {} VM {:?} via {}\n{}",
+
+    let mut text = format!(
+        "dry run: {} VM {:?} ({:?}; {prepare}) → {} VM {:?} via {}\n",
         source.kind(),
         plan.source_vm,
-        disks.len(),
-        disks.iter().map(|d| d.capacity).sum::<u64>(),
+        info.state,
         target.kind(),
         plan.target_vm_name(),
         store.location(),
-        if findings.is_empty() {
-            "no problem found".to_string()
-        } else {
-            findings.join("\n")
-        }
     );
+    text += &format!(
+        "  {} disk(s), {} bytes virtual, staged as {}\n",
+        disks.len(),
+        disks.iter().map(|d| d.capacity).sum::<u64>(),
+        plan.stored_format
+    );
+    for r in &disk_rows {
+        text += &format!(
+            "  disk {:<8} {:>14} bytes  {:<8} {}  → placement {}  {}\n",
+            r["id"].as_str().unwrap_or("-"),
+            r["capacity"],
+            r["format"].as_str().unwrap_or("-"),
+            r["location"].as_str().unwrap_or("-"),
+            r["placement"].as_str().unwrap_or("(default)"),
+            if r["first_block_read"] == true {
+                "readable"
+            } else {
+                "NOT READABLE"
+            }
+        );
+    }
+    for r in &nic_rows {
+        text += &format!(
+            "  nic  {:<17} {} → {}\n",
+            r["mac"].as_str().unwrap_or("-"),
+            r["network"].as_str().unwrap_or("-"),
+            r["target_network"].as_str().unwrap_or("-"),
+        );
+    }
+    for (what, m) in [
+        ("network map", &plan.network_map),
+        ("storage map", &plan.storage_map),
+        ("nic model map", &plan.nic_model_map),
+    ] {
+        if !m.is_empty() {
+            text += &format!(
+                "  {what}: {}\n",
+                m.iter()
+                    .map(|(a, b)| format!("{a}={b}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    if let Some(b) = plan.bus_override {
+        text += &format!("  every disk on bus {}\n", format!("{b:?}").to_lowercase());
+    }
+    text += &format!("  target placements and networks: {placement_check}\n");
+    for n in &notes {
+        text += &format!("  note: {n}\n");
+    }
+    text += &if findings.is_empty() {
+        "no problem found".to_string()
+    } else {
+        findings
+            .iter()
+            .map(|f| format!("problem: {}", f.message))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     print_result(
         json,
-        serde_json::json!({ "dry_run": true, "plan": plan, "findings": findings }),
+        serde_json::json!({
+            "dry_run": true,
+            "plan": plan,
+            "source_state": info.state,
+            "prepare": prepare,
+            "disks": disk_rows,
+            "nics": nic_rows,
+            "placement_check": placement_check,
+            "notes": notes,
+            "findings": findings.iter().map(|f| f.message.clone()).collect::<Vec<_>>(),
+            "finding_kinds": findings.iter().map(|f| f.kind).collect::<Vec<_>>(),
+        }),
         text,
     );
-    if findings.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "{} problem(s) found",
-            findings.len()
-        )))
+    match findings.first() {
+        None => Ok(()),
+        Some(f) => Err(Error::new(
+            f.kind,
+            format!("{} problem(s) found; first: {}", findings.len(), f.message),
+        )),
     }
 }
 

@@ -76,6 +76,28 @@ impl S3 {
     }
 }
 
+impl S3 {
+    /// Every key under `prefix` of `bucket`.
+    fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        use virtrigaud::StorageBackend;
+        use virtrigaud::storage::s3::{S3Backend, S3Config};
+        let cfg = S3Config::new(bucket)
+            .with_endpoint(&self.endpoint)
+            .with_region(&self.region)
+            .with_credentials(self.access.clone(), self.secret.clone());
+        let b = S3Backend::new(cfg).unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(b.list(prefix))
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect()
+    }
+}
+
 /// A real-mode boot sector that prints a marker on COM1 and halts.
 fn boot_sector() -> [u8; 512] {
     let mut s = [0u8; 512];
@@ -926,4 +948,270 @@ fn libvirt_proxmox_vsphere_proxmox_libvirt_through_s3_boots() {
     qemu_img_compare(&source, &paths[0]);
     ring_nic_came_back(&uri, &back);
     boot(&uri, &back, pool_dir.path());
+}
+
+/// `migrate --dry-run` through the binary, staged in S3, against libvirtd (and the vSphere
+/// simulator when built with it): a missing target pool (`--placement` and a `--storage-map`
+/// target), a missing target network (libvirt → libvirt keeps an unmapped network's name, and
+/// the test libvirtd has none), a source disk that cannot be read, each a non-zero exit naming
+/// it, with the disks and maps printed; a complete plan passes. Nothing is written: no key under
+/// the migration's S3 prefix, no volume or domain on the target.
+#[test]
+fn dry_run_checks_disks_placements_and_networks_and_writes_nothing() {
+    let Some(uri) = peer_env("VIRTRIGAUD_LIBVIRT_URI", "libvirt.sh") else {
+        return;
+    };
+    let Some(s3) = S3::from_env() else { return };
+    s3.create_bucket("virtrigaud-test");
+    let tag = format!("clidry{}", std::process::id());
+    let via = format!("s3://virtrigaud-test/{tag}");
+    let (src, gone, dst) = (
+        format!("{tag}-src"),
+        format!("{tag}-gone"),
+        format!("{tag}-dst"),
+    );
+    let guard = Guard::pool(
+        &uri,
+        &tag,
+        "vrg-cli-dry-pool",
+        vec![src.clone(), gone.clone(), dst.clone()],
+    );
+    let pool_dir = guard.dir().path().to_path_buf();
+    libvirt_boot_domain(&uri, &tag, &pool_dir, &src);
+    // A domain whose disk file does not exist: described fine, unreadable.
+    let x = pool_dir.join("gone.xml.tmp");
+    std::fs::write(
+        &x,
+        format!(
+            "<domain type='qemu'><name>{gone}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+             <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+            pool_dir.join("no-such-disk.raw").display()
+        ),
+    )
+    .unwrap();
+    virsh(&uri, &["define", x.to_str().unwrap()]);
+    std::fs::remove_file(&x).unwrap();
+    let vols_before = virsh(&uri, &["vol-list", &tag]);
+    let t = tempfile::tempdir().unwrap();
+    local_vm(&t.path().join("src"));
+    let local = format!("local://{}", t.path().join("src").display());
+    let back = t.path().join("back");
+    let lv = format!("libvirt+{uri}");
+    let dry = |from: &str, to: &str, vm: &str, extra: &[&str]| -> (Option<i32>, String) {
+        let mut args = vec![
+            "migrate",
+            "--dry-run",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--via",
+            &via,
+            vm,
+            "--name",
+            &dst,
+        ];
+        args.extend_from_slice(extra);
+        let o = s3.run(&args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.code(), text)
+    };
+    // local → libvirt: the default placement and a storage-map target missing.
+    let missing_pool = format!("{tag}-nopool");
+    let (code, out) = dry(&local, &lv, "boot01", &["--placement", &missing_pool]);
+    assert_eq!(code, Some(4), "{out}");
+    assert!(
+        out.contains(&format!(
+            "no placement (pool, storage, datastore) \"{missing_pool}\""
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("disk vda") && out.contains("disk vdb"),
+        "{out}"
+    );
+    let (code, out) = dry(
+        &local,
+        &lv,
+        "boot01",
+        &[
+            "--placement",
+            &tag,
+            "--storage-map",
+            &format!("ds1={missing_pool}"),
+        ],
+    );
+    assert_eq!(code, Some(4), "{out}");
+    assert!(
+        out.contains(&missing_pool) && out.contains("storage map: ds1="),
+        "{out}"
+    );
+    // The same with the pool there: no problem, every disk read.
+    let (code, out) = dry(&local, &lv, "boot01", &["--placement", &tag]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.matches("readable").count(), 2, "{out}");
+    assert!(out.contains("no problem found"), "{out}");
+    // libvirt → libvirt: the unmapped network keeps its name, which this libvirtd lacks; a
+    // mapped one that is missing too; a host bridge is not checked.
+    let (code, out) = dry(&lv, &lv, &src, &["--placement", &tag]);
+    assert_eq!(code, Some(4), "{out}");
+    assert!(out.contains("no network \"default\""), "{out}");
+    assert!(
+        out.contains(&format!("nic  {RING_MAC} default → default")),
+        "{out}"
+    );
+    let (code, out) = dry(
+        &lv,
+        &lv,
+        &src,
+        &[
+            "--placement",
+            &tag,
+            "--network-map",
+            &format!("default={tag}-net"),
+        ],
+    );
+    assert_eq!(code, Some(4), "{out}");
+    assert!(out.contains(&format!("no network \"{tag}-net\"")), "{out}");
+    let (code, out) = dry(
+        &lv,
+        &lv,
+        &src,
+        &[
+            "--placement",
+            &tag,
+            "--network-map",
+            "default=bridge:br-vrg",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    // libvirt → local: the source disk cannot be read.
+    let (code, out) = dry(&lv, &format!("local://{}", back.display()), &gone, &[]);
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("disk vda: cannot open and read it"), "{out}");
+    // Nothing written anywhere.
+    assert_eq!(
+        s3.keys("virtrigaud-test", &format!("{tag}/")),
+        Vec::<String>::new()
+    );
+    assert_eq!(virsh(&uri, &["vol-list", &tag]), vols_before);
+    let doms = virsh(&uri, &["list", "--all", "--name"]);
+    assert!(!doms.lines().any(|l| l.trim() == dst), "{doms}");
+    assert!(!back.join(&dst).exists());
+}
+
+/// `--dry-run` from the vSphere simulator, staged in S3: a VM migrated there from a local
+/// directory, powered on, is a problem without `--snapshot`/`--shutdown` (exit 3) and none with
+/// `--snapshot` (its disks opened and first blocks read over NFC); a local target says it has
+/// nothing to miss, a vSphere target says it cannot check. Nothing staged.
+#[cfg(feature = "vsphere")]
+#[test]
+fn dry_run_from_a_running_vsphere_vm() {
+    let Some(s3) = S3::from_env() else { return };
+    let Some((vs, vsphere)) = vsphere_peer() else {
+        return;
+    };
+    s3.create_bucket("virtrigaud-test");
+    let tag = format!("clidryvs{}", std::process::id());
+    let provider: std::sync::Arc<dyn virtrigaud::Provider> = std::sync::Arc::new(vsphere);
+    let _guard = ProviderGuard {
+        provider: provider.clone(),
+        vms: vec![tag.clone()],
+    };
+    let t = tempfile::tempdir().unwrap();
+    local_vm(&t.path().join("src"));
+    let local = format!("local://{}", t.path().join("src").display());
+    // local → vSphere (dry run): the simulator cannot check its placements.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_virtrigaud"));
+    cmd.args([
+        "migrate",
+        "--dry-run",
+        "--from",
+        &local,
+        "--to",
+        &vs,
+        "--via",
+        &format!("s3://virtrigaud-test/{tag}/dry"),
+        "boot01",
+        "--name",
+        &tag,
+    ])
+    .stdin(Stdio::null());
+    peer_secrets(&mut cmd, &s3);
+    let o = cmd.output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("cannot check"), "{out}");
+    migrate(
+        &s3,
+        &local,
+        &vs,
+        &format!("s3://virtrigaud-test/{tag}/to"),
+        "boot01",
+        &tag,
+        &[],
+    );
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(provider.power(&tag, virtrigaud::PowerOp::On))
+        .unwrap();
+    let back = t.path().join("back");
+    let dry_via = format!("s3://virtrigaud-test/{tag}/back");
+    let run = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_virtrigaud"));
+        cmd.args([
+            "migrate",
+            "--dry-run",
+            "--from",
+            &vs,
+            "--to",
+            &format!("local://{}", back.display()),
+            "--via",
+            &dry_via,
+            &tag,
+        ])
+        .args(extra)
+        .stdin(Stdio::null());
+        peer_secrets(&mut cmd, &s3);
+        let o = cmd.output().unwrap();
+        (
+            o.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let (code, out) = run(&[]);
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.contains("the source VM is running: pass --snapshot"),
+        "{out}"
+    );
+    let (code, out) = run(&["--snapshot"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.matches("readable").count(), 2, "{out}");
+    assert!(out.contains("read from a snapshot"), "{out}");
+    assert_eq!(
+        s3.keys("virtrigaud-test", &format!("{tag}/back")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        s3.keys("virtrigaud-test", &format!("{tag}/dry")),
+        Vec::<String>::new()
+    );
+    assert!(!back.join(&tag).exists());
 }

@@ -243,6 +243,16 @@ impl Provider for LocalProvider {
         })
     }
 
+    /// Every disk of a local VM lives in its directory (placements are not used) and a NIC's
+    /// network is only recorded: nothing can be missing.
+    async fn check_placement(
+        &self,
+        _placements: &[Option<String>],
+        _networks: &[String],
+    ) -> Result<crate::PlacementCheck> {
+        Ok(crate::PlacementCheck::default())
+    }
+
     async fn create_disk(&self, spec: &DiskCreateSpec) -> Result<CreatedDisk> {
         let format = spec.format.unwrap_or(self.default_format);
         check_name("disk", &spec.name)?;

@@ -317,6 +317,17 @@ impl std::fmt::Debug for StagedObject<'_> {
     }
 }
 
+/// What a target lacks of the placements and networks a migration would use
+/// ([`Provider::check_placement`]); both empty when everything is there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementCheck {
+    /// Placements (pools, storages, datastores) the target does not have, or cannot use
+    /// (e.g. `"pool0 (inactive)"`).
+    pub missing_placements: Vec<String>,
+    /// Networks the target does not have.
+    pub missing_networks: Vec<String>,
+}
+
 /// A hypervisor or image store that VMs move from or to.
 ///
 /// Operations a provider cannot do return [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported)
@@ -396,6 +407,20 @@ pub trait Provider: Send + Sync {
     async fn delete_disk(&self, vm: &str, location: &str) -> Result<()> {
         let _ = (vm, location);
         Err(not_implemented(self.kind(), "delete_disk"))
+    }
+
+    /// Checks, changing nothing, that this target has the `placements` new disks would go to
+    /// (`None`: the provider's default placement) and the `networks` new NICs would join (in
+    /// the form [`NicInfo::network`] uses), for a dry run. Returns what is missing. The default
+    /// answers [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported): this provider cannot
+    /// check, and the caller says so instead of claiming all is well.
+    async fn check_placement(
+        &self,
+        placements: &[Option<String>],
+        networks: &[String],
+    ) -> Result<PlacementCheck> {
+        let _ = (placements, networks);
+        Err(not_implemented(self.kind(), "check_placement"))
     }
 }
 

@@ -994,6 +994,47 @@ impl Provider for LibvirtProvider {
 
     /// Destroys and undefines the domain (with its snapshot metadata and NVRAM). Its volumes
     /// stay: in libvirt they belong to pools, not to the domain.
+    /// Pools by name (`None`: [`DEFAULT_POOL`]), missing or inactive; libvirt networks by name.
+    /// A host bridge (`bridge:NAME`) is not checked: libvirt sees host interfaces only through
+    /// its optional interface driver.
+    async fn check_placement(
+        &self,
+        placements: &[Option<String>],
+        networks: &[String],
+    ) -> Result<virtrigaud_core::PlacementCheck> {
+        let placements = placements.to_vec();
+        let networks = networks.to_vec();
+        self.conn
+            .run(move |c| {
+                let mut out = virtrigaud_core::PlacementCheck::default();
+                for p in &placements {
+                    let name = p.as_deref().unwrap_or(DEFAULT_POOL);
+                    match c.lookup_storage_pool_by_name(name) {
+                        Ok(pool) => {
+                            if !pool.is_active().op("pool.is_active")? {
+                                out.missing_placements.push(format!("{name} (inactive)"));
+                            }
+                        }
+                        Err(e) if is_not_found(&e) => out.missing_placements.push(name.into()),
+                        Err(e) => return Err(error::from_virt(e, "pool.lookup")),
+                    }
+                }
+                for n in networks.iter().filter(|n| !n.starts_with("bridge:")) {
+                    match c.lookup_network_by_name(n) {
+                        Ok(_) => {}
+                        Err(e) if is_not_found(&e) => out.missing_networks.push(n.clone()),
+                        Err(e) => return Err(error::from_virt(e, "network.lookup")),
+                    }
+                }
+                for v in [&mut out.missing_placements, &mut out.missing_networks] {
+                    v.sort();
+                    v.dedup();
+                }
+                Ok(out)
+            })
+            .await
+    }
+
     async fn delete_vm(&self, vm: &str) -> Result<()> {
         let vm = vm.to_string();
         self.conn
