@@ -574,12 +574,16 @@ impl Client {
                 _ => {}
             }
             if start.elapsed() >= timeout {
-                if let Err(e) = self.call("CancelTask", &task.this()).await {
-                    debug!(error = %e, "CancelTask failed");
-                }
+                let cancel = match self.call("CancelTask", &task.this()).await {
+                    Ok(_) => "cancelled".to_string(),
+                    Err(e) => {
+                        debug!(error = %e, "CancelTask failed");
+                        format!("CancelTask failed: {e}")
+                    }
+                };
                 return Err(Error::new(
                     ErrorKind::Timeout,
-                    format!("task {op} did not finish within {timeout:?}; cancelled"),
+                    format!("task {op} did not finish within {timeout:?}; {cancel}"),
                 )
                 .with_operation(op.to_string()));
             }

@@ -1,8 +1,8 @@
 //! Tests against the govmomi simulator (see `scripts/peers/vcsim.sh`).
 //!
 //! `VIRTRIGAUD_VSPHERE_URL`, `_USER`, `_PASSWORD` and `_THUMBPRINT` name the simulator; the
-//! kill test starts a private one from `VIRTRIGAUD_VCSIM_BIN` with `VIRTRIGAUD_VCSIM_CERT` /
-//! `_KEY`. Without them a test prints `SKIP: …` and passes, unless `VIRTRIGAUD_IT=1`, when it
+//! kill test and the task-deadline test (which needs `-task-delay`, a flag of our `main.go`)
+//! start private ones from `VIRTRIGAUD_VCSIM_BIN` with `VIRTRIGAUD_VCSIM_CERT` / `_KEY`. Without them a test prints `SKIP: …` and passes, unless `VIRTRIGAUD_IT=1`, when it
 //! fails.
 //!
 //! What the simulator (govmomi 0.24) cannot prove, and so these tests do not claim: NFC export
@@ -711,26 +711,28 @@ async fn aborted_and_dropped_uploads_leave_nothing() {
     );
 }
 
-/// A private simulator, killed mid-upload: the writer fails with a clear network error.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_simulator_mid_upload() {
-    let Some(e) = env() else { return };
+/// A private simulator on a free port, from `VIRTRIGAUD_VCSIM_BIN` with `extra` arguments,
+/// user `k` / password `kpass`, killed when the child is dropped. `None` (after a SKIP line, or
+/// a panic under `VIRTRIGAUD_IT=1`) when the binary is not named or does not take `extra` (a
+/// binary built before the flag existed: rebuild it with `scripts/peers/vcsim.sh start`).
+async fn private_vcsim(extra: &[&str]) -> Option<(tokio::process::Child, u16)> {
+    let it = std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1");
     let (Some(bin), Some(cert), Some(key)) = (
         var("VIRTRIGAUD_VCSIM_BIN"),
         var("VIRTRIGAUD_VCSIM_CERT"),
         var("VIRTRIGAUD_VCSIM_KEY"),
     ) else {
-        if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
+        if it {
             panic!("VIRTRIGAUD_VCSIM_BIN/_CERT/_KEY are not set but VIRTRIGAUD_IT=1");
         }
         eprintln!("SKIP: VIRTRIGAUD_VCSIM_BIN is not set");
-        return;
+        return None;
     };
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut child = tokio::process::Command::new(bin)
+    let mut child = tokio::process::Command::new(&bin)
         .args([
             "-listen",
             &format!("127.0.0.1:{port}"),
@@ -740,22 +742,55 @@ async fn killed_simulator_mid_upload() {
             &key,
         ])
         .args(["-user", "k", "-pass", "kpass"])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    {
-        use tokio::io::AsyncBufReadExt;
-        let out = child.stdout.take().unwrap();
-        let mut lines = tokio::io::BufReader::new(out).lines();
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert!(line.starts_with("URL="), "{line}");
+    use tokio::io::AsyncBufReadExt;
+    let out = child.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    match line {
+        Some(l) if l.starts_with("URL=") => {
+            // Its log is drained, so that a full pipe never blocks it.
+            if let Some(mut e) = child.stderr.take() {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut e, &mut tokio::io::sink()).await;
+                });
+            }
+            Some((child, port))
+        }
+        other => {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = e.read_to_string(&mut err).await;
+            }
+            let msg = format!(
+                "{bin} {extra:?} did not start ({other:?}): {err}; an old build? \
+                 rebuild it with scripts/peers/vcsim.sh start"
+            );
+            if it {
+                panic!("{msg}");
+            }
+            eprintln!("SKIP: {msg}");
+            None
+        }
     }
+}
+
+/// A private simulator, killed mid-upload: the writer fails with a clear network error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_simulator_mid_upload() {
+    let Some(e) = env() else { return };
+    let Some((mut child, port)) = private_vcsim(&[]).await else {
+        return;
+    };
     let mut c = VsphereConfig::new(format!("https://127.0.0.1:{port}/sdk"), "k", "kpass")
         .with_thumbprint(&e.thumbprint)
         .with_datacenter("DC0");
@@ -1342,4 +1377,85 @@ async fn lease_keeper_on_an_import_lease() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+}
+
+/// Task deadlines against a private simulator whose `PowerOnVM_Task` and `ResetVM_Task` tasks
+/// show "running" for a while (our `main.go`'s `-task-delay`: the simulator itself runs every
+/// task before it answers). A task still running at the deadline fails with `Timeout` and is
+/// cancelled: the simulator (our wrapper, as vSphere does) then shows the task as `error` with
+/// `RequestCanceled`, which the client maps to `Cancelled`. A task that ends before the
+/// deadline is waited for. What the simulator cannot show: that vSphere really stops the work
+/// (here it was done before the task was shown running), and tasks that refuse to be cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_deadline_cancels_the_task() {
+    let Some(e) = env() else { return };
+    let Some((mut child, port)) =
+        private_vcsim(&["-task-delay", "PowerOnVM_Task=60s,ResetVM_Task=1s"]).await
+    else {
+        return;
+    };
+    let c = VsphereConfig::new(format!("https://127.0.0.1:{port}/sdk"), "k", "kpass")
+        .with_thumbprint(&e.thumbprint)
+        .with_datacenter("DC0");
+    let p = VsphereProvider::new(c).unwrap();
+    let client = p.client().clone();
+    let r = p.find_vm("DC0_H0_VM0").await.unwrap();
+    p.power(&r.value, PowerOp::Off).await.unwrap();
+
+    let n = client.call("PowerOnVM_Task", &r.this()).await.unwrap();
+    let task = n
+        .child("returnval")
+        .and_then(virtrigaud_vsphere::MoRef::from_node)
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let err = client
+        .wait_task_for(&task, "PowerOnVM_Task", Duration::from_millis(1500))
+        .await
+        .unwrap_err();
+    let took = t0.elapsed();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    assert!(err.to_string().contains("; cancelled"), "{err}");
+    // What the simulator answered to the CancelTask: the task ended as cancelled.
+    let o = client.properties(&task, &["info"]).await.unwrap();
+    let info = o.props.get("info").unwrap();
+    assert_eq!(info.text_at(&["state"]), Some("error"));
+    assert_eq!(
+        info.child("error")
+            .and_then(|e| e.child("fault"))
+            .and_then(|f| f.xsi_type.as_deref()),
+        Some("RequestCanceled")
+    );
+    let err = client
+        .wait_task_for(&task, "PowerOnVM_Task", Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
+
+    // A task that runs for a second within a longer deadline is waited for.
+    let n = client.call("ResetVM_Task", &r.this()).await.unwrap();
+    let task = n
+        .child("returnval")
+        .and_then(virtrigaud_vsphere::MoRef::from_node)
+        .unwrap();
+    let running = client.properties(&task, &["info"]).await.unwrap();
+    assert_eq!(
+        running.props.get("info").unwrap().text_at(&["state"]),
+        Some("running")
+    );
+    let t0 = std::time::Instant::now();
+    client
+        .wait_task_for(&task, "ResetVM_Task", Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(
+        t0.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t0.elapsed()
+    );
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
 }
