@@ -2,7 +2,9 @@
 # OpenSSH sshd (Debian) on 127.0.0.1 as the Proxmox node's SSH side: its own host key, client
 # key, authorized_keys and pid file; a `pvesm` stand-in (sshd/pvesm) first on the session PATH,
 # answering `pvesm path` and `pvesm export VOLID raw+size -` from image files under
-# STATE_DIR/sshd/images (the tests put qemu-img images there).
+# STATE_DIR/sshd/images (the tests put qemu-img images there) per storage type as upstream does
+# (sshd/storage.cfg lists the storages), and a `blockdev --getsize64` stand-in (sshd/blockdev)
+# for the image files that stand in for zvol devices.
 #   sshd.sh install              openssh-server, openssh-client, python3 (apt)
 #   sshd.sh start STATE_DIR      writes STATE_DIR/sshd.env and STATE_DIR/sshd.pid
 #   sshd.sh stop STATE_DIR       stops sshd by PID
@@ -21,8 +23,8 @@ start)
     d="$state/sshd"
     mkdir -p "$d/bin" "$d/images/images"
     chmod 700 "$d"
-    cp "$here/sshd/pvesm" "$d/bin/pvesm"
-    chmod 755 "$d/bin/pvesm"
+    cp "$here/sshd/pvesm" "$here/sshd/blockdev" "$here/sshd/storage.cfg" "$d/bin/"
+    chmod 755 "$d/bin/pvesm" "$d/bin/blockdev"
     rm -f "$d/host_ed25519" "$d/client_ed25519" "$d/wrong_ed25519"
     ssh-keygen -q -t ed25519 -N '' -C virtrigaud-test-host -f "$d/host_ed25519"
     ssh-keygen -q -t ed25519 -N '' -C virtrigaud-test-client -f "$d/client_ed25519"

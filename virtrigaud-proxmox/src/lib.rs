@@ -46,11 +46,17 @@
 //!
 //! # Export: SSH to the node
 //!
-//! No PVE API streams a disk out. [`open_disk`](virtrigaud_core::Provider::open_disk) runs
-//! `pvesm export VOLID raw+size - --with-snapshots 0` over SSH (every storage type; from the
-//! snapshot when one is given) and, for dir/NFS/CIFS storages without a snapshot, `pvesm path`
-//! plus ranged SFTP reads (a random-access source: a qcow2 keeps its allocation map). See
-//! [`ssh`].
+//! No PVE API streams a disk out, and upstream `pvesm export … raw+size` does not cover every
+//! storage type (ZFS exports only `zfs send` streams; no plugin exports a snapshot as raw, and
+//! RBD silently ignores the snapshot). [`open_disk`](virtrigaud_core::Provider::open_disk)
+//! therefore picks the read path from the storage's type in the API's storage config
+//! ([`export::read_path`], with the upstream table):
+//! dir/NFS/CIFS/btrfs → `pvesm path` + ranged SFTP reads of the image file (a qcow2 keeps its
+//! allocation map; from a snapshot: the qcow2's internal snapshot of that name,
+//! [`export::SnapshotView`]); lvm/lvmthin/rbd → the `pvesm export` stream; zfspool → the zvol
+//! device over SFTP with its size from `blockdev --getsize64`. A snapshot on lvm, lvmthin,
+//! zfspool or rbd, and every other storage type, is `Unsupported` naming the type, before any
+//! command runs on the node. See [`ssh`] for the transport.
 //!
 //! # What was tested against what
 //!
@@ -61,14 +67,16 @@
 //! body is proven against an independent Python multipart parser instead), or that
 //! `download-url` fetches anything (it never does: the tests fetch the presigned URL
 //! themselves). The SSH paths run against a real OpenSSH sshd with a `pvesm` stand-in script
-//! that answers `path` and `export … raw+size` from real qemu-img images; the real `pvesm`'s
-//! behaviour on LVM/ZFS/Ceph is taken from PVE's documentation and source, not tested.
+//! that answers `path` and `export … raw+size` from real qemu-img images and refuses per
+//! storage type what upstream pve-storage 9.1 refuses; the real `pvesm`, LVM, ZFS and Ceph are
+//! not tested (their behaviour is read from pve-storage's source).
 
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod config;
 mod error;
+pub mod export;
 pub mod props;
 pub mod provider;
 pub mod ssh;

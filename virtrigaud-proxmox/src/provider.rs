@@ -2,6 +2,7 @@
 
 use crate::client::{IMPORT_CONTENT_SINCE, IMPORT_FROM_SINCE, PveClient, Resource};
 use crate::config::ProxmoxConfig;
+use crate::export::{ReadPath, SnapshotView, read_path};
 use crate::props::{Drive, Net, parse_drive, parse_net};
 use crate::ssh::{SshNode, check_snapshot};
 use async_trait::async_trait;
@@ -944,34 +945,67 @@ impl Provider for ProxmoxProvider {
             .location
             .split_once(':')
             .map(|(s, _)| s.to_string())
-            .unwrap_or_default();
-        let stype = match self.client.storage_config(&storage).await {
-            Ok(c) => c.get("type").and_then(Value::as_str).map(str::to_string),
-            Err(e) => {
-                warn!(storage, error = %e, "storage type unknown, using the export stream");
-                None
-            }
-        };
+            .ok_or_else(|| Error::invalid(format!("{:?} is not a volume id", d.location)))?;
+        // The read path by storage type, decided before anything is read (see `export`).
+        let scfg = self
+            .client
+            .storage_config(&storage)
+            .await
+            .map_err(|e| e.with_vm(vm.to_string()).with_disk(disk.to_string()))?;
+        let stype = scfg
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown");
+        let path = read_path(stype, &scfg, &d.location, snapshot.is_some())
+            .map_err(|e| e.with_vm(vm.to_string()))?;
         let ssh = self.ssh(&f.node).await?;
-        let file_storage = matches!(stype.as_deref(), Some("dir" | "nfs" | "cifs"));
-        let source = if file_storage && snapshot.is_none() {
-            let path = ssh.pvesm_path(&d.location).await?;
-            let file = ssh.open_file(&path).await?;
-            ImageSource::RandomAccess(Arc::new(file))
-        } else {
-            let (size, stream) = ssh
-                .export(&d.location, snapshot.map(|s| s.id.as_str()))
-                .await
-                .map_err(|e| e.with_vm(vm.to_string()).with_disk(disk.to_string()))?;
-            let mut info = d.clone();
-            info.format = Some(DiskFormat::Raw);
-            if info.capacity == 0 {
-                info.capacity = size;
+        let ctx = |e: Error| e.with_vm(vm.to_string()).with_disk(disk.to_string());
+        let source = match (path, snapshot) {
+            (ReadPath::File, None) => {
+                let path = ssh.pvesm_path(&d.location).await.map_err(ctx)?;
+                let file = ssh.open_file(&path).await.map_err(ctx)?;
+                ImageSource::RandomAccess(Arc::new(file))
             }
-            return Ok(OpenedDisk {
-                info,
-                source: ImageSource::from_byte_stream(Some(size), stream),
-            });
+            (ReadPath::File, Some(snap)) => {
+                let path = ssh.pvesm_path(&d.location).await.map_err(ctx)?;
+                let file = ssh.open_file(&path).await.map_err(ctx)?;
+                let view = SnapshotView::open(Arc::new(file), &snap.id)
+                    .await
+                    .map_err(ctx)?;
+                let mut info = d.clone();
+                info.format = Some(DiskFormat::Qcow2);
+                return Ok(OpenedDisk {
+                    info,
+                    source: ImageSource::RandomAccess(Arc::new(view)),
+                });
+            }
+            (ReadPath::Device, _) => {
+                let path = ssh.pvesm_path(&d.location).await.map_err(ctx)?;
+                let size = ssh.device_size(&path).await.map_err(ctx)?;
+                let dev = ssh.open_device(&path, size).await.map_err(ctx)?;
+                let mut info = d.clone();
+                info.format = Some(DiskFormat::Raw);
+                info.capacity = size;
+                return Ok(OpenedDisk {
+                    info,
+                    source: ImageSource::RandomAccess(Arc::new(dev)),
+                });
+            }
+            (ReadPath::ExportStream, _) => {
+                let (size, stream) = ssh
+                    .export(&d.location, snapshot.map(|s| s.id.as_str()))
+                    .await
+                    .map_err(ctx)?;
+                let mut info = d.clone();
+                info.format = Some(DiskFormat::Raw);
+                if info.capacity == 0 {
+                    info.capacity = size;
+                }
+                return Ok(OpenedDisk {
+                    info,
+                    source: ImageSource::from_byte_stream(Some(size), stream),
+                });
+            }
         };
         Ok(OpenedDisk { info: d, source })
     }

@@ -8,14 +8,17 @@
 //! send a password. It is built with aws-lc-rs, the same crypto provider reqwest's rustls uses
 //! here, so no second crypto library compiles.
 //!
-//! Two data paths:
-//! * [`SshNode::export`]: `pvesm export VOLID raw+size - --with-snapshots 0 [--snapshot S]`.
-//!   Works for every storage type (LVM, ZFS, Ceph, dir). The stream is an 8-byte little-endian
-//!   size followed by exactly that many raw bytes; a stream that ends early, runs long or whose
-//!   command fails is an error (`Corrupt`, or `Provider` with pvesm's stderr), never a short disk.
+//! Three data paths (which storage type takes which is decided in [`crate::export`]):
+//! * [`SshNode::export`]: `pvesm export VOLID raw+size - --with-snapshots 0`. Upstream answers
+//!   it for lvm, lvmthin, rbd and file storages without a snapshot (not for ZFS, and for no
+//!   storage type from a snapshot). The stream is an 8-byte little-endian size followed by
+//!   exactly that many raw bytes; a stream that ends early, runs long or whose command fails is
+//!   an error (`Corrupt`, or `Provider` with pvesm's stderr), never a short disk.
 //! * [`SshNode::open_file`]: `pvesm path VOLID`, then ranged SFTP reads of the image file, as a
-//!   random-access source (dir and NFS storages), so a qcow2 keeps its allocation map and holes
-//!   are never read.
+//!   random-access source (dir, NFS, CIFS, btrfs storages), so a qcow2 keeps its allocation map
+//!   and holes are never read.
+//! * [`SshNode::open_device`]: ranged SFTP reads of a block device (a zvol) whose size
+//!   [`SshNode::device_size`] took with `blockdev --getsize64`.
 
 use crate::config::SshConfig;
 use async_trait::async_trait;
@@ -352,8 +355,30 @@ impl SshNode {
         Ok((size, stream))
     }
 
+    /// `blockdev --getsize64 PATH`: the size of a block device (a zvol), which SFTP's `fstat`
+    /// does not give.
+    pub async fn device_size(&self, path: &str) -> Result<u64> {
+        check_path(path)?;
+        let out = self.run(&format!("blockdev --getsize64 {path}")).await?;
+        String::from_utf8_lossy(&out).trim().parse().map_err(|_| {
+            Error::corrupt(format!(
+                "blockdev --getsize64 {path} printed {:?}, not a size",
+                String::from_utf8_lossy(&out)
+            ))
+        })
+    }
+
     /// Opens a file for ranged SFTP reads.
     pub async fn open_file(&self, path: &str) -> Result<SftpFile> {
+        self.open_sftp(path, None).await
+    }
+
+    /// Opens a block device of `size` bytes for ranged SFTP reads.
+    pub async fn open_device(&self, path: &str, size: u64) -> Result<SftpFile> {
+        self.open_sftp(path, Some(size)).await
+    }
+
+    async fn open_sftp(&self, path: &str, known_size: Option<u64>) -> Result<SftpFile> {
         let ch = self
             .handle
             .channel_open_session()
@@ -387,15 +412,18 @@ impl SshNode {
             .await
             .map_err(|e| sftp_err(e, "open"))?
             .handle;
-        let size = sftp
-            .fstat(handle.clone())
-            .await
-            .map_err(|e| sftp_err(e, "fstat"))?
-            .attrs
-            .size
-            .ok_or_else(|| {
-                Error::corrupt("SFTP fstat gave no size").with_target(path.to_string())
-            })?;
+        let size = match known_size {
+            Some(s) => s,
+            None => sftp
+                .fstat(handle.clone())
+                .await
+                .map_err(|e| sftp_err(e, "fstat"))?
+                .attrs
+                .size
+                .ok_or_else(|| {
+                    Error::corrupt("SFTP fstat gave no size").with_target(path.to_string())
+                })?,
+        };
         Ok(SftpFile {
             sftp: Arc::new(sftp),
             handle,
@@ -434,6 +462,22 @@ pub(crate) fn check_volid(volid: &str) -> Result<()> {
     } else {
         Err(Error::invalid(format!(
             "{volid:?} is not a volume id this provider passes to a shell"
+        )))
+    }
+}
+
+/// Paths go on a command line: absolute, and only characters PVE uses in device and image paths.
+pub(crate) fn check_path(path: &str) -> Result<()> {
+    let ok = path.starts_with('/')
+        && !path.contains("..")
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/@+:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "{path:?} is not a path this provider passes to a shell"
         )))
     }
 }

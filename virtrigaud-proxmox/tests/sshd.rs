@@ -3,10 +3,13 @@
 //!
 //! **No real Proxmox VE is obtainable.** On the node, a `pvesm` stand-in script (first on the
 //! SSH session's PATH) answers `pvesm path VOLID` and `pvesm export VOLID raw+size -` from real
-//! image files made by qemu-img, in PVE's output format (8-byte little-endian size, then raw).
-//! What it cannot prove: how the real `pvesm` behaves on LVM, ZFS or Ceph (taken from PVE's
-//! documentation and source). The SSH transport, host key checks, key authentication, SFTP and
-//! the stream checks are real.
+//! image files made by qemu-img, in PVE's output format (8-byte little-endian size, then raw),
+//! and refuses per storage type what upstream pve-storage 9.1 refuses (a snapshot on dir and
+//! LVM, everything on ZFS; on RBD it ignores the snapshot, as upstream does); a `blockdev`
+//! stand-in answers `--getsize64` for the image files that stand in for zvol devices. What it
+//! cannot prove: the real `pvesm`, LVM, ZFS and Ceph themselves (their behaviour is taken from
+//! pve-storage's source). The SSH transport, host key checks, key authentication, SFTP, the
+//! stream checks and the qcow2 internal snapshots (made by qemu-img) are real.
 
 mod common;
 
@@ -45,19 +48,24 @@ async fn digest_of(path: &Path, scratch: &Path) -> String {
     r.manifest.content_digest.value
 }
 
-/// A fakepve VM with a disk on `local-lvm` (scsi0, block storage: export stream) and one on
-/// `local` (virtio0, dir storage: SFTP), and the image files the pvesm stand-in serves for them.
+/// A fakepve VM with a disk on `local-lvm` (scsi0, lvmthin: export stream), one on `local`
+/// (virtio0, dir: SFTP), one on `vrg-zfs` (scsi1, zfspool: device read) and one on `vrg-rbd`
+/// (scsi2, rbd: export stream), and the image files the pvesm stand-in serves for them.
 struct TestVm {
     name: String,
     vmid: u32,
     lvm_file: PathBuf,
     dir_file: PathBuf,
+    zfs_file: PathBuf,
+    rbd_file: PathBuf,
     p: ProxmoxProvider,
 }
 
 async fn test_vm(tag: &str) -> Option<TestVm> {
     let (pve, sshd) = (pve()?, sshd()?);
     let p = ProxmoxProvider::new(pve.config().with_ssh(sshd.config())).unwrap();
+    common::ensure_storage(&pve, "vrg-zfs", "zfspool", &[("pool", "vrgpool/data")]).await;
+    common::ensure_storage(&pve, "vrg-rbd", "rbd", &[("pool", "vrgrbd")]).await;
     let name = unique(tag);
     // Tests run in parallel and /cluster/nextid is advisory: retry a taken id.
     let mut tries = 0;
@@ -68,6 +76,8 @@ async fn test_vm(tag: &str) -> Option<TestVm> {
             ("name", name.clone()),
             ("scsi0", "local-lvm:1".to_string()),
             ("virtio0", "local:1,format=qcow2".to_string()),
+            ("scsi1", "vrg-zfs:1".to_string()),
+            ("scsi2", "vrg-rbd:1".to_string()),
         ];
         match p.client().vm_create(&pve.node, &form).await {
             Ok(upid) => {
@@ -89,6 +99,29 @@ async fn test_vm(tag: &str) -> Option<TestVm> {
             .to_string()
     };
     let (lvm, dir) = (vol("scsi0"), vol("virtio0"));
+    let on = |store: &str, k: &str| {
+        sshd.images
+            .join(store)
+            .join(vol(k).split_once(':').unwrap().1)
+    };
+    let (zfs_file, rbd_file) = (on("vrg-zfs", "scsi1"), on("vrg-rbd", "scsi2"));
+    for f in [&zfs_file, &rbd_file] {
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        let f = f.to_str().unwrap();
+        common::run("qemu-img", &["create", "-q", "-f", "raw", f, "24M"]);
+        common::run(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x5a 1M 1M",
+                "-c",
+                "write -P 0xa5 23M 1M",
+                f,
+            ],
+        );
+    }
     let lvm_file = sshd
         .images
         .join("local-lvm")
@@ -125,6 +158,8 @@ async fn test_vm(tag: &str) -> Option<TestVm> {
         vmid,
         lvm_file,
         dir_file,
+        zfs_file,
+        rbd_file,
         p,
     })
 }
@@ -134,7 +169,8 @@ impl Drop for TestVm {
         let _ = std::fs::remove_file(&self.lvm_file);
         let _ = std::fs::remove_file(&self.dir_file);
         let _ = std::fs::remove_file(self.lvm_file.with_extension("cut"));
-        let _ = std::fs::remove_file(format!("{}@vrgsnap", self.lvm_file.display()));
+        let _ = std::fs::remove_file(&self.zfs_file);
+        let _ = std::fs::remove_file(&self.rbd_file);
         let (c, vmid) = (self.p.clone(), self.vmid);
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -205,39 +241,168 @@ async fn export_stream_and_sftp_give_the_images_content() {
         r.manifest.content_digest.value,
         digest_of(&vm.dir_file, scratch.path()).await
     );
+}
 
-    // From a snapshot: the stand-in serves FILE@SNAP; the export names the snapshot.
-    let snap_file = PathBuf::from(format!("{}@vrgsnap", vm.lvm_file.display()));
-    std::fs::copy(&vm.lvm_file, &snap_file).unwrap();
+/// The content digest of one internal snapshot of a qcow2, by qemu-img (the oracle): a copy of
+/// the file reverted to the snapshot (`qemu-img snapshot -a`, which also restores the size the
+/// disk had then; `qemu-img convert -l` would keep today's size).
+async fn snapshot_digest(qcow2: &Path, snap: &str, scratch: &Path) -> String {
+    let copy = scratch.join(format!("{snap}.qcow2"));
+    std::fs::copy(qcow2, &copy).unwrap();
     common::run(
-        "qemu-io",
-        &[
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x77 4M 1M",
-            snap_file.to_str().unwrap(),
-        ],
+        "qemu-img",
+        &["snapshot", "-a", snap, copy.to_str().unwrap()],
     );
+    digest_of(&copy, scratch).await
+}
+
+#[tokio::test]
+async fn each_storage_type_takes_the_path_upstream_supports() {
+    let _turn = SERIAL.lock().await;
+    let Some(vm) = test_vm("types").await else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let fs = FsBackend::new(scratch.path().join("stage"));
+    let sshd = sshd().unwrap();
+    let node = SshNode::connect(&sshd.config(), &sshd.host).await.unwrap();
+    let volid =
+        |store: &str, f: &Path| format!("{store}:{}", f.file_name().unwrap().to_str().unwrap());
     let snap = SnapshotRef {
         id: "vrgsnap".into(),
         name: "vrgsnap".into(),
     };
-    let opts = ExportOptions {
-        snapshot: Some(snap),
+    let with_snap = ExportOptions {
+        snapshot: Some(snap.clone()),
         ..ExportOptions::default()
     };
-    let r = export_disk(&vm.p, &vm.name, "scsi0", &fs, "snap.qcow2", &opts)
+
+    // zfspool: upstream `pvesm export` has no raw format for it (the stand-in refuses as PVE
+    // does), so the zvol device is read: `pvesm path`, `blockdev --getsize64`, ranged SFTP.
+    let e = match node.export(&volid("vrg-zfs", &vm.zfs_file), None).await {
+        Err(e) => e,
+        Ok(_) => panic!("the stand-in exported a ZFS volume as raw+size"),
+    };
+    assert!(e.to_string().contains("ZFSPoolPlugin"), "{e}");
+    let opened = vm.p.open_disk(&vm.name, "scsi1", None).await.unwrap();
+    assert!(matches!(opened.source, ImageSource::RandomAccess(_)));
+    assert_eq!(opened.info.capacity, 24 * MIB);
+    assert_eq!(opened.info.format, Some(DiskFormat::Raw));
+    drop(opened);
+    let r = export_disk(
+        &vm.p,
+        &vm.name,
+        "scsi1",
+        &fs,
+        "zfs.qcow2",
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.manifest.virtual_size, 24 * MIB);
+    assert_eq!(
+        r.manifest.content_digest.value,
+        digest_of(&vm.zfs_file, scratch.path()).await
+    );
+
+    // rbd without a snapshot: the export stream.
+    let r = export_disk(
+        &vm.p,
+        &vm.name,
+        "scsi2",
+        &fs,
+        "rbd.qcow2",
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.manifest.content_digest.value,
+        digest_of(&vm.rbd_file, scratch.path()).await
+    );
+
+    // Snapshots that upstream cannot export as raw: refused up front, naming the type, before
+    // any SSH command runs; the stand-in refuses (lvmthin) or ignores (rbd) them as PVE does.
+    for (disk, stype) in [("scsi0", "lvmthin"), ("scsi1", "zfspool"), ("scsi2", "rbd")] {
+        let e =
+            vm.p.open_disk(&vm.name, disk, Some(&snap))
+                .await
+                .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{disk}: {e}");
+        assert!(e.to_string().contains(&format!("type {stype}")), "{e}");
+        assert!(e.to_string().contains("prepare: shutdown"), "{e}");
+    }
+    let e = match node
+        .export(&volid("local-lvm", &vm.lvm_file), Some("vrgsnap"))
+        .await
+    {
+        Err(e) => e,
+        Ok(_) => panic!("the stand-in exported an lvmthin snapshot"),
+    };
+    assert!(e.to_string().contains("cannot export a snapshot"), "{e}");
+    let (size, _) = node
+        .export(&volid("vrg-rbd", &vm.rbd_file), Some("vrgsnap"))
+        .await
+        .unwrap();
+    assert_eq!(size, 24 * MIB, "upstream's rbd export ignores --snapshot");
+
+    // dir qcow2 with a snapshot: the qcow2's internal snapshot, read over SFTP. Data written
+    // and a resize after the snapshot must not show.
+    let d = vm.dir_file.to_str().unwrap();
+    common::run("qemu-img", &["snapshot", "-c", "vrgsnap", d]);
+    common::run(
+        "qemu-io",
+        &["-c", "write -P 0x77 4M 1M", "-c", "write -P 0x00 0 64k", d],
+    );
+    common::run("qemu-img", &["resize", "-q", d, "96M"]);
+    let want = snapshot_digest(&vm.dir_file, "vrgsnap", scratch.path()).await;
+    let r = export_disk(&vm.p, &vm.name, "virtio0", &fs, "dirsnap.qcow2", &with_snap)
         .await
         .unwrap();
     assert_eq!(
-        r.manifest.content_digest.value,
-        digest_of(&snap_file, scratch.path()).await
+        r.manifest.virtual_size,
+        80 * MIB,
+        "the size at the snapshot"
     );
-    assert_ne!(
-        r.manifest.content_digest.value,
-        digest_of(&vm.lvm_file, scratch.path()).await
-    );
+    assert_eq!(r.manifest.content_digest.value, want);
+    let live = export_disk(
+        &vm.p,
+        &vm.name,
+        "virtio0",
+        &fs,
+        "dirlive.qcow2",
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(live.manifest.virtual_size, 96 * MIB);
+    assert_ne!(live.manifest.content_digest.value, want);
+    // The dir stand-in refuses a snapshot export, as Plugin.pm does.
+    let e = match node
+        .export(
+            &format!(
+                "local:{}/{}",
+                vm.vmid,
+                vm.dir_file.file_name().unwrap().to_str().unwrap()
+            ),
+            Some("vrgsnap"),
+        )
+        .await
+    {
+        Err(e) => e,
+        Ok(_) => panic!("the stand-in exported a dir snapshot as raw+size"),
+    };
+    assert!(e.to_string().contains("not available"), "{e}");
+    // A snapshot the file does not hold.
+    let other = SnapshotRef {
+        id: "nosuchsnap".into(),
+        name: "nosuchsnap".into(),
+    };
+    let e =
+        vm.p.open_disk(&vm.name, "virtio0", Some(&other))
+            .await
+            .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
 }
 
 #[tokio::test]

@@ -150,3 +150,47 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Makes sure fakepve has storage `id` of type `stype` (created through its API when missing,
+/// with `extra` parameters such as `vgname` or `pool`). The sshd peer's pvesm stand-in lists the
+/// same storages (scripts/peers/sshd/storage.cfg), so the API and the node agree on the type.
+pub async fn ensure_storage(pve: &Pve, id: &str, stype: &str, extra: &[(&str, &str)]) {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&pve.ca).unwrap()).unwrap();
+    let c = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let auth = format!("PVEAPIToken={}={}", pve.token_id, pve.token_secret);
+    let url = format!("{}/api2/json/storage", pve.url);
+    let got = c
+        .get(format!("{url}/{id}"))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    if got.status().is_success() {
+        return;
+    }
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    form.append_pair("storage", id)
+        .append_pair("type", stype)
+        .append_pair("content", "images");
+    for (k, v) in extra {
+        form.append_pair(k, v);
+    }
+    let r = c
+        .post(&url)
+        .header("Authorization", &auth)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(form.finish())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    // A test running in parallel may have created it meanwhile.
+    assert!(
+        status.is_success() || body.contains("already"),
+        "creating storage {id}: {status} {body}"
+    );
+}
