@@ -49,6 +49,11 @@ pub struct PutOptions {
     pub overwrite: bool,
     /// Content type.
     pub content_type: Option<String>,
+    /// When the put resumes an interrupted upload, every part the store already holds must
+    /// be the very bytes this put sends, or the put fails with `Conflict` instead of replacing
+    /// the part (an encrypted export sets it when it reuses the interrupted upload's key: one
+    /// key must never seal two different plaintexts). Backends that do not resume ignore it.
+    pub resume_must_match: bool,
 }
 
 impl Default for PutOptions {
@@ -57,6 +62,7 @@ impl Default for PutOptions {
             size_hint: None,
             overwrite: true,
             content_type: None,
+            resume_must_match: false,
         }
     }
 }
@@ -82,6 +88,12 @@ pub trait StorageBackend: Send + Sync + std::fmt::Debug {
     async fn delete(&self, key: &str) -> Result<()>;
     /// Lists objects whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+    /// Whether an interrupted upload of `key` is waiting to be resumed by the next put (a
+    /// multipart upload with its checkpoint). Backends that do not resume answer `false`.
+    async fn pending_upload(&self, key: &str) -> Result<bool> {
+        let _ = key;
+        Ok(false)
+    }
     /// A URL that lets anyone GET the object until it expires.
     async fn presign_get(&self, key: &str, expires: Duration) -> Result<String> {
         let _ = (key, expires);

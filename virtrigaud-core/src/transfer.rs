@@ -178,20 +178,32 @@ pub async fn export_image(
         .virtual_size
         .saturating_add(content.virtual_size / 64)
         .saturating_add(64 << 20);
+    // An encrypted export seals with keys of its own choosing: those of the interrupted
+    // upload it resumes, or new ones whose header is kept beside the upload (crate::crypt).
+    let mut encode = opts.encode.clone();
+    let mut resumed = false;
+    if let Some(enc) = &opts.encode.encrypt {
+        let (e, r) = crate::crypt::prepare_export(storage, key, enc)
+            .await
+            .map_err(ctx)?;
+        (encode.encrypt, resumed) = (Some(e), r);
+    }
+    let crypt_state = format!("{key}{}", crate::crypt::RESUME_SUFFIX);
     let put = PutOptions {
         size_hint: Some(bound),
+        resume_must_match: resumed,
         ..Default::default()
     };
     let sink = storage
         .put(key, &put)
         .await
         .map_err(|e| ctx(e).with_target(key.to_string()))?;
-    let (report, sink) = pipeline::run(
+    let (report, sink) = match pipeline::run(
         content,
         sink,
         pipeline::Job {
             format,
-            encode: &opts.encode,
+            encode: &encode,
             content_digest: true,
             hash_object: true,
             phase: Phase::Export,
@@ -200,7 +212,17 @@ pub async fn export_image(
         &opts.pipeline,
     )
     .await
-    .map_err(ctx)?;
+    {
+        Ok(r) => r,
+        Err(e) if resumed && e.kind() == ErrorKind::Conflict => {
+            // The resumed upload holds other ciphertext than this run seals with its key: the
+            // source changed. The upload is discarded with the sink; forget its header too, so
+            // that the rerun starts over with new keys.
+            let _ = storage.delete(&crypt_state).await;
+            return Err(ctx(e));
+        }
+        Err(e) => return Err(ctx(e)),
+    };
     let (Some((object_sha, chunks)), Some(content_digest)) =
         (report.object.clone(), report.content_digest.clone())
     else {
@@ -271,6 +293,12 @@ pub async fn export_image(
     {
         let _ = storage.delete(key).await;
         return Err(ctx(e).with_target(manifest_key(key)));
+    }
+    if opts.encode.encrypt.is_some()
+        && storage.capabilities().resume
+        && let Err(e) = storage.delete(&crypt_state).await
+    {
+        tracing::warn!(key = %crypt_state, error = %e, "could not remove the finished export's encryption header copy");
     }
     info!(
         stored = report.stored_size,

@@ -150,6 +150,7 @@ async fn create(storage: &dyn StorageBackend, key: &str, data: Bytes) -> Result<
                 size_hint: Some(data.len() as u64),
                 overwrite: false,
                 content_type: Some("application/json".into()),
+                ..Default::default()
             },
         )
         .await?;

@@ -248,6 +248,10 @@ impl S3Backend {
                 .await
                 .map_err(|e| e.with_operation("s3.put"))?
         };
+        let resume = resume.map(|mut r| {
+            r.must_match = opts.resume_must_match;
+            r
+        });
         Ok(S3Writer::new(
             self.core.clone(),
             WriterParams {
@@ -305,7 +309,11 @@ impl S3Backend {
         }
         *part_size = checkpoint.part_size;
         let known = known_parts(&remote, &checkpoint);
-        Ok(Some(Resume { checkpoint, known }))
+        Ok(Some(Resume {
+            checkpoint,
+            known,
+            must_match: false,
+        }))
     }
 
     /// Best-effort abort of an upload and removal of its checkpoint.
@@ -409,6 +417,10 @@ impl StorageBackend for S3Backend {
 
     async fn put(&self, key: &str, opts: &PutOptions) -> Result<Box<dyn ByteSink>> {
         Ok(Box::new(self.put_resumable(key, opts).await?))
+    }
+
+    async fn pending_upload(&self, key: &str) -> Result<bool> {
+        Ok(self.checkpoint(key).await?.is_some())
     }
 
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream> {

@@ -99,6 +99,24 @@ impl KnownPart {
             _ => None,
         }
     }
+
+    /// Whether the stored part is known to hold other bytes than `size` bytes of MD5 `md5`:
+    /// another size, the checkpoint's MD5 for it, or a listed ETag that is a plain MD5 (32 hex
+    /// digits) and another one. A part the server lists without anything to compare (no ETag
+    /// in ListParts, not yet in the checkpoint) is not known to differ.
+    pub(crate) fn differs(&self, size: u64, md5: &str) -> bool {
+        if self.size != size {
+            return true;
+        }
+        match (&self.remote_etag, &self.recorded) {
+            (Some(r), Some((m, e))) if r == e => m != md5,
+            (None, Some((m, _))) => m != md5,
+            (Some(r), _) => {
+                r.len() == 32 && r.bytes().all(|b| b.is_ascii_hexdigit()) && r != md5
+            }
+            (None, None) => false,
+        }
+    }
 }
 
 /// Merges ListParts with the checkpoint's records: only parts the server lists count.
@@ -128,6 +146,9 @@ pub(crate) fn known_parts(remote: &[RemotePart], cp: &Checkpoint) -> HashMap<u32
 pub(crate) struct Resume {
     pub checkpoint: Checkpoint,
     pub known: HashMap<u32, KnownPart>,
+    /// [`PutOptions::resume_must_match`](virtrigaud_core::storage::PutOptions): a stored part
+    /// known to differ fails the put instead of being replaced.
+    pub must_match: bool,
 }
 
 /// A finished part.
@@ -430,6 +451,8 @@ impl S3Writer {
             .resume
             .as_ref()
             .and_then(|r| r.known.get(&number).cloned());
+        let must_match = self.resume.as_ref().is_some_and(|r| r.must_match);
+        let target = self.key.clone();
         let core = self.core.clone();
         let key = self.key.clone();
         let size = data.len() as u64;
@@ -442,6 +465,16 @@ impl S3Writer {
                 })
                 .await
                 .map_err(|e| Error::new(ErrorKind::Storage, format!("hashing task failed: {e}")))?;
+                if must_match && known.as_ref().is_some_and(|k| k.differs(size, &md5)) {
+                    return Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "part {number} of the upload being resumed holds other bytes than \
+                             this put sends (the source changed since the interrupted upload)"
+                        ),
+                    )
+                    .with_target(target));
+                }
                 if let Some(etag) = known.and_then(|k| k.reusable_etag(size, &md5)) {
                     tracing::debug!("part already stored, not sent again");
                     return Ok(PartDone {

@@ -43,12 +43,20 @@ pub struct EncryptionInfo {
     pub recipients: Vec<String>,
 }
 
+#[cfg(feature = "encryption")]
+pub(crate) mod stream;
+
 /// Encryption of an export for one or more recipients.
 #[derive(Clone)]
 pub struct Encryption {
     recipients: Vec<String>,
     #[cfg(feature = "encryption")]
     parsed: Vec<age::x25519::Recipient>,
+    /// The identity that may reopen the header of an interrupted export ([`Encryption::resumable_with`]).
+    resume: Option<Decryption>,
+    /// The keys this export seals with, when the export chose them (a resumed header).
+    #[cfg(feature = "encryption")]
+    pub(crate) session: Option<std::sync::Arc<stream::Session>>,
 }
 
 impl std::fmt::Debug for Encryption {
@@ -83,6 +91,8 @@ impl Encryption {
             Ok(Encryption {
                 recipients: names,
                 parsed,
+                resume: None,
+                session: None,
             })
         }
         #[cfg(not(feature = "encryption"))]
@@ -92,6 +102,29 @@ impl Encryption {
                 "client-side encryption needs virtrigaud built with the `encryption` feature",
             ))
         }
+    }
+
+    /// Lets an interrupted export be resumed: with an identity that can read what this
+    /// encryption writes (one of the recipients' secret keys), an export to a store that
+    /// resumes uploads (S3) reuses the file key of the upload it resumes, so the parts already
+    /// stored are not sent again.
+    ///
+    /// How the key survives a crash without being stored in clear: it is never written at
+    /// all. The store keeps `<key>.encryption.json` beside the upload, which holds only the
+    /// object's age header (the file key wrapped for the recipients, as in the object itself)
+    /// and its public payload nonce; the rerun unwraps the key from that header with this
+    /// identity. Without it, or when the header cannot be opened, the export starts over with
+    /// a new key. A resumed upload must find exactly the parts it would send: if the source
+    /// changed in between, one key would seal two different plaintexts, so the export stops
+    /// with `Conflict` and the upload is discarded instead (the rerun then starts over).
+    pub fn resumable_with(mut self, identity: Decryption) -> Encryption {
+        self.resume = Some(identity);
+        self
+    }
+
+    /// The identity given to [`Encryption::resumable_with`].
+    pub fn resume_identity(&self) -> Option<&Decryption> {
+        self.resume.as_ref()
     }
 
     /// What the manifest records.
@@ -163,6 +196,106 @@ impl Decryption {
     }
 }
 
+/// Suffix of the object that an encrypted export keeps beside its upload while it is in
+/// progress on a store that resumes uploads: `<key>.encryption.json`, holding the object's
+/// age header (the file key wrapped for the recipients, never in clear) so that a rerun with
+/// an identity can resume ([`Encryption::resumable_with`]). Removed when the export completes.
+pub const RESUME_SUFFIX: &str = ".encryption.json";
+
+/// The object beside an encrypted upload in progress.
+#[derive(Debug, Serialize, Deserialize)]
+struct ResumeState {
+    version: u32,
+    scheme: String,
+    recipients: Vec<String>,
+    /// The age header and payload nonce, base64.
+    prefix: String,
+}
+
+/// The encryption an export of `key` seals with, and whether it resumes the keys of an
+/// interrupted upload: on a store that resumes uploads, with a pending upload of `key`, its
+/// [`RESUME_SUFFIX`] object and an identity that opens it; otherwise new keys, whose header is
+/// stored beside the upload first (when the store resumes uploads).
+#[cfg(feature = "encryption")]
+pub(crate) async fn prepare_export(
+    storage: &dyn crate::storage::StorageBackend,
+    key: &str,
+    enc: &Encryption,
+) -> Result<(Encryption, bool)> {
+    use crate::storage::StorageExt;
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
+    let state_key = format!("{key}{RESUME_SUFFIX}");
+    if !storage.capabilities().resume {
+        return Ok((enc.clone(), false));
+    }
+    if let Some(dec) = &enc.resume
+        && storage.pending_upload(key).await?
+    {
+        let load = async {
+            let raw = match storage.get_bytes(&state_key, 1 << 20).await {
+                Ok(raw) => raw,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let st: ResumeState = serde_json::from_slice(&raw)
+                .map_err(|e| Error::corrupt(format!("unreadable {state_key}: {e}")))?;
+            if st.version != 1 || st.scheme != "age" || st.recipients != enc.recipients {
+                return Ok(None);
+            }
+            let prefix = B64
+                .decode(st.prefix.as_bytes())
+                .map_err(|e| Error::corrupt(format!("unreadable {state_key}: {e}")))?;
+            let session = stream::Session::open(&prefix, &dec.identities)?;
+            if session.prefix().len() != prefix.len() {
+                return Err(Error::corrupt(format!("{state_key} holds more than a header")));
+            }
+            Ok(Some(session))
+        };
+        match load.await {
+            Ok(Some(session)) => {
+                tracing::info!(key, "resuming an encrypted upload with the key of its header");
+                let mut e = enc.clone();
+                e.session = Some(std::sync::Arc::new(session));
+                return Ok((e, true));
+            }
+            Ok(None) => tracing::info!(
+                key,
+                "the interrupted upload has no header for these recipients: new keys, its parts are sent again"
+            ),
+            Err(e) => tracing::warn!(
+                key, error = %e,
+                "the interrupted encrypted upload cannot be resumed: new keys, its parts are sent again"
+            ),
+        }
+    }
+    let session = stream::Session::new(&enc.parsed)?;
+    let state = ResumeState {
+        version: 1,
+        scheme: "age".into(),
+        recipients: enc.recipients.clone(),
+        prefix: B64.encode(session.prefix()),
+    };
+    let json = serde_json::to_vec(&state)
+        .map_err(|e| Error::new(ErrorKind::Io, format!("encoding {state_key}: {e}")))?;
+    storage.put_bytes(&state_key, bytes::Bytes::from(json)).await?;
+    let mut e = enc.clone();
+    e.session = Some(std::sync::Arc::new(session));
+    Ok((e, false))
+}
+
+/// Without the feature there is no [`Encryption`] to prepare.
+#[cfg(not(feature = "encryption"))]
+pub(crate) async fn prepare_export(
+    _storage: &dyn crate::storage::StorageBackend,
+    _key: &str,
+    _enc: &Encryption,
+) -> Result<(Encryption, bool)> {
+    Err(Error::unsupported(
+        "client-side encryption needs virtrigaud built with the `encryption` feature",
+    ))
+}
+
 /// The error for an encrypted object met without identities.
 pub fn missing_identity(info: &EncryptionInfo, key: &str) -> Error {
     Error::new(
@@ -189,10 +322,12 @@ pub(crate) async fn decrypt_source(
     use crate::io::ImageSource;
     use futures::io::AsyncRead;
     use futures::{StreamExt, TryStreamExt};
-    let ImageSource::Sequential { stream, .. } = source else {
-        return Err(Error::unsupported(
-            "decryption reads an encrypted object as one stream",
-        ));
+    let stream = match source {
+        ImageSource::Sequential { stream, .. } => stream,
+        ImageSource::RandomAccess(r) => {
+            let r = DecryptingReader::open(r, dec, info).await?;
+            return Ok(ImageSource::RandomAccess(std::sync::Arc::new(r)));
+        }
     };
     let to_io = |e: Error| std::io::Error::other(e);
     let ciphertext = stream
@@ -255,6 +390,99 @@ pub(crate) async fn decrypt_source(
     Ok(ImageSource::Sequential { size: None, stream })
 }
 
+/// Random access to the plaintext of an encrypted object: a read at any offset fetches and
+/// opens only the 64 KiB chunks it covers (each authenticated on its own; a tampered one is
+/// `ChecksumMismatch`, a truncated object `Corrupt` when opened). The header is read and the
+/// file key unwrapped by [`DecryptingReader::open`], so a wrong identity is `Auth` at once.
+#[cfg(feature = "encryption")]
+pub struct DecryptingReader {
+    inner: std::sync::Arc<dyn crate::io::ReadAt>,
+    session: std::sync::Arc<stream::Session>,
+    layout: stream::Layout,
+}
+
+#[cfg(feature = "encryption")]
+impl std::fmt::Debug for DecryptingReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DecryptingReader({:?})", self.layout)
+    }
+}
+
+#[cfg(feature = "encryption")]
+impl DecryptingReader {
+    /// Opens the encrypted object `inner` (ciphertext, read by range) with `dec`; `info` (from
+    /// the manifest) names the recipients in errors.
+    pub async fn open(
+        inner: std::sync::Arc<dyn crate::io::ReadAt>,
+        dec: &Decryption,
+        info: &EncryptionInfo,
+    ) -> Result<DecryptingReader> {
+        let head_len = inner.size().min(stream::MAX_PREFIX as u64) as usize;
+        let head = inner.read_exact_at(0, head_len).await?;
+        let session = stream::Session::open(&head, &dec.identities).map_err(|e| {
+            if e.kind() == ErrorKind::Auth {
+                Error::new(
+                    ErrorKind::Auth,
+                    format!(
+                        "none of the given identities can decrypt this object (it is encrypted for {})",
+                        info.recipients.join(", ")
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
+        let layout = stream::Layout::of(session.prefix().len() as u64, inner.size())?;
+        Ok(DecryptingReader {
+            inner,
+            session: std::sync::Arc::new(session),
+            layout,
+        })
+    }
+}
+
+#[cfg(feature = "encryption")]
+#[async_trait::async_trait]
+impl crate::io::ReadAt for DecryptingReader {
+    fn size(&self) -> u64 {
+        self.layout.plain
+    }
+
+    async fn read_at(&self, offset: u64, len: usize) -> Result<bytes::Bytes> {
+        use stream::{CHUNK, SEALED_CHUNK};
+        let end = offset.saturating_add(len as u64).min(self.layout.plain);
+        if end <= offset {
+            return Ok(bytes::Bytes::new());
+        }
+        let (first, last) = (offset / CHUNK as u64, (end - 1) / CHUNK as u64);
+        let at = self.layout.prefix + first * SEALED_CHUNK as u64;
+        let stored_end = (self.layout.prefix + (last + 1) * SEALED_CHUNK as u64)
+            .min(self.inner.size());
+        let sealed = self
+            .inner
+            .read_exact_at(at, (stored_end - at) as usize)
+            .await?;
+        let (session, chunks) = (self.session.clone(), self.layout.chunks);
+        let skip = (offset - first * CHUNK as u64) as usize;
+        let want = (end - offset) as usize;
+        // Opening is CPU work: off the async threads.
+        tokio::task::spawn_blocking(move || {
+            let mut plain = Vec::with_capacity(want + CHUNK);
+            let mut buf = Vec::with_capacity(SEALED_CHUNK);
+            for (i, c) in sealed.chunks(SEALED_CHUNK).enumerate() {
+                let index = first + i as u64;
+                buf.clear();
+                buf.extend_from_slice(c);
+                session.open_chunk(index, index + 1 == chunks, &mut buf)?;
+                plain.extend_from_slice(&buf);
+            }
+            Ok(bytes::Bytes::from(plain).slice(skip..skip + want))
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("decryption task failed: {e}")))?
+    }
+}
+
 #[cfg(feature = "encryption")]
 fn decrypt_error(e: age::DecryptError, info: &EncryptionInfo) -> Error {
     match e {
@@ -285,37 +513,20 @@ pub(crate) async fn decrypt_source(
 }
 
 /// `chunks` encrypted: the age header, then the ciphertext of every byte (zeros included), as
-/// data chunks of the size the encoder wrote. The encryption runs on a blocking worker of its
-/// own (like the object SHA-256), fed through short queues, so it overlaps with the encoder
-/// and the writes instead of adding to them.
+/// data chunks of the size the encoder wrote. The keys are the export's own
+/// ([`Encryption::session`], a resumed header) or new ones. The encryption runs on a blocking
+/// worker of its own (like the object SHA-256), fed through short queues, so it overlaps with
+/// the encoder and the writes instead of adding to them.
 #[cfg(feature = "encryption")]
 pub(crate) fn encrypt_chunks(mut chunks: ChunkStream, enc: &Encryption) -> Result<ChunkStream> {
     use crate::format::Chunk;
     use futures::StreamExt;
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
 
-    /// The ciphertext age writes, taken out after every plaintext write.
-    struct Out(Arc<Mutex<Vec<u8>>>);
-    impl Write for Out {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .map_err(|_| std::io::Error::other("poisoned"))?
-                .extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let io = |e: std::io::Error| Error::new(ErrorKind::Io, format!("age encryption: {e}"));
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let recipients = enc.parsed.iter().map(|r| r as &dyn age::Recipient);
-    let mut writer = age::Encryptor::with_recipients(recipients)
-        .map_err(|e| Error::invalid(format!("age encryption: {e}")))?
-        .wrap_output(Out(buf.clone()))
-        .map_err(io)?;
+    let session = match &enc.session {
+        Some(s) => s.clone(),
+        None => std::sync::Arc::new(stream::Session::new(&enc.parsed)?),
+    };
+    let mut sealer = stream::Sealer::new(session);
     let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Chunk>(2);
     let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<Chunk>>(2);
     // The feeder: pulls the encoder, hands plaintext to the worker, passes errors on.
@@ -335,23 +546,19 @@ pub(crate) fn encrypt_chunks(mut chunks: ChunkStream, enc: &Encryption) -> Resul
             }
         }
     });
-    // The worker: encrypts; ends when the plaintext ends (then finishes the age stream) or when
+    // The worker: seals; ends when the plaintext ends (then seals the last chunk) or when
     // nobody reads the ciphertext any more.
     tokio::task::spawn_blocking(move || {
-        let take = |buf: &Arc<Mutex<Vec<u8>>>| -> Vec<u8> {
-            buf.lock()
-                .map(|mut b| std::mem::take(&mut *b))
-                .unwrap_or_default()
-        };
+        static ZEROS: [u8; 64 << 10] = [0u8; 64 << 10];
         while let Some(c) = in_rx.blocking_recv() {
+            let mut out = Vec::with_capacity(c.len() as usize + (c.len() as usize >> 12) + 4096);
             let r = match c {
-                Chunk::Data(b) => writer.write_all(&b).map_err(io),
+                Chunk::Data(b) => sealer.push(&b, &mut out),
                 Chunk::Zeros(mut n) => {
-                    let zeros = [0u8; 64 << 10];
                     let mut r = Ok(());
                     while n > 0 && r.is_ok() {
-                        let k = n.min(zeros.len() as u64) as usize;
-                        r = writer.write_all(&zeros[..k]).map_err(io);
+                        let k = n.min(ZEROS.len() as u64) as usize;
+                        r = sealer.push(&ZEROS[..k], &mut out);
                         n -= k as u64;
                     }
                     r
@@ -361,7 +568,6 @@ pub(crate) fn encrypt_chunks(mut chunks: ChunkStream, enc: &Encryption) -> Resul
                 let _ = out_tx.blocking_send(Err(e));
                 return;
             }
-            let out = take(&buf);
             if !out.is_empty()
                 && out_tx
                     .blocking_send(Ok(Chunk::Data(bytes::Bytes::from(out))))
@@ -370,8 +576,9 @@ pub(crate) fn encrypt_chunks(mut chunks: ChunkStream, enc: &Encryption) -> Resul
                 return;
             }
         }
-        let last = writer.finish().map_err(io).map(|_| take(&buf));
-        let _ = out_tx.blocking_send(last.map(|b| Chunk::Data(bytes::Bytes::from(b))));
+        let mut out = Vec::with_capacity(stream::SEALED_CHUNK + stream::MAX_PREFIX.min(4096));
+        let last = sealer.finish(&mut out).map(|_| Chunk::Data(bytes::Bytes::from(out)));
+        let _ = out_tx.blocking_send(last);
     });
     let mut out_rx = out_rx;
     Ok(futures::stream::poll_fn(move |cx| out_rx.poll_recv(cx)).boxed())
