@@ -284,3 +284,122 @@ async fn encrypted_round_trips_through_s3_and_webdav() {
         store.delete(&key).await.unwrap();
     }
 }
+
+/// An encrypted object is read by range: `open_staged` decrypts only the chunks a read covers,
+/// every range equals the same range of what the `age` binary decrypts, the qcow2 decoder
+/// seeks through it to the original disk, and a tampered chunk fails the reads that cover it
+/// (only those) with `ChecksumMismatch`.
+#[tokio::test]
+async fn an_encrypted_object_is_read_by_range() {
+    use virtrigaud::extent::Extent;
+    if !age_available() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let recipient = keygen(t.path(), "id.txt");
+    let image = t.path().join("disk.raw");
+    let mut disk = vec![0u8; 10 << 20];
+    disk[1 << 20..3 << 20].copy_from_slice(&virtrigaud::testdata::noise(3, 2 << 20));
+    disk[9 << 20..(9 << 20) + 4321].copy_from_slice(&virtrigaud::testdata::text(4, 4321));
+    std::fs::write(&image, &disk).unwrap();
+    let store_dir = t.path().join("store");
+    let store: Arc<dyn StorageBackend> = Arc::new(FsBackend::new(&store_dir));
+    let enc = Encryption::to_recipients(&[&recipient]).unwrap();
+    let m = export(&image, &*store, "enc.qcow2", Some(enc)).await.manifest;
+    let out = t.path().join("plain.qcow2");
+    let o = Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(t.path().join("id.txt"))
+        .arg("-o")
+        .arg(&out)
+        .arg(store_dir.join("enc.qcow2"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plain = std::fs::read(&out).unwrap();
+    let id = Decryption::from_identity_file(t.path().join("id.txt")).unwrap();
+
+    // Without an identity: Auth naming the recipient.
+    let e = open_staged(store.clone(), "enc.qcow2", None).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Auth, "{e}");
+    assert!(e.to_string().contains(&recipient), "{e}");
+
+    let (got, src) = open_staged(store.clone(), "enc.qcow2", Some(&id)).await.unwrap();
+    assert_eq!(got.content_digest, m.content_digest);
+    let ImageSource::RandomAccess(r) = src else {
+        panic!("an encrypted object opens for random access")
+    };
+    assert_eq!(r.size(), plain.len() as u64);
+    let k = 64u64 << 10;
+    let n = plain.len() as u64;
+    for (off, len) in [
+        (0, 1),
+        (0, 100),
+        (k - 1, 2),
+        (k, k as usize),
+        (3 * k + 5, 5 * k as usize + 7),
+        (n - 1, 1),
+        (n - 10, 100),
+        (n / 2, 1 << 20),
+    ] {
+        let b = r.read_at(off, len).await.unwrap();
+        let end = (off + len as u64).min(n) as usize;
+        assert_eq!(&b[..], &plain[off as usize..end], "read of {len} at {off}");
+    }
+    assert!(r.read_at(n, 10).await.unwrap().is_empty());
+
+    // The qcow2 decoder seeks through the decrypting reader to the original disk.
+    let (_, content) = virtrigaud::format::decode(
+        ImageSource::RandomAccess(r.clone()),
+        Some(DiskFormat::Qcow2),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(content.virtual_size, disk.len() as u64);
+    let mut extents = content.extents;
+    let mut seen = vec![0u8; disk.len()];
+    let mut covered = 0u64;
+    while let Some(e) = futures::StreamExt::next(&mut extents).await {
+        let e = e.unwrap();
+        covered += e.len();
+        if let Extent::Data { offset, bytes } = e {
+            seen[offset as usize..offset as usize + bytes.len()].copy_from_slice(&bytes);
+        }
+    }
+    assert_eq!(covered, disk.len() as u64);
+    assert!(seen == disk, "the decoded disk differs from the original");
+
+    // A tampered chunk: reads that cover it fail, the others still work.
+    let mut stored = std::fs::read(store_dir.join("enc.qcow2")).unwrap();
+    let header = stored.len() as u64 - (n + n.div_ceil(k) * 16);
+    let chunk = 5u64;
+    stored[(header + chunk * (k + 16) + 77) as usize] ^= 1;
+    std::fs::write(store_dir.join("enc.qcow2"), &stored).unwrap();
+    let (_, src) = open_staged(store.clone(), "enc.qcow2", Some(&id)).await.unwrap();
+    let ImageSource::RandomAccess(r) = src else {
+        panic!()
+    };
+    let e = r.read_at(chunk * k + 10, 10).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
+    assert!(e.to_string().contains("chunk 5"), "{e}");
+    assert_eq!(
+        &r.read_at(0, 100).await.unwrap()[..],
+        &plain[..100],
+        "an intact chunk still reads"
+    );
+    // A truncated object: open_staged sees it differ from its manifest; read by a
+    // DecryptingReader of its own, its new last chunk does not authenticate as the last.
+    stored[(header + chunk * (k + 16) + 77) as usize] ^= 1;
+    stored.truncate(stored.len() - 100);
+    std::fs::write(store_dir.join("enc.qcow2"), &stored).unwrap();
+    let e = open_staged(store.clone(), "enc.qcow2", Some(&id)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    let file = Arc::new(LocalFile::open(&store_dir.join("enc.qcow2")).await.unwrap());
+    let info = m.encryption.clone().unwrap();
+    let r = virtrigaud::crypt::DecryptingReader::open(file, &id, &info).await.unwrap();
+    assert_eq!(&r.read_at(0, 100).await.unwrap()[..], &plain[..100]);
+    let e = r.read_at(r.size() - 10, 10).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
+}

@@ -386,6 +386,11 @@ async fn run(cli: Cli) -> Result<()> {
         .as_ref()
         .map(virtrigaud::crypt::Decryption::from_identity_file)
         .transpose()?;
+    // With the identity too, an interrupted encrypted export to S3 resumes with its key.
+    let enc = match (enc, &dec) {
+        (Some(e), Some(d)) => Some(e.resumable_with(d.clone())),
+        (e, _) => e,
+    };
     let _ = CRYPT.set((enc, dec));
     let secrets = Secrets::new(cli.password_file.clone());
     let json = cli.json;

@@ -48,5 +48,5 @@ pub use storage::{
 pub use tokio_util::sync::CancellationToken;
 pub use transfer::{
     ExportOptions, ExportReport, ImportOptions, ImportReport, digest_disk, digest_opened_disk,
-    export_disk, export_image, import_disk, read_manifest, verify_object,
+    export_disk, export_image, import_disk, open_staged, read_manifest, verify_object,
 };

@@ -312,6 +312,42 @@ pub async fn export_image(
     })
 }
 
+/// The object stored at `key` as a random-access image source, with its manifest: ranged
+/// reads of the store, decrypted chunk by chunk when the manifest says the object is encrypted
+/// (a missing or wrong identity is `Auth` here, before any read of the payload). For readers
+/// that seek: [`format::decode`] of such a source reads a qcow2's or VMDK's tables and only
+/// the clusters it needs. The manifest's digests are not checked here ([`verify_object`]
+/// does that); an encrypted chunk is authenticated whenever it is read.
+pub async fn open_staged(
+    storage: Arc<dyn StorageBackend>,
+    key: &str,
+    decrypt: Option<&crate::crypt::Decryption>,
+) -> Result<(Manifest, ImageSource)> {
+    use crate::io::ReadAt as _;
+    let manifest = read_manifest(&*storage, key).await?;
+    if !storage.capabilities().ranged_read {
+        return Err(Error::unsupported(format!(
+            "{} cannot read by range",
+            storage.location()
+        )));
+    }
+    let reader = crate::storage::StorageReader::open(storage, key).await?;
+    if reader.size() != manifest.stored_size {
+        return Err(Error::corrupt(format!(
+            "{key} holds {} bytes, its manifest says {}",
+            reader.size(),
+            manifest.stored_size
+        )));
+    }
+    let source = ImageSource::RandomAccess(Arc::new(reader));
+    let source = match (&manifest.encryption, decrypt) {
+        (Some(info), Some(d)) => crate::crypt::decrypt_source(source, d, info).await?,
+        (Some(info), None) => return Err(crate::crypt::missing_identity(info, key)),
+        (None, _) => source,
+    };
+    Ok((manifest, source))
+}
+
 /// Reads and checks the manifest of the object at `key`.
 pub async fn read_manifest(storage: &dyn StorageBackend, key: &str) -> Result<Manifest> {
     validate_key(key)?;

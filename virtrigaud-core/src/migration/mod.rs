@@ -899,7 +899,12 @@ impl Run<'_> {
             pipeline: self.pipeline_for(&d.id),
             encode: crate::format::EncodeOptions {
                 compression_level: m.plan.staging_compression_level.min(9),
-                encrypt: m.encryption.clone(),
+                // The identity that imports the disk also lets an interrupted encrypted
+                // export resume with its key (Encryption::resumable_with).
+                encrypt: m.encryption.clone().map(|e| match &m.decryption {
+                    Some(d) if e.resume_identity().is_none() => e.resumable_with(d.clone()),
+                    _ => e,
+                }),
                 ..Default::default()
             },
             ..Default::default()
