@@ -305,7 +305,9 @@ async fn an_encrypted_object_is_read_by_range() {
     let store_dir = t.path().join("store");
     let store: Arc<dyn StorageBackend> = Arc::new(FsBackend::new(&store_dir));
     let enc = Encryption::to_recipients(&[&recipient]).unwrap();
-    let m = export(&image, &*store, "enc.qcow2", Some(enc)).await.manifest;
+    let m = export(&image, &*store, "enc.qcow2", Some(enc))
+        .await
+        .manifest;
     let out = t.path().join("plain.qcow2");
     let o = Command::new("age")
         .arg("-d")
@@ -321,11 +323,15 @@ async fn an_encrypted_object_is_read_by_range() {
     let id = Decryption::from_identity_file(t.path().join("id.txt")).unwrap();
 
     // Without an identity: Auth naming the recipient.
-    let e = open_staged(store.clone(), "enc.qcow2", None).await.unwrap_err();
+    let e = open_staged(store.clone(), "enc.qcow2", None)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Auth, "{e}");
     assert!(e.to_string().contains(&recipient), "{e}");
 
-    let (got, src) = open_staged(store.clone(), "enc.qcow2", Some(&id)).await.unwrap();
+    let (got, src) = open_staged(store.clone(), "enc.qcow2", Some(&id))
+        .await
+        .unwrap();
     assert_eq!(got.content_digest, m.content_digest);
     let ImageSource::RandomAccess(r) = src else {
         panic!("an encrypted object opens for random access")
@@ -377,7 +383,9 @@ async fn an_encrypted_object_is_read_by_range() {
     let chunk = 5u64;
     stored[(header + chunk * (k + 16) + 77) as usize] ^= 1;
     std::fs::write(store_dir.join("enc.qcow2"), &stored).unwrap();
-    let (_, src) = open_staged(store.clone(), "enc.qcow2", Some(&id)).await.unwrap();
+    let (_, src) = open_staged(store.clone(), "enc.qcow2", Some(&id))
+        .await
+        .unwrap();
     let ImageSource::RandomAccess(r) = src else {
         panic!()
     };
@@ -394,11 +402,15 @@ async fn an_encrypted_object_is_read_by_range() {
     stored[(header + chunk * (k + 16) + 77) as usize] ^= 1;
     stored.truncate(stored.len() - 100);
     std::fs::write(store_dir.join("enc.qcow2"), &stored).unwrap();
-    let e = open_staged(store.clone(), "enc.qcow2", Some(&id)).await.unwrap_err();
+    let e = open_staged(store.clone(), "enc.qcow2", Some(&id))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     let file = Arc::new(LocalFile::open(&store_dir.join("enc.qcow2")).await.unwrap());
     let info = m.encryption.clone().unwrap();
-    let r = virtrigaud::crypt::DecryptingReader::open(file, &id, &info).await.unwrap();
+    let r = virtrigaud::crypt::DecryptingReader::open(file, &id, &info)
+        .await
+        .unwrap();
     assert_eq!(&r.read_at(0, 100).await.unwrap()[..], &plain[..100]);
     let e = r.read_at(r.size() - 10, 10).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");

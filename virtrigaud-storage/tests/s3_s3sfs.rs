@@ -806,7 +806,7 @@ async fn keys_with_special_characters_round_trip() {
 /// The disk both halves of the kill test export: 48 MiB of deterministic data, in 1 MiB extents.
 /// With a `pause` (the child, to be killed mid-upload) each extent is delayed and the stream
 /// stalls for good after 30 MiB, so the child can never finish before the kill.
-fn kill_test_source(pause: Duration) -> virtrigaud_core::io::ImageSource {
+fn kill_test_source(pause: Duration, seed: u64) -> virtrigaud_core::io::ImageSource {
     let size = 48u64 << 20;
     let stream = futures::stream::unfold(0u64, move |off| async move {
         if off >= size {
@@ -818,7 +818,7 @@ fn kill_test_source(pause: Duration) -> virtrigaud_core::io::ImageSource {
             }
             tokio::time::sleep(pause).await;
         }
-        let bytes = Bytes::from(pattern(MIB, 1000 + off / MIB as u64));
+        let bytes = Bytes::from(pattern(MIB, seed + off / MIB as u64));
         Some((
             Ok(virtrigaud_core::Extent::Data { offset: off, bytes }),
             off + MIB as u64,
@@ -830,10 +830,28 @@ fn kill_test_source(pause: Duration) -> virtrigaud_core::io::ImageSource {
     }
 }
 
-fn kill_test_export_options() -> virtrigaud_core::ExportOptions {
+/// The export options of the kill tests; with `identity` (an age secret key), encrypted for
+/// its recipient and resumable with it.
+fn kill_test_export_options(identity: Option<&str>) -> virtrigaud_core::ExportOptions {
+    use virtrigaud_core::crypt::{Decryption, Encryption};
+    let encrypt = identity.map(|id| {
+        let dec = Decryption::from_identities_text(id).unwrap();
+        let recipient = id
+            .parse::<age::x25519::Identity>()
+            .unwrap()
+            .to_public()
+            .to_string();
+        Encryption::to_recipients(&[recipient])
+            .unwrap()
+            .resumable_with(dec)
+    });
     virtrigaud_core::ExportOptions {
         format: virtrigaud_core::DiskFormat::Raw,
         include_vm: false,
+        encode: virtrigaud_core::format::EncodeOptions {
+            encrypt,
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
@@ -848,43 +866,52 @@ fn kill_test_config(endpoint: &str, bucket: &str) -> S3Config {
     c
 }
 
-/// Child half of `an_export_killed_mid_upload_resumes_in_a_new_process`: runs only when that
-/// test spawns it (and is killed by it).
+/// Child half of the kill tests: runs only when one of them spawns it (and kills it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "spawned by an_export_killed_mid_upload_resumes_in_a_new_process"]
+#[ignore = "spawned by the kill tests"]
 async fn kill_child_export() {
-    let (Ok(endpoint), Ok(bucket)) = (
+    let (Ok(endpoint), Ok(bucket), Ok(key)) = (
         std::env::var("VRG_KILL_CHILD_ENDPOINT"),
         std::env::var("VRG_KILL_CHILD_BUCKET"),
+        std::env::var("VRG_KILL_CHILD_KEY"),
     ) else {
         return;
     };
+    let identity = std::env::var("VRG_KILL_CHILD_IDENTITY").ok();
     let b = S3Backend::new(kill_test_config(&endpoint, &bucket)).unwrap();
     let _ = virtrigaud_core::export_image(
-        kill_test_source(Duration::from_millis(60)),
+        kill_test_source(Duration::from_millis(60), 1000),
         None,
         &b,
-        "vm/disk.img",
+        &key,
         None,
         None,
-        &kill_test_export_options(),
+        &kill_test_export_options(identity.as_deref()),
     )
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_export_killed_mid_upload_resumes_in_a_new_process() {
-    let peer = peer!();
-    let bucket = peer.bucket("killed");
-    // A separate process exports, and is killed with SIGKILL after a few parts reached the
-    // server: no destructor runs, exactly like a crash.
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "kill_child_export", "--ignored", "--nocapture"])
+/// Runs the export of `key` in a separate process and kills it with SIGKILL (no destructor
+/// runs, exactly like a crash) once the checkpoint records parts; returns the part numbers
+/// the checkpoint recorded. Nothing is committed by then.
+async fn export_killed_midway(
+    peer: &Peer,
+    b: &S3Backend,
+    bucket: &str,
+    key: &str,
+    identity: Option<&str>,
+) -> Vec<u32> {
+    peer.clear_log();
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "kill_child_export", "--ignored", "--nocapture"])
         .env("VRG_KILL_CHILD_ENDPOINT", peer.endpoint())
-        .env("VRG_KILL_CHILD_BUCKET", &bucket)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .env("VRG_KILL_CHILD_BUCKET", bucket)
+        .env("VRG_KILL_CHILD_KEY", key)
+        .stdout(std::process::Stdio::null());
+    if let Some(id) = identity {
+        cmd.env("VRG_KILL_CHILD_IDENTITY", id);
+    }
+    let mut child = cmd.spawn().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let parts = peer
@@ -906,9 +933,8 @@ async fn an_export_killed_mid_upload_resumes_in_a_new_process() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Let the checkpoint (rewritten at most once a second) record parts, then kill.
-    let b = S3Backend::new(kill_test_config(&peer.endpoint(), &bucket)).unwrap();
     while b
-        .checkpoint("vm/disk.img")
+        .checkpoint(key)
         .await
         .unwrap()
         .is_none_or(|cp| cp.parts.is_empty())
@@ -921,52 +947,56 @@ async fn an_export_killed_mid_upload_resumes_in_a_new_process() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let before: Vec<u32> = peer
-        .requests()
-        .iter()
-        .filter_map(Logged::part_number)
-        .collect();
-
+    assert!(!b.exists(key).await.unwrap(), "no object after the kill");
     assert!(
-        !b.exists("vm/disk.img").await.unwrap(),
-        "no object after the kill"
-    );
-    assert!(
-        !b.exists(&virtrigaud_core::manifest::manifest_key("vm/disk.img"))
+        !b.exists(&virtrigaud_core::manifest::manifest_key(key))
             .await
             .unwrap(),
         "no manifest after the kill"
     );
     let cp = b
-        .checkpoint("vm/disk.img")
+        .checkpoint(key)
         .await
         .unwrap()
         .expect("checkpoint left by the child");
     let recorded: Vec<u32> = cp.parts.iter().map(|p| p.number).collect();
     assert!(!recorded.is_empty(), "the checkpoint recorded parts");
+    recorded
+}
+
+/// The parts uploaded since the log was last cleared.
+fn parts_sent(peer: &Peer) -> Vec<u32> {
+    peer.requests()
+        .iter()
+        .filter_map(Logged::part_number)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_killed_mid_upload_resumes_in_a_new_process() {
+    let peer = peer!();
+    let bucket = peer.bucket("killed");
+    let b = S3Backend::new(kill_test_config(&peer.endpoint(), &bucket)).unwrap();
+    let recorded = export_killed_midway(&peer, &b, &bucket, "vm/disk.img", None).await;
 
     // A new process (here: a new backend) runs the same export and resumes.
     peer.clear_log();
     let resumed = virtrigaud_core::export_image(
-        kill_test_source(Duration::ZERO),
+        kill_test_source(Duration::ZERO, 1000),
         None,
         &b,
         "vm/disk.img",
         None,
         None,
-        &kill_test_export_options(),
+        &kill_test_export_options(None),
     )
     .await
     .unwrap();
-    let after: Vec<u32> = peer
-        .requests()
-        .iter()
-        .filter_map(Logged::part_number)
-        .collect();
+    let after = parts_sent(&peer);
     for n in &recorded {
         assert!(
             !after.contains(n),
-            "part {n} was sent again: before {before:?}, after {after:?}"
+            "part {n} was sent again: after {after:?}"
         );
     }
     assert!(
@@ -976,13 +1006,13 @@ async fn an_export_killed_mid_upload_resumes_in_a_new_process() {
 
     // The object and manifest equal an uninterrupted run's.
     let clean = virtrigaud_core::export_image(
-        kill_test_source(Duration::ZERO),
+        kill_test_source(Duration::ZERO, 1000),
         None,
         &b,
         "vm/clean.img",
         None,
         None,
-        &kill_test_export_options(),
+        &kill_test_export_options(None),
     )
     .await
     .unwrap();
@@ -995,6 +1025,193 @@ async fn an_export_killed_mid_upload_resumes_in_a_new_process() {
     );
     assert!(b.checkpoint("vm/disk.img").await.unwrap().is_none());
     assert!(peer.upload_files().is_empty(), "{:?}", peer.upload_files());
+}
+
+/// The plaintext of a stored object, decrypted with `identity` when it is encrypted.
+async fn plaintext_sha(b: Arc<S3Backend>, key: &str, identity: Option<&str>) -> Vec<u8> {
+    let dec =
+        identity.map(|i| virtrigaud_core::crypt::Decryption::from_identities_text(i).unwrap());
+    let (_, src) = virtrigaud_core::open_staged(b, key, dec.as_ref())
+        .await
+        .unwrap();
+    let virtrigaud_core::ImageSource::RandomAccess(r) = src else {
+        panic!("a staged object opens for random access")
+    };
+    let mut h = Sha256::new();
+    let mut off = 0;
+    while off < r.size() {
+        let chunk = r.read_at(off, 4 << 20).await.unwrap();
+        off += chunk.len() as u64;
+        h.update(&chunk);
+    }
+    h.finalize().to_vec()
+}
+
+/// An encrypted export killed mid-upload resumes like a plain one: the rerun, holding the
+/// identity, reopens the header kept beside the upload, reuses its file key and sends only the
+/// missing parts; what is stored decrypts to the plain export. The header copy holds no key in
+/// clear and is gone after the commit. If the source changed in between, the resumed upload
+/// is refused (`Conflict`: one key must not seal two plaintexts), discarded, and the next run
+/// starts over with a new key. Without the identity, the rerun starts over with a new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_export_killed_mid_upload_resumes_with_its_key() {
+    use age::secrecy::ExposeSecret;
+    let peer = peer!();
+    let bucket = peer.bucket("killed-enc");
+    let b = Arc::new(S3Backend::new(kill_test_config(&peer.endpoint(), &bucket)).unwrap());
+    let id = age::x25519::Identity::generate();
+    let secret = id.to_string().expose_secret().to_string();
+    let state_key = format!("vm/disk.img{}", virtrigaud_core::crypt::RESUME_SUFFIX);
+
+    let recorded = export_killed_midway(&peer, &b, &bucket, "vm/disk.img", Some(&secret)).await;
+    let state = b.get_bytes(&state_key, 1 << 20).await.unwrap();
+    let state = String::from_utf8(state.to_vec()).unwrap();
+    assert!(state.contains(&id.to_public().to_string()), "{state}");
+    assert!(
+        !state.contains("AGE-SECRET-KEY"),
+        "no key in clear: {state}"
+    );
+
+    peer.clear_log();
+    let resumed = virtrigaud_core::export_image(
+        kill_test_source(Duration::ZERO, 1000),
+        None,
+        &*b,
+        "vm/disk.img",
+        None,
+        None,
+        &kill_test_export_options(Some(&secret)),
+    )
+    .await
+    .unwrap();
+    let after = parts_sent(&peer);
+    for n in &recorded {
+        assert!(
+            !after.contains(n),
+            "part {n} was sent again: after {after:?}"
+        );
+    }
+    assert!(
+        after.len() < 10,
+        "only the missing parts are sent: {after:?}"
+    );
+    assert!(resumed.manifest.encryption.is_some());
+    assert!(
+        !b.exists(&state_key).await.unwrap(),
+        "the header copy is removed"
+    );
+    assert!(b.checkpoint("vm/disk.img").await.unwrap().is_none());
+    // What is stored decrypts to exactly the plain export of the same source.
+    virtrigaud_core::export_image(
+        kill_test_source(Duration::ZERO, 1000),
+        None,
+        &*b,
+        "vm/plain.img",
+        None,
+        None,
+        &kill_test_export_options(None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        plaintext_sha(b.clone(), "vm/disk.img", Some(&secret)).await,
+        sha_of_object(&*b, "vm/plain.img").await.1
+    );
+    assert_eq!(
+        resumed.manifest.content_digest,
+        virtrigaud_core::read_manifest(&*b, "vm/plain.img")
+            .await
+            .unwrap()
+            .content_digest
+    );
+
+    // The source changed before the rerun: refused, the upload and header copy discarded.
+    let key = "vm/changed.img";
+    let state_key = format!("{key}{}", virtrigaud_core::crypt::RESUME_SUFFIX);
+    export_killed_midway(&peer, &b, &bucket, key, Some(&secret)).await;
+    let old_header = b.get_bytes(&state_key, 1 << 20).await.unwrap();
+    let e = virtrigaud_core::export_image(
+        kill_test_source(Duration::ZERO, 7000),
+        None,
+        &*b,
+        key,
+        None,
+        None,
+        &kill_test_export_options(Some(&secret)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), virtrigaud_core::ErrorKind::Conflict, "{e}");
+    assert!(!b.exists(&state_key).await.unwrap());
+    assert!(!b.exists(key).await.unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while b.checkpoint(key).await.unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload is discarded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The next run starts over, with a new key, and decrypts to the changed source.
+    virtrigaud_core::export_image(
+        kill_test_source(Duration::ZERO, 7000),
+        None,
+        &*b,
+        key,
+        None,
+        None,
+        &kill_test_export_options(Some(&secret)),
+    )
+    .await
+    .unwrap();
+    let stored_head = b.get(key, Some(0..old_header.len() as u64)).await.unwrap();
+    let stored_head: Vec<Bytes> = stored_head.map(|c| c.unwrap()).collect().await;
+    assert_ne!(stored_head.concat(), old_header.to_vec(), "a new header");
+    virtrigaud_core::export_image(
+        kill_test_source(Duration::ZERO, 7000),
+        None,
+        &*b,
+        "vm/changed-plain.img",
+        None,
+        None,
+        &kill_test_export_options(None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        plaintext_sha(b.clone(), key, Some(&secret)).await,
+        sha_of_object(&*b, "vm/changed-plain.img").await.1
+    );
+
+    // Without the identity the rerun cannot reopen the header: it starts over (all parts
+    // sent again, under a new key), and the result still decrypts.
+    let key = "vm/noid.img";
+    export_killed_midway(&peer, &b, &bucket, key, Some(&secret)).await;
+    let recipient_only = {
+        let mut o = kill_test_export_options(None);
+        o.encode.encrypt = Some(
+            virtrigaud_core::crypt::Encryption::to_recipients(&[id.to_public().to_string()])
+                .unwrap(),
+        );
+        o
+    };
+    peer.clear_log();
+    virtrigaud_core::export_image(
+        kill_test_source(Duration::ZERO, 1000),
+        None,
+        &*b,
+        key,
+        None,
+        None,
+        &recipient_only,
+    )
+    .await
+    .unwrap();
+    assert!(parts_sent(&peer).len() >= 10, "{:?}", parts_sent(&peer));
+    assert_eq!(
+        plaintext_sha(b.clone(), key, Some(&secret)).await,
+        sha_of_object(&*b, "vm/plain.img").await.1
+    );
 }
 
 /// A GET of a large object runs as long as its consumer needs: `request_timeout` bounds part

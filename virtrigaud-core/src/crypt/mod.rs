@@ -248,13 +248,18 @@ pub(crate) async fn prepare_export(
                 .map_err(|e| Error::corrupt(format!("unreadable {state_key}: {e}")))?;
             let session = stream::Session::open(&prefix, &dec.identities)?;
             if session.prefix().len() != prefix.len() {
-                return Err(Error::corrupt(format!("{state_key} holds more than a header")));
+                return Err(Error::corrupt(format!(
+                    "{state_key} holds more than a header"
+                )));
             }
             Ok(Some(session))
         };
         match load.await {
             Ok(Some(session)) => {
-                tracing::info!(key, "resuming an encrypted upload with the key of its header");
+                tracing::info!(
+                    key,
+                    "resuming an encrypted upload with the key of its header"
+                );
                 let mut e = enc.clone();
                 e.session = Some(std::sync::Arc::new(session));
                 return Ok((e, true));
@@ -278,7 +283,9 @@ pub(crate) async fn prepare_export(
     };
     let json = serde_json::to_vec(&state)
         .map_err(|e| Error::new(ErrorKind::Io, format!("encoding {state_key}: {e}")))?;
-    storage.put_bytes(&state_key, bytes::Bytes::from(json)).await?;
+    storage
+        .put_bytes(&state_key, bytes::Bytes::from(json))
+        .await?;
     let mut e = enc.clone();
     e.session = Some(std::sync::Arc::new(session));
     Ok((e, false))
@@ -456,8 +463,8 @@ impl crate::io::ReadAt for DecryptingReader {
         }
         let (first, last) = (offset / CHUNK as u64, (end - 1) / CHUNK as u64);
         let at = self.layout.prefix + first * SEALED_CHUNK as u64;
-        let stored_end = (self.layout.prefix + (last + 1) * SEALED_CHUNK as u64)
-            .min(self.inner.size());
+        let stored_end =
+            (self.layout.prefix + (last + 1) * SEALED_CHUNK as u64).min(self.inner.size());
         let sealed = self
             .inner
             .read_exact_at(at, (stored_end - at) as usize)
@@ -577,7 +584,9 @@ pub(crate) fn encrypt_chunks(mut chunks: ChunkStream, enc: &Encryption) -> Resul
             }
         }
         let mut out = Vec::with_capacity(stream::SEALED_CHUNK + stream::MAX_PREFIX.min(4096));
-        let last = sealer.finish(&mut out).map(|_| Chunk::Data(bytes::Bytes::from(out)));
+        let last = sealer
+            .finish(&mut out)
+            .map(|_| Chunk::Data(bytes::Bytes::from(out)));
         let _ = out_tx.blocking_send(last);
     });
     let mut out_rx = out_rx;

@@ -50,7 +50,11 @@ pub(crate) struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Session(prefix {} bytes, key redacted)", self.prefix.len())
+        write!(
+            f,
+            "Session(prefix {} bytes, key redacted)",
+            self.prefix.len()
+        )
     }
 }
 
@@ -162,7 +166,9 @@ impl Session {
             .map_err(|_| {
                 Error::new(
                     ErrorKind::ChecksumMismatch,
-                    format!("encrypted chunk {index} fails its authentication (tampered or corrupt)"),
+                    format!(
+                        "encrypted chunk {index} fails its authentication (tampered or corrupt)"
+                    ),
                 )
             })
     }
@@ -232,9 +238,7 @@ fn parse_header(bytes: &[u8]) -> Result<Header> {
             if stanzas.is_empty() {
                 return Err(bad("it has no recipient stanza"));
             }
-            let mac = B64
-                .decode(mac)
-                .map_err(|_| bad("its MAC is not base64"))?;
+            let mac = B64.decode(mac).map_err(|_| bad("its MAC is not base64"))?;
             return Ok(Header {
                 stanzas,
                 mac_covers: start + 3,
@@ -381,7 +385,10 @@ mod tests {
         out
     }
 
-    fn age_decrypt(bytes: &[u8], id: &age::x25519::Identity) -> std::result::Result<Vec<u8>, String> {
+    fn age_decrypt(
+        bytes: &[u8],
+        id: &age::x25519::Identity,
+    ) -> std::result::Result<Vec<u8>, String> {
         let d = age::Decryptor::new(bytes).map_err(|e| e.to_string())?;
         let mut r = d
             .decrypt(std::iter::once(id as &dyn age::Identity))
@@ -417,7 +424,10 @@ mod tests {
         // A new session is a new key and nonce.
         let (_, r2) = keys();
         let s2 = Arc::new(Session::new(&[r2]).unwrap());
-        assert_ne!(seal_all(&s, &p, 999)[s.prefix().len()..], seal_all(&s2, &p, 999)[s2.prefix().len()..]);
+        assert_ne!(
+            seal_all(&s, &p, 999)[s.prefix().len()..],
+            seal_all(&s2, &p, 999)[s2.prefix().len()..]
+        );
     }
 
     #[test]
@@ -490,8 +500,17 @@ mod tests {
         assert!(Layout::of(10, 10 + 5).is_err());
         assert!(Layout::of(10, 9).is_err());
         // Garbage is not a header.
-        for g in [&b"age-encryption.org/v2\n"[..], b"", b"age-encryption.org/v1\n--- AAAA\n"] {
-            assert_eq!(Session::open(g, std::slice::from_ref(&id)).unwrap_err().kind(), ErrorKind::ChecksumMismatch);
+        for g in [
+            &b"age-encryption.org/v2\n"[..],
+            b"",
+            b"age-encryption.org/v1\n--- AAAA\n",
+        ] {
+            assert_eq!(
+                Session::open(g, std::slice::from_ref(&id))
+                    .unwrap_err()
+                    .kind(),
+                ErrorKind::ChecksumMismatch
+            );
         }
     }
 }

@@ -111,9 +111,7 @@ impl KnownPart {
         match (&self.remote_etag, &self.recorded) {
             (Some(r), Some((m, e))) if r == e => m != md5,
             (None, Some((m, _))) => m != md5,
-            (Some(r), _) => {
-                r.len() == 32 && r.bytes().all(|b| b.is_ascii_hexdigit()) && r != md5
-            }
+            (Some(r), _) => r.len() == 32 && r.bytes().all(|b| b.is_ascii_hexdigit()) && r != md5,
             (None, None) => false,
         }
     }
