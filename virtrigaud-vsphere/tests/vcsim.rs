@@ -17,6 +17,7 @@
 //!
 //! Every test names its VMs and disk directories uniquely and removes them.
 
+use std::sync::Arc;
 use std::time::Duration;
 use virtrigaud_core::transfer::{ExportOptions, ImportOptions, export_disk, import_disk};
 use virtrigaud_core::{
@@ -1458,4 +1459,350 @@ async fn task_deadline_cancels_the_task() {
     );
     child.start_kill().unwrap();
     let _ = child.wait().await;
+}
+
+/// How many snapshots VM `vm` has (the roots of its snapshot tree).
+async fn snapshot_count(p: &VsphereProvider, vm: &str) -> usize {
+    let r = p.find_vm(vm).await.unwrap();
+    let o = p.client().properties(&r, &["snapshot"]).await.unwrap();
+    o.props
+        .get("snapshot")
+        .map(|s| s.children_named("rootSnapshotList").count())
+        .unwrap_or(0)
+}
+
+/// A file store whose disk objects fail after 1 MiB (the peer under test is the simulator; this
+/// store only fails). When it fails it records how many snapshots the source VM has then.
+#[derive(Clone, Debug)]
+struct FailingStore {
+    inner: Arc<FsBackend>,
+    source: VsphereProvider,
+    vm: String,
+    seen_snapshots: Arc<std::sync::Mutex<Option<usize>>>,
+}
+
+struct FailingSink {
+    inner: Box<dyn virtrigaud_core::io::ByteSink>,
+    written: u64,
+    store: FailingStore,
+}
+
+#[async_trait::async_trait]
+impl virtrigaud_core::io::ByteSink for FailingSink {
+    async fn write(&mut self, data: bytes::Bytes) -> virtrigaud_core::Result<()> {
+        self.written += data.len() as u64;
+        if self.written > MIB {
+            let n = snapshot_count(&self.store.source, &self.store.vm).await;
+            *self.store.seen_snapshots.lock().unwrap() = Some(n);
+            return Err(virtrigaud_core::Error::new(
+                ErrorKind::Io,
+                "injected: the store failed midway",
+            ));
+        }
+        self.inner.write(data).await
+    }
+    async fn commit(self: Box<Self>) -> virtrigaud_core::Result<()> {
+        self.inner.commit().await
+    }
+    async fn abort(self: Box<Self>) -> virtrigaud_core::Result<()> {
+        self.inner.abort().await
+    }
+}
+
+#[async_trait::async_trait]
+impl virtrigaud_core::StorageBackend for FailingStore {
+    fn location(&self) -> String {
+        format!("failing+{}", self.inner.location())
+    }
+    fn capabilities(&self) -> virtrigaud_core::StorageCapabilities {
+        self.inner.capabilities()
+    }
+    async fn put(
+        &self,
+        key: &str,
+        opts: &virtrigaud_core::PutOptions,
+    ) -> virtrigaud_core::Result<Box<dyn virtrigaud_core::io::ByteSink>> {
+        let sink = self.inner.put(key, opts).await?;
+        if key.ends_with(".json") || key.ends_with(".lease") {
+            return Ok(sink);
+        }
+        Ok(Box::new(FailingSink {
+            inner: sink,
+            written: 0,
+            store: self.clone(),
+        }))
+    }
+    async fn get(
+        &self,
+        key: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> virtrigaud_core::Result<virtrigaud_core::ByteStream> {
+        self.inner.get(key, range).await
+    }
+    async fn stat(&self, key: &str) -> virtrigaud_core::Result<virtrigaud_core::ObjectMeta> {
+        self.inner.stat(key).await
+    }
+    async fn delete(&self, key: &str) -> virtrigaud_core::Result<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+    ) -> virtrigaud_core::Result<Vec<virtrigaud_core::ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+}
+
+/// A VM with `disks` (name, bytes) written as flat disks, created stopped, no NIC.
+async fn make_vm(p: &VsphereProvider, vm: &str, disks: &[(&str, &[u8])]) -> Vec<String> {
+    let mut locs = Vec::new();
+    for (name, data) in disks {
+        locs.push(write_disk(p, vm, name, data).await);
+    }
+    p.create_vm(&VmSpec {
+        name: vm.into(),
+        cpus: 1,
+        memory_mib: 64,
+        firmware: Firmware::Bios,
+        machine: None,
+        guest_os: None,
+        disks: locs
+            .iter()
+            .map(|l| VmDiskSpec {
+                location: l.clone(),
+                bus: DiskBus::Scsi,
+                format: DiskFormat::Raw,
+            })
+            .collect(),
+        nics: vec![],
+        overwrite: false,
+        annotation: None,
+    })
+    .await
+    .unwrap();
+    locs
+}
+
+/// The snapshot the runner takes of a running vSphere VM is removed when the export into the
+/// store fails midway: with `OnFailure::Rollback` by the failed run itself; with the default
+/// (`Keep`, so that a rerun resumes from the same point in time) it stays, and
+/// `Migration::rollback` removes it. The failing store checks that the snapshot existed while
+/// the export ran. (The CLI's `export --snapshot` deletes its snapshot after the loop whether
+/// or not the export worked; that path is not run here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_removed_when_the_export_fails() {
+    use virtrigaud_core::{Migration, MigrationPlan, OnFailure, PrepareSource};
+    let Some(e) = env() else { return };
+    let p = provider(&e);
+    let vm = unique("snapfail");
+    let locs = make_vm(&p, &vm, &[("d", &sample(12, 8 * MIB))]).await;
+    let _cl = Cleanup {
+        env: e.clone(),
+        vm: vm.clone(),
+        disks: locs,
+    };
+    p.power(&vm, PowerOp::On).await.unwrap();
+    assert_eq!(snapshot_count(&p, &vm).await, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let store = FailingStore {
+        inner: Arc::new(FsBackend::new(dir.path())),
+        source: p.clone(),
+        vm: vm.clone(),
+        seen_snapshots: Arc::default(),
+    };
+    let source: Arc<dyn Provider> = Arc::new(p.clone());
+    let run = |plan: MigrationPlan| {
+        Migration::new(
+            source.clone(),
+            source.clone(),
+            Arc::new(store.clone()),
+            plan,
+        )
+    };
+    let base = MigrationPlan::new(&vm, "migrations/snapfail")
+        .with_target_name(unique("snapfail-dst"))
+        .with_prepare(PrepareSource::Snapshot);
+
+    // Rollback on failure: the failed run removes its snapshot.
+    let plan = base.clone().with_on_failure(OnFailure::Rollback);
+    let err = run(plan).run().await.unwrap_err();
+    assert!(err.to_string().contains("injected"), "{err}");
+    assert_eq!(
+        store.seen_snapshots.lock().unwrap().take(),
+        Some(1),
+        "the export did not run from a snapshot"
+    );
+    assert_eq!(snapshot_count(&p, &vm).await, 0, "the snapshot was left");
+
+    // Keep (the default): the snapshot stays for a resume; rolling back removes it.
+    let m = run(base.clone());
+    let err = m.run().await.unwrap_err();
+    assert!(err.to_string().contains("injected"), "{err}");
+    assert_eq!(store.seen_snapshots.lock().unwrap().take(), Some(1));
+    assert_eq!(snapshot_count(&p, &vm).await, 1);
+    m.rollback().await.unwrap();
+    assert_eq!(snapshot_count(&p, &vm).await, 0, "the snapshot was left");
+    p.power(&vm, PowerOp::Off).await.unwrap();
+}
+
+/// A provider that fails the `n`-th `create_disk` once; counts the calls per disk name.
+#[derive(Debug)]
+struct FailNth {
+    inner: VsphereProvider,
+    fail_at: usize,
+    calls: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Provider for FailNth {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn capabilities(&self) -> virtrigaud_core::Capabilities {
+        self.inner.capabilities()
+    }
+    async fn validate(&self) -> virtrigaud_core::Result<()> {
+        self.inner.validate().await
+    }
+    async fn list_vms(&self) -> virtrigaud_core::Result<Vec<virtrigaud_core::VmSummary>> {
+        self.inner.list_vms().await
+    }
+    async fn describe_vm(&self, vm: &str) -> virtrigaud_core::Result<virtrigaud_core::VmInfo> {
+        self.inner.describe_vm(vm).await
+    }
+    async fn power(&self, vm: &str, op: PowerOp) -> virtrigaud_core::Result<()> {
+        self.inner.power(vm, op).await
+    }
+    async fn create_snapshot(
+        &self,
+        vm: &str,
+        name: &str,
+    ) -> virtrigaud_core::Result<virtrigaud_core::SnapshotRef> {
+        self.inner.create_snapshot(vm, name).await
+    }
+    async fn delete_snapshot(
+        &self,
+        vm: &str,
+        s: &virtrigaud_core::SnapshotRef,
+    ) -> virtrigaud_core::Result<()> {
+        self.inner.delete_snapshot(vm, s).await
+    }
+    async fn open_disk(
+        &self,
+        vm: &str,
+        disk: &str,
+        s: Option<&virtrigaud_core::SnapshotRef>,
+    ) -> virtrigaud_core::Result<virtrigaud_core::OpenedDisk> {
+        self.inner.open_disk(vm, disk, s).await
+    }
+    async fn create_disk(
+        &self,
+        spec: &DiskCreateSpec,
+    ) -> virtrigaud_core::Result<virtrigaud_core::CreatedDisk> {
+        let n = {
+            let mut c = self.calls.lock().unwrap();
+            c.push(spec.name.clone());
+            c.len()
+        };
+        if n == self.fail_at {
+            return Err(virtrigaud_core::Error::new(
+                ErrorKind::Provider,
+                "injected: create_disk fails once",
+            ));
+        }
+        self.inner.create_disk(spec).await
+    }
+    async fn create_vm(&self, spec: &VmSpec) -> virtrigaud_core::Result<virtrigaud_core::VmInfo> {
+        self.inner.create_vm(spec).await
+    }
+    async fn delete_vm(&self, vm: &str) -> virtrigaud_core::Result<()> {
+        self.inner.delete_vm(vm).await
+    }
+    async fn find_disk(&self, spec: &DiskCreateSpec) -> virtrigaud_core::Result<Option<String>> {
+        self.inner.find_disk(spec).await
+    }
+    async fn open_created_disk(
+        &self,
+        vm: &str,
+        location: &str,
+    ) -> virtrigaud_core::Result<virtrigaud_core::OpenedDisk> {
+        self.inner.open_created_disk(vm, location).await
+    }
+    async fn delete_disk(&self, vm: &str, location: &str) -> virtrigaud_core::Result<()> {
+        self.inner.delete_disk(vm, location).await
+    }
+}
+
+/// A two-disk vSphere → vSphere migration whose first run fails creating the second disk on
+/// the target: the rerun exports nothing again and imports only the second disk; the target
+/// VM's disks then have the source's content digests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerun_moves_only_the_missing_disk() {
+    use virtrigaud_core::transfer::digest_disk;
+    use virtrigaud_core::{Migration, MigrationPlan};
+    let Some(e) = env() else { return };
+    let p = provider(&e);
+    let vm = unique("resume");
+    let dst = unique("resume-dst");
+    let locs = make_vm(
+        &p,
+        &vm,
+        &[("a", &sample(13, 4 * MIB)), ("b", &sample(14, 6 * MIB))],
+    )
+    .await;
+    let _cl = Cleanup {
+        env: e.clone(),
+        vm: vm.clone(),
+        disks: locs,
+    };
+    let mut dst_cleanup = Cleanup {
+        env: e.clone(),
+        vm: dst.clone(),
+        disks: vec![],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn virtrigaud_core::StorageBackend> = Arc::new(FsBackend::new(dir.path()));
+    let source: Arc<dyn Provider> = Arc::new(p.clone());
+    let target = Arc::new(FailNth {
+        inner: p.clone(),
+        fail_at: 2,
+        calls: Default::default(),
+    });
+    let plan = MigrationPlan::new(&vm, "migrations/resume").with_target_name(dst.clone());
+    let err = Migration::new(
+        source.clone(),
+        target.clone(),
+        storage.clone(),
+        plan.clone(),
+    )
+    .run()
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("injected"), "{err}");
+    let first: Vec<String> = target.calls.lock().unwrap().clone();
+    assert_eq!(first.len(), 2, "{first:?}");
+    let report = Migration::new(source.clone(), target.clone(), storage.clone(), plan)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!((report.exported_now, report.imported_now), (0, 1));
+    let all: Vec<String> = target.calls.lock().unwrap().clone();
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert_eq!(
+        all[2], first[1],
+        "the rerun created another disk than the missing one"
+    );
+    let info = p.describe_vm(&dst).await.unwrap();
+    dst_cleanup.disks = info.disks.iter().map(|d| d.location.clone()).collect();
+    assert_eq!(info.disks.len(), 2);
+    let src = p.describe_vm(&vm).await.unwrap();
+    for (s, d) in src.disks.iter().zip(&info.disks) {
+        let a = digest_disk(&p, &vm, &s.id, &ImportOptions::default())
+            .await
+            .unwrap();
+        let b = digest_disk(&p, &dst, &d.id, &ImportOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(a, b, "{} vs {}", s.location, d.location);
+    }
 }
