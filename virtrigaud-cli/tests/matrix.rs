@@ -1106,13 +1106,14 @@ fn dry_run_checks_disks_placements_and_networks_and_writes_nothing() {
     assert!(!back.join(&dst).exists());
 }
 
-/// `--dry-run` from the vSphere simulator, staged in S3: a VM migrated there from a local
-/// directory, powered on, is a problem without `--snapshot`/`--shutdown` (exit 3) and none with
-/// `--snapshot` (its disks opened and first blocks read over NFC); a local target says it has
-/// nothing to miss, a vSphere target says it cannot check. Nothing staged.
+/// vSphere (simulator) → local through the binary, staged in S3, after dry runs: a VM migrated
+/// there from a local directory, powered on, is a problem without `--snapshot`/`--shutdown`
+/// (exit 3) and none with `--snapshot` (its disks opened and first blocks read over NFC); a
+/// vSphere target says it cannot check its placements. Nothing staged by the dry runs. Then,
+/// powered off, it migrates back to a local directory equal to the first source.
 #[cfg(feature = "vsphere")]
 #[test]
-fn dry_run_from_a_running_vsphere_vm() {
+fn vsphere_to_local_through_s3_after_a_dry_run_of_the_running_vm() {
     let Some(s3) = S3::from_env() else { return };
     let Some((vs, vsphere)) = vsphere_peer() else {
         return;
@@ -1214,4 +1215,255 @@ fn dry_run_from_a_running_vsphere_vm() {
         Vec::<String>::new()
     );
     assert!(!back.join(&tag).exists());
+    // vSphere → local for real (powered off first), staged in S3: equal to the first source.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(provider.power(&tag, virtrigaud::PowerOp::Off))
+        .unwrap();
+    migrate(
+        &s3,
+        &vs,
+        &format!("local://{}", back.display()),
+        &dry_via,
+        &tag,
+        "boot01",
+        &[],
+    );
+    let vm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(back.join("boot01/vm.json")).unwrap()).unwrap();
+    let disks = vm["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2, "{vm}");
+    for (d, orig) in disks.iter().zip(["root.raw", "data.raw"]) {
+        let p = back.join("boot01").join(d["location"].as_str().unwrap());
+        qemu_img_compare(
+            t.path().join("src/boot01").join(orig).to_str().unwrap(),
+            p.to_str().unwrap(),
+        );
+    }
+}
+
+/// A local VM `big01` with one raw disk of 40 MiB of noise (and a small second disk), for runs
+/// slow enough (under `--limit`) to be caught in the middle of a disk.
+fn big_local_vm(root: &Path) {
+    let dir = root.join("big01");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("root.raw"),
+        virtrigaud::testdata::noise(11, 40 << 20),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("data.raw"),
+        virtrigaud::testdata::noise(12, 4 << 20),
+    )
+    .unwrap();
+    let vm = serde_json::json!({
+        "id": "big01", "name": "big01", "cpus": 1, "memory_mib": 64, "firmware": "bios",
+        "state": "stopped",
+        "disks": [
+            {"id": "vda", "capacity": 0, "bus": "virtio", "location": "root.raw"},
+            {"id": "vdb", "capacity": 0, "bus": "virtio", "location": "data.raw"}
+        ],
+        "nics": []
+    });
+    std::fs::write(dir.join("vm.json"), serde_json::to_vec_pretty(&vm).unwrap()).unwrap();
+}
+
+/// local → local staged in S3 under `--limit 8MiB/s`: while the first disk is being uploaded
+/// (an export progress event between 0 and all of its data), a second `migrate` of the same
+/// migration is refused with exit 5 naming the first one's host and pid; then the first is
+/// killed with SIGKILL in the middle of that upload, and the same command resumes and finishes
+/// with every disk equal to its source.
+#[test]
+fn killed_mid_upload_to_s3_resumes_and_a_concurrent_run_is_refused() {
+    use std::io::BufRead;
+    let Some(s3) = S3::from_env() else { return };
+    s3.create_bucket("virtrigaud-test");
+    let tag = format!("clikill{}", std::process::id());
+    let t = tempfile::tempdir().unwrap();
+    big_local_vm(&t.path().join("src"));
+    let from = format!("local://{}", t.path().join("src").display());
+    let to = format!("local://{}", t.path().join("dst").display());
+    let via = format!("s3://virtrigaud-test/{tag}");
+    let args = [
+        "--json", "migrate", "--from", &from, "--to", &to, "--via", &via, "big01", "--jobs", "1",
+    ];
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_virtrigaud"));
+    cmd.args(["--limit", "8MiB/s"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    peer_secrets(&mut cmd, &s3);
+    let mut child = cmd.spawn().unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut mid = None;
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let p = &v["progress"];
+        if v["event"] == "progress"
+            && p["phase"] == "export"
+            && p["data_bytes"].as_u64().unwrap_or(0) > 0
+            && p["data_bytes"].as_u64() < p["data_total"].as_u64()
+        {
+            mid = Some(v);
+            break;
+        }
+    }
+    let mid = mid.expect("no export progress in the middle of a disk");
+    // A second run of the same migration, now: refused, naming the first.
+    let o = s3.run(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(5), "{err}");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert!(
+        err.contains(&format!("process {} on host {}", child.id(), host.trim())),
+        "{err}"
+    );
+    child.kill().unwrap(); // SIGKILL, in the middle of the upload
+    assert!(!child.wait().unwrap().success());
+    eprintln!("killed during {mid}");
+    let out = s3.ok(&args);
+    let f = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["event"] == "finished")
+        .unwrap_or_else(|| panic!("{out}"));
+    let disks = f["report"]["state"]["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2);
+    for (d, src) in disks.iter().zip(["root.raw", "data.raw"]) {
+        assert_eq!(d["verified"], true, "{d}");
+        assert!(
+            std::fs::read(t.path().join("src/big01").join(src)).unwrap()
+                == std::fs::read(
+                    t.path()
+                        .join("dst/big01")
+                        .join(d["target_location"].as_str().unwrap())
+                )
+                .unwrap(),
+            "{src} differs after the resume"
+        );
+    }
+}
+
+/// A Proxmox source VM on fakepve whose disk is an image file the `pvesm` stand-in serves over
+/// SSH; removed (VM and file) on drop.
+#[cfg(feature = "proxmox")]
+struct PveSource {
+    pve: virtrigaud::proxmox::ProxmoxProvider,
+    rt: tokio::runtime::Runtime,
+    vmid: u32,
+    /// The disk's image file.
+    image: std::path::PathBuf,
+    /// `proxmox://…` with the SSH stand-in for exports.
+    url: String,
+}
+
+#[cfg(feature = "proxmox")]
+impl PveSource {
+    /// Creates VM `name` with a 32 MiB disk holding the boot sector and 8 KiB at 20 MiB.
+    fn create(name: &str) -> Option<PveSource> {
+        use std::os::unix::fs::FileExt;
+        let pve_url = peer_env("VIRTRIGAUD_PVE_URL", "fakepve.sh")?;
+        let images = peer_env("VIRTRIGAUD_PVE_SSH_IMAGES", "sshd.sh")?;
+        let var = |k: &str| std::env::var(k).unwrap();
+        let pve = PveProxy::provider();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let node = var("VIRTRIGAUD_PVE_NODE");
+        let (vmid, volid) = rt.block_on(async {
+            let vmid = pve.client().next_id().await.unwrap();
+            let form = [
+                ("vmid", vmid.to_string()),
+                ("name", name.to_string()),
+                ("cores", "1".to_string()),
+                ("memory", "128".to_string()),
+                ("ostype", "other".to_string()),
+                ("scsi0", "local-lvm:1".to_string()),
+            ];
+            let upid = pve.client().vm_create(&node, &form).await.unwrap();
+            pve.client().wait_task(&upid).await.unwrap();
+            let conf = pve.client().vm_config(&node, vmid).await.unwrap();
+            let volid = conf["scsi0"]
+                .as_str()
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .to_string();
+            (vmid, volid)
+        });
+        let image = Path::new(&images)
+            .join("local-lvm")
+            .join(volid.split_once(':').unwrap().1);
+        std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(32 << 20).unwrap();
+        f.write_all_at(&boot_sector(), 0).unwrap();
+        f.write_all_at(&[0x5a; 8192], 20 << 20).unwrap();
+        drop(f);
+        let host = pve_url.trim_start_matches("https://");
+        let url = format!(
+            "proxmox://{}@{host}/{node}?fingerprint={}&ssh_host={}&ssh_port={}&ssh_user={}\
+             &ssh_key={}&ssh_fingerprint={}",
+            var("VIRTRIGAUD_PVE_TOKEN_ID"),
+            var("VIRTRIGAUD_PVE_FINGERPRINT"),
+            var("VIRTRIGAUD_PVE_SSH_HOST"),
+            var("VIRTRIGAUD_PVE_SSH_PORT"),
+            var("VIRTRIGAUD_PVE_SSH_USER"),
+            var("VIRTRIGAUD_PVE_SSH_KEY"),
+            var("VIRTRIGAUD_PVE_SSH_HOST_FINGERPRINT"),
+        );
+        Some(PveSource {
+            pve,
+            rt,
+            vmid,
+            image,
+            url,
+        })
+    }
+}
+
+#[cfg(feature = "proxmox")]
+impl Drop for PveSource {
+    fn drop(&mut self) {
+        use virtrigaud::Provider;
+        let _ = self.rt.block_on(self.pve.delete_vm(&self.vmid.to_string()));
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// Proxmox → local through the binary, staged in S3: the VM's config from fakepve, its disk
+/// over real SSH from the `pvesm` stand-in; the local disk equals the image it came from.
+#[cfg(feature = "proxmox")]
+#[test]
+fn proxmox_to_local_through_s3() {
+    let Some(s3) = S3::from_env() else { return };
+    s3.create_bucket("virtrigaud-test");
+    let tag = format!("clip2loc{}", std::process::id());
+    let Some(src) = PveSource::create(&tag) else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let f = migrate(
+        &s3,
+        &src.url,
+        &format!("local://{}", t.path().display()),
+        &format!("s3://virtrigaud-test/{tag}"),
+        &tag,
+        "pve01",
+        &[],
+    );
+    let disks = f["report"]["state"]["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 1, "{f}");
+    let p = t
+        .path()
+        .join("pve01")
+        .join(disks[0]["target_location"].as_str().unwrap());
+    qemu_img_compare(src.image.to_str().unwrap(), p.to_str().unwrap());
 }
