@@ -66,6 +66,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of the `migrate` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Show a VM's hardware (CPUs, memory, firmware, disks, NICs).
@@ -190,6 +192,12 @@ enum PlanCmd {
         /// Run only the plan's VM number N (from 0).
         #[arg(long, env = "JOB_COMPLETION_INDEX")]
         index: Option<usize>,
+        /// When another process holds a VM's lease, wait up to SECS for it to finish or expire
+        /// (a dead holder's lease on another host expires 60 s after its last renewal). Default
+        /// with --index: 90 (a retried Kubernetes pod outwaits its dead predecessor instead of
+        /// burning a retry); otherwise 0 (exit 5 at once).
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "90")]
+        wait_for_lease: Option<u64>,
     },
 }
 
@@ -264,6 +272,10 @@ struct MigrateArgs {
     /// Check everything and print the plan; write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// When another process holds this migration's lease, wait up to SECS (90 without a
+    /// value) for it to finish or expire instead of exiting 5 at once.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "90")]
+    wait_for_lease: Option<u64>,
     /// Never let a target that can fetch URLs itself (Proxmox `download-url`) pull the staged
     /// objects from presigned GETs; upload them instead (for a target that cannot reach the
     /// store's endpoint).
@@ -704,9 +716,11 @@ async fn run(cli: Cli) -> Result<()> {
             jobs,
             per_source,
             index,
+            wait_for_lease,
         }) => {
+            let wait = wait_for_lease.or(index.map(|_| 90));
             run_plan(
-                &plan, jobs, per_source, index, &secrets, json, &cancel, renderer,
+                &plan, jobs, per_source, index, wait, &secrets, json, &cancel, renderer,
             )
             .await
         }
@@ -719,6 +733,7 @@ async fn run_plan(
     jobs: Option<usize>,
     per_source: Option<usize>,
     index: Option<usize>,
+    wait_for_lease: Option<u64>,
     secrets: &Secrets,
     json: bool,
     cancel: &CancellationToken,
@@ -778,6 +793,7 @@ async fn run_plan(
                 replace: false,
                 jobs: 2,
                 dry_run: false,
+                wait_for_lease,
                 no_pull: false,
             };
             let renderer = renderer.clone();
@@ -900,16 +916,72 @@ async fn migrate(
     if a.dry_run {
         return dry_run(&plan, &*source, &*target, &*store, json).await;
     }
-    let r = renderer.clone();
-    let mut m = Migration::new(source, target, store, plan).with_pipeline(pipeline(json, cancel));
-    if let Some(e) = encryption() {
-        m = m.with_encryption(e);
-    }
-    if let Some(d) = decryption() {
-        m = m.with_decryption(d);
-    }
-    let m = m.on_event(move |e| r.event(label.as_deref(), e));
-    let result = m.run().await;
+    // A lease held by another process: wait for it (up to --wait-for-lease) when asked, e.g.
+    // a retried Kubernetes pod that meets the lease of its dead predecessor on another node,
+    // which stays until it expires.
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_secs(a.wait_for_lease.unwrap_or(0));
+    let result = loop {
+        // Wait while a live holder (another host's unexpired lease, or a running process of
+        // this host) has it, without starting a run that would only report a conflict.
+        if std::time::Instant::now() < deadline
+            && let Some(h) = live_lease_holder(&*store, &plan).await
+        {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            lease_wait(
+                json,
+                &renderer,
+                label.as_deref(),
+                format!(
+                    "waiting up to {} s more: this migration is being run by process {} on \
+                     host {} (lease until {} s since the epoch)",
+                    left.as_secs(),
+                    h.pid,
+                    h.host,
+                    h.expires
+                ),
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(left.min(std::time::Duration::from_secs(2))) => {}
+                _ = cancel.cancelled() => break Err(Error::new(ErrorKind::Cancelled, "cancelled while waiting for the lease")),
+            }
+            continue;
+        }
+        let r = renderer.clone();
+        let l = label.clone();
+        let mut m = Migration::new(source.clone(), target.clone(), store.clone(), plan.clone())
+            .with_pipeline(pipeline(json, cancel));
+        if let Some(e) = encryption() {
+            m = m.with_encryption(e);
+        }
+        if let Some(d) = decryption() {
+            m = m.with_decryption(d);
+        }
+        let lease_key = m.lease_key();
+        let m = m.on_event(move |e| r.event(l.as_deref(), e));
+        match m.run().await {
+            Err(e)
+                if e.kind() == ErrorKind::Conflict
+                    && std::time::Instant::now() < deadline
+                    && virtrigaud::StorageExt::get_bytes(&*store, &lease_key, 1 << 16)
+                        .await
+                        .is_ok() =>
+            {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                lease_wait(
+                    json,
+                    &renderer,
+                    label.as_deref(),
+                    format!("waiting up to {} s more for the lease: {e}", left.as_secs()),
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(left.min(std::time::Duration::from_secs(3))) => {}
+                    _ = cancel.cancelled() => break Err(Error::new(ErrorKind::Cancelled, "cancelled while waiting for the lease")),
+                }
+            }
+            r => break r,
+        }
+    };
     if !plan_mode {
         renderer.finish();
     }
@@ -934,6 +1006,41 @@ async fn migrate(
         }
     }
     Ok(())
+}
+
+/// Says that a run waits for a lease: a `lease_wait` JSON event, or a line above the bars.
+fn lease_wait(json: bool, renderer: &Renderer, vm: Option<&str>, msg: String) {
+    if json {
+        let mut v = serde_json::json!({ "event": "lease_wait", "message": msg });
+        if let (Some(vm), Some(o)) = (vm, v.as_object_mut()) {
+            o.insert("vm".into(), vm.into());
+        }
+        json_line(v);
+    } else {
+        renderer.println(&msg);
+    }
+}
+
+/// The holder of the migration's lease when it is live: unexpired and, on this host, a
+/// process that still exists (a dead local holder is taken over at once by the run).
+async fn live_lease_holder(
+    store: &dyn virtrigaud::StorageBackend,
+    plan: &MigrationPlan,
+) -> Option<virtrigaud::migration::lease::LeaseRecord> {
+    let key = format!("{}/migration.lease", plan.prefix.trim_end_matches('/'));
+    let b = virtrigaud::StorageExt::get_bytes(store, &key, 1 << 16)
+        .await
+        .ok()?;
+    let h: virtrigaud::migration::lease::LeaseRecord = serde_json::from_slice(&b).ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let local = h.host == virtrigaud::migration::lease::host_name();
+    let alive = !local
+        || h.pid == std::process::id()
+        || std::path::Path::new(&format!("/proc/{}", h.pid)).exists();
+    (h.expires >= now && alive).then_some(h)
 }
 
 /// One problem a dry run found, with the kind of error the real run would meet.

@@ -667,24 +667,57 @@ fn a_plan_runs_by_index_in_parallel_processes_and_resumes_as_a_whole() {
             "{vm} migrated"
         );
     }
-    // The same index twice at once.
-    let twins: Vec<_> = (0..2)
-        .map(|_| {
-            bin()
-                .args(["plan", "run", p, "--index", "1"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
+    // The same index twice at once, on a VM not migrated yet (its own store), slowed so the two
+    // overlap: without waiting, exactly one runs and the other exits 5 naming it; with
+    // --wait-for-lease, the other waits, then finds the VM done.
+    for (i, wait) in ["0", "60"].iter().enumerate() {
+        let plan2 = t.path().join(format!("plan-twins{i}.toml"));
+        std::fs::write(
+            &plan2,
+            std::fs::read_to_string(&plan)
                 .unwrap()
-        })
-        .collect();
-    for c in twins {
-        let o = c.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            o.status.success() || (o.status.code() == Some(5) && err.contains("process")),
-            "{err}"
-        );
+                .replace("/store\"", &format!("/store-twins{i}\""))
+                .replace("/dst\"", &format!("/dst-twins{i}\"")),
+        )
+        .unwrap();
+        let twins: Vec<_> = (0..2)
+            .map(|_| {
+                bin()
+                    .args(["--json", "--limit", "2MiB/s", "plan", "run"])
+                    .arg(&plan2)
+                    .args(["--index", "1", "--wait-for-lease", wait])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let pids: Vec<u32> = twins.iter().map(|c| c.id()).collect();
+        let outs: Vec<_> = twins
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let ok_runs: Vec<usize> = (0..2).filter(|&k| outs[k].status.success()).collect();
+        if *wait == "0" {
+            assert_eq!(ok_runs.len(), 1, "exactly one runs: {outs:?}");
+            let loser = 1 - ok_runs[0];
+            let err = String::from_utf8_lossy(&outs[loser].stderr);
+            assert_eq!(outs[loser].status.code(), Some(5), "{err}");
+            assert!(
+                err.contains(&format!("process {} on host", pids[ok_runs[0]])),
+                "{err}"
+            );
+        } else {
+            assert_eq!(ok_runs.len(), 2, "{outs:?}");
+            let waited: Vec<_> = outs
+                .iter()
+                .map(|o| json_lines(&String::from_utf8_lossy(&o.stdout)))
+                .filter(|ev| ev.iter().any(|e| e["event"] == "lease_wait"))
+                .collect();
+            assert_eq!(waited.len(), 1, "one of the two waited: {outs:?}");
+            let f = waited[0].iter().find(|e| e["event"] == "finished").unwrap();
+            assert_eq!(f["report"]["exported_now"], 0, "it found the VM done: {f}");
+        }
     }
     // The whole plan again: every VM already done.
     let out = ok(&["--json", "plan", "run", p]);
@@ -1133,5 +1166,103 @@ fn the_password_is_asked_on_a_terminal_without_echo() {
         if code == 0 {
             assert!(screen.contains("DC0_H0_VM0"), "{screen}");
         }
+    }
+}
+
+/// A Kubernetes retry, as `plan run --index N` meets it: the lease of a pod that died on
+/// another node (a record naming another host, expiring in 4 s) refuses the run at once with
+/// `--wait-for-lease 0` (exit 5, naming that host), and with --index's default wait the run
+/// waits for the expiry, takes the lease over and finishes. Then a run of another index killed
+/// with SIGKILL midway is rerun and resumes (only what was missing is exported).
+#[test]
+fn plan_index_waits_for_a_dead_pods_lease_and_resumes_after_sigkill() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    local_vm(&src, 8);
+    std::fs::create_dir_all(src.join("web02")).unwrap();
+    for f in ["root.raw", "data.raw"] {
+        std::fs::copy(src.join("web01").join(f), src.join("web02").join(f)).unwrap();
+    }
+    let j = std::fs::read_to_string(src.join("web01/vm.json"))
+        .unwrap()
+        .replace("web01", "web02");
+    std::fs::write(src.join("web02/vm.json"), j).unwrap();
+    let plan = t.path().join("plan.toml");
+    std::fs::write(
+        &plan,
+        format!(
+            "from = \"local://{}\"\nto = \"local://{}\"\nvia = \"file://{}\"\n\
+             [[vm]]\nname = \"web01\"\n[[vm]]\nname = \"web02\"\n",
+            src.display(),
+            t.path().join("dst").display(),
+            t.path().join("store").display()
+        ),
+    )
+    .unwrap();
+    let p = plan.to_str().unwrap();
+    let lease_dir = t.path().join("store/migrations/web01");
+    std::fs::create_dir_all(&lease_dir).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let lease = serde_json::json!({"host": "node-7-dead", "pid": 4242, "acquired": now - 100,
+        "expires": now + 4});
+    std::fs::write(lease_dir.join("migration.lease"), lease.to_string()).unwrap();
+    let o = run(&["plan", "run", p, "--index", "0", "--wait-for-lease", "0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(5), "{err}");
+    assert!(err.contains("process 4242 on host node-7-dead"), "{err}");
+    let t0 = std::time::Instant::now();
+    let out = ok(&["--json", "plan", "run", p, "--index", "0"]);
+    let ev = json_lines(&out);
+    assert!(ev.iter().any(|e| e["event"] == "lease_wait"), "{out}");
+    assert!(ev.iter().any(|e| e["event"] == "finished"), "{out}");
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_secs(2),
+        "{:?}",
+        t0.elapsed()
+    );
+    // Index 1 killed with SIGKILL after its first disk's export, then retried.
+    let mut child = bin()
+        .args([
+            "--json", "--limit", "8MiB/s", "plan", "run", p, "--index", "1",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut killed = false;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.unwrap();
+        if line.contains("\"phase_finished\"") && line.contains("\"export\"") {
+            child.kill().unwrap();
+            killed = true;
+            break;
+        }
+    }
+    assert!(killed && !child.wait().unwrap().success());
+    let out = ok(&["--json", "plan", "run", p, "--index", "1"]);
+    let ev = json_lines(&out);
+    let f = ev.iter().find(|e| e["event"] == "finished").unwrap();
+    // The disk exported before the kill is not exported again (the other one may have
+    // finished in the same instant).
+    assert!(
+        f["report"]["exported_now"].as_u64().unwrap() <= 1,
+        "resumed: {f}"
+    );
+    for (s, d) in ["root.raw", "data.raw"]
+        .iter()
+        .zip(f["report"]["state"]["disks"].as_array().unwrap())
+    {
+        assert_eq!(
+            std::fs::read(src.join("web02").join(s)).unwrap(),
+            std::fs::read(
+                t.path()
+                    .join("dst/web02")
+                    .join(d["target_location"].as_str().unwrap())
+            )
+            .unwrap()
+        );
     }
 }
