@@ -22,13 +22,24 @@
 //! [`with_decryption`](crate::Migration::with_decryption)), the command line
 //! `--encrypt-to RECIPIENT` and `--identity FILE`.
 //!
-//! State of this work (issue #14, part 1), said plainly: the standard `age` binary decrypts a
-//! stored object to exactly the unencrypted object, and our import, verify and migration
-//! decrypt it (tested, through S3 and WebDAV too). Left: random access to an encrypted object
-//! (reads are one stream), and resume of a killed encrypted S3 export (the file key would have
-//! to be wrapped for the recipient inside the checkpoint; today such an export starts its
-//! upload over, which is safe but not a resume); the speed and memory figures beside the plain
-//! export. Encryption turns the holes of a raw object into data: stage as qcow2 (the default).
+//! Random access: [`open_staged`](crate::open_staged) (or [`DecryptingReader`] over any
+//! [`ReadAt`](crate::io::ReadAt)) reads an encrypted object by range, fetching and opening only
+//! the 64 KiB chunks a read covers, so a decoder that seeks (qcow2, VMDK) works on it.
+//!
+//! Resume: the exporter writes the age format with its own framing ([`stream`](self), on the
+//! `age` crate's primitives) so that it knows the object's header and keys. On a store that
+//! resumes uploads (S3), the header (the file key wrapped for the recipients, exactly as in
+//! the object, never in clear) is kept beside the upload as `<key>.encryption.json`; a rerun
+//! holding an identity ([`Encryption::resumable_with`]; the runner and the command line pass
+//! the one they import with) unwraps the key from it, seals the same ciphertext again and the
+//! store skips the parts it holds. A rerun whose source changed is stopped with `Conflict`
+//! before a part it would replace is sent, so one key never seals two plaintexts that both
+//! reach the store. Without an identity the rerun starts over with new keys.
+//!
+//! Who holds what: the exporter needs only the recipients' public keys (and the identity, if
+//! it is to resume); the store holds ciphertext, the wrapped file key and public nonces; the
+//! manifest names the recipients. Encryption turns the holes of a raw object into data: stage
+//! as qcow2 (the default).
 
 use crate::format::ChunkStream;
 use crate::{Error, ErrorKind, Result};
