@@ -670,11 +670,20 @@ impl PveClient {
                     return Ok(());
                 }
                 if exit.starts_with("WARNINGS") {
-                    let log = self
+                    // A download task's log names the presigned URL it fetched: redacted.
+                    let log: Vec<String> = self
                         .task_log_tail(upid, TASK_LOG_LINES)
                         .await
-                        .unwrap_or_default();
-                    warn!(upid, exit, log = %log.join(" | "), "Proxmox task finished with warnings");
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|l| redact_urls(l))
+                        .collect();
+                    warn!(
+                        upid,
+                        exit = %redact_urls(exit),
+                        log = %log.join(" | "),
+                        "Proxmox task finished with warnings"
+                    );
                     return Ok(());
                 }
                 let log: Vec<String> = self
@@ -712,8 +721,9 @@ impl PveClient {
     }
 }
 
-/// `text` with the query string of every `http(s)://` URL replaced by `?***`: a download task's
-/// log names the presigned URL it fetched, and its signature is a credential.
+/// `text` with the query string of every `http(s)://` URL replaced by `?***` and its user
+/// information (`user:password@`) by `***@`: a download task's log names the presigned URL it
+/// fetched, and its signature is a credential.
 pub fn redact_urls(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -728,7 +738,17 @@ pub fn redact_urls(text: &str) -> String {
         let end = tail
             .find(|c: char| c.is_whitespace() || c == '\'' || c == '"')
             .unwrap_or(tail.len());
-        let url = &tail[..end];
+        let mut url = &tail[..end];
+        // user:password@ between the scheme and the host.
+        let after_scheme = url.find("://").map_or(0, |i| i + 3);
+        let authority_end = url[after_scheme..]
+            .find(['/', '?', '#'])
+            .map_or(url.len(), |i| after_scheme + i);
+        if let Some(at) = url[after_scheme..authority_end].rfind('@') {
+            out.push_str(&url[..after_scheme]);
+            out.push_str("***");
+            url = &url[after_scheme + at..];
+        }
         match url.find('?') {
             Some(q) => {
                 out.push_str(&url[..q]);
@@ -818,5 +838,36 @@ mod tests {
             encode_path("local:import/a b.raw"),
             "local%3Aimport%2Fa%20b.raw"
         );
+    }
+
+    #[test]
+    fn urls_lose_their_query_and_credentials() {
+        let r = |t: &str| redact_urls(t);
+        assert_eq!(
+            r(
+                "downloading https://s3.example:8333/b/k.qcow2?X-Amz-Credential=AK%2F1&X-Amz-Signature=abc to local"
+            ),
+            "downloading https://s3.example:8333/b/k.qcow2?*** to local"
+        );
+        assert_eq!(
+            r("from 'http://u:pw@h/p?t=1' and \"https://tok@h2/x\""),
+            "from 'http://***@h/p?***' and \"https://***@h2/x\""
+        );
+        // Nothing to hide, or no URL at all: unchanged.
+        for same in [
+            "https://h/path/file.raw",
+            "TASK OK",
+            "an httpd said hello; http is fine",
+            "mail@example.org http://h/a@b",
+            "",
+        ] {
+            assert_eq!(r(same), same);
+        }
+        // Two URLs on one line; a URL at the very end.
+        assert_eq!(
+            r("a http://h/?s=1 b https://x:y@h2:1?q"),
+            "a http://h/?*** b https://***@h2:1?***"
+        );
+        assert!(!r("WARN: https://h/k?X-Amz-Signature=deadbeef").contains("deadbeef"));
     }
 }

@@ -649,3 +649,106 @@ async fn pull_url_is_a_presigned_get_of_the_staged_object() {
 fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Records every tracing event's fields, as text (the warnings of the task test).
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!("{}={v:?} ", f.name()));
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        let mut f = Fields(String::new());
+        e.record(&mut f);
+        self.0.lock().unwrap().push(f.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Task outcomes fakepve never produces (it finishes every task at once, always `OK` or an
+/// error). The API runs through `tests/multipart_server.py` as a forwarding proxy in front of
+/// fakepve. Real (fakepve): the VM create and start requests, their schema checks, the tasks
+/// and their logs. Altered by the proxy (task-overrides.json), and only that: the `qmcreate`
+/// task's exit status reads `WARNINGS: 2` and two lines holding URL credentials are appended
+/// to its real log; the `qmstart` task's status reads `running` for ever.
+#[tokio::test]
+async fn task_warnings_are_success_and_a_deadline_is_timeout() {
+    let Some(pve) = pve() else { return };
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(
+        out.path().join("task-overrides.json"),
+        serde_json::json!({
+            "qmcreate": {"exitstatus": "WARNINGS: 2", "log": [
+                "WARN: download https://s3.test:8333/b/k.qcow2?X-Amz-Signature=topsecret42 slow",
+                "WARN: retried https://vrguser:hunter2@mirror.test/img.raw"]},
+            "qmstart": {"running": true},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let proxy = common::start_proxy(out.path(), &pve.url);
+    let mut c =
+        ProxmoxConfig::new(&format!("http://127.0.0.1:{}", proxy.port), pve.token()).unwrap();
+    c.allow_http = true; // the proxy on loopback
+    c.task_poll = Duration::from_millis(20);
+    let p = ProxmoxProvider::new(c).unwrap();
+    let name = unique("warn");
+    let vmid = p.client().next_id().await.unwrap();
+    let form = [("vmid", vmid.to_string()), ("name", name.clone())];
+    let upid = p.client().vm_create(&pve.node, &form).await.unwrap();
+    assert!(upid.contains(":qmcreate:"), "{upid}");
+
+    // WARNINGS: n is success, and the warning is logged with the URLs redacted.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let _g = tracing::subscriber::set_default(Capture(seen.clone()));
+        p.client().wait_task(&upid).await.unwrap();
+    }
+    let logged = seen.lock().unwrap().join("\n");
+    assert!(logged.contains("WARNINGS: 2"), "{logged}");
+    assert!(
+        logged.contains("https://s3.test:8333/b/k.qcow2?***")
+            && logged.contains("https://***@mirror.test/img.raw"),
+        "{logged}"
+    );
+    for secret in ["topsecret42", "X-Amz-Signature", "hunter2", "vrguser"] {
+        assert!(!logged.contains(secret), "{secret} logged: {logged}");
+    }
+    assert!(p.describe_vm(&name).await.is_ok(), "the VM really exists");
+
+    // A task still running at its deadline is Timeout, after the deadline and not much later.
+    let upid = p
+        .client()
+        .vm_power(&pve.node, vmid, "start", &[])
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    let e = p
+        .client()
+        .wait_task_for(&upid, Duration::from_millis(400))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("still running after"), "{e}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(400) && t.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    drop(proxy);
+    pve.provider().delete_vm(&vmid.to_string()).await.unwrap();
+}

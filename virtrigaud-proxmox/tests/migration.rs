@@ -216,41 +216,6 @@ async fn proxmox_to_libvirt_boots_under_tcg() {
     let _ = source.delete_vm(&vmid.to_string()).await;
 }
 
-/// fakepve behind `tests/multipart_server.py` as a forwarding proxy: the upload with
-/// `content=import` (which fakepve refuses) is parsed and stored by the proxy in the directory
-/// the `pvesm` stand-in serves as `local:import/…`, everything else reaches fakepve.
-struct Proxy {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_proxy(out: &std::path::Path, upstream: &str) -> Proxy {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/multipart_server.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .arg(out)
-        .arg(upstream)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    use std::io::BufRead;
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    Proxy {
-        child,
-        port: line.trim().parse().unwrap(),
-    }
-}
-
 /// How the staged object reaches the (fake) PVE node.
 enum Via {
     /// A file store: the object is uploaded as it is stored (multipart, parsed independently).
@@ -338,7 +303,7 @@ async fn libvirt_to_proxmox(via: Via) {
     let src_info = source.describe_vm(&domain).await.unwrap();
 
     // The target: Proxmox through the proxy (API: fakepve; upload: the parser) and SSH.
-    let proxy = start_proxy(&import_dir, &pve.url);
+    let proxy = common::start_proxy(&import_dir, &pve.url);
     let mut cfg = virtrigaud_proxmox::ProxmoxConfig::new(
         &format!("http://127.0.0.1:{}", proxy.port),
         pve.token(),

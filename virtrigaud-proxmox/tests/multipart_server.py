@@ -20,6 +20,14 @@ OUTDIR/FILE with `qemu-img convert` into the file the `pvesm` stand-in serves fo
 (`ROOT/images/NAME` for `local:`, `ROOT/STORAGE/NAME` otherwise, ROOT being OUTDIR/../..; raw
 unless the volume name says qcow2), so the imported VM can be exported again over SSH.
 
+Task rewriting (fakepve finishes every task at once and never ends one with warnings): when
+OUTDIR/task-overrides.json exists, mapping a task type (the UPID's fifth field, e.g. `qmcreate`)
+to an override, the status and log of every task of that type are first fetched from UPSTREAM
+(the task is real and has really finished there) and then altered before they are answered:
+{"exitstatus": "WARNINGS: 2"} replaces the exit status; {"running": true} answers
+`status: running` without an exit status, forever; {"log": [lines]} appends lines to the real
+task log. Nothing else is changed.
+
 A `download-url` POST is first forwarded to UPSTREAM (which checks its parameters against PVE's
 schema and runs a task, but fetches nothing); when UPSTREAM accepts it, this server does what
 PVE would: it fetches the URL with no credentials of its own, checks the SHA-256 it was given,
@@ -89,9 +97,39 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
         return True
 
+    def task_override(self, path):
+        """Answer a task's status or log from UPSTREAM, altered per task-overrides.json."""
+        m = re.fullmatch(r'/api2/json/nodes/[\w-]+/tasks/([^/]+)/(status|log)', path)
+        overrides_file = os.path.join(OUT, 'task-overrides.json')
+        if not (UPSTREAM and m and os.path.exists(overrides_file)):
+            return False
+        upid = urllib.parse.unquote(m.group(1))
+        fields = upid.split(':')
+        with open(overrides_file) as f:
+            override = json.load(f).get(fields[5] if len(fields) > 5 else '')
+        if override is None:
+            return False
+        status, raw = self.upstream('GET', self.path)
+        if status != 200:
+            return False
+        data = json.loads(raw)['data']
+        if m.group(2) == 'status':
+            if override.get('running'):
+                data['status'] = 'running'
+                data.pop('exitstatus', None)
+            elif 'exitstatus' in override:
+                data['exitstatus'] = override['exitstatus']
+        else:
+            n = len(data)
+            data = data + [{'n': n + 1 + i, 't': t} for i, t in enumerate(override.get('log', []))]
+        self.answer(200, data)
+        return True
+
     def do_GET(self):
         path = self.path.split('?')[0]
         query = self.path.split('?')[1] if '?' in self.path else ''
+        if self.task_override(path):
+            return
         if UPSTREAM and not (path.endswith('/content') and 'content=import' in query) \
                 and not (path.endswith('/status') and 'imgcopy' in path):
             self.forward()

@@ -194,3 +194,38 @@ pub async fn ensure_storage(pve: &Pve, id: &str, stype: &str, extra: &[(&str, &s
         "creating storage {id}: {status} {body}"
     );
 }
+
+/// fakepve behind `tests/multipart_server.py` as a forwarding proxy: the upload with
+/// `content=import` (which fakepve refuses) is parsed and stored by the proxy in the directory
+/// the `pvesm` stand-in serves as `local:import/…`, everything else reaches fakepve.
+pub struct Proxy {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start_proxy(out: &std::path::Path, upstream: &str) -> Proxy {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/multipart_server.py");
+    let mut child = std::process::Command::new("python3")
+        .arg(script)
+        .arg(out)
+        .arg(upstream)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    Proxy {
+        child,
+        port: line.trim().parse().unwrap(),
+    }
+}
