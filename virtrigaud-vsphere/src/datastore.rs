@@ -7,8 +7,10 @@
 //!   above ~4). 503 and transport failures are retried with backoff; a 401 logs in again once.
 //! * [`open_disk_file`]: a VMDK by its `[ds] path.vmdk`: a monolithicSparse file is handed out
 //!   as it is; a descriptor (`monolithicFlat`/`vmfs`) is parsed and its `FLAT`/`VMFS`/`ZERO`
-//!   extents joined into one raw source ([`ExtentsReader`]). Delta extents (`VMFSSPARSE`,
-//!   `SESPARSE`: a snapshot chain) are `Unsupported` with the fix (consolidate) named.
+//!   extents joined into one raw source ([`ExtentsReader`]); a descriptor with one hosted
+//!   `SPARSE` extent is that sparse file; several (`twoGbMaxExtentSparse`) are `Unsupported`
+//!   with their fix (clone to one thin disk). Delta extents (`VMFSSPARSE`, `SESPARSE`, or a
+//!   parent: a snapshot chain) are `Unsupported` with the fix (consolidate) named.
 //! * [`FlatWriter`]: a new disk as `<name>-flat.vmdk` streamed in one PUT with its exact
 //!   `Content-Length` (the virtual size: ESXi does not take chunked uploads on `/folder`), then
 //!   the descriptor `<name>.vmdk` written last. The descriptor is what makes the disk exist:
@@ -619,13 +621,21 @@ pub async fn open_disk_file(folder: &Folder, path: &DsPath, split: usize) -> Res
         )));
     }
     let d = Descriptor::parse(&head)?;
+    // VMFSSPARSE and SESPARSE extents only hold snapshot deltas (and linked clones).
     if d.get("parentFileNameHint").is_some()
-        || d.extents.iter().any(|e| e.kind == ExtentKind::Sparse)
+        || d.extents
+            .iter()
+            .any(|e| e.kind == ExtentKind::Sparse && !e.kind_name.eq_ignore_ascii_case("SPARSE"))
         || d.entries
             .iter()
             .any(|(k, v)| k == "parentCID" && v != "ffffffff")
     {
         return Err(delta_chain(&path.display()));
+    }
+    // A hosted sparse disk (no parent) behind a separate descriptor: one extent is read as
+    // the monolithicSparse file it is; a disk split into several is refused with its fix.
+    if d.extents.iter().any(|e| e.kind == ExtentKind::Sparse) {
+        return open_hosted_sparse(folder, path, &d, split).await;
     }
     let mut pieces = Vec::new();
     let mut pos = 0u64;
@@ -668,6 +678,51 @@ pub async fn open_disk_file(folder: &Folder, path: &DsPath, split: usize) -> Res
         source: Arc::new(ExtentsReader { pieces, size: pos }),
         format: DiskFormat::Raw,
         capacity: pos,
+    })
+}
+
+/// A descriptor whose extents are hosted `SPARSE` ones (`createType` `monolithicSparse` with
+/// a separate descriptor, or `twoGbMaxExtentSparse`), no parent.
+async fn open_hosted_sparse(
+    folder: &Folder,
+    path: &DsPath,
+    d: &Descriptor,
+    split: usize,
+) -> Result<OpenedVmdk> {
+    let create_type = d
+        .get("createType")
+        .unwrap_or("?")
+        .trim_matches('"')
+        .to_string();
+    let [e] = d.extents.as_slice() else {
+        return Err(Error::unsupported(format!(
+            "{} is a hosted sparse disk in {} extents (createType {create_type}); split sparse \
+             disks are not read from the datastore: clone it to one thin disk first \
+             (vmkfstools -i <src> -d thin <dst>, or Clone/Migrate in the vSphere client), or use \
+             ExportMode::Nfc",
+            path.display(),
+            d.extents.len()
+        )));
+    };
+    let name = e.file.as_deref().unwrap_or("");
+    check_extent_name(name)?;
+    let f = DatastoreFile::open(folder.clone(), path.sibling(name), split).await?;
+    let capacity = virtrigaud_core::format::vmdk::probe(&f).await?;
+    let want = e
+        .sectors
+        .checked_mul(512)
+        .ok_or_else(|| Error::corrupt(format!("{}: extent size overflows", path.display())))?;
+    if capacity != want {
+        return Err(Error::corrupt(format!(
+            "{}: the descriptor gives its sparse extent {want} bytes, the extent's header \
+             {capacity}",
+            path.display()
+        )));
+    }
+    Ok(OpenedVmdk {
+        source: Arc::new(f),
+        format: DiskFormat::Vmdk(VmdkSubformat::MonolithicSparse),
+        capacity,
     })
 }
 

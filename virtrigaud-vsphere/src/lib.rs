@@ -17,8 +17,11 @@
 //!   numbers, controller types, thin/thick, datastores);
 //! - power on / off / guest shutdown with timeout (forced off on request) / reboot (guest
 //!   reboot, reset when tools do not run); snapshots (no memory, quiesced when tools run);
-//! - export through `/folder`: descriptor parsed, flat/VMFS/zero extents and monolithicSparse
-//!   files read with ranged GETs, several in flight; from a snapshot, the disk as the snapshot
+//! - export through `/folder`: descriptor parsed, flat/VMFS/zero extents, monolithicSparse
+//!   files and a descriptor with one hosted sparse extent read with ranged GETs, several in
+//!   flight (both sparse forms as `qemu-img` writes them, content digest equal to the raw
+//!   source's; a sparse disk split into several extents → `Unsupported` naming a clone to one
+//!   thin disk); from a snapshot, the disk as the snapshot
 //!   recorded it; a disk that is already a delta chain → `Unsupported` naming consolidation;
 //! - import as descriptor + flat extent with a streamed PUT (default), or as a streamOptimized
 //!   VMDK encoded on the fly through an `ImportVApp` NFC lease ([`nfc`]; the bytes sent were

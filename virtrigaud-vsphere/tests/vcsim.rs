@@ -1806,3 +1806,122 @@ async fn rerun_moves_only_the_missing_disk() {
         assert_eq!(a, b, "{} vs {}", s.location, d.location);
     }
 }
+
+/// Hosted sparse VMDKs on the datastore, as `qemu-img` (an independent writer) makes them:
+/// a monolithicSparse file, and a descriptor with one `SPARSE` extent (`twoGbMaxExtentSparse`
+/// of a small disk); both export with the raw source's content digest. A descriptor with
+/// several sparse extents is refused with its own fix, not the snapshot-chain one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosted_sparse_vmdks_on_the_datastore() {
+    use virtrigaud_core::transfer::export_image;
+    let Some(e) = env() else { return };
+    let p = provider(&e);
+    let vm = unique("sparse");
+    let base = write_disk(&p, &vm, "base", &sample(15, MIB)).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let raw = scratch.path().join("src.raw");
+    std::fs::write(&raw, sample(16, 12 * MIB)).unwrap();
+    for (sub, out) in [
+        ("monolithicSparse", "ms.vmdk"),
+        ("twoGbMaxExtentSparse", "tg.vmdk"),
+    ] {
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "vmdk", "-o"])
+            .arg(format!("subformat={sub}"))
+            .arg(&raw)
+            .arg(scratch.path().join(out))
+            .status()
+            .unwrap();
+        assert!(st.success(), "qemu-img convert {sub}");
+    }
+    let files = ["ms.vmdk", "tg.vmdk", "tg-s001.vmdk", "split.vmdk"];
+    let _cl = Cleanup {
+        env: e.clone(),
+        vm: vm.clone(),
+        disks: std::iter::once(base)
+            .chain(files.iter().map(|f| format!("[LocalDS_0] {vm}/{f}")))
+            .collect(),
+    };
+    let http = reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let url = e.url.trim_end_matches("/sdk").to_string();
+    let put = |name: &str, body: Vec<u8>| {
+        let u = format!("{url}/folder/{vm}/{name}?dcPath=DC0&dsName=LocalDS_0");
+        http.put(u).body(body).send()
+    };
+    for f in &files[..3] {
+        let body = std::fs::read(scratch.path().join(f)).unwrap();
+        assert!(put(f, body).await.unwrap().status().is_success(), "{f}");
+    }
+    let tg = std::fs::read_to_string(scratch.path().join("tg.vmdk")).unwrap();
+    assert!(tg.contains("SPARSE \"tg-s001.vmdk\""), "{tg}");
+
+    let store = tempfile::tempdir().unwrap();
+    let storage = FsBackend::new(store.path());
+    let src = virtrigaud_core::io::LocalFile::open(&raw).await.unwrap();
+    let want = export_image(
+        virtrigaud_core::ImageSource::RandomAccess(Arc::new(src)),
+        Some(DiskFormat::Raw),
+        &storage,
+        "src.qcow2",
+        None,
+        None,
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap()
+    .manifest
+    .content_digest;
+    for f in ["ms.vmdk", "tg.vmdk"] {
+        let o = p
+            .open_created_disk(&vm, &format!("[LocalDS_0] {vm}/{f}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            o.info.format,
+            Some(DiskFormat::Vmdk(
+                virtrigaud_core::format::VmdkSubformat::MonolithicSparse
+            )),
+            "{f}"
+        );
+        assert_eq!(o.info.capacity, 12 * MIB, "{f}");
+        let got = export_image(
+            o.source,
+            o.info.format,
+            &storage,
+            &format!("{f}.qcow2"),
+            None,
+            None,
+            &ExportOptions::default(),
+        )
+        .await
+        .unwrap()
+        .manifest
+        .content_digest;
+        assert_eq!(got, want, "{f}");
+    }
+
+    // Several sparse extents: refused, naming the split disk and its fix.
+    let split = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+                 createType=\"twoGbMaxExtentSparse\"\n\
+                 RW 4192256 SPARSE \"split-s001.vmdk\"\nRW 2048 SPARSE \"split-s002.vmdk\"\n";
+    assert!(
+        put("split.vmdk", split.into())
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    let err = p
+        .open_created_disk(&vm, &format!("[LocalDS_0] {vm}/split.vmdk"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("2 extents") && msg.contains("vmkfstools") && !msg.contains("consolidate"),
+        "{msg}"
+    );
+}
