@@ -33,7 +33,7 @@ a URL is refused.";
 
 /// Migrate virtual machines between libvirt/KVM, VMware vSphere and Proxmox VE.
 #[derive(Debug, Parser)]
-#[command(name = "virtrigaud", version, about, after_help = EXIT_CODES)]
+#[command(name = "virtrigaud", version, about, after_help = format!("{AFTER_HELP}\n\n{EXIT_CODES}"))]
 struct Cli {
     /// Print events and results as JSON lines (schema v1) instead of bars and text.
     #[arg(long, global = true)]
@@ -162,8 +162,12 @@ enum Cmd {
         #[arg(default_value = "")]
         prefix: String,
     },
-    /// Plans of many VMs.
-    #[command(subcommand)]
+    /// Plans of many VMs: each VM its own resumable migration, a bounded number at once.
+    ///
+    /// Example: virtrigaud plan run plan.toml --jobs 4 (plan.toml: from, to, via, maps, and a
+    /// [[vm]] name = "web01" per VM; see the README); one VM of it, as a Kubernetes Indexed Job
+    /// pod does: virtrigaud plan run plan.toml --index 2
+    #[command(subcommand, after_help = AFTER_HELP)]
     Plan(PlanCmd),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     ///
@@ -229,9 +233,11 @@ struct MigrateArgs {
     /// Source NIC model → target NIC model (repeatable), e.g. vmxnet3=virtio.
     #[arg(long = "nic-model-map", value_name = "A=B")]
     nic_model_map: Vec<String>,
-    /// Attach every disk on this bus: virtio, scsi, sata, ide, nvme.
-    #[arg(long)]
-    bus: Option<String>,
+    /// Disk buses on the target (repeatable): FROM=TO moves the disks on source bus FROM
+    /// (virtio, scsi, sata, ide, nvme) to bus TO, e.g. ide=virtio; a bare BUS puts every disk
+    /// on it. `--bus BUS` is the same.
+    #[arg(long = "bus-map", visible_alias = "bus", value_name = "[FROM=]TO")]
+    bus_map: Vec<String>,
     /// Default target placement (pool, storage, datastore).
     #[arg(long)]
     placement: Option<String>,
@@ -340,7 +346,11 @@ fn bus(s: &str) -> Result<DiskBus> {
         "sata" => DiskBus::Sata,
         "ide" => DiskBus::Ide,
         "nvme" => DiskBus::Nvme,
-        _ => return Err(Error::invalid(format!("unknown bus {s:?}"))),
+        _ => {
+            return Err(Error::invalid(format!(
+                "unknown bus {s:?} (virtio, scsi, sata, ide, nvme)"
+            )));
+        }
     })
 }
 
@@ -779,7 +789,7 @@ async fn run_plan(
                 network_map: map_args(&plan.network_map),
                 storage_map: map_args(&plan.storage_map),
                 nic_model_map: map_args(&plan.nic_model_map),
-                bus: None,
+                bus_map: vec![],
                 placement: j.vm.placement.clone().or(plan.placement.clone()),
                 disks: vec![],
                 snapshot: prepare == "snapshot",
@@ -894,7 +904,15 @@ async fn migrate(
     plan.network_map = pairs(&a.network_map, "network-map")?;
     plan.storage_map = pairs(&a.storage_map, "storage-map")?;
     plan.nic_model_map = pairs(&a.nic_model_map, "nic-model-map")?;
-    plan.bus_override = a.bus.as_deref().map(bus).transpose()?;
+    for m in &a.bus_map {
+        match m.split_once('=') {
+            Some((from, to)) => {
+                bus(from)?;
+                plan.bus_map.insert(from.to_string(), bus(to)?);
+            }
+            None => plan.bus_override = Some(bus(m)?),
+        }
+    }
     plan.target_format = a
         .target_format
         .as_deref()
@@ -1303,6 +1321,16 @@ async fn dry_run(
                     .join(", ")
             );
         }
+    }
+    if !plan.bus_map.is_empty() {
+        text += &format!(
+            "  bus map: {}\n",
+            plan.bus_map
+                .iter()
+                .map(|(a, b)| format!("{a}={}", format!("{b:?}").to_lowercase()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     if let Some(b) = plan.bus_override {
         text += &format!("  every disk on bus {}\n", format!("{b:?}").to_lowercase());

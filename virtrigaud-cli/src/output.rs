@@ -111,6 +111,10 @@ impl PlanTotals {
     }
 }
 
+/// A disk's bar: the disk, the bar, data bytes done of all, then one message (phase, rate,
+/// ETA).
+pub const DISK_BAR: &str = "{prefix:>10} [{bar:30}] {bytes:>10}/{total_bytes:<10} {wide_msg}";
+
 /// Renders migration events: JSON lines, or bars on a terminal, or nothing.
 pub struct Renderer {
     json: bool,
@@ -168,10 +172,8 @@ impl Renderer {
                 .or_insert_with(|| {
                     let b = mp.add(ProgressBar::new(1000));
                     b.set_style(
-                        ProgressStyle::with_template(
-                            "{prefix:>10} {msg:>8} [{bar:30}] {percent:>3}% {wide_msg}",
-                        )
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                        ProgressStyle::with_template(DISK_BAR)
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
                     );
                     b.set_prefix(disk.to_string());
                     b
@@ -217,8 +219,11 @@ impl Renderer {
             } => {
                 if let Some(b) = self.bar(d) {
                     b.set_message(
-                        format!("{phase:?}{}", if *skipped { " (done before)" } else { "" })
-                            .to_lowercase(),
+                        format!(
+                            "{phase:?} {}",
+                            if *skipped { "done before" } else { "done" }
+                        )
+                        .to_lowercase(),
                     );
                 }
             }
@@ -232,7 +237,14 @@ impl Renderer {
     /// Shows a transfer's progress.
     pub fn progress(&self, disk: &str, p: &Progress) {
         if let Some(b) = self.bar(disk) {
-            b.set_position((p.fraction() * 1000.0) as u64);
+            // Data bytes when the transfer knows how many there are, else positions in the
+            // virtual disk.
+            let (done, total) = match p.data_total {
+                Some(t) => (p.data_bytes, t),
+                None => (p.position, p.virtual_size),
+            };
+            b.set_length(total.max(1));
+            b.set_position(done.min(total));
             b.set_message(format!(
                 "{} {:.0} MiB/s{}",
                 format!("{:?}", p.phase).to_lowercase(),
@@ -293,6 +305,13 @@ mod tests {
             eta: None,
             finished: false,
         }
+    }
+
+    #[test]
+    fn the_disk_bar_shows_bytes_and_one_message() {
+        assert!(DISK_BAR.contains("{bytes") && DISK_BAR.contains("{total_bytes"));
+        assert_eq!(DISK_BAR.matches("msg").count(), 1, "{DISK_BAR}");
+        assert!(ProgressStyle::with_template(DISK_BAR).is_ok());
     }
 
     #[test]

@@ -96,9 +96,24 @@ fn every_subcommand_has_help_with_an_example_and_there_is_a_version() {
         "migrate",
         "status",
         "completions",
+        "plan",
+        "plan run",
     ] {
-        let h = ok(&[sub, "--help"]);
+        let args: Vec<&str> = sub.split(' ').chain(["--help"]).collect();
+        let h = ok(&args);
         assert!(h.contains("Example"), "{sub} --help has no example:\n{h}");
+    }
+    // The top-level help names every provider URL form and the exit codes.
+    let h = ok(&["--help"]);
+    for form in [
+        "local:///dir",
+        "libvirt+qemu:///system",
+        "libvirt+qemu+tcp://",
+        "libvirt+qemu+ssh://",
+        "vsphere://",
+        "proxmox://",
+    ] {
+        assert!(h.contains(form), "--help lacks {form}:\n{h}");
     }
     assert!(ok(&["--version"]).contains(env!("CARGO_PKG_VERSION")));
     assert!(ok(&["--help"]).contains("Exit codes"));
@@ -1265,4 +1280,97 @@ fn plan_index_waits_for_a_dead_pods_lease_and_resumes_after_sigkill() {
             .unwrap()
         );
     }
+}
+
+/// `--bus-map FROM=TO` moves the disks of one source bus to another, a bare `--bus-map BUS`
+/// (or its alias `--bus BUS`) puts every disk on it; the migrated VM records the new buses; an
+/// unknown bus is invalid input (3).
+#[test]
+fn bus_map_moves_disks_between_buses() {
+    let t = tempfile::tempdir().unwrap();
+    local_vm(&t.path().join("src"), 1);
+    let from = format!("local://{}", t.path().join("src").display());
+    let via = format!("file://{}", t.path().join("store").display());
+    for (i, (flag, value, want)) in [
+        ("--bus-map", "virtio=sata", "sata"),
+        ("--bus", "scsi", "scsi"),
+        ("--bus-map", "ide=nvme", "virtio"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let to = t.path().join(format!("dst{i}"));
+        ok(&[
+            "migrate",
+            "--from",
+            &from,
+            "--to",
+            &format!("local://{}", to.display()),
+            "--via",
+            &via,
+            "--prefix",
+            &format!("migrations/bus{i}"),
+            "web01",
+            flag,
+            value,
+        ]);
+        let vm: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(to.join("web01/vm.json")).unwrap()).unwrap();
+        for d in vm["disks"].as_array().unwrap() {
+            assert_eq!(d["bus"], *want, "{flag} {value}: {vm}");
+        }
+    }
+    let o = run(&[
+        "migrate",
+        "--from",
+        &from,
+        "--to",
+        &from,
+        "--via",
+        &via,
+        "web01",
+        "--bus-map",
+        "virtio=floppy",
+    ]);
+    assert_eq!(o.status.code(), Some(3));
+}
+
+/// On a terminal (a pseudo-terminal made by util-linux `script`), each disk's bar shows the
+/// bytes done of all (`… MiB/… MiB`) and its message once.
+#[test]
+fn progress_bars_show_bytes_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        assert_ne!(
+            std::env::var("VIRTRIGAUD_IT").as_deref(),
+            Ok("1"),
+            "util-linux script not found and VIRTRIGAUD_IT=1"
+        );
+        eprintln!("SKIP: util-linux script not found");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("d.raw");
+    std::fs::write(&img, pattern(24 << 20, 5)).unwrap();
+    let store = format!("file://{}", t.path().join("store").display());
+    let cmd = format!(
+        "stty cols 160; '{}' --limit 8MiB/s export '{}' '{store}' k",
+        env!("CARGO_BIN_EXE_virtrigaud"),
+        img.display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{screen}");
+    assert!(
+        screen.contains("/24.00 MiB"),
+        "no bytes of the total: {screen}"
+    );
+    let line = screen
+        .split(['\r', '\n'])
+        .find(|l| l.contains("/24.00 MiB") && l.contains("MiB/s"))
+        .unwrap_or_else(|| panic!("no bar with a rate: {screen}"));
+    assert_eq!(line.matches("export").count(), 1, "{line}");
 }

@@ -527,7 +527,7 @@ impl Migration {
                         }],
                         target_disk_name: format!("{slug}-{}", &id[..8]),
                         placement: plan.placement_for(d),
-                        bus: plan.bus_override.or(d.bus),
+                        bus: plan.bus_for(d),
                         ..Default::default()
                     }
                 })

@@ -125,6 +125,10 @@ pub struct MigrationPlan {
     /// Attach every disk on this bus instead of the source's.
     #[serde(default)]
     pub bus_override: Option<DiskBus>,
+    /// Source bus (`ide`, `sata`, `scsi`, `virtio`, `nvme`) → target bus, for the disks on a
+    /// mapped bus; others keep theirs. [`bus_override`](Self::bus_override) wins over it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub bus_map: BTreeMap<String, DiskBus>,
     /// Use this firmware instead of the source's.
     #[serde(default)]
     pub firmware_override: Option<Firmware>,
@@ -198,6 +202,7 @@ impl MigrationPlan {
             network_map: BTreeMap::new(),
             nic_model_map: BTreeMap::new(),
             bus_override: None,
+            bus_map: BTreeMap::new(),
             firmware_override: None,
             include_disks: Vec::new(),
             exclude_disks: Vec::new(),
@@ -327,6 +332,22 @@ impl MigrationPlan {
             && !self.exclude_disks.iter().any(|d| d == disk_id)
     }
 
+    /// Target bus of a source disk: the override, else the bus map's entry for its bus, else
+    /// its own.
+    pub fn bus_for(&self, disk: &DiskInfo) -> Option<DiskBus> {
+        let mapped = disk.bus.and_then(|b| {
+            let name = match b {
+                DiskBus::Virtio => "virtio",
+                DiskBus::Scsi => "scsi",
+                DiskBus::Sata => "sata",
+                DiskBus::Ide => "ide",
+                DiskBus::Nvme => "nvme",
+            };
+            self.bus_map.get(name).copied()
+        });
+        self.bus_override.or(mapped).or(disk.bus)
+    }
+
     /// Target placement of a source disk: the storage map entry of its source storage, else
     /// the default placement.
     pub fn placement_for(&self, disk: &DiskInfo) -> Option<String> {
@@ -352,6 +373,8 @@ impl MigrationPlan {
             network_map: &'a BTreeMap<String, String>,
             nic_model_map: &'a BTreeMap<String, String>,
             bus_override: Option<DiskBus>,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            bus_map: &'a BTreeMap<String, DiskBus>,
             firmware_override: Option<Firmware>,
             include_disks: &'a [String],
             exclude_disks: &'a [String],
@@ -367,6 +390,7 @@ impl MigrationPlan {
             network_map: &self.network_map,
             nic_model_map: &self.nic_model_map,
             bus_override: self.bus_override,
+            bus_map: &self.bus_map,
             firmware_override: self.firmware_override,
             include_disks: &self.include_disks,
             exclude_disks: &self.exclude_disks,
