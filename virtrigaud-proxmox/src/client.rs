@@ -9,7 +9,9 @@
 //!
 //! * Authentication: an API token header, or a ticket from `POST /access/ticket` sent as the
 //!   `PVEAuthCookie` cookie plus `CSRFPreventionToken` on writes. A ticket is renewed after
-//!   [`TICKET_RENEW_AFTER`] (PVE's tickets live 2 hours), and once more on a 401.
+//!   [`ProxmoxConfig::ticket_renew_after`] (default [`TICKET_RENEW_AFTER`]; PVE's tickets live
+//!   2 hours), and once more on a 401 (an upload: its ticket is proven first, and it is retried
+//!   only while none of its file was sent).
 //! * Every answer is unwrapped from `{"data": …}`; errors are mapped by [`crate::error`].
 //! * Tasks: every UPID is awaited ([`PveClient::wait_task`]) with a deadline; `OK` and
 //!   `WARNINGS: n` succeed (warnings logged), anything else fails with the task log's last
@@ -215,7 +217,7 @@ impl PveClient {
                 let mut s = self.session.lock().await;
                 let stale = s
                     .as_ref()
-                    .is_none_or(|s| s.obtained.elapsed() >= TICKET_RENEW_AFTER);
+                    .is_none_or(|s| s.obtained.elapsed() >= self.cfg.ticket_renew_after);
                 if stale || force_login {
                     *s = Some(self.login().await?);
                 }
@@ -604,22 +606,51 @@ impl PveClient {
         let layout = MultipartLayout::new(&fields, "filename", filename, len);
         let op = "upload";
         let path = format!("/nodes/{node}/storage/{storage}/upload");
-        let headers = self.auth_headers(true, false).await?;
-        let mut req = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("Content-Type", layout.content_type())
-            .header("Content-Length", layout.content_length().to_string())
-            .body(reqwest::Body::wrap_stream(layout.body(file)));
-        for (k, v) in headers {
-            req = req.header(k, v);
+        // The body is a stream that cannot be sent twice. So with a password login the ticket
+        // is proven good first (a cheap authenticated read, which logs in again on a 401), and
+        // a 401 to the upload itself is retried once with a fresh login only when not one byte
+        // of the file was taken yet.
+        if matches!(self.cfg.auth, Auth::Password { .. }) {
+            self.get(&format!("/nodes/{node}/storage/{storage}/status"), &[], op)
+                .await?;
         }
-        let resp = req.send().await.map_err(|e| transport(e, op))?;
-        upid(
-            unwrap_data(resp, op)
-                .await
-                .map_err(|e| e.with_target(path))?,
-        )
+        let shared = Arc::new(SharedBody {
+            stream: Mutex::new(Some(file)),
+            taken: std::sync::atomic::AtomicBool::new(false),
+        });
+        let mut retried_login = false;
+        loop {
+            let headers = self.auth_headers(true, retried_login).await?;
+            let mut req = self
+                .http
+                .post(format!("{}{path}", self.base))
+                .header("Content-Type", layout.content_type())
+                .header("Content-Length", layout.content_length().to_string())
+                .body(reqwest::Body::wrap_stream(
+                    layout.body(SharedBody::lend(shared.clone())),
+                ));
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            let resp = req.send().await.map_err(|e| transport(e, op))?;
+            match unwrap_data(resp, op).await {
+                Err(e)
+                    if e.kind() == ErrorKind::Auth
+                        && e.message().starts_with("HTTP 401")
+                        && !retried_login
+                        && matches!(self.cfg.auth, Auth::Password { .. })
+                        && !shared.taken.load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    warn!(
+                        op,
+                        "upload refused with 401 before its body was sent: logging in again"
+                    );
+                    retried_login = true;
+                }
+                Err(e) => return Err(e.with_target(path)),
+                Ok(v) => return upid(v),
+            }
+        }
     }
 
     // --- tasks -------------------------------------------------------------------------------
@@ -760,6 +791,33 @@ pub fn redact_urls(text: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// An upload's file stream, lent to one request body after another until a byte is taken.
+struct SharedBody {
+    stream: Mutex<Option<BoxStream<'static, Result<Bytes>>>>,
+    taken: std::sync::atomic::AtomicBool,
+}
+
+impl SharedBody {
+    fn lend(this: Arc<SharedBody>) -> BoxStream<'static, Result<Bytes>> {
+        use futures::StreamExt;
+        futures::stream::unfold(this, |sh| async move {
+            let item = {
+                let mut g = sh.stream.lock().await;
+                let s = g.as_mut()?;
+                s.next().await
+            };
+            match item {
+                Some(item) => {
+                    sh.taken.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Some((item, sh))
+                }
+                None => None,
+            }
+        })
+        .boxed()
+    }
 }
 
 /// The node a UPID ran on (`UPID:node:…`).

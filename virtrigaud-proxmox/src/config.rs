@@ -104,6 +104,9 @@ pub struct ProxmoxConfig {
     pub task_timeout: Duration,
     /// Delay between task status polls.
     pub task_poll: Duration,
+    /// Age after which a password login's ticket is renewed before the next request (default
+    /// 90 minutes; PVE's tickets live 2 hours). Keep it below the server's ticket lifetime.
+    pub ticket_renew_after: Duration,
     /// Node that imports and creates VMs (default: the first online node).
     pub node: Option<String>,
     /// File storage with the `import` content type that disks are staged on (default `local`).
@@ -149,6 +152,7 @@ impl ProxmoxConfig {
             request_timeout: Duration::from_secs(60),
             task_timeout: Duration::from_secs(3600),
             task_poll: Duration::from_millis(500),
+            ticket_renew_after: crate::client::TICKET_RENEW_AFTER,
             node: None,
             import_storage: "local".into(),
             target_storage: "local-lvm".into(),

@@ -12,6 +12,7 @@
 mod common;
 
 use common::{pve, unique};
+use futures::StreamExt;
 use std::time::Duration;
 use virtrigaud_core::transfer::{ExportOptions, export_image};
 use virtrigaud_core::{
@@ -176,6 +177,57 @@ async fn expired_ticket_is_renewed() {
     p.list_vms().await.unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     p.power("vrg-power", PowerOp::Off).await.unwrap();
+
+    // An upload after the ticket expired: the ticket is proven (and renewed) before the body
+    // goes out, so the old fake answers the upload itself (it refuses content=import: PVE 8.3
+    // has no such content type), not with a 401 that would cost the streamed body.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let body = futures::stream::iter([Ok(bytes::Bytes::from_static(b"0123456789"))]).boxed();
+    let e = p
+        .client()
+        .upload(&pve.node, "local", "vrg-renew.raw", 10, None, body)
+        .await
+        .unwrap_err();
+    assert_ne!(e.kind(), ErrorKind::Auth, "{e}");
+}
+
+/// The ticket is renewed *ahead* of its expiry (`ticket_renew_after`): against the old fake,
+/// whose tickets expire after 2 s, with renewal after 1 s, requests spread over 6 s never meet a
+/// 401. The requests go through `tests/multipart_server.py` as a forwarding proxy that records
+/// each request and fakepve's answer status (it alters nothing); logins and 401s are counted
+/// from that record.
+#[tokio::test]
+async fn ticket_is_renewed_before_it_expires() {
+    let Some(pve) = pve() else { return };
+    let out = tempfile::tempdir().unwrap();
+    let proxy = common::start_proxy(out.path(), &pve.old_url);
+    let pw = Auth::Password {
+        user: pve.user.clone(),
+        password: Secret::new(pve.password.clone()),
+    };
+    let mut c = ProxmoxConfig::new(&format!("http://127.0.0.1:{}", proxy.port), pw).unwrap();
+    c.allow_http = true; // the proxy on loopback
+    c.ticket_renew_after = Duration::from_secs(1);
+    let p = ProxmoxProvider::new(c).unwrap();
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(6) {
+        p.list_vms().await.unwrap();
+        p.describe_vm("vrg-power").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let log = std::fs::read_to_string(out.path().join("requests.json")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let logins = lines
+        .iter()
+        .filter(|l| l["path"] == "/api2/json/access/ticket")
+        .count();
+    let unauthorized: Vec<_> = lines.iter().filter(|l| l["status"] == 401).collect();
+    assert!(unauthorized.is_empty(), "{unauthorized:?}");
+    assert!(lines.len() > 20, "{} requests", lines.len());
+    assert!((4..=8).contains(&logins), "{logins} logins in 6 s");
 }
 
 #[tokio::test]

@@ -20,6 +20,10 @@ OUTDIR/FILE with `qemu-img convert` into the file the `pvesm` stand-in serves fo
 (`ROOT/images/NAME` for `local:`, `ROOT/STORAGE/NAME` otherwise, ROOT being OUTDIR/../..; raw
 unless the volume name says qcow2), so the imported VM can be exported again over SSH.
 
+Every request sent on to UPSTREAM is recorded as one JSON line {"method", "path", "status"} in
+OUTDIR/requests.json (logins are `POST /api2/json/access/ticket`), so a test can count logins
+and 401 answers; the record changes nothing.
+
 Task rewriting (fakepve finishes every task at once and never ends one with warnings): when
 OUTDIR/task-overrides.json exists, mapping a task type (the UPID's fifth field, e.g. `qmcreate`)
 to an override, the status and log of every task of that type are first fetched from UPSTREAM
@@ -90,6 +94,7 @@ class Handler(BaseHTTPRequestHandler):
                 status, raw = r.status, r.read()
         except urllib.error.HTTPError as e:
             status, raw = e.code, e.read()
+        self.record(self.command, self.path, status)
         self.send_response(status)
         self.send_header('Content-Type', 'application/json')
         self.send_header('Content-Length', str(len(raw)))
@@ -180,6 +185,7 @@ class Handler(BaseHTTPRequestHandler):
                 status, upstream = r.status, r.read()
         except urllib.error.HTTPError as e:
             status, upstream = e.code, e.read()
+        self.record('POST', self.path, status)
         if status != 200:
             self.send_response(status)
             self.send_header('Content-Type', 'application/json')
@@ -232,9 +238,16 @@ class Handler(BaseHTTPRequestHandler):
         ctx.verify_mode = ssl.CERT_NONE  # a test fake on loopback behind this test server
         try:
             with urllib.request.urlopen(req, context=ctx) as r:
-                return r.status, r.read()
+                status, raw = r.status, r.read()
         except urllib.error.HTTPError as e:
-            return e.code, e.read()
+            status, raw = e.code, e.read()
+        self.record(method, path, status)
+        return status, raw
+
+    def record(self, method, path, status):
+        """One line per request sent to UPSTREAM, in OUTDIR/requests.json."""
+        with open(os.path.join(OUT, 'requests.json'), 'a') as f:
+            f.write(json.dumps({'method': method, 'path': path.split('?')[0], 'status': status}) + '\n')
 
     def create_vm(self):
         """Forward a VM create, then import its `import-from` drives as PVE would."""
