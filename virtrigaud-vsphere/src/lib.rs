@@ -1132,11 +1132,10 @@ impl Provider for VsphereProvider {
             "" => spec.name.clone(),
             d => d.to_string(),
         };
-        let guest = self
-            .cfg()
-            .guest_id_override
-            .clone()
-            .unwrap_or_else(|| spec::guest_id(spec.guest_os.as_deref()));
+        let guest = spec::resolve_guest_id(
+            self.cfg().guest_id_override.as_deref(),
+            spec.guest_os.as_deref(),
+        );
         let cs = CreateSpec {
             name: &spec.name,
             guest_id: guest,

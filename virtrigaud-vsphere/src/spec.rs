@@ -175,6 +175,16 @@ fn device_add(inner: &str) -> String {
     format!("<deviceChange><operation>add</operation>{inner}</deviceChange>")
 }
 
+/// The guest id of a new VM: `override_id` (the configured
+/// [`VsphereConfig::guest_id_override`](crate::VsphereConfig::guest_id_override)) when set
+/// and not empty, else [`guest_id`] of the source's guest OS name.
+pub fn resolve_guest_id(override_id: Option<&str>, os: Option<&str>) -> String {
+    match override_id.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(o) => o.to_string(),
+        None => guest_id(os),
+    }
+}
+
 /// The `VirtualMachineConfigSpec` XML (its children) for `CreateVM_Task`.
 ///
 /// Controllers: one per bus used — SCSI (the configured model, bus 0, unit 7 reserved), SATA
@@ -353,6 +363,110 @@ mod tests {
         assert_eq!(guest_id(Some("centos7_64Guest")), "centos7_64Guest");
         assert_eq!(guest_id(None), "otherGuest64");
         assert_eq!(guest_id(Some("plan9")), "otherGuest64");
+        // The configured override wins over the map; an empty one does not count.
+        assert_eq!(
+            resolve_guest_id(Some("rhel9_64Guest"), Some("debian12")),
+            "rhel9_64Guest"
+        );
+        assert_eq!(resolve_guest_id(None, Some("debian12")), "debian12_64Guest");
+        assert_eq!(
+            resolve_guest_id(Some(" "), Some("win11")),
+            "windows11_64Guest"
+        );
+    }
+
+    /// LSI Logic as the SCSI model, NVMe disks on their own controller, IDE disks spread over
+    /// the two built-in IDE controllers, an e1000e NIC on a distributed port group.
+    #[test]
+    fn lsi_logic_nvme_ide_and_e1000e() {
+        let bus = [
+            DiskBus::Scsi,
+            DiskBus::Nvme,
+            DiskBus::Nvme,
+            DiskBus::Ide,
+            DiskBus::Ide,
+            DiskBus::Ide,
+        ];
+        let disks = bus
+            .iter()
+            .enumerate()
+            .map(|(i, b)| DiskAttach {
+                file: format!("[ds] v/d{i}.vmdk"),
+                capacity: 2 << 20,
+                bus: *b,
+            })
+            .collect();
+        let mut s = CreateSpec {
+            name: "v",
+            guest_id: resolve_guest_id(Some("centos7_64Guest"), Some("debian12")),
+            annotation: None,
+            vmx_path: "[ds] v/v.vmx".into(),
+            cpus: 1,
+            memory_mib: 128,
+            firmware: Firmware::Bios,
+            disks,
+            nics: vec![NicAttach {
+                backing: NetBacking::Distributed {
+                    switch_uuid: "50 1a".into(),
+                    portgroup_key: "dvportgroup-9".into(),
+                },
+                mac: None,
+            }],
+            scsi: ScsiModel::LsiLogic,
+            nic_model: NicModel::E1000e,
+        };
+        let x = config_spec(&s).unwrap();
+        assert!(x.contains("<guestId>centos7_64Guest</guestId>"), "{x}");
+        assert!(x.contains(
+            "<device xsi:type=\"VirtualLsiLogicController\"><key>-100</key><busNumber>0</busNumber>"
+        ));
+        assert!(!x.contains("ParaVirtualSCSIController") && !x.contains("LsiLogicSAS"));
+        assert!(x.contains("<device xsi:type=\"VirtualNVMEController\"><key>-300</key>"));
+        assert!(!x.contains("VirtualAHCIController"));
+        let disk = |file: &str, ctrl: i32, unit: i32| {
+            format!(
+                "<fileName>[ds] v/{file}</fileName><diskMode>persistent</diskMode>\
+                 <thinProvisioned>true</thinProvisioned></backing>\
+                 <controllerKey>{ctrl}</controllerKey><unitNumber>{unit}</unitNumber>"
+            )
+        };
+        for (file, ctrl, unit) in [
+            ("d0.vmdk", -100, 0),
+            ("d1.vmdk", -300, 0),
+            ("d2.vmdk", -300, 1),
+            ("d3.vmdk", 200, 0),
+            ("d4.vmdk", 200, 1),
+            ("d5.vmdk", 201, 0),
+        ] {
+            assert!(
+                x.contains(&disk(file, ctrl, unit)),
+                "{file} not on {ctrl}:{unit}"
+            );
+        }
+        assert!(x.contains("<device xsi:type=\"VirtualE1000e\"><key>-2000</key>"));
+        assert!(x.contains(
+            "<port><switchUuid>50 1a</switchUuid><portgroupKey>dvportgroup-9</portgroupKey></port>"
+        ));
+        assert!(x.contains("<addressType>generated</addressType>"));
+        assert!(x.contains("<firmware>bios</firmware>"));
+        // LSI Logic SAS is its own model; a fifth IDE disk has no slot.
+        s.scsi = ScsiModel::LsiLogicSas;
+        assert!(
+            config_spec(&s)
+                .unwrap()
+                .contains("VirtualLsiLogicSASController")
+        );
+        for i in 6..8 {
+            s.disks.push(DiskAttach {
+                file: format!("[ds] v/d{i}.vmdk"),
+                capacity: 2 << 20,
+                bus: DiskBus::Ide,
+            });
+        }
+        assert_eq!(
+            config_spec(&s).unwrap_err().kind(),
+            virtrigaud_core::ErrorKind::Unsupported
+        );
     }
 
     #[test]

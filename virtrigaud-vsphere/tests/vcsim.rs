@@ -1925,3 +1925,38 @@ async fn hosted_sparse_vmdks_on_the_datastore() {
         "{msg}"
     );
 }
+
+/// An answer larger than `max_response_bytes` fails with a clear `Corrupt` error naming the
+/// bound, instead of being buffered; small answers still pass under the same bound.
+#[tokio::test]
+async fn oversized_answers_are_refused() {
+    let Some(e) = env() else { return };
+    let mut c = config(&e);
+    c.max_response_bytes = 16 << 10;
+    let p = VsphereProvider::new(c).unwrap();
+    p.client().login().await.unwrap();
+    assert!(p.client().session_is_active().await.unwrap());
+    // Every VM's device list: far more than 16 KiB on the simulator's inventory.
+    let err = match p
+        .client()
+        .list("VirtualMachine", &["config.hardware.device"])
+        .await
+    {
+        Ok(v) => panic!("{} objects answered under a 16 KiB bound", v.len()),
+        Err(e) => e,
+    };
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("16384 bytes") && msg.contains("max_response_bytes"),
+        "{msg}"
+    );
+    // The same question under the default bound is answered.
+    let all = provider(&e)
+        .client()
+        .list("VirtualMachine", &["config.hardware.device"])
+        .await
+        .unwrap();
+    assert!(all.len() >= 4);
+    let _ = p.logout().await;
+}
