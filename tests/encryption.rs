@@ -47,6 +47,20 @@ fn keygen(dir: &Path, name: &str) -> String {
         .expect("age-keygen prints the public key")
 }
 
+/// `age -d -i identity -o out object`, which must succeed.
+fn age_decrypt(identity: &Path, object: &Path, out: &Path) {
+    let o = Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(identity)
+        .arg("-o")
+        .arg(out)
+        .arg(object)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 async fn export(
     image: &Path,
     store: &dyn StorageBackend,
@@ -118,16 +132,7 @@ async fn an_encrypted_export_is_the_age_encryption_of_the_plain_one() {
 
     // The standard age binary decrypts it to exactly the plain export.
     let out = t.path().join("decrypted.qcow2");
-    let o = Command::new("age")
-        .arg("-d")
-        .arg("-i")
-        .arg(t.path().join("id.txt"))
-        .arg("-o")
-        .arg(&out)
-        .arg(store_dir.join("enc.qcow2"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    age_decrypt(&t.path().join("id.txt"), &store_dir.join("enc.qcow2"), &out);
     assert_eq!(
         std::fs::read(&out).unwrap(),
         std::fs::read(store_dir.join("plain.qcow2")).unwrap()
@@ -309,16 +314,7 @@ async fn an_encrypted_object_is_read_by_range() {
         .await
         .manifest;
     let out = t.path().join("plain.qcow2");
-    let o = Command::new("age")
-        .arg("-d")
-        .arg("-i")
-        .arg(t.path().join("id.txt"))
-        .arg("-o")
-        .arg(&out)
-        .arg(store_dir.join("enc.qcow2"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    age_decrypt(&t.path().join("id.txt"), &store_dir.join("enc.qcow2"), &out);
     let plain = std::fs::read(&out).unwrap();
     let id = Decryption::from_identity_file(t.path().join("id.txt")).unwrap();
 

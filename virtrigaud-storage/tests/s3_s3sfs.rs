@@ -964,6 +964,42 @@ async fn export_killed_midway(
     recorded
 }
 
+/// Asserts that since the log was cleared no part the checkpoint `recorded` was sent again,
+/// and only a few others were.
+fn only_missing_parts_sent(peer: &Peer, recorded: &[u32]) {
+    let after = parts_sent(peer);
+    for n in recorded {
+        assert!(
+            !after.contains(n),
+            "part {n} was sent again: after {after:?}"
+        );
+    }
+    assert!(
+        after.len() < 10,
+        "only the missing parts are sent: {after:?}"
+    );
+}
+
+/// Exports the kill tests' source (pattern `seed`) to `key` with `opts`,
+/// in this process and without pauses.
+async fn export_kill_source(
+    b: &S3Backend,
+    key: &str,
+    seed: u64,
+    opts: &virtrigaud_core::ExportOptions,
+) -> virtrigaud_core::Result<virtrigaud_core::ExportReport> {
+    virtrigaud_core::export_image(
+        kill_test_source(Duration::ZERO, seed),
+        None,
+        b,
+        key,
+        None,
+        None,
+        opts,
+    )
+    .await
+}
+
 /// The parts uploaded since the log was last cleared.
 fn parts_sent(peer: &Peer) -> Vec<u32> {
     peer.requests()
@@ -981,41 +1017,15 @@ async fn an_export_killed_mid_upload_resumes_in_a_new_process() {
 
     // A new process (here: a new backend) runs the same export and resumes.
     peer.clear_log();
-    let resumed = virtrigaud_core::export_image(
-        kill_test_source(Duration::ZERO, 1000),
-        None,
-        &b,
-        "vm/disk.img",
-        None,
-        None,
-        &kill_test_export_options(None),
-    )
-    .await
-    .unwrap();
-    let after = parts_sent(&peer);
-    for n in &recorded {
-        assert!(
-            !after.contains(n),
-            "part {n} was sent again: after {after:?}"
-        );
-    }
-    assert!(
-        after.len() < 10,
-        "only the missing parts are sent: {after:?}"
-    );
+    let resumed = export_kill_source(&b, "vm/disk.img", 1000, &kill_test_export_options(None))
+        .await
+        .unwrap();
+    only_missing_parts_sent(&peer, &recorded);
 
     // The object and manifest equal an uninterrupted run's.
-    let clean = virtrigaud_core::export_image(
-        kill_test_source(Duration::ZERO, 1000),
-        None,
-        &b,
-        "vm/clean.img",
-        None,
-        None,
-        &kill_test_export_options(None),
-    )
-    .await
-    .unwrap();
+    let clean = export_kill_source(&b, "vm/clean.img", 1000, &kill_test_export_options(None))
+        .await
+        .unwrap();
     let (m1, mut m2) = (resumed.manifest, clean.manifest);
     m2.created = m1.created.clone();
     assert_eq!(m1, m2, "manifests differ beyond their creation time");
@@ -1073,28 +1083,15 @@ async fn an_encrypted_export_killed_mid_upload_resumes_with_its_key() {
     );
 
     peer.clear_log();
-    let resumed = virtrigaud_core::export_image(
-        kill_test_source(Duration::ZERO, 1000),
-        None,
-        &*b,
+    let resumed = export_kill_source(
+        &b,
         "vm/disk.img",
-        None,
-        None,
+        1000,
         &kill_test_export_options(Some(&secret)),
     )
     .await
     .unwrap();
-    let after = parts_sent(&peer);
-    for n in &recorded {
-        assert!(
-            !after.contains(n),
-            "part {n} was sent again: after {after:?}"
-        );
-    }
-    assert!(
-        after.len() < 10,
-        "only the missing parts are sent: {after:?}"
-    );
+    only_missing_parts_sent(&peer, &recorded);
     assert!(resumed.manifest.encryption.is_some());
     assert!(
         !b.exists(&state_key).await.unwrap(),
@@ -1102,17 +1099,9 @@ async fn an_encrypted_export_killed_mid_upload_resumes_with_its_key() {
     );
     assert!(b.checkpoint("vm/disk.img").await.unwrap().is_none());
     // What is stored decrypts to exactly the plain export of the same source.
-    virtrigaud_core::export_image(
-        kill_test_source(Duration::ZERO, 1000),
-        None,
-        &*b,
-        "vm/plain.img",
-        None,
-        None,
-        &kill_test_export_options(None),
-    )
-    .await
-    .unwrap();
+    export_kill_source(&b, "vm/plain.img", 1000, &kill_test_export_options(None))
+        .await
+        .unwrap();
     assert_eq!(
         plaintext_sha(b.clone(), "vm/disk.img", Some(&secret)).await,
         sha_of_object(&*b, "vm/plain.img").await.1
@@ -1130,17 +1119,9 @@ async fn an_encrypted_export_killed_mid_upload_resumes_with_its_key() {
     let state_key = format!("{key}{}", virtrigaud_core::crypt::RESUME_SUFFIX);
     export_killed_midway(&peer, &b, &bucket, key, Some(&secret)).await;
     let old_header = b.get_bytes(&state_key, 1 << 20).await.unwrap();
-    let e = virtrigaud_core::export_image(
-        kill_test_source(Duration::ZERO, 7000),
-        None,
-        &*b,
-        key,
-        None,
-        None,
-        &kill_test_export_options(Some(&secret)),
-    )
-    .await
-    .unwrap_err();
+    let e = export_kill_source(&b, key, 7000, &kill_test_export_options(Some(&secret)))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), virtrigaud_core::ErrorKind::Conflict, "{e}");
     assert!(!b.exists(&state_key).await.unwrap());
     assert!(!b.exists(key).await.unwrap());
@@ -1153,27 +1134,16 @@ async fn an_encrypted_export_killed_mid_upload_resumes_with_its_key() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The next run starts over, with a new key, and decrypts to the changed source.
-    virtrigaud_core::export_image(
-        kill_test_source(Duration::ZERO, 7000),
-        None,
-        &*b,
-        key,
-        None,
-        None,
-        &kill_test_export_options(Some(&secret)),
-    )
-    .await
-    .unwrap();
+    export_kill_source(&b, key, 7000, &kill_test_export_options(Some(&secret)))
+        .await
+        .unwrap();
     let stored_head = b.get(key, Some(0..old_header.len() as u64)).await.unwrap();
     let stored_head: Vec<Bytes> = stored_head.map(|c| c.unwrap()).collect().await;
     assert_ne!(stored_head.concat(), old_header.to_vec(), "a new header");
-    virtrigaud_core::export_image(
-        kill_test_source(Duration::ZERO, 7000),
-        None,
-        &*b,
+    export_kill_source(
+        &b,
         "vm/changed-plain.img",
-        None,
-        None,
+        7000,
         &kill_test_export_options(None),
     )
     .await
@@ -1196,17 +1166,9 @@ async fn an_encrypted_export_killed_mid_upload_resumes_with_its_key() {
         o
     };
     peer.clear_log();
-    virtrigaud_core::export_image(
-        kill_test_source(Duration::ZERO, 1000),
-        None,
-        &*b,
-        key,
-        None,
-        None,
-        &recipient_only,
-    )
-    .await
-    .unwrap();
+    export_kill_source(&b, key, 1000, &recipient_only)
+        .await
+        .unwrap();
     assert!(parts_sent(&peer).len() >= 10, "{:?}", parts_sent(&peer));
     assert_eq!(
         plaintext_sha(b.clone(), key, Some(&secret)).await,
