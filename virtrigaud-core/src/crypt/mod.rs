@@ -214,6 +214,7 @@ impl Decryption {
 pub const RESUME_SUFFIX: &str = ".encryption.json";
 
 /// The object beside an encrypted upload in progress.
+#[cfg(feature = "encryption")]
 #[derive(Debug, Serialize, Deserialize)]
 struct ResumeState {
     version: u32,
