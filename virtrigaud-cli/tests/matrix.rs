@@ -1467,3 +1467,81 @@ fn proxmox_to_local_through_s3() {
         .join(disks[0]["target_location"].as_str().unwrap());
     qemu_img_compare(src.image.to_str().unwrap(), p.to_str().unwrap());
 }
+
+/// `--dry-run` local → Proxmox (fakepve's API), staged in S3: a storage the node lacks and a
+/// bridge it lacks are problems (exit 4) naming them; `local-lvm` and `vmbr0.42` (a VLAN on
+/// `vmbr0`) pass. Nothing staged.
+#[cfg(feature = "proxmox")]
+#[test]
+fn dry_run_to_proxmox_checks_storages_and_bridges() {
+    let Some(s3) = S3::from_env() else { return };
+    let Some(pve_url) = peer_env("VIRTRIGAUD_PVE_URL", "fakepve.sh") else {
+        return;
+    };
+    s3.create_bucket("virtrigaud-test");
+    let var = |k: &str| std::env::var(k).unwrap();
+    let tag = format!("clidrypve{}", std::process::id());
+    let pve = format!(
+        "proxmox://{}@{}/{}?fingerprint={}",
+        var("VIRTRIGAUD_PVE_TOKEN_ID"),
+        pve_url.trim_start_matches("https://"),
+        var("VIRTRIGAUD_PVE_NODE"),
+        var("VIRTRIGAUD_PVE_FINGERPRINT"),
+    );
+    let t = tempfile::tempdir().unwrap();
+    local_vm(&t.path().join("src"));
+    let local = format!("local://{}", t.path().join("src").display());
+    let via = format!("s3://virtrigaud-test/{tag}");
+    let dry = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_virtrigaud"));
+        cmd.args([
+            "migrate",
+            "--dry-run",
+            "--from",
+            &local,
+            "--to",
+            &pve,
+            "--via",
+            &via,
+            "boot01",
+            "--name",
+            &tag,
+        ])
+        .args(extra)
+        .stdin(Stdio::null());
+        peer_secrets(&mut cmd, &s3);
+        let o = cmd.output().unwrap();
+        (
+            o.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let missing = format!("{tag}-store");
+    let (code, out) = dry(&["--placement", &missing]);
+    assert_eq!(code, Some(4), "{out}");
+    assert!(
+        out.contains(&format!(
+            "no placement (pool, storage, datastore) \"{missing}\""
+        )),
+        "{out}"
+    );
+    let (code, out) = dry(&["--placement", "local-lvm", "--network-map", "default=vmbr9"]);
+    assert_eq!(code, Some(4), "{out}");
+    assert!(out.contains("no network \"vmbr9\""), "{out}");
+    let (code, out) = dry(&[
+        "--placement",
+        "local-lvm",
+        "--network-map",
+        "default=vmbr0.42",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("placements and networks: checked"), "{out}");
+    assert_eq!(
+        s3.keys("virtrigaud-test", &format!("{tag}/")),
+        Vec::<String>::new()
+    );
+}

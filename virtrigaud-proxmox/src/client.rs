@@ -509,6 +509,33 @@ impl PveClient {
         }
     }
 
+    /// `GET /nodes/{node}/storage`: the storages the node sees (`storage`, `type`, `content`,
+    /// `enabled`, `active`, `avail`, …).
+    pub async fn node_storages(&self, node: &str) -> Result<Vec<Value>> {
+        match self
+            .get(&format!("/nodes/{node}/storage"), &[], "node_storages")
+            .await?
+        {
+            Value::Array(v) => Ok(v),
+            other => Err(Error::corrupt(format!(
+                "node storage list is not an array: {other}"
+            ))),
+        }
+    }
+
+    /// `GET /nodes/{node}/network`: the node's interfaces (`iface`, `type`, …).
+    pub async fn node_networks(&self, node: &str) -> Result<Vec<Value>> {
+        match self
+            .get(&format!("/nodes/{node}/network"), &[], "node_networks")
+            .await?
+        {
+            Value::Array(v) => Ok(v),
+            other => Err(Error::corrupt(format!(
+                "node network list is not an array: {other}"
+            ))),
+        }
+    }
+
     /// `GET /nodes/{node}/storage/{storage}/content?content=…`.
     pub async fn storage_content(
         &self,

@@ -1101,6 +1101,68 @@ impl Provider for ProxmoxProvider {
         self.describe_vm(&vmid.to_string()).await
     }
 
+    /// From the node's API: storages (missing, disabled or inactive, or not holding `images`;
+    /// `None` is the configured target storage) and bridges (`vmbr0.42`, a VLAN on `vmbr0`,
+    /// checks `vmbr0`).
+    async fn check_placement(
+        &self,
+        placements: &[Option<String>],
+        networks: &[String],
+    ) -> Result<virtrigaud_core::PlacementCheck> {
+        let node = self.node().await?;
+        let mut out = virtrigaud_core::PlacementCheck::default();
+        if !placements.is_empty() {
+            let storages = self.client.node_storages(&node).await?;
+            for p in placements {
+                let name = p.as_deref().unwrap_or(&self.cfg.target_storage);
+                let off = |s: &serde_json::Value, k: &str| s[k].as_u64() == Some(0);
+                match storages
+                    .iter()
+                    .find(|s| s["storage"].as_str() == Some(name))
+                {
+                    None => out.missing_placements.push(name.to_string()),
+                    Some(s) if off(s, "enabled") || off(s, "active") => out
+                        .missing_placements
+                        .push(format!("{name} (disabled or inactive on {node})")),
+                    Some(s)
+                        if !s["content"]
+                            .as_str()
+                            .unwrap_or("")
+                            .split(',')
+                            .any(|c| c.trim() == "images") =>
+                    {
+                        out.missing_placements
+                            .push(format!("{name} (holds no VM images)"))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if !networks.is_empty() {
+            let ifaces = self.client.node_networks(&node).await?;
+            for n in networks {
+                let bridge = match n.rsplit_once('.') {
+                    Some((b, t)) if !b.is_empty() && t.parse::<u16>().is_ok() => b,
+                    _ => n.as_str(),
+                };
+                let found = ifaces.iter().any(|i| {
+                    i["iface"].as_str() == Some(bridge)
+                        && i["type"]
+                            .as_str()
+                            .is_some_and(|t| t.to_ascii_lowercase().contains("bridge"))
+                });
+                if !found {
+                    out.missing_networks.push(n.clone());
+                }
+            }
+        }
+        for v in [&mut out.missing_placements, &mut out.missing_networks] {
+            v.sort();
+            v.dedup();
+        }
+        Ok(out)
+    }
+
     async fn delete_vm(&self, vm: &str) -> Result<()> {
         let f = self.resolve(vm).await?;
         if self.current_state(&f).await? != PowerState::Stopped {
