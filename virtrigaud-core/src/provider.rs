@@ -409,6 +409,15 @@ pub trait Provider: Send + Sync {
         Err(not_implemented(self.kind(), "delete_disk"))
     }
 
+    /// Finishes what [`Provider::create_vm`] of `spec` left undone when the process stopped
+    /// after the VM existed: the runner calls it when it adopts such a VM (its marker, all its
+    /// disks) instead of creating it again. A provider that stages disks apart from the VM and
+    /// removes the staged copies at the end of `create_vm` removes them here. Default: nothing.
+    async fn finish_adopted_vm(&self, spec: &VmSpec) -> Result<()> {
+        let _ = spec;
+        Ok(())
+    }
+
     /// Checks, changing nothing, that this target has the `placements` new disks would go to
     /// (`None`: the provider's default placement) and the `networks` new NICs would join (in
     /// the form [`NicInfo::network`] uses), for a dry run. Returns what is missing. The default

@@ -198,6 +198,21 @@ impl ProxmoxProvider {
         Ok((node, storage, filename, volid))
     }
 
+    /// Deletes the staged import files that `spec`'s disks were created from (a file already
+    /// gone is fine; a failure is logged, never fatal: the VM holds its copies).
+    async fn delete_staged_imports(&self, node: &str, spec: &VmSpec) {
+        for d in &spec.disks {
+            if let Ok((_, staged)) = Self::staged_of(&d.location)
+                && staged.contains(":import/")
+                && let Some((storage, _)) = staged.split_once(':')
+                && let Err(e) = self.delete_volume(node, storage, &staged).await
+                && e.kind() != ErrorKind::NotFound
+            {
+                warn!(volid = %staged, error = %e, "could not delete the staged import file");
+            }
+        }
+    }
+
     async fn delete_volume(&self, node: &str, storage: &str, volid: &str) -> Result<()> {
         match self.client.volume_delete(node, storage, volid).await {
             Ok(Some(upid)) => self.client.wait_task(&upid).await,
@@ -1089,15 +1104,7 @@ impl Provider for ProxmoxProvider {
             .await
             .map_err(|e| e.with_vm(spec.name.clone()))?;
         // The staged import files are copies now: remove them.
-        for d in &spec.disks {
-            if let Ok((_, staged)) = Self::staged_of(&d.location)
-                && staged.contains(":import/")
-                && let Some((storage, _)) = staged.split_once(':')
-                && let Err(e) = self.delete_volume(&node, storage, &staged).await
-            {
-                warn!(volid = %staged, error = %e, "could not delete the staged import file");
-            }
-        }
+        self.delete_staged_imports(&node, spec).await;
         self.describe_vm(&vmid.to_string()).await
     }
 
@@ -1161,6 +1168,14 @@ impl Provider for ProxmoxProvider {
             v.dedup();
         }
         Ok(out)
+    }
+
+    /// A VM that an interrupted run created (all its disks imported) is adopted by the runner:
+    /// the staged import files its `create_vm` did not get to delete are removed now.
+    async fn finish_adopted_vm(&self, spec: &VmSpec) -> Result<()> {
+        let node = self.node().await?;
+        self.delete_staged_imports(&node, spec).await;
+        Ok(())
     }
 
     async fn delete_vm(&self, vm: &str) -> Result<()> {

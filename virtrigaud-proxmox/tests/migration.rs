@@ -250,7 +250,12 @@ fn seaweedfs(prefix: &str) -> Option<virtrigaud_storage::s3::S3Backend> {
     Some(S3Backend::new(cfg).unwrap())
 }
 
+/// The tests that run the proxy on the shared import directory (where task-overrides.json
+/// would reach them all) take turns.
+static IMPORT_DIR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn libvirt_to_proxmox(via: Via) {
+    let _turn = IMPORT_DIR.lock().await;
     let (Some(pve), Some(sshd)) = (pve(), sshd()) else {
         return;
     };
@@ -419,4 +424,175 @@ async fn libvirt_to_proxmox(via: Via) {
         let _ = std::fs::remove_file(import_dir.join(n));
     }
     target.delete_vm(&info.id).await.unwrap();
+}
+
+/// Our staged import files (not the proxy's `.json` reports) for target VM `name`.
+fn staged_files(import_dir: &std::path::Path, name: &str) -> Vec<String> {
+    std::fs::read_dir(import_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(name) && !n.ends_with(".json"))
+        .collect()
+}
+
+/// A migration that stops inside `create_vm` (after PVE made the VM, before the staged import
+/// files were deleted and the checkpoint recorded it) and is run again: the rerun adopts its
+/// VM and removes the staged files; a VM of the same name that the migration did not create
+/// is a `Conflict` and left alone. The stop: `tests/multipart_server.py` in front of fakepve
+/// shows the real, finished `qmcreate` task as running (task-overrides.json), so `create_vm`
+/// fails with `Timeout` after 1 s, as a process killed there would leave it; everything else
+/// (the VM create, its config and marker, the deletes) is fakepve's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_inside_create_vm_then_rerun_adopts_and_leaves_no_staged_file() {
+    let _turn = IMPORT_DIR.lock().await;
+    let (Some(pve), Some(sshd)) = (pve(), sshd()) else {
+        return;
+    };
+    let Some(uri) = common::env("VIRTRIGAUD_LIBVIRT_URI", "libvirt.sh") else {
+        return;
+    };
+    let pool_dir = tempfile::tempdir().unwrap();
+    let pool = unique("crash-pool");
+    let domain = unique("crash-src");
+    let import_dir = sshd.images.join("images/import");
+    std::fs::create_dir_all(&import_dir).unwrap();
+    let _guard = Guard {
+        uri: uri.clone(),
+        domain: domain.clone(),
+        pool: pool.clone(),
+        image: pool_dir.path().join("none"),
+    };
+    let disk = pool_dir.path().join("d0.raw");
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(16 * MIB).unwrap();
+    f.write_all_at(&boot_sector(), 0).unwrap();
+    drop(f);
+    virsh(
+        &uri,
+        &[
+            "pool-create-as",
+            &pool,
+            "dir",
+            "--target",
+            pool_dir.path().to_str().unwrap(),
+        ],
+    );
+    let xml = format!(
+        "<domain type='qemu'><name>{domain}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/>\
+         <target dev='vda' bus='virtio'/></disk></devices></domain>",
+        disk.display()
+    );
+    let xml_file = pool_dir.path().join("src.xml");
+    std::fs::write(&xml_file, xml).unwrap();
+    virsh(&uri, &["define", xml_file.to_str().unwrap()]);
+    virsh(&uri, &["pool-refresh", &pool]);
+    let source: Arc<dyn Provider> = Arc::new(LibvirtProvider::new(&uri));
+
+    let proxy = common::start_proxy(&import_dir, &pve.url);
+    let overrides = import_dir.join("task-overrides.json");
+    let mut cfg = virtrigaud_proxmox::ProxmoxConfig::new(
+        &format!("http://127.0.0.1:{}", proxy.port),
+        pve.token(),
+    )
+    .unwrap()
+    .with_ssh(sshd.config());
+    cfg.node = Some(pve.node.clone());
+    cfg.task_poll = Duration::from_millis(50);
+    cfg.task_timeout = Duration::from_secs(1);
+    cfg.allow_http = true; // the test proxy on loopback
+    let target = Arc::new(ProxmoxProvider::new(cfg).unwrap());
+    let direct = pve.provider(); // fakepve without the proxy
+    let store = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn StorageBackend> = Arc::new(FsBackend::new(store.path()));
+    let migration = |prefix: &str, name: &str| {
+        Migration::new(
+            source.clone(),
+            target.clone(),
+            storage.clone(),
+            MigrationPlan::new(&domain, prefix).with_target_name(name),
+        )
+    };
+    let stop_inside_create_vm = |m: Migration| {
+        let overrides = overrides.clone();
+        async move {
+            std::fs::write(&overrides, r#"{"qmcreate": {"running": true}}"#).unwrap();
+            let e = m.run().await.unwrap_err();
+            std::fs::remove_file(&overrides).unwrap();
+            assert_eq!(e.kind(), virtrigaud_core::ErrorKind::Timeout, "{e}");
+        }
+    };
+
+    // 1. Stopped inside create_vm: the VM exists with the marker, the staged file is left.
+    let name = unique("crash-dst");
+    stop_inside_create_vm(migration("migrations/crash1", &name)).await;
+    let made = direct.describe_vm(&name).await.unwrap();
+    let marker = migration("migrations/crash1", &name)
+        .load_state()
+        .await
+        .unwrap()
+        .unwrap()
+        .marker();
+    assert!(made.has_marker(&marker), "{:?}", made.annotation);
+    assert_eq!(staged_files(&import_dir, &name).len(), 1);
+    // The rerun adopts that VM (same vmid, nothing exported or imported again) and removes
+    // the staged file its create_vm did not get to.
+    let r = migration("migrations/crash1", &name).run().await.unwrap();
+    assert_eq!((r.exported_now, r.imported_now), (0, 0));
+    assert_eq!(
+        direct.describe_vm(&name).await.unwrap().id,
+        made.id,
+        "adopted"
+    );
+    assert_eq!(staged_files(&import_dir, &name), Vec::<String>::new());
+
+    // 2. Stopped the same way, then the VM is replaced by an unrelated one of the same name.
+    let name2 = unique("crash-dst2");
+    stop_inside_create_vm(migration("migrations/crash2", &name2)).await;
+    direct.delete_vm(&name2).await.unwrap();
+    let vmid = direct.client().next_id().await.unwrap();
+    let upid = direct
+        .client()
+        .vm_create(
+            &pve.node,
+            &[
+                ("vmid", vmid.to_string()),
+                ("name", name2.clone()),
+                ("description", "not a migration's".to_string()),
+            ],
+        )
+        .await
+        .unwrap();
+    direct.client().wait_task(&upid).await.unwrap();
+    let before = direct.client().vm_config(&pve.node, vmid).await.unwrap();
+    let e = migration("migrations/crash2", &name2)
+        .run()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), virtrigaud_core::ErrorKind::Conflict, "{e}");
+    assert_eq!(
+        direct.client().vm_config(&pve.node, vmid).await.unwrap(),
+        before,
+        "the unrelated VM is untouched"
+    );
+    assert_eq!(
+        staged_files(&import_dir, &name2).len(),
+        1,
+        "kept for the rerun"
+    );
+    // Once it is gone, the rerun creates the VM and removes the staged file.
+    direct.delete_vm(&vmid.to_string()).await.unwrap();
+    migration("migrations/crash2", &name2).run().await.unwrap();
+    assert_eq!(staged_files(&import_dir, &name2), Vec::<String>::new());
+
+    for n in [&name, &name2] {
+        direct.delete_vm(n).await.unwrap();
+        for f in std::fs::read_dir(&import_dir).unwrap() {
+            let f = f.unwrap().path();
+            if f.to_string_lossy().contains(n.as_str()) {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
 }

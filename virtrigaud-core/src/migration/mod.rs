@@ -1277,6 +1277,7 @@ impl Run<'_> {
                 // made): adopt it. Ours but incomplete: replace it.
                 Ok(vm) if vm.has_marker(&self.marker()) && vm.disks.len() == spec.disks.len() => {
                     info!("adopting VM {target_name:?} that an interrupted run created");
+                    m.guard(m.target.finish_adopted_vm(&spec)).await?;
                     self.update(|s| {
                         s.vm_step = StepStatus::Done;
                         s.target_vm = Some(vm);
