@@ -1,6 +1,7 @@
 //! The `virtrigaud` binary, driven as a user drives it: local image directories and a file
 //! store (no peer needed), and libvirt pairs against the libvirt peer (`VIRTRIGAUD_LIBVIRT_URI`,
 //! started by `scripts/peers/libvirt.sh`; a missing peer fails under `VIRTRIGAUD_IT=1`).
+//! No real Proxmox VE is available here: Proxmox runs on fakepve and a `pvesm` stand-in.
 
 mod common;
 

@@ -5,6 +5,7 @@
 //! stand-in) → libvirt and local → Proxmox; and two rings through the hypervisors, each pair of
 //! libvirt, vSphere (the govmomi simulator) and Proxmox in both directions, ending in a boot.
 //! A missing peer fails under `VIRTRIGAUD_IT=1` and is skipped otherwise.
+//! No real Proxmox VE is available here: Proxmox runs on fakepve and a `pvesm` stand-in.
 
 #![cfg(feature = "libvirt")]
 

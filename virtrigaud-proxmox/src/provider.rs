@@ -1381,6 +1381,7 @@ mod tests {
             "efidisk0": "local-lvm:vm-100-disk-9,efitype=4m,size=4M",
             "scsi0": "local-lvm:vm-100-disk-0,iothread=1,size=32G",
             "virtio1": "local:100/vm-100-disk-1.qcow2,size=10G",
+            "sata0": "local-lvm:vm-100-disk-2,ssd=1,size=8G",
             "ide2": "local:iso/debian.iso,media=cdrom,size=600M",
             "ide0": "local-lvm:vm-100-cloudinit,media=cdrom",
             "net1": "e1000=BC:24:11:00:00:02,bridge=vmbr1",
@@ -1402,9 +1403,12 @@ mod tests {
         let ids: Vec<_> = info.disks.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(
             ids,
-            ["virtio1", "scsi0"],
+            ["virtio1", "scsi0", "sata0"],
             "boot order first, cdroms and cloud-init skipped"
         );
+        assert_eq!(info.disks[2].bus, Some(DiskBus::Sata));
+        assert_eq!(info.disks[2].capacity, 8 << 30);
+        assert_eq!(info.disks[2].location, "local-lvm:vm-100-disk-2");
         assert_eq!(info.disks[0].format, Some(DiskFormat::Qcow2));
         assert_eq!(info.disks[1].capacity, 32 << 30);
         assert_eq!(info.disks[1].format, Some(DiskFormat::Raw));

@@ -804,3 +804,59 @@ async fn task_warnings_are_success_and_a_deadline_is_timeout() {
     drop(proxy);
     pve.provider().delete_vm(&vmid.to_string()).await.unwrap();
 }
+
+/// `delete_vm` destroys the VM with its disks: the storages no longer list its volumes.
+#[tokio::test]
+async fn delete_vm_removes_its_disks() {
+    let Some(pve) = pve() else { return };
+    let p = pve.provider();
+    let name = unique("delvm");
+    let vmid = p.client().next_id().await.unwrap();
+    let form = [
+        ("vmid", vmid.to_string()),
+        ("name", name.clone()),
+        ("scsi0", "local-lvm:1".to_string()),
+        ("virtio0", "local:1,format=qcow2".to_string()),
+    ];
+    let upid = p.client().vm_create(&pve.node, &form).await.unwrap();
+    p.client().wait_task(&upid).await.unwrap();
+    let conf = p.client().vm_config(&pve.node, vmid).await.unwrap();
+    let vols: Vec<String> = ["scsi0", "virtio0"]
+        .iter()
+        .map(|k| {
+            conf[*k]
+                .as_str()
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let listed = |storage: &'static str| {
+        let p = p.clone();
+        let node = pve.node.clone();
+        async move {
+            p.client()
+                .storage_content(&node, storage, "images")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|v| v.volid)
+                .collect::<Vec<_>>()
+        }
+    };
+    let before = [listed("local-lvm").await, listed("local").await].concat();
+    for v in &vols {
+        assert!(before.contains(v), "{v} not listed: {before:?}");
+    }
+    p.delete_vm(&name).await.unwrap();
+    assert_eq!(
+        p.describe_vm(&name).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    let after = [listed("local-lvm").await, listed("local").await].concat();
+    for v in &vols {
+        assert!(!after.contains(v), "{v} still listed after delete_vm");
+    }
+}

@@ -358,6 +358,26 @@ async fn libvirt_to_proxmox(via: Via) {
     );
     let drive = conf["virtio0"].as_str().unwrap();
     assert!(drive.starts_with("local-lvm:vm-"), "{drive}");
+    // The disk's size is the source's. fakepve records `size=0` for an import-from drive (it
+    // allocates an empty volume), so the size is read where the import really landed: the
+    // volume the node serves (the proxy imported the staged file into it with qemu-img), as
+    // `pvesm export` announces it over SSH. The ostype is what the documented map gives for
+    // the source's guest (libvirt names none here: `other`).
+    assert_eq!(info.disks.len(), 1);
+    let opened = target.open_disk(&name, "virtio0", None).await.unwrap();
+    assert_eq!(opened.info.capacity, 32 * MIB, "{drive}");
+    assert!(
+        matches!(opened.source, virtrigaud_core::ImageSource::Sequential { size: Some(s), .. } if s == 32 * MIB)
+    );
+    drop(opened);
+    assert_eq!(
+        conf["ostype"].as_str(),
+        Some(virtrigaud_proxmox::provider::ostype_for(
+            src_info.guest_os.as_deref()
+        )),
+        "{conf:?}"
+    );
+    assert_eq!(conf["ostype"].as_str(), Some("other"), "{conf:?}");
     assert_eq!(info.nics.len(), 1);
     assert_eq!(info.nics[0].mac.as_deref(), Some("52:54:00:12:34:56"));
     assert_eq!(info.nics[0].network.as_deref(), Some("vmbr1.30"));
