@@ -11,15 +11,17 @@
 //! simulator discards the bytes; our `main.go` keeps a copy that is compared with the source),
 //! a lease's `done`/`error` state after Complete/Abort (the simulator forgets the lease),
 //! changed-block tracking (`QueryChangedDiskAreas` is absent), real VMFS behaviour (its
-//! datastore is a plain directory, its snapshots do not create delta disks, `/folder` checks no
-//! session, guest shutdown/reboot need no tools), and paged property answers (it never pages:
+//! datastore is a plain directory, its snapshots do not create delta disks; `/folder` checks no
+//! session there, our `main.go` adds that check), guest shutdown/reboot need no tools), and paged property answers (it never pages:
 //! `ContinueRetrievePropertiesEx` is covered by a unit test of the answer parser only).
 //!
 //! Every test names its VMs and disk directories uniquely and removes them.
 
 use std::sync::Arc;
 use std::time::Duration;
-use virtrigaud_core::transfer::{ExportOptions, ImportOptions, export_disk, import_disk};
+use virtrigaud_core::transfer::{
+    ExportOptions, ImportOptions, export_disk, export_image, import_disk,
+};
 use virtrigaud_core::{
     DiskBus, DiskCreateSpec, DiskFormat, ErrorKind, Firmware, NicInfo, PowerOp, PowerState,
     Provider, VmDiskSpec, VmSpec,
@@ -613,14 +615,20 @@ async fn delta_chains_and_bad_descriptors_are_refused() {
         disks: vec![l.clone()],
     };
     // A delta descriptor, as a snapshot leaves it, uploaded by hand.
-    let http = reqwest::Client::builder()
-        .tls_danger_accept_invalid_certs(true)
-        .build()
-        .unwrap();
+    // Through the provider's data client: /folder wants the session cookie.
     let base = e.url.trim_end_matches("/sdk").to_string();
     let put = |name: &str, body: String| {
         let url = format!("{base}/folder/{vm}/{name}?dcPath=DC0&dsName=LocalDS_0");
-        http.put(url).body(body).send()
+        let p = &p;
+        async move {
+            p.client()
+                .data_request(reqwest::Method::PUT, &url)
+                .await
+                .unwrap()
+                .body(body)
+                .send()
+                .await
+        }
     };
     let delta = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=87654321\n\
                  createType=\"vmfsSparse\"\nparentFileNameHint=\"base.vmdk\"\n\
@@ -1048,8 +1056,11 @@ async fn export_figures() {
     let raw = scratch.path().join("big.raw");
     let qcow = scratch.path().join("big.qcow2");
     let t = std::time::Instant::now();
+    let cookie = p.client().cookie().await.unwrap();
     let st = std::process::Command::new("curl")
-        .args(["-sfk", "-o"])
+        .args(["-sfk", "-H"])
+        .arg(format!("Cookie: {}", cookie.to_str().unwrap()))
+        .arg("-o")
         .arg(&raw)
         .arg(&url)
         .status()
@@ -1813,7 +1824,6 @@ async fn rerun_moves_only_the_missing_disk() {
 /// several sparse extents is refused with its own fix, not the snapshot-chain one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosted_sparse_vmdks_on_the_datastore() {
-    use virtrigaud_core::transfer::export_image;
     let Some(e) = env() else { return };
     let p = provider(&e);
     let vm = unique("sparse");
@@ -1842,14 +1852,20 @@ async fn hosted_sparse_vmdks_on_the_datastore() {
             .chain(files.iter().map(|f| format!("[LocalDS_0] {vm}/{f}")))
             .collect(),
     };
-    let http = reqwest::Client::builder()
-        .tls_danger_accept_invalid_certs(true)
-        .build()
-        .unwrap();
+    // Through the provider's data client: /folder wants the session cookie.
     let url = e.url.trim_end_matches("/sdk").to_string();
     let put = |name: &str, body: Vec<u8>| {
         let u = format!("{url}/folder/{vm}/{name}?dcPath=DC0&dsName=LocalDS_0");
-        http.put(u).body(body).send()
+        let p = &p;
+        async move {
+            p.client()
+                .data_request(reqwest::Method::PUT, &u)
+                .await
+                .unwrap()
+                .body(body)
+                .send()
+                .await
+        }
     };
     for f in &files[..3] {
         let body = std::fs::read(scratch.path().join(f)).unwrap();
@@ -1959,4 +1975,163 @@ async fn oversized_answers_are_refused() {
         .unwrap();
     assert!(all.len() >= 4);
     let _ = p.logout().await;
+}
+
+/// The digest of `data` as an export computes it (the reference for the export under test).
+async fn content_digest_of(data: &[u8]) -> virtrigaud_core::manifest::DigestValue {
+    let scratch = tempfile::tempdir().unwrap();
+    let raw = scratch.path().join("src.raw");
+    std::fs::write(&raw, data).unwrap();
+    let storage = FsBackend::new(scratch.path());
+    let src = virtrigaud_core::io::LocalFile::open(&raw).await.unwrap();
+    export_image(
+        virtrigaud_core::ImageSource::RandomAccess(Arc::new(src)),
+        Some(DiskFormat::Raw),
+        &storage,
+        "ref.qcow2",
+        None,
+        None,
+        &ExportOptions::default(),
+    )
+    .await
+    .unwrap()
+    .manifest
+    .content_digest
+}
+
+/// Issue #10 item 7 on the data path: a second client ends our session while an export runs,
+/// after its first MiB and before its other ranged `/folder` GETs (from the progress callback,
+/// which blocks the pipeline until the session is gone). The simulator's `/folder` checks no
+/// session; our `main.go` answers 401 for a dead one, as vSphere does. The export logs in again
+/// exactly once (the session generation moves by one, to a new key) and its content digest is
+/// the source's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiry_between_ranged_reads() {
+    let Some(e) = env() else { return };
+    let p = provider(&e);
+    let admin = provider(&e);
+    let vm = unique("sr");
+    let mut data = sample(6, 32 * MIB);
+    // Data all along, so every ranged GET carries some.
+    for i in (0..data.len()).step_by(4096) {
+        data[i] = (i / 4096) as u8 | 1;
+    }
+    let l = write_disk(&p, &vm, "d", &data).await;
+    let _cl = Cleanup {
+        env: e.clone(),
+        vm: vm.clone(),
+        disks: vec![l.clone()],
+    };
+    admin.validate().await.unwrap();
+    let o = p.open_created_disk(&vm, &l).await.unwrap();
+    let before = p.client().session_key().unwrap();
+    let generation = p.client().generation();
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut opts = ExportOptions::default();
+    opts.pipeline.queue_depth = 1;
+    opts.pipeline.progress_interval = Duration::ZERO;
+    let (k, key, rt) = (
+        killed.clone(),
+        before.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    let admin = Arc::new(admin);
+    let a = admin.clone();
+    opts.pipeline.progress = Some(Arc::new(move |pr: &virtrigaud_core::progress::Progress| {
+        if pr.position >= MIB
+            && pr.position < pr.virtual_size / 2
+            && !k.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tokio::task::block_in_place(|| {
+                rt.block_on(a.client().terminate_sessions(std::slice::from_ref(&key)))
+            })
+            .unwrap();
+        }
+    }));
+    let store = tempfile::tempdir().unwrap();
+    let storage = FsBackend::new(store.path());
+    let exp = export_image(
+        o.source,
+        o.info.format,
+        &storage,
+        "sr.qcow2",
+        None,
+        None,
+        &opts,
+    )
+    .await
+    .unwrap();
+    assert!(
+        killed.load(std::sync::atomic::Ordering::SeqCst),
+        "never terminated"
+    );
+    assert_eq!(
+        p.client().generation(),
+        generation + 1,
+        "exactly one login again"
+    );
+    assert_ne!(p.client().session_key().unwrap(), before);
+    assert_eq!(exp.manifest.virtual_size, 32 * MIB);
+    assert_eq!(exp.manifest.content_digest, content_digest_of(&data).await);
+}
+
+/// The highest number of `/folder` GETs of `path` (`DIR/FILE` on the datastore) that our
+/// `main.go` saw in flight at once.
+async fn folder_gets_in_flight(e: &Env, path: &str) -> usize {
+    let base = e.url.trim_end_matches("/sdk");
+    let http = reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let url = format!("{base}/vrg/folder-inflight?path=/folder/{path}");
+    let body = http.get(url).send().await.unwrap().text().await.unwrap();
+    body.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{body:?}: vcsim without the in-flight count of main.go"))
+}
+
+/// A datastore export keeps more than one and at most `folder_concurrency` ranged GETs in
+/// flight (default 4; 2 when configured so), counted by our `main.go` at the simulator.
+#[tokio::test]
+async fn export_ranged_reads_in_flight_are_bounded() {
+    let Some(e) = env() else { return };
+    let mut data = sample(7, 32 * MIB);
+    for i in (0..data.len()).step_by(4096) {
+        data[i] = (i / 4096) as u8 | 1;
+    }
+    for (limit, name) in [(None, "d4"), (Some(2), "d2")] {
+        let mut c = config(&e);
+        if let Some(n) = limit {
+            c.folder_concurrency = n;
+        }
+        let p = VsphereProvider::new(c).unwrap();
+        let vm = unique("if");
+        let l = write_disk(&p, &vm, name, &data).await;
+        let _cl = Cleanup {
+            env: e.clone(),
+            vm: vm.clone(),
+            disks: vec![l.clone()],
+        };
+        let o = p.open_created_disk(&vm, &l).await.unwrap();
+        let store = tempfile::tempdir().unwrap();
+        let storage = FsBackend::new(store.path());
+        let exp = export_image(
+            o.source,
+            o.info.format,
+            &storage,
+            "if.qcow2",
+            None,
+            None,
+            &ExportOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(exp.manifest.content_digest, content_digest_of(&data).await);
+        let max = folder_gets_in_flight(&e, &format!("{vm}/{name}-flat.vmdk")).await;
+        let limit = limit.unwrap_or(4);
+        assert!(
+            max > 1 && max <= limit,
+            "{max} ranged GETs in flight at most, limit {limit}"
+        );
+    }
 }

@@ -14,6 +14,13 @@
 // state "error", fault RequestCanceled (the work itself was already done by the simulator).
 // CancelTask on any other task goes to the simulator (which has no CancelTask: a fault).
 //
+// A third one: the simulator's /folder (datastore HTTP) handler ignores the session cookie. Here a
+// /folder request whose vmware_soap_session cookie is not a live session (and that has no HTTP
+// Basic credentials of the login user) is answered 401, as vCenter and ESXi answer it (the check asks the simulator itself: a CurrentTime call with the
+// same cookie). The wrapper also counts the GETs in flight per /folder path and keeps the
+// highest count: GET /vrg/folder-inflight?path=/folder/DIR/FILE answers it as a decimal number
+// (0 for a path never read), so a test can see how many ranged reads ran at once.
+//
 // Usage: vcsim -listen 127.0.0.1:8989 -cert c.pem -key k.pem -user U -pass P [-nfc-dir DIR]
 // [-task-delay PowerOnVM_Task=30s]
 // Prints "URL=https://127.0.0.1:8989/sdk" once it serves; exits on SIGTERM/SIGINT, removing the
@@ -85,6 +92,7 @@ func main() {
 
 	server := model.Service.NewServer()
 	defer server.Close()
+	simulatorHandler := server.Config.Handler
 	if *nfcDir != "" {
 		inner := server.Config.Handler
 		server.Config.Handler = keepNFC(inner, *nfcDir)
@@ -92,6 +100,7 @@ func main() {
 	if len(delays) > 0 {
 		server.Config.Handler = delayTasks(server.Config.Handler, delays)
 	}
+	server.Config.Handler = guardFolder(server.Config.Handler, simulatorHandler, *user, *pass)
 	u := *server.URL
 	u.User = nil
 	fmt.Printf("URL=%s\n", u.String())
@@ -229,5 +238,70 @@ func setTask(id string, state types.TaskInfoState, result types.AnyType, fault *
 		task.Info.State = state
 		task.Info.Result = result
 		task.Info.Error = fault
+	})
+}
+
+const currentTimeProbe = `<?xml version="1.0" encoding="UTF-8"?>
+<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body>
+<CurrentTime xmlns="urn:vim25"><_this type="ServiceInstance">ServiceInstance</_this></CurrentTime>
+</soapenv:Body></soapenv:Envelope>`
+
+// liveSession tells whether the session cookie of r names a live simulator session, by asking
+// the simulator (sim) for CurrentTime with that cookie: without a session it faults
+// NotAuthenticated.
+func liveSession(sim http.Handler, r *http.Request) bool {
+	c, err := r.Cookie("vmware_soap_session")
+	if err != nil || c.Value == "" {
+		return false
+	}
+	probe := httptest.NewRequest(http.MethodPost, "/sdk", strings.NewReader(currentTimeProbe))
+	probe.Header.Set("Content-Type", "text/xml; charset=utf-8")
+	probe.Header.Set("SOAPAction", "urn:vim25/6.5")
+	probe.AddCookie(&http.Cookie{Name: "vmware_soap_session", Value: c.Value})
+	rec := httptest.NewRecorder()
+	sim.ServeHTTP(rec, probe)
+	return rec.Code == http.StatusOK && !bytes.Contains(rec.Body.Bytes(), []byte("NotAuthenticated"))
+}
+
+// guardFolder answers 401 to /folder requests without a live session and keeps the highest
+// number of GETs in flight per /folder path (see the file comment).
+func guardFolder(inner http.Handler, sim http.Handler, user, pass string) http.Handler {
+	var mu sync.Mutex
+	inflight := map[string]int{}
+	highest := map[string]int{}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/vrg/folder-inflight" {
+			mu.Lock()
+			n := highest[r.URL.Query().Get("path")]
+			mu.Unlock()
+			fmt.Fprintf(w, "%d", n)
+			return
+		}
+		if !strings.HasPrefix(r.URL.Path, "/folder") {
+			inner.ServeHTTP(w, r)
+			return
+		}
+		if u, pw, ok := r.BasicAuth(); !(ok && u == user && pw == pass) && !liveSession(sim, r) {
+			log.Printf("folder: %s %s without a live session: 401", r.Method, r.URL.Path)
+			http.Error(w, "not authenticated", http.StatusUnauthorized)
+			return
+		}
+		if r.Method != http.MethodGet {
+			inner.ServeHTTP(w, r)
+			return
+		}
+		key := r.URL.Path
+		mu.Lock()
+		inflight[key]++
+		if inflight[key] > highest[key] {
+			highest[key] = inflight[key]
+		}
+		mu.Unlock()
+		defer func() {
+			mu.Lock()
+			inflight[key]--
+			mu.Unlock()
+		}()
+		inner.ServeHTTP(w, r)
 	})
 }
