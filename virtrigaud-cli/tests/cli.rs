@@ -855,13 +855,7 @@ fn proxmox_through_the_binary() {
 /// content digest of the raw disk qemu-img made it from.
 #[test]
 fn export_of_a_vmdk_descriptor_reads_its_extents() {
-    if Command::new("qemu-img").arg("--version").output().is_err() {
-        assert_ne!(
-            std::env::var("VIRTRIGAUD_IT").as_deref(),
-            Ok("1"),
-            "qemu-img not found and VIRTRIGAUD_IT=1"
-        );
-        eprintln!("SKIP: qemu-img not found");
+    if !tool_available("qemu-img", "qemu-img") {
         return;
     }
     use std::os::unix::fs::FileExt;
@@ -1122,13 +1116,7 @@ fn a_closed_stdout_is_not_a_panic() {
 fn the_password_is_asked_on_a_terminal_without_echo() {
     use std::io::Read;
     let Some(vs) = vsphere_url() else { return };
-    if Command::new("script").arg("--version").output().is_err() {
-        assert_ne!(
-            std::env::var("VIRTRIGAUD_IT").as_deref(),
-            Ok("1"),
-            "util-linux script not found and VIRTRIGAUD_IT=1"
-        );
-        eprintln!("SKIP: util-linux script not found");
+    if !tool_available("script", "util-linux script") {
         return;
     }
     let password = std::env::var("VIRTRIGAUD_VSPHERE_PASSWORD").unwrap();
@@ -1340,13 +1328,7 @@ fn bus_map_moves_disks_between_buses() {
 /// bytes done of all (`… MiB/… MiB`) and its message once.
 #[test]
 fn progress_bars_show_bytes_on_a_terminal() {
-    if Command::new("script").arg("--version").output().is_err() {
-        assert_ne!(
-            std::env::var("VIRTRIGAUD_IT").as_deref(),
-            Ok("1"),
-            "util-linux script not found and VIRTRIGAUD_IT=1"
-        );
-        eprintln!("SKIP: util-linux script not found");
+    if !tool_available("script", "util-linux script") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -1374,4 +1356,19 @@ fn progress_bars_show_bytes_on_a_terminal() {
         .find(|l| l.contains("/24.00 MiB") && l.contains("MiB/s"))
         .unwrap_or_else(|| panic!("no bar with a rate: {screen}"));
     assert_eq!(line.matches("export").count(), 1, "{line}");
+}
+
+/// Whether the command `tool` runs (`--version`); when it does not, a SKIP line naming `what`,
+/// or a failure under `VIRTRIGAUD_IT=1` (the test script installs it).
+fn tool_available(tool: &str, what: &str) -> bool {
+    if Command::new(tool).arg("--version").output().is_ok() {
+        return true;
+    }
+    assert_ne!(
+        std::env::var("VIRTRIGAUD_IT").as_deref(),
+        Ok("1"),
+        "{what} not found and VIRTRIGAUD_IT=1"
+    );
+    eprintln!("SKIP: {what} not found");
+    false
 }

@@ -415,28 +415,7 @@ fn proxmox_to_libvirt_through_s3_boots() {
     .with_fingerprint(&fp);
     cfg.node = Some(node.clone());
     let pve = ProxmoxProvider::new(cfg).unwrap();
-    let (vmid, volid) = rt.block_on(async {
-        let vmid = pve.client().next_id().await.unwrap();
-        let form = [
-            ("vmid", vmid.to_string()),
-            ("name", tag.clone()),
-            ("cores", "1".to_string()),
-            ("memory", "128".to_string()),
-            ("ostype", "other".to_string()),
-            ("scsi0", "local-lvm:1".to_string()),
-        ];
-        let upid = pve.client().vm_create(&node, &form).await.unwrap();
-        pve.client().wait_task(&upid).await.unwrap();
-        let conf = pve.client().vm_config(&node, vmid).await.unwrap();
-        let volid = conf["scsi0"]
-            .as_str()
-            .unwrap()
-            .split(',')
-            .next()
-            .unwrap()
-            .to_string();
-        (vmid, volid)
-    });
+    let (vmid, volid) = rt.block_on(pve_create_vm(&pve, &node, &tag));
     struct PveGuard<'a>(
         &'a ProxmoxProvider,
         &'a tokio::runtime::Runtime,
@@ -582,6 +561,36 @@ fn peer_secrets(cmd: &mut Command, s3: &S3) {
 
 /// `virtrigaud --json migrate --from FROM --to TO --via VIA VM --name NAME EXTRA…`, which must
 /// succeed and report every disk verified; returns the finished event.
+/// Creates VM `name` on fakepve (1 core, 128 MiB, a 1 GiB `scsi0` volume on `local-lvm`);
+/// returns its id and the disk's volume id.
+#[cfg(feature = "proxmox")]
+async fn pve_create_vm(
+    pve: &virtrigaud::proxmox::ProxmoxProvider,
+    node: &str,
+    name: &str,
+) -> (u32, String) {
+    let vmid = pve.client().next_id().await.unwrap();
+    let form = [
+        ("vmid", vmid.to_string()),
+        ("name", name.to_string()),
+        ("cores", "1".to_string()),
+        ("memory", "128".to_string()),
+        ("ostype", "other".to_string()),
+        ("scsi0", "local-lvm:1".to_string()),
+    ];
+    let upid = pve.client().vm_create(node, &form).await.unwrap();
+    pve.client().wait_task(&upid).await.unwrap();
+    let conf = pve.client().vm_config(node, vmid).await.unwrap();
+    let volid = conf["scsi0"]
+        .as_str()
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    (vmid, volid)
+}
+
 fn migrate(
     s3: &S3,
     from: &str,
@@ -1377,28 +1386,7 @@ impl PveSource {
             .build()
             .unwrap();
         let node = var("VIRTRIGAUD_PVE_NODE");
-        let (vmid, volid) = rt.block_on(async {
-            let vmid = pve.client().next_id().await.unwrap();
-            let form = [
-                ("vmid", vmid.to_string()),
-                ("name", name.to_string()),
-                ("cores", "1".to_string()),
-                ("memory", "128".to_string()),
-                ("ostype", "other".to_string()),
-                ("scsi0", "local-lvm:1".to_string()),
-            ];
-            let upid = pve.client().vm_create(&node, &form).await.unwrap();
-            pve.client().wait_task(&upid).await.unwrap();
-            let conf = pve.client().vm_config(&node, vmid).await.unwrap();
-            let volid = conf["scsi0"]
-                .as_str()
-                .unwrap()
-                .split(',')
-                .next()
-                .unwrap()
-                .to_string();
-            (vmid, volid)
-        });
+        let (vmid, volid) = rt.block_on(pve_create_vm(&pve, &node, name));
         let image = Path::new(&images)
             .join("local-lvm")
             .join(volid.split_once(':').unwrap().1);

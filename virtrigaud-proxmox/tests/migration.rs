@@ -250,6 +250,60 @@ fn seaweedfs(prefix: &str) -> Option<virtrigaud_storage::s3::S3Backend> {
     Some(S3Backend::new(cfg).unwrap())
 }
 
+/// A libvirt source domain `<prefix>-src-…` in a transient pool `<prefix>-pool-…` (both
+/// removed by the guard, the directory after them): one raw virtio disk of `size` bytes holding
+/// the boot sector and the `fill` pieces at their offsets, the `hardware` elements (memory,
+/// vcpu) and the `devices` after the disk. Returns the pool directory, the guard and the
+/// domain's name.
+fn libvirt_source(
+    uri: &str,
+    prefix: &str,
+    size: u64,
+    fill: &[(u64, &[u8])],
+    hardware: &str,
+    devices: &str,
+) -> (tempfile::TempDir, Guard, String) {
+    let pool_dir = tempfile::tempdir().unwrap();
+    let pool = unique(&format!("{prefix}-pool"));
+    let domain = unique(&format!("{prefix}-src"));
+    let guard = Guard {
+        uri: uri.to_string(),
+        domain: domain.clone(),
+        pool: pool.clone(),
+        image: pool_dir.path().join("none"),
+    };
+    let disk = pool_dir.path().join("d0.raw");
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(size).unwrap();
+    f.write_all_at(&boot_sector(), 0).unwrap();
+    for (at, bytes) in fill {
+        f.write_all_at(bytes, *at).unwrap();
+    }
+    drop(f);
+    virsh(
+        uri,
+        &[
+            "pool-create-as",
+            &pool,
+            "dir",
+            "--target",
+            pool_dir.path().to_str().unwrap(),
+        ],
+    );
+    let xml = format!(
+        "<domain type='qemu'><name>{domain}</name>{hardware}\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/>\
+         <target dev='vda' bus='virtio'/></disk>{devices}</devices></domain>",
+        disk.display()
+    );
+    let xml_file = pool_dir.path().join("src.xml");
+    std::fs::write(&xml_file, xml).unwrap();
+    virsh(uri, &["define", xml_file.to_str().unwrap()]);
+    virsh(uri, &["pool-refresh", &pool]);
+    (pool_dir, guard, domain)
+}
+
 /// The tests that run the proxy on the shared import directory (where task-overrides.json
 /// would reach them all) take turns.
 static IMPORT_DIR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -264,46 +318,17 @@ async fn libvirt_to_proxmox(via: Via) {
     };
 
     // The source: a libvirt domain with one raw disk in a transient pool and one NIC.
-    let pool_dir = tempfile::tempdir().unwrap();
-    let pool = unique("l2p-pool");
-    let domain = unique("l2p-src");
     let import_dir = sshd.images.join("images/import");
     std::fs::create_dir_all(&import_dir).unwrap();
-    let _guard = Guard {
-        uri: uri.clone(),
-        domain: domain.clone(),
-        pool: pool.clone(),
-        image: pool_dir.path().join("none"),
-    };
-    let disk = pool_dir.path().join("d0.raw");
-    let f = std::fs::File::create(&disk).unwrap();
-    f.set_len(32 * MIB).unwrap();
-    f.write_all_at(&boot_sector(), 0).unwrap();
-    f.write_all_at(&[0xc3; 65536], 20 * MIB).unwrap();
-    drop(f);
-    virsh(
+    let (_pool_dir, _guard, domain) = libvirt_source(
         &uri,
-        &[
-            "pool-create-as",
-            &pool,
-            "dir",
-            "--target",
-            pool_dir.path().to_str().unwrap(),
-        ],
+        "l2p",
+        32 * MIB,
+        &[(20 * MIB, &[0xc3; 65536][..])],
+        "<memory unit='MiB'>256</memory><vcpu>2</vcpu>",
+        "<interface type='bridge'><mac address='52:54:00:12:34:56'/><source bridge='br-src'/>\
+         <model type='virtio'/></interface>",
     );
-    let xml = format!(
-        "<domain type='qemu'><name>{domain}</name><memory unit='MiB'>256</memory><vcpu>2</vcpu>\
-         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
-         <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/>\
-         <target dev='vda' bus='virtio'/></disk>\
-         <interface type='bridge'><mac address='52:54:00:12:34:56'/><source bridge='br-src'/>\
-         <model type='virtio'/></interface></devices></domain>",
-        disk.display()
-    );
-    let xml_file = pool_dir.path().join("src.xml");
-    std::fs::write(&xml_file, xml).unwrap();
-    virsh(&uri, &["define", xml_file.to_str().unwrap()]);
-    virsh(&uri, &["pool-refresh", &pool]);
     let source = Arc::new(LibvirtProvider::new(&uri));
     let src_info = source.describe_vm(&domain).await.unwrap();
 
@@ -471,43 +496,16 @@ async fn stop_inside_create_vm_then_rerun_adopts_and_leaves_no_staged_file() {
     let Some(uri) = common::env("VIRTRIGAUD_LIBVIRT_URI", "libvirt.sh") else {
         return;
     };
-    let pool_dir = tempfile::tempdir().unwrap();
-    let pool = unique("crash-pool");
-    let domain = unique("crash-src");
     let import_dir = sshd.images.join("images/import");
     std::fs::create_dir_all(&import_dir).unwrap();
-    let _guard = Guard {
-        uri: uri.clone(),
-        domain: domain.clone(),
-        pool: pool.clone(),
-        image: pool_dir.path().join("none"),
-    };
-    let disk = pool_dir.path().join("d0.raw");
-    let f = std::fs::File::create(&disk).unwrap();
-    f.set_len(16 * MIB).unwrap();
-    f.write_all_at(&boot_sector(), 0).unwrap();
-    drop(f);
-    virsh(
+    let (_pool_dir, _guard, domain) = libvirt_source(
         &uri,
-        &[
-            "pool-create-as",
-            &pool,
-            "dir",
-            "--target",
-            pool_dir.path().to_str().unwrap(),
-        ],
+        "crash",
+        16 * MIB,
+        &[],
+        "<memory unit='MiB'>128</memory><vcpu>1</vcpu>",
+        "",
     );
-    let xml = format!(
-        "<domain type='qemu'><name>{domain}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>\
-         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
-         <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/>\
-         <target dev='vda' bus='virtio'/></disk></devices></domain>",
-        disk.display()
-    );
-    let xml_file = pool_dir.path().join("src.xml");
-    std::fs::write(&xml_file, xml).unwrap();
-    virsh(&uri, &["define", xml_file.to_str().unwrap()]);
-    virsh(&uri, &["pool-refresh", &pool]);
     let source: Arc<dyn Provider> = Arc::new(LibvirtProvider::new(&uri));
 
     let proxy = common::start_proxy(&import_dir, &pve.url);

@@ -1288,6 +1288,30 @@ async fn nfc_import_after_a_crash() {
     flat.delete_disk(&vm, &other).await.unwrap();
 }
 
+/// A ready `ImportVApp` lease for `disk` of `vm`, and a keeper that reports `percent` every
+/// 50 ms.
+async fn kept_lease(
+    p: &VsphereProvider,
+    vm: &str,
+    disk: &virtrigaud_vsphere::datastore::DsPath,
+    percent: u8,
+) -> (
+    virtrigaud_vsphere::MoRef,
+    virtrigaud_vsphere::nfc::LeaseKeeper,
+) {
+    use virtrigaud_vsphere::nfc::{LeaseKeeper, start_import_lease, wait_ready};
+    let client = p.client().clone();
+    let lease = start_import_lease(p, vm, disk, MIB).await.unwrap();
+    wait_ready(&client, &lease, "ImportVApp").await.unwrap();
+    let k = LeaseKeeper::start(
+        client,
+        lease.clone(),
+        Duration::from_millis(50),
+        move || percent,
+    );
+    (lease, k)
+}
+
 /// The lease keep-alive loop against the simulator's `ImportVApp` lease (the same
 /// `HttpNfcLease` object as an export lease): progress is reported while it runs, `Complete`
 /// and `Abort` (explicit or by drop) end it. The simulator forgets a lease once it is completed
@@ -1296,7 +1320,6 @@ async fn nfc_import_after_a_crash() {
 /// ended nothing would fail it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_keeper_on_an_import_lease() {
-    use virtrigaud_vsphere::nfc::{LeaseKeeper, start_import_lease, wait_ready};
     let Some(e) = env() else { return };
     let p = provider(&e);
     let vm = unique("lk");
@@ -1317,14 +1340,7 @@ async fn lease_keeper_on_an_import_lease() {
     };
 
     // Progress while it runs, then Complete.
-    let lease = start_import_lease(&p, &vm, &disk, MIB).await.unwrap();
-    wait_ready(&client, &lease, "ImportVApp").await.unwrap();
-    let k = LeaseKeeper::start(
-        client.clone(),
-        lease.clone(),
-        Duration::from_millis(50),
-        || 42,
-    );
+    let (lease, k) = kept_lease(&p, &vm, &disk, 42).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         k.progress_calls() >= 3,
@@ -1341,14 +1357,7 @@ async fn lease_keeper_on_an_import_lease() {
     ended(client.clone(), lease).await;
 
     // Explicit abort.
-    let lease = start_import_lease(&p, &vm, &disk, MIB).await.unwrap();
-    wait_ready(&client, &lease, "ImportVApp").await.unwrap();
-    let k = LeaseKeeper::start(
-        client.clone(),
-        lease.clone(),
-        Duration::from_millis(50),
-        || 7,
-    );
+    let (lease, k) = kept_lease(&p, &vm, &disk, 7).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         client
@@ -1362,14 +1371,7 @@ async fn lease_keeper_on_an_import_lease() {
     ended(client.clone(), lease).await;
 
     // Dropped without an end: aborted in the background.
-    let lease = start_import_lease(&p, &vm, &disk, MIB).await.unwrap();
-    wait_ready(&client, &lease, "ImportVApp").await.unwrap();
-    let k = LeaseKeeper::start(
-        client.clone(),
-        lease.clone(),
-        Duration::from_millis(50),
-        || 1,
-    );
+    let (lease, k) = kept_lease(&p, &vm, &disk, 1).await;
     tokio::time::sleep(Duration::from_millis(120)).await;
     drop(k);
     let mut aborted = false;
