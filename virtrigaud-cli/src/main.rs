@@ -592,6 +592,16 @@ async fn run(cli: Cli) -> Result<()> {
             let s = providers::open_store(&third)?;
             let vm = second;
             let info = p.describe_vm(&vm).await?;
+            if let Some(missing) = disks
+                .iter()
+                .find(|id| !info.disks.iter().any(|d| &d.id == *id))
+            {
+                let have: Vec<&str> = info.disks.iter().map(|d| d.id.as_str()).collect();
+                return Err(virtrigaud::Error::not_found(format!(
+                    "VM {vm} has no disk {missing:?} (its disks: {})",
+                    have.join(", ")
+                )));
+            }
             if snapshot {
                 opts.snapshot = Some(
                     p.create_snapshot(

@@ -1671,3 +1671,81 @@ fn libvirt_over_ssh_through_s3() {
         qemu_img_compare(src.join(orig).to_str().unwrap(), p.to_str().unwrap());
     }
 }
+
+/// `export PROVIDER VM STORE` with `--disk`, `--format` and `--snapshot`, then `verify STORE KEY`
+/// and `import STORE KEY PROVIDER`, through the binary, staged in S3 (SeaweedFS) from the
+/// libvirt peer: the stored object is raw as asked, verifies, the snapshot taken for the export
+/// is gone afterwards, and the disk imported into a local VM equals the domain's qcow2 disk.
+/// A disk id the VM does not have is refused (exit 4) before anything is stored.
+#[test]
+fn export_verify_and_import_a_vm_disk_through_s3() {
+    let Some(uri) = peer_env("VIRTRIGAUD_LIBVIRT_URI", "libvirt.sh") else {
+        return;
+    };
+    let Some(s3) = S3::from_env() else { return };
+    s3.create_bucket("virtrigaud-test");
+    let tag = format!("cliexp{}", std::process::id());
+    let via = format!("s3://virtrigaud-test/{tag}");
+    let guard = Guard::pool(&uri, &tag, "vrg-cli-exp-pool", vec![tag.clone()]);
+    let disk = libvirt_boot_domain(&uri, &tag, guard.dir().path(), &tag);
+    let lv = format!("libvirt+{uri}");
+
+    let out = s3.ok(&[
+        "--json",
+        "export",
+        &lv,
+        &tag,
+        &via,
+        "--disk",
+        "vda",
+        "--format",
+        "raw",
+        "--snapshot",
+    ]);
+    let result = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "result")
+        .unwrap_or_else(|| panic!("no result line: {out}"));
+    let disks = result["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 1, "{result}");
+    let key = disks[0]["key"].as_str().unwrap().to_string();
+    assert_eq!(
+        virsh(&uri, &["snapshot-list", &tag, "--name"]).trim(),
+        "",
+        "the export's snapshot is removed"
+    );
+    let verified: serde_json::Value =
+        serde_json::from_str(s3.ok(&["--json", "verify", &via, &key]).trim()).unwrap();
+    let m = &verified["manifest"];
+    assert_eq!(m["format"]["type"], "raw", "{verified}");
+    assert_eq!(m["content_digest"]["value"], disks[0]["content_digest"]);
+
+    let t = tempfile::tempdir().unwrap();
+    let target = format!("local://{}", t.path().display());
+    let out = s3.ok(&[
+        "--json", "import", &via, &key, &target, "--vm", "back", "--name", "d0",
+    ]);
+    let result = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "result")
+        .unwrap_or_else(|| panic!("no result line: {out}"));
+    let location = result["location"].as_str().unwrap();
+    qemu_img_compare(
+        &disk,
+        t.path().join("back").join(location).to_str().unwrap(),
+    );
+
+    // A disk the VM does not have: refused, nothing stored.
+    let before = s3.keys("virtrigaud-test", &tag);
+    let o = s3.run(&["export", &lv, &tag, &via, "--disk", "vdz"]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("vdz"));
+    assert_eq!(s3.keys("virtrigaud-test", &tag), before);
+}
