@@ -145,6 +145,42 @@ fn local_vm(root: &Path) {
     std::fs::write(dir.join("vm.json"), serde_json::to_vec_pretty(&vm).unwrap()).unwrap();
 }
 
+/// Migrates `dom` from `from` to a local VM `boot01` under `back` (prefix `migrations/back` of
+/// `via`) and compares its two disks with `local_vm`'s sources in `src`.
+fn back_to_local(s3: &S3, from: &str, via: &str, dom: &str, back: &Path, src: &Path) {
+    s3.ok(&[
+        "--json",
+        "migrate",
+        "--from",
+        from,
+        "--to",
+        &format!("local://{}", back.display()),
+        "--via",
+        via,
+        "--prefix",
+        "migrations/back",
+        dom,
+        "--name",
+        "boot01",
+    ]);
+    let vm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(back.join("boot01/vm.json")).unwrap()).unwrap();
+    let disks = vm["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2);
+    for (d, orig) in disks.iter().zip(["root.raw", "data.raw"]) {
+        let p = back.join("boot01").join(d["location"].as_str().unwrap());
+        qemu_img_compare(src.join(orig).to_str().unwrap(), p.to_str().unwrap());
+    }
+}
+
+/// The `result` line of a `--json` command's output.
+fn result_line(out: &str) -> serde_json::Value {
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "result")
+        .unwrap_or_else(|| panic!("no result line: {out}"))
+}
+
 fn qemu_img_compare(a: &str, b: &str) {
     let o = Command::new("qemu-img")
         .args(["compare", a, b])
@@ -345,29 +381,7 @@ fn local_libvirt_tcp_and_back_through_s3_and_the_migrated_disk_boots() {
 
     // libvirt → local.
     let back = t.path().join("back");
-    s3.ok(&[
-        "--json",
-        "migrate",
-        "--from",
-        &lv_tcp,
-        "--to",
-        &format!("local://{}", back.display()),
-        "--via",
-        &via,
-        "--prefix",
-        "migrations/back",
-        &b,
-        "--name",
-        "boot01",
-    ]);
-    let vm: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(back.join("boot01/vm.json")).unwrap()).unwrap();
-    let disks = vm["disks"].as_array().unwrap();
-    assert_eq!(disks.len(), 2);
-    for (d, orig) in disks.iter().zip(["root.raw", "data.raw"]) {
-        let p = back.join("boot01").join(d["location"].as_str().unwrap());
-        qemu_img_compare(src.join(orig).to_str().unwrap(), p.to_str().unwrap());
-    }
+    back_to_local(&s3, &lv_tcp, &via, &b, &back, &src);
 }
 
 /// Proxmox → libvirt through the binary, staged in S3: the source VM's config from fakepve
@@ -1648,28 +1662,7 @@ fn libvirt_over_ssh_through_s3() {
 
     // libvirt over ssh → local.
     let back = t.path().join("back");
-    s3.ok(&[
-        "migrate",
-        "--from",
-        &over_ssh,
-        "--to",
-        &format!("local://{}", back.display()),
-        "--via",
-        &via,
-        "--prefix",
-        "migrations/back",
-        &name,
-        "--name",
-        "boot01",
-    ]);
-    let vm: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(back.join("boot01/vm.json")).unwrap()).unwrap();
-    let disks = vm["disks"].as_array().unwrap();
-    assert_eq!(disks.len(), 2);
-    for (d, orig) in disks.iter().zip(["root.raw", "data.raw"]) {
-        let p = back.join("boot01").join(d["location"].as_str().unwrap());
-        qemu_img_compare(src.join(orig).to_str().unwrap(), p.to_str().unwrap());
-    }
+    back_to_local(&s3, &over_ssh, &via, &name, &back, &src);
 }
 
 /// `export PROVIDER VM STORE` with `--disk`, `--format` and `--snapshot`, then `verify STORE KEY`
@@ -1702,11 +1695,7 @@ fn export_verify_and_import_a_vm_disk_through_s3() {
         "raw",
         "--snapshot",
     ]);
-    let result = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["event"] == "result")
-        .unwrap_or_else(|| panic!("no result line: {out}"));
+    let result = result_line(&out);
     let disks = result["disks"].as_array().unwrap();
     assert_eq!(disks.len(), 1, "{result}");
     let key = disks[0]["key"].as_str().unwrap().to_string();
@@ -1726,11 +1715,7 @@ fn export_verify_and_import_a_vm_disk_through_s3() {
     let out = s3.ok(&[
         "--json", "import", &via, &key, &target, "--vm", "back", "--name", "d0",
     ]);
-    let result = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["event"] == "result")
-        .unwrap_or_else(|| panic!("no result line: {out}"));
+    let result = result_line(&out);
     let location = result["location"].as_str().unwrap();
     qemu_img_compare(
         &disk,
