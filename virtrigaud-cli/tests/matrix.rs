@@ -605,6 +605,23 @@ async fn pve_create_vm(
     (vmid, volid)
 }
 
+/// Runs the binary with `args` and the peers' secrets in its environment; returns its exit code
+/// and its stdout followed by its stderr.
+fn output_with_secrets(s3: &S3, args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_virtrigaud"));
+    cmd.args(args).stdin(Stdio::null());
+    peer_secrets(&mut cmd, s3);
+    let o = cmd.output().unwrap();
+    (
+        o.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
 fn migrate(
     s3: &S3,
     from: &str,
@@ -1194,31 +1211,21 @@ fn vsphere_to_local_through_s3_after_a_dry_run_of_the_running_vm() {
         .unwrap();
     let back = t.path().join("back");
     let dry_via = format!("s3://virtrigaud-test/{tag}/back");
+    let back_url = format!("local://{}", back.display());
     let run = |extra: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_virtrigaud"));
-        cmd.args([
+        let mut args = vec![
             "migrate",
             "--dry-run",
             "--from",
             &vs,
             "--to",
-            &format!("local://{}", back.display()),
+            &back_url,
             "--via",
             &dry_via,
             &tag,
-        ])
-        .args(extra)
-        .stdin(Stdio::null());
-        peer_secrets(&mut cmd, &s3);
-        let o = cmd.output().unwrap();
-        (
-            o.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        )
+        ];
+        args.extend_from_slice(extra);
+        output_with_secrets(&s3, &args)
     };
     let (code, out) = run(&[]);
     assert_eq!(code, Some(3), "{out}");
@@ -1496,8 +1503,7 @@ fn dry_run_to_proxmox_checks_storages_and_bridges() {
     let local = format!("local://{}", t.path().join("src").display());
     let via = format!("s3://virtrigaud-test/{tag}");
     let dry = |extra: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_virtrigaud"));
-        cmd.args([
+        let mut args = vec![
             "migrate",
             "--dry-run",
             "--from",
@@ -1509,19 +1515,9 @@ fn dry_run_to_proxmox_checks_storages_and_bridges() {
             "boot01",
             "--name",
             &tag,
-        ])
-        .args(extra)
-        .stdin(Stdio::null());
-        peer_secrets(&mut cmd, &s3);
-        let o = cmd.output().unwrap();
-        (
-            o.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        )
+        ];
+        args.extend_from_slice(extra);
+        output_with_secrets(&s3, &args)
     };
     let missing = format!("{tag}-store");
     let (code, out) = dry(&["--placement", &missing]);
