@@ -615,31 +615,10 @@ async fn delta_chains_and_bad_descriptors_are_refused() {
         disks: vec![l.clone()],
     };
     // A delta descriptor, as a snapshot leaves it, uploaded by hand.
-    // Through the provider's data client: /folder wants the session cookie.
-    let base = e.url.trim_end_matches("/sdk").to_string();
-    let put = |name: &str, body: String| {
-        let url = format!("{base}/folder/{vm}/{name}?dcPath=DC0&dsName=LocalDS_0");
-        let p = &p;
-        async move {
-            p.client()
-                .data_request(reqwest::Method::PUT, &url)
-                .await
-                .unwrap()
-                .body(body)
-                .send()
-                .await
-        }
-    };
     let delta = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=87654321\n\
                  createType=\"vmfsSparse\"\nparentFileNameHint=\"base.vmdk\"\n\
                  RW 2048 VMFSSPARSE \"base-000001-delta.vmdk\"\n";
-    assert!(
-        put("base-000001.vmdk", delta.into())
-            .await
-            .unwrap()
-            .status()
-            .is_success()
-    );
+    put_ds_file(&p, &e, &vm, "base-000001.vmdk", delta).await;
     let loc = format!("[LocalDS_0] {vm}/base-000001.vmdk");
     let err = p.open_created_disk(&vm, &loc).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
@@ -647,13 +626,7 @@ async fn delta_chains_and_bad_descriptors_are_refused() {
     // A descriptor whose extent leaves its directory.
     let evil = "# Disk DescriptorFile\nversion=1\nparentCID=ffffffff\ncreateType=\"vmfs\"\n\
                 RW 2048 VMFS \"../other/x-flat.vmdk\"\n";
-    assert!(
-        put("evil.vmdk", evil.into())
-            .await
-            .unwrap()
-            .status()
-            .is_success()
-    );
+    put_ds_file(&p, &e, &vm, "evil.vmdk", evil).await;
     let err = p
         .open_created_disk(&vm, &format!("[LocalDS_0] {vm}/evil.vmdk"))
         .await
@@ -662,13 +635,7 @@ async fn delta_chains_and_bad_descriptors_are_refused() {
     // A descriptor whose flat file is shorter than it says.
     let short = "# Disk DescriptorFile\nversion=1\nparentCID=ffffffff\ncreateType=\"vmfs\"\n\
                  RW 4096 VMFS \"base-flat.vmdk\"\n";
-    assert!(
-        put("short.vmdk", short.into())
-            .await
-            .unwrap()
-            .status()
-            .is_success()
-    );
+    put_ds_file(&p, &e, &vm, "short.vmdk", short).await;
     let err = p
         .open_created_disk(&vm, &format!("[LocalDS_0] {vm}/short.vmdk"))
         .await
@@ -1288,6 +1255,30 @@ async fn nfc_import_after_a_crash() {
     flat.delete_disk(&vm, &other).await.unwrap();
 }
 
+/// Stores `body` as `name` in `vm`'s directory of `LocalDS_0` through `/folder`, with the
+/// provider's data client (the wrapped `/folder` wants the session cookie), and checks that the
+/// answer is a success.
+async fn put_ds_file(
+    p: &VsphereProvider,
+    e: &Env,
+    vm: &str,
+    name: &str,
+    body: impl Into<reqwest::Body>,
+) {
+    let base = e.url.trim_end_matches("/sdk");
+    let url = format!("{base}/folder/{vm}/{name}?dcPath=DC0&dsName=LocalDS_0");
+    let r = p
+        .client()
+        .data_request(reqwest::Method::PUT, &url)
+        .await
+        .unwrap()
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{name}: {}", r.status());
+}
+
 /// A ready `ImportVApp` lease for `disk` of `vm`, and a keeper that reports `percent` every
 /// 50 ms.
 async fn kept_lease(
@@ -1854,24 +1845,9 @@ async fn hosted_sparse_vmdks_on_the_datastore() {
             .chain(files.iter().map(|f| format!("[LocalDS_0] {vm}/{f}")))
             .collect(),
     };
-    // Through the provider's data client: /folder wants the session cookie.
-    let url = e.url.trim_end_matches("/sdk").to_string();
-    let put = |name: &str, body: Vec<u8>| {
-        let u = format!("{url}/folder/{vm}/{name}?dcPath=DC0&dsName=LocalDS_0");
-        let p = &p;
-        async move {
-            p.client()
-                .data_request(reqwest::Method::PUT, &u)
-                .await
-                .unwrap()
-                .body(body)
-                .send()
-                .await
-        }
-    };
     for f in &files[..3] {
         let body = std::fs::read(scratch.path().join(f)).unwrap();
-        assert!(put(f, body).await.unwrap().status().is_success(), "{f}");
+        put_ds_file(&p, &e, &vm, f, body).await;
     }
     let tg = std::fs::read_to_string(scratch.path().join("tg.vmdk")).unwrap();
     assert!(tg.contains("SPARSE \"tg-s001.vmdk\""), "{tg}");
@@ -1925,13 +1901,7 @@ async fn hosted_sparse_vmdks_on_the_datastore() {
     let split = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
                  createType=\"twoGbMaxExtentSparse\"\n\
                  RW 4192256 SPARSE \"split-s001.vmdk\"\nRW 2048 SPARSE \"split-s002.vmdk\"\n";
-    assert!(
-        put("split.vmdk", split.into())
-            .await
-            .unwrap()
-            .status()
-            .is_success()
-    );
+    put_ds_file(&p, &e, &vm, "split.vmdk", split).await;
     let err = p
         .open_created_disk(&vm, &format!("[LocalDS_0] {vm}/split.vmdk"))
         .await
