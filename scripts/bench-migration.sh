@@ -6,14 +6,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
-command -v qemu-img >/dev/null 2>&1 || apt_install qemu-utils
 [ -x /usr/bin/time ] || apt_install time
 if [ -z "${VIRTRIGAUD_LIBVIRT_URI:-}" ]; then
     scripts/peers/libvirt.sh install
+    # Installing qemu-system-x86 removes a newer hand-installed qemu-utils: check after it, and
+    # before libvirtd starts (it looks up qemu-img once, at start).
+    command -v qemu-img >/dev/null 2>&1 || apt_install qemu-utils
     STATE=$(mktemp -d /tmp/virtrigaud-bench.XXXXXX)
     trap 'scripts/peers/libvirt.sh stop "$STATE"; rm -rf "$STATE"' EXIT
     scripts/peers/libvirt.sh start "$STATE"
     source "$STATE/libvirt.env"
 fi
+command -v qemu-img >/dev/null 2>&1 || apt_install qemu-utils
 cargo build --release -p virtrigaud-cli --features libvirt
 exec python3 scripts/bench-migration.py "$@"

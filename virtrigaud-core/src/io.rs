@@ -111,6 +111,8 @@ pub struct LocalFile {
     file: Arc<std::fs::File>,
     size: u64,
     path: PathBuf,
+    /// The same file opened with `O_DIRECT` ([`LocalFile::open_direct`]).
+    direct: Option<Arc<std::fs::File>>,
 }
 
 impl LocalFile {
@@ -133,8 +135,36 @@ impl LocalFile {
             file: Arc::new(file),
             size,
             path,
+            direct: None,
         })
     }
+
+    /// Opens `path` read-only, reading with direct I/O (`O_DIRECT`, Linux) where a read allows
+    /// it: page-aligned offsets into the pooled, page-aligned buffers, which is what the
+    /// decoders' data reads are; metadata and odd pieces use the ordinary descriptor.
+    ///
+    /// For a file that is probably not in the page cache and will not be read again soon (a
+    /// disk just written with direct I/O, read back once to prove it): the bytes go from the
+    /// disk to the buffer without a copy through the page cache, and reading a disk does not
+    /// fill the host's memory with it. Where the file system refuses `O_DIRECT` this is
+    /// [`LocalFile::open`].
+    pub async fn open_direct(path: impl AsRef<Path>) -> Result<LocalFile> {
+        let mut f = Self::open(path).await?;
+        let p = f.path.clone();
+        let plain = f.file.clone();
+        f.direct = tokio::task::spawn_blocking(move || open_direct_read(&p, &plain))
+            .await
+            .map_err(join_err)?
+            .map(Arc::new);
+        Ok(f)
+    }
+
+    /// Whether reads may go around the page cache ([`LocalFile::open_direct`] on a file system
+    /// that allows it).
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
     /// The path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -145,6 +175,70 @@ pub(crate) fn join_err(e: tokio::task::JoinError) -> Error {
     Error::new(ErrorKind::Io, format!("worker task failed: {e}"))
 }
 
+/// Reads up to `len` bytes at `offset` of `file` into a pooled buffer (fewer only at the end of
+/// the file). With `direct` (the same file opened by [`open_direct_read`]) a read at a
+/// page-aligned offset goes around the page cache: whole pages into a page-aligned buffer;
+/// other reads, and any the file system refuses, use `file`. Blocking.
+pub fn read_file_at(
+    file: &std::fs::File,
+    direct: Option<&std::fs::File>,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<Bytes> {
+    if let Some(d) = direct.filter(|_| offset.is_multiple_of(BUFFER_ALIGN as u64)) {
+        // The last page may end past the file: the read is then short.
+        let whole = len.next_multiple_of(BUFFER_ALIGN);
+        let mut buf = ReadBuf::new(whole);
+        if buf.is_aligned() {
+            match read_full_at(d, buf.as_mut(), offset) {
+                Ok(done) => return Ok(buf.freeze(done.min(len))),
+                // Not for this read after all (the file system's own alignment rules).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let mut buf = ReadBuf::new(len);
+    let done = read_full_at(file, buf.as_mut(), offset)?;
+    Ok(buf.freeze(done))
+}
+
+/// Reads into all of `buf` from `offset`, short only at the end of the file.
+fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Opens `path`, already open as `plain`, once more for reading with `O_DIRECT` (Linux), for
+/// [`read_file_at`]. `None` where the file system refuses it, on tmpfs (the page cache itself,
+/// where it only adds work), or when the name no longer leads to `plain`'s file.
+pub fn open_direct_read(path: &Path, plain: &std::fs::File) -> Option<std::fs::File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()
+            .filter(|d| same_file(plain, d) && fs_type(d) != Some(TMPFS_MAGIC))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (path, plain);
+        None
+    }
+}
+
 #[async_trait]
 impl ReadAt for LocalFile {
     fn size(&self) -> u64 {
@@ -152,31 +246,20 @@ impl ReadAt for LocalFile {
     }
 
     async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes> {
-        use std::os::unix::fs::FileExt;
         let len = len.min(self.size.saturating_sub(offset) as usize);
         if len == 0 {
             return Ok(Bytes::new());
         }
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
-            let mut buf = ReadBuf::new(len);
-            let mut done = 0;
-            while done < len {
-                let n = file.read_at(&mut buf.as_mut()[done..], offset + done as u64)?;
-                if n == 0 {
-                    break;
-                }
-                done += n;
-            }
-            Ok(buf.freeze(done))
-        })
-        .await
-        .map_err(join_err)?
-        .map_err(|e| {
-            Error::io(e, "read failed")
-                .with_target(self.path.display().to_string())
-                .with_offset(offset)
-        })
+        let direct = self.direct.clone();
+        tokio::task::spawn_blocking(move || read_file_at(&file, direct.as_deref(), offset, len))
+            .await
+            .map_err(join_err)?
+            .map_err(|e| {
+                Error::io(e, "read failed")
+                    .with_target(self.path.display().to_string())
+                    .with_offset(offset)
+            })
     }
 
     async fn data_ranges(&self) -> Result<Option<Vec<Range<u64>>>> {
@@ -292,6 +375,9 @@ pub struct LocalFileSink {
     direct: Option<std::fs::File>,
     /// A write failed: every later write and the commit fail too (only abort is left).
     failed: bool,
+    /// Writing an existing file in place ([`LocalFileSink::in_place`]): no temp file, no
+    /// rename, and nothing removed on abort.
+    in_place: bool,
 }
 
 /// Writes a [`LocalFileSink`] queues behind the one in progress.
@@ -473,6 +559,45 @@ impl LocalFileSink {
             queue: None,
             worker: None,
             failed: false,
+            in_place: false,
+        })
+    }
+
+    /// Writes the existing file `path` in place, from offset 0: it is truncated to nothing
+    /// first, and commit sets its final size and syncs it. Nothing is renamed and abort (or
+    /// drop) leaves the file as it is, partly written: this is for a file that somebody else
+    /// created and removes on failure (a libvirt volume, whose owner, mode and labels it
+    /// keeps). Large aligned writes go around the page cache, as with
+    /// [`LocalFileSink::create`].
+    pub async fn in_place(path: impl AsRef<Path>) -> Result<LocalFileSink> {
+        let dest = path.as_ref().to_path_buf();
+        let target = dest.display().to_string();
+        let d = dest.clone();
+        let (file, direct) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            let f = std::fs::OpenOptions::new().write(true).open(&d)?;
+            if !f.metadata()?.is_file() {
+                return Err(std::io::Error::other("not a regular file"));
+            }
+            f.set_len(0)?;
+            let direct =
+                open_direct(&d).filter(|x| same_file(&f, x) && fs_type(&f) != Some(TMPFS_MAGIC));
+            Ok((f, direct))
+        })
+        .await
+        .map_err(join_err)?
+        .map_err(|e| Error::io(e, "cannot open the file for writing").with_target(target))?;
+        Ok(LocalFileSink {
+            file: Some(Arc::new(file)),
+            direct,
+            tmp: dest.clone(),
+            dest,
+            pos: 0,
+            overwrite: true,
+            committed: false,
+            queue: None,
+            worker: None,
+            failed: false,
+            in_place: true,
         })
     }
 
@@ -611,11 +736,15 @@ impl ByteSink for LocalFileSink {
             self.pos,
             self.overwrite,
         );
+        let in_place = self.in_place;
         let target = dest.display().to_string();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             file.set_len(size)?;
             file.sync_all()?;
             drop(file);
+            if in_place {
+                return Ok(());
+            }
             if overwrite {
                 std::fs::rename(&tmp, &dest)?;
             } else {
@@ -642,6 +771,9 @@ impl ByteSink for LocalFileSink {
         self.file.take();
         let tmp = self.tmp.clone();
         self.committed = true; // nothing left for Drop to do
+        if self.in_place {
+            return Ok(());
+        }
         match tokio::fs::remove_file(&tmp).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -652,7 +784,7 @@ impl ByteSink for LocalFileSink {
 
 impl Drop for LocalFileSink {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.committed && !self.in_place {
             self.file.take();
             let _ = std::fs::remove_file(&self.tmp);
         }
@@ -793,6 +925,14 @@ impl ReadBuf {
         }
     }
 
+    /// Whether the buffer starts on a page ([`BUFFER_ALIGN`]), as direct I/O needs.
+    pub fn is_aligned(&self) -> bool {
+        match &self.store {
+            Store::Pooled(_) => true,
+            Store::Plain(v) => (v.as_ptr() as usize).is_multiple_of(BUFFER_ALIGN),
+        }
+    }
+
     /// The first `filled` bytes (at most the length asked for) as [`Bytes`]; the buffer goes
     /// back to the pool when the last clone or slice of them is dropped.
     pub fn freeze(mut self, filled: usize) -> Bytes {
@@ -894,6 +1034,78 @@ impl Drop for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A temp dir (on tmpfs, direct I/O is off and the buffered path is what these test).
+    fn disk_dir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    #[tokio::test]
+    async fn direct_reads_return_the_same_bytes_as_buffered_ones() {
+        let dir = disk_dir();
+        let path = dir.path().join("f");
+        // Not a whole number of pages, so the last page is short.
+        let len = (3 << 20) + 1234;
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let plain = LocalFile::open(&path).await.unwrap();
+        let direct = LocalFile::open_direct(&path).await.unwrap();
+        eprintln!("direct reads in effect: {}", direct.is_direct());
+        for (off, n) in [
+            (0u64, 1usize << 20),      // aligned, pooled: the direct path
+            (4096, 2 << 20),           // aligned
+            (3 << 20, 1 << 20),        // aligned, runs past the end
+            (100, 1 << 20),            // unaligned offset: buffered
+            (0, 512),                  // small: not page-aligned memory
+            (len as u64 - 10, 4096),   // the tail
+            (len as u64 + 4096, 4096), // past the end
+        ] {
+            let a = plain.read_at(off, n).await.unwrap();
+            let b = direct.read_at(off, n).await.unwrap();
+            let end = (off as usize + n).min(len).max(off as usize).min(len);
+            let want = &data[(off as usize).min(len)..end];
+            assert_eq!(&a[..], want, "buffered {off}+{n}");
+            assert_eq!(&b[..], want, "direct {off}+{n}");
+        }
+    }
+
+    #[tokio::test]
+    async fn in_place_sink_writes_the_same_file_and_leaves_it_on_abort() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = disk_dir();
+        let path = dir.path().join("vol");
+        std::fs::write(&path, vec![9u8; 3 << 20]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let ino = std::fs::metadata(&path).unwrap().ino();
+        let mut sink = LocalFileSink::in_place(&path).await.unwrap();
+        let mut block = ReadBuf::new(1 << 20);
+        block.as_mut().fill(5);
+        sink.write(block.freeze(1 << 20)).await.unwrap();
+        sink.write_zeros(1 << 20).await.unwrap();
+        sink.write(Bytes::from_static(b"tail")).await.unwrap();
+        Box::new(sink).commit().await.unwrap();
+        let got = std::fs::read(&path).unwrap();
+        assert_eq!(got.len(), (2 << 20) + 4);
+        assert!(got[..1 << 20].iter().all(|&b| b == 5));
+        // The old nines are gone: the file was truncated first.
+        assert!(got[1 << 20..2 << 20].iter().all(|&b| b == 0));
+        assert_eq!(&got[2 << 20..], b"tail");
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.ino(), ino, "written in place, not replaced");
+        assert_eq!(meta.mode() & 0o777, 0o640, "its mode kept");
+
+        // Abort and drop leave the (partial) file to its owner.
+        let mut sink = LocalFileSink::in_place(&path).await.unwrap();
+        sink.write(Bytes::from_static(b"partial")).await.unwrap();
+        Box::new(sink).abort().await.unwrap();
+        assert!(path.exists());
+        let sink = LocalFileSink::in_place(&path).await.unwrap();
+        drop(sink);
+        assert!(path.exists());
+        // Not a regular file: refused.
+        let e = LocalFileSink::in_place(dir.path()).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    }
 
     #[tokio::test]
     async fn local_file_reports_holes_and_reads() {

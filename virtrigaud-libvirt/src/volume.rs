@@ -382,3 +382,136 @@ fn refresh_when_idle(pool: &virt::storage_pool::StoragePool) -> Result<()> {
         }
     }
 }
+
+/// The volume's file, when this process can use it directly: a regular file at the volume's
+/// path whose size is `expected` (what libvirt reports for it, so that a same-named file of
+/// another host or mount namespace is not taken for it). Blocking.
+pub fn local_file(vol: &StorageVol, expected: u64) -> Option<std::path::PathBuf> {
+    let path = std::path::PathBuf::from(vol.path().ok()?);
+    let meta = std::fs::metadata(&path).ok()?;
+    (meta.is_file() && meta.len() == expected).then_some(path)
+}
+
+/// A volume written directly in its file on this host (see `LibvirtProvider::with_local_files`):
+/// the bytes go from the pipeline to the disk with direct I/O, without libvirtd's stream (a
+/// socket, a pipe and a copy into the page cache on its side). Abort, or a drop without commit,
+/// deletes the volume; commit syncs the file, renames it over the volume it replaces
+/// (overwrite) and refreshes the pool, as [`UploadSink`] does.
+pub struct FileSink {
+    inner: Option<Box<virtrigaud_core::io::LocalFileSink>>,
+    vol: Option<StorageVol>,
+    pool: Option<virt::storage_pool::StoragePool>,
+    location: String,
+    replace: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for FileSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSink")
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileSink {
+    /// Writes `vol` (of `pool`) through its file `path`, truncated first. On error the volume
+    /// is deleted.
+    pub async fn start(
+        pool: virt::storage_pool::StoragePool,
+        vol: StorageVol,
+        path: std::path::PathBuf,
+        location: String,
+        replace: Option<std::path::PathBuf>,
+    ) -> Result<FileSink> {
+        match virtrigaud_core::io::LocalFileSink::in_place(&path).await {
+            Ok(inner) => Ok(FileSink {
+                inner: Some(Box::new(inner)),
+                vol: Some(vol),
+                pool: Some(pool),
+                location,
+                replace,
+            }),
+            Err(e) => {
+                let _ = blocking(move || vol.delete(0).op("volume.delete")).await;
+                Err(e.with_target(location))
+            }
+        }
+    }
+
+    fn inner(&mut self) -> Result<&mut virtrigaud_core::io::LocalFileSink> {
+        self.inner
+            .as_deref_mut()
+            .ok_or_else(|| Error::new(ErrorKind::Io, "upload already finished"))
+    }
+
+    /// Deletes the volume (abort, or a failed commit).
+    async fn delete_volume(&mut self) -> Result<()> {
+        match self.vol.take() {
+            Some(vol) => blocking(move || vol.delete(0).op("volume.delete")).await,
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl ByteSink for FileSink {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        self.inner()?.write(data).await
+    }
+
+    async fn write_zeros(&mut self, len: u64) -> Result<()> {
+        self.inner()?.write_zeros(len).await
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        let inner = self
+            .inner
+            .take()
+            .ok_or_else(|| Error::new(ErrorKind::Io, "upload already finished"))?;
+        let location = self.location.clone();
+        if let Err(e) = inner.commit().await {
+            let _ = self.delete_volume().await;
+            return Err(e.with_target(location));
+        }
+        let vol = self.vol.take();
+        let pool = self.pool.take();
+        let replace = self.replace.take();
+        blocking(move || {
+            let vol = vol.ok_or_else(|| Error::new(ErrorKind::Io, "upload already finished"))?;
+            if let Some(old) = replace {
+                let tmp = vol.path().op("volume.path")?;
+                if let Err(e) = std::fs::rename(&tmp, &old) {
+                    let _ = vol.delete(0);
+                    return Err(Error::io(e, format!("cannot replace {}", old.display()))
+                        .with_target(location));
+                }
+            }
+            match pool {
+                Some(pool) => refresh_when_idle(&pool),
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
+    async fn abort(mut self: Box<Self>) -> Result<()> {
+        if let Some(inner) = self.inner.take() {
+            let _ = inner.abort().await;
+        }
+        self.delete_volume().await
+    }
+}
+
+impl Drop for FileSink {
+    fn drop(&mut self) {
+        if let Some(vol) = self.vol.take() {
+            // Dropped without commit: remove the volume off-thread.
+            self.inner.take();
+            let _ = std::thread::Builder::new()
+                .name("vrg-libvirt-file-cleanup".into())
+                .spawn(move || {
+                    let _ = vol.delete(0);
+                });
+        }
+    }
+}

@@ -214,22 +214,51 @@ fn two_disk_domain(uri: &str, pool: &TestPool, scratch: &Path, tag: &str) -> (St
 
 /// A qcow2 and a sparse raw disk in pool A, exported to storage, imported into pool B (qcow2 and
 /// raw), attached to a VM made with `create_vm`; content digests of source and target match,
-/// the raw import stays sparse and `qemu-img compare` agrees.
+/// the raw import stays sparse and `qemu-img compare` agrees. Through libvirt streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_qcow2_and_sparse_raw() {
     let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
         return;
     };
+    round_trip(&uri, false).await;
+}
+
+/// The same through the volumes' files on this host (`with_local_files`, the default for a
+/// local URI): reads see the file itself with its holes, and every disk is read and written
+/// through its file, none through a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_qcow2_and_sparse_raw_through_local_files() {
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    assert!(LibvirtProvider::new(&uri).uses_local_files(), "{uri}");
+    round_trip(&uri, true).await;
+}
+
+async fn round_trip(uri: &str, local_files: bool) {
+    let uri = uri.to_string();
     let pa = TestPool::new(&uri, "rt-a");
     let pb = TestPool::new(&uri, "rt-b");
     let scratch = tempfile::tempdir().unwrap();
     let (src_vm, _g1) = two_disk_domain(&uri, &pa, scratch.path(), "rt-src");
     let (q_src, raw_src) = (pa.path("sys.qcow2"), pa.path("data.raw"));
 
-    let p = LibvirtProvider::new(&uri);
+    let p = LibvirtProvider::new(&uri).with_local_files(local_files);
+    assert_eq!(p.uses_local_files(), local_files);
     p.validate().await.unwrap();
-    // The raw volume arrives as a sparse stream: holes are Zero extents, not bytes.
-    {
+    if local_files {
+        // The raw volume is its file, holes and all.
+        let opened = p.open_disk(&src_vm, "vdb", None).await.unwrap();
+        assert_eq!(opened.info.capacity, 64 * MIB);
+        let virtrigaud_core::ImageSource::RandomAccess(file) = opened.source else {
+            panic!("expected the volume's file");
+        };
+        assert_eq!(file.size(), 64 * MIB);
+        let ranges = file.data_ranges().await.unwrap().expect("SEEK_DATA map");
+        let data: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        assert!(data <= 8 * MIB, "data {data} of {ranges:?}");
+    } else {
+        // The raw volume arrives as a sparse stream: holes are Zero extents, not bytes.
         use futures::StreamExt;
         let opened = p.open_disk(&src_vm, "vdb", None).await.unwrap();
         assert_eq!(opened.info.capacity, 64 * MIB);
@@ -281,6 +310,7 @@ async fn round_trip_qcow2_and_sparse_raw() {
         )
         .await
         .unwrap();
+
         eprintln!(
             "{disk}: virtual {} MiB, allocated {} KiB, stored {} KiB; export {:?}, import {:?}",
             exp.manifest.virtual_size / MIB,
@@ -367,6 +397,17 @@ async fn round_trip_qcow2_and_sparse_raw() {
         raw_src.to_str().unwrap(),
         vol_b(&disks[1].1.location).to_str().unwrap(),
     ]);
+    // Each disk went the way asked: 2 written, 7 read (the shape check, 2 exports, 4 digests).
+    let paths = p.data_paths();
+    let (local, stream) = (
+        (paths.local_reads, paths.local_writes),
+        (paths.stream_reads, paths.stream_writes),
+    );
+    if local_files {
+        assert_eq!((local, stream), ((7, 2), (0, 0)), "{paths:?}");
+    } else {
+        assert_eq!((local, stream), ((0, 0), (7, 2)), "{paths:?}");
+    }
     p.delete_vm(&dst_vm).await.unwrap();
     p.delete_vm(&src_vm).await.unwrap();
     let e = p.describe_vm(&dst_vm).await.unwrap_err();
@@ -958,7 +999,8 @@ async fn throughput_figures() {
         &domain_xml(&name, &file_disk_xml(&src, "raw", "vda", "virtio")),
     );
     for u in std::iter::once(uri.clone()).chain(tcp) {
-        let p = LibvirtProvider::new(&u);
+        // Streams: the local URI would otherwise use the volume's file.
+        let p = LibvirtProvider::new(&u).with_local_files(false);
         let t = Instant::now();
         let opened = p.open_disk(&name, "vda", None).await.unwrap();
         let virtrigaud_core::ImageSource::Sequential { mut stream, .. } = opened.source else {

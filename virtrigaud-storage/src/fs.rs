@@ -21,6 +21,8 @@ use virtrigaud_core::{
 
 /// Read size of GET streams.
 const READ_CHUNK: usize = 1 << 20;
+/// Reads of at least this much go around the page cache (see [`FsBackend::get`]'s body).
+const DIRECT_READ_MIN: u64 = 4 << 20;
 
 /// A directory used as object storage.
 #[derive(Debug, Clone)]
@@ -151,10 +153,19 @@ impl StorageBackend for FsBackend {
             }
             None => (0, size),
         };
+        // An object is read once, start to end: large ones around the page cache (the bytes
+        // go from the disk to the buffer; an import does not fill the host's memory with the
+        // object it reads).
+        let direct = if end - start >= DIRECT_READ_MIN {
+            virtrigaud_core::io::open_direct_read(&path, &file).map(std::sync::Arc::new)
+        } else {
+            None
+        };
         let file = std::sync::Arc::new(file);
         let key = key.to_string();
         let stream = futures::stream::unfold(start, move |pos| {
             let file = file.clone();
+            let direct = direct.clone();
             let key = key.clone();
             async move {
                 if pos >= end {
@@ -162,9 +173,11 @@ impl StorageBackend for FsBackend {
                 }
                 let n = ((end - pos) as usize).min(READ_CHUNK);
                 let res = tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::FileExt;
-                    let mut buf = virtrigaud_core::io::ReadBuf::new(n);
-                    file.read_exact_at(buf.as_mut(), pos).map(|_| buf.freeze(n))
+                    let b = virtrigaud_core::io::read_file_at(&file, direct.as_deref(), pos, n)?;
+                    if b.len() < n {
+                        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                    }
+                    Ok(b)
                 })
                 .await;
                 let item = match res {
