@@ -11,6 +11,9 @@
 //! refused with an error that names where it goes instead (an environment variable, a file
 //! given by `--password-file`, or a prompt on a terminal).
 
+// Secrets are read only by the vSphere and Proxmox providers.
+#![cfg_attr(not(any(feature = "vsphere", feature = "proxmox")), allow(dead_code))]
+
 use std::sync::Arc;
 use virtrigaud::{Error, LocalProvider, Provider, Result};
 

@@ -1,8 +1,11 @@
 //! virtrigaud provider for libvirt/KVM, over the `virt` crate (libvirt's C library).
 //!
 //! [`LibvirtProvider`] talks to any libvirt URI — `qemu:///system`, `qemu+tcp://host/system`,
-//! `qemu+ssh://user@host/system` — and moves disk bytes only through libvirt streams, so a remote
-//! host needs no other access:
+//! `qemu+ssh://user@host/system` — and moves disk bytes through libvirt streams, so a remote
+//! host needs no other access. When libvirtd runs on this host (a URI without a host) and a
+//! volume is a regular file this process may open, its bytes go through the file instead, with
+//! direct I/O ([`LibvirtProvider::with_local_files`]; [`LibvirtProvider::data_paths`] tells
+//! which path each disk took):
 //!
 //! * **describe** parses the domain XML ([`domain_xml`]): vCPUs, memory, firmware, machine type,
 //!   disks (target dev as id, bus, format, source file or pool/volume, capacity and allocation
@@ -140,7 +143,9 @@ impl LibvirtProvider {
     /// streams. By default they do when the URI names no host (`qemu:///system`,
     /// `qemu+unix:///session`): libvirtd then runs here, and a volume whose path is a regular
     /// file of the size libvirt reports, that this process may open, is read and written
-    /// directly with direct I/O (`O_DIRECT`). virt-v2v's libvirt output writes pool files the
+    /// directly: a source disk read through the page cache (often still cached after its VM
+    /// shut down, and read ahead by the kernel), a new volume written and read back for
+    /// verification with direct I/O (`O_DIRECT`). virt-v2v's libvirt output writes pool files the
     /// same way. A stream costs libvirtd a socket, a pipe and a copy through the page cache for
     /// every byte; measured on a 2-core VM, the fresh page-cache pages of a 1 GiB upload alone
     /// took libvirtd's stream thread 2 s of CPU. Everything else (creating and deleting
@@ -396,9 +401,19 @@ enum Opened {
     Local(DiskInfo, std::path::PathBuf),
 }
 
+/// How a local volume file is read.
+#[derive(Clone, Copy)]
+enum Reads {
+    /// Through the page cache: a source disk, which is often still cached (its VM was just
+    /// shut down) and is read by the kernel's readahead.
+    Cached,
+    /// Around it: a disk this process just wrote with direct I/O, read back once to prove it.
+    Direct,
+}
+
 impl Opened {
     /// The [`OpenedDisk`]; a local file is opened for direct reads.
-    async fn finish(self, paths: &PathCounters) -> Result<OpenedDisk> {
+    async fn finish(self, paths: &PathCounters, reads: Reads) -> Result<OpenedDisk> {
         match self {
             Opened::Stream(o) => {
                 bump(&paths.stream_reads);
@@ -406,7 +421,10 @@ impl Opened {
             }
             Opened::Local(info, path) => {
                 bump(&paths.local_reads);
-                let f = virtrigaud_core::io::LocalFile::open_direct(&path).await?;
+                let f = match reads {
+                    Reads::Cached => virtrigaud_core::io::LocalFile::open(&path).await?,
+                    Reads::Direct => virtrigaud_core::io::LocalFile::open_direct(&path).await?,
+                };
                 Ok(OpenedDisk {
                     info,
                     source: virtrigaud_core::ImageSource::RandomAccess(Arc::new(f)),
@@ -1036,7 +1054,7 @@ impl Provider for LibvirtProvider {
                 .map_err(|e| e.with_vm(vm.clone()).with_disk(disk.clone()))
         })
         .await?
-        .finish(&self.paths)
+        .finish(&self.paths, Reads::Cached)
         .await
         .map_err(|e| e.with_vm(vm2).with_disk(disk2))
     }
@@ -1138,7 +1156,7 @@ impl Provider for LibvirtProvider {
             open_volume(c, vol, info, local)
         })
         .await?
-        .finish(&self.paths)
+        .finish(&self.paths, Reads::Direct)
         .await
     }
 
