@@ -19,4 +19,4 @@ if [ -z "${VIRTRIGAUD_LIBVIRT_URI:-}" ]; then
 fi
 command -v qemu-img >/dev/null 2>&1 || apt_install qemu-utils
 cargo build --release -p virtrigaud-cli --features libvirt
-exec python3 scripts/bench-migration.py "$@"
+exec python3 "${VRG_BENCH_PY:-scripts/bench-migration.py}" "$@"
