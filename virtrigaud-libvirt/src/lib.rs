@@ -412,7 +412,7 @@ enum Reads {
 }
 
 impl Opened {
-    /// The [`OpenedDisk`]; a local file is opened for direct reads.
+    /// The [`OpenedDisk`]; a local file is opened for reading as `reads` says.
     async fn finish(self, paths: &PathCounters, reads: Reads) -> Result<OpenedDisk> {
         match self {
             Opened::Stream(o) => {
@@ -437,7 +437,7 @@ impl Opened {
 /// The stream of `vol`, or its file when `local` allows and it is one.
 fn open_volume(c: &Arc<Connect>, vol: StorageVol, info: DiskInfo, local: bool) -> Result<Opened> {
     let size = volume::physical_size(&vol)?;
-    if local && let Some(path) = volume::local_file(&vol, size) {
+    if local && let Some(path) = volume::local_file(&vol, size, false) {
         return Ok(Opened::Local(info, path));
     }
     let source = volume::download(c.clone(), vol, size);
@@ -922,7 +922,7 @@ fn create_disk_blocking(c: &Connect, spec: &DiskCreateSpec, local: bool) -> Resu
             error::from_virt(e, "volume.create").with_target(location.clone())
         }
     })?;
-    if local && let Some(path) = volume::local_file(&vol, capacity) {
+    if local && let Some(path) = volume::local_file(&vol, capacity, true) {
         return Ok(Created::Local {
             format,
             location,
@@ -1227,5 +1227,34 @@ impl Provider for LibvirtProvider {
                 remove_domain(&dom).map_err(|e| e.with_vm(vm.clone()))
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_uri_without_a_host_is_local() {
+        for (uri, local) in [
+            ("qemu:///system", true),
+            ("qemu:///session", true),
+            ("qemu+unix:///system", true),
+            ("test:///default", true),
+            ("qemu+tcp://127.0.0.1:16509/system", false),
+            ("qemu+ssh://root@host/system", false),
+            ("qemu+libssh://host/system", false),
+            ("qemu://host/system", false),
+            ("qemu+tls://host/system", false),
+            ("not a uri", false),
+        ] {
+            assert_eq!(is_local_uri(uri), local, "{uri}");
+            assert_eq!(LibvirtProvider::new(uri).uses_local_files(), local, "{uri}");
+            assert!(
+                !LibvirtProvider::new(uri)
+                    .with_local_files(false)
+                    .uses_local_files()
+            );
+        }
     }
 }

@@ -385,10 +385,17 @@ fn refresh_when_idle(pool: &virt::storage_pool::StoragePool) -> Result<()> {
 
 /// The volume's file, when this process can use it directly: a regular file at the volume's
 /// path whose size is `expected` (what libvirt reports for it, so that a same-named file of
-/// another host or mount namespace is not taken for it). Blocking.
-pub fn local_file(vol: &StorageVol, expected: u64) -> Option<std::path::PathBuf> {
+/// another host or mount namespace is not taken for it), and that this process may open for
+/// reading, or for writing with `write` (a user in the libvirt group reaches libvirtd's
+/// socket but often not the pool's root-owned files: streams then). Blocking.
+pub fn local_file(vol: &StorageVol, expected: u64, write: bool) -> Option<std::path::PathBuf> {
     let path = std::path::PathBuf::from(vol.path().ok()?);
-    let meta = std::fs::metadata(&path).ok()?;
+    let file = std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .open(&path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
     (meta.is_file() && meta.len() == expected).then_some(path)
 }
 
