@@ -222,19 +222,25 @@ fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::R
 /// [`read_file_at`]. `None` where the file system refuses it, on tmpfs (the page cache itself,
 /// where it only adds work), or when the name no longer leads to `plain`'s file.
 pub fn open_direct_read(path: &Path, plain: &std::fs::File) -> Option<std::fs::File> {
+    open_o_direct(path, false).filter(|d| same_file(plain, d) && fs_type(d) != Some(TMPFS_MAGIC))
+}
+
+/// Opens `path` with `O_DIRECT` (Linux) for reading, or for writing with `write`; `None`
+/// where the file system refuses it.
+fn open_o_direct(path: &Path, write: bool) -> Option<std::fs::File> {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
-            .read(true)
+            .read(!write)
+            .write(write)
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .ok()
-            .filter(|d| same_file(plain, d) && fs_type(d) != Some(TMPFS_MAGIC))
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = (path, plain);
+        let _ = (path, write);
         None
     }
 }
@@ -399,20 +405,7 @@ const DIRECT_MIN: usize = 64 << 10;
 /// (image metadata, odd tails) use the ordinary descriptor; the two never touch the same page,
 /// and the fsync on commit covers both.
 fn open_direct(path: &Path) -> Option<std::fs::File> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok()
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = path;
-        None
-    }
+    open_o_direct(path, true)
 }
 
 /// The file system type (`statfs.f_type`) of `file`, on Linux.

@@ -842,14 +842,17 @@ fn check_name(what: &str, s: &str) -> Result<()> {
 /// A volume created for an import: its upload stream, or (local files) its file to write.
 enum Created {
     Stream(CreatedDisk),
-    Local {
-        format: DiskFormat,
-        location: String,
-        pool: StoragePool,
-        vol: StorageVol,
-        path: std::path::PathBuf,
-        replace: Option<std::path::PathBuf>,
-    },
+    Local(LocalVolume),
+}
+
+/// A new volume written through its file.
+struct LocalVolume {
+    format: DiskFormat,
+    location: String,
+    pool: StoragePool,
+    vol: StorageVol,
+    path: std::path::PathBuf,
+    replace: Option<std::path::PathBuf>,
 }
 
 fn create_disk_blocking(c: &Connect, spec: &DiskCreateSpec, local: bool) -> Result<Created> {
@@ -923,14 +926,14 @@ fn create_disk_blocking(c: &Connect, spec: &DiskCreateSpec, local: bool) -> Resu
         }
     })?;
     if local && let Some(path) = volume::local_file(&vol, capacity, true) {
-        return Ok(Created::Local {
+        return Ok(Created::Local(LocalVolume {
             format,
             location,
             pool,
             vol,
             path,
             replace,
-        });
+        }));
     }
     let sink = match volume::UploadSink::start(c, pool, vol, location.clone(), replace) {
         Ok(s) => s,
@@ -1075,20 +1078,14 @@ impl Provider for LibvirtProvider {
                 bump(&self.paths.stream_writes);
                 Ok(d)
             }
-            Created::Local {
-                format,
-                location,
-                pool,
-                vol,
-                path,
-                replace,
-            } => {
-                let sink = volume::FileSink::start(pool, vol, path, location.clone(), replace)
+            Created::Local(v) => {
+                let location = v.location.clone();
+                let sink = volume::FileSink::start(v.pool, v.vol, v.path, v.location, v.replace)
                     .await
                     .map_err(|e| e.with_vm(vm).with_disk(name))?;
                 bump(&self.paths.local_writes);
                 Ok(CreatedDisk {
-                    format,
+                    format: v.format,
                     location,
                     sink: Box::new(sink),
                 })

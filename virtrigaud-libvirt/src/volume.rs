@@ -323,20 +323,7 @@ impl ByteSink for UploadSink {
                 let _ = vol.delete(0);
                 return Err(e.with_target(location));
             }
-            if let Some(old) = replace {
-                // The new volume takes the old one's file name in one rename: readers see the
-                // old disk or the new one, never a partial one.
-                let tmp = vol.path().op("volume.path")?;
-                if let Err(e) = std::fs::rename(&tmp, &old) {
-                    let _ = vol.delete(0);
-                    return Err(Error::io(e, format!("cannot replace {}", old.display()))
-                        .with_target(location));
-                }
-            }
-            // libvirt re-probes the file: a qcow2 upload into a fresh volume becomes a qcow2
-            // volume with its virtual size.
-            refresh_when_idle(&pool)?;
-            Ok(())
+            publish(&vol, &pool, replace, location)
         })
         .await
     }
@@ -360,6 +347,29 @@ impl Drop for UploadSink {
                 });
         }
     }
+}
+
+/// The last step of a commit, once the volume's bytes are complete: an overwrite's new volume
+/// takes the old one's file name in one rename (readers see the old disk or the new one, never
+/// a partial one; on failure the new volume is deleted), then the pool is refreshed, so that
+/// libvirt re-probes the file (a qcow2 written into a fresh volume becomes a qcow2 volume with
+/// its virtual size). Blocking.
+fn publish(
+    vol: &StorageVol,
+    pool: &virt::storage_pool::StoragePool,
+    replace: Option<std::path::PathBuf>,
+    location: String,
+) -> Result<()> {
+    if let Some(old) = replace {
+        let tmp = vol.path().op("volume.path")?;
+        if let Err(e) = std::fs::rename(&tmp, &old) {
+            let _ = vol.delete(0);
+            return Err(
+                Error::io(e, format!("cannot replace {}", old.display())).with_target(location)
+            );
+        }
+    }
+    refresh_when_idle(pool)
 }
 
 /// Longest wait for the pool's other uploads before a refresh gives up.
@@ -483,20 +493,9 @@ impl ByteSink for FileSink {
         let vol = self.vol.take();
         let pool = self.pool.take();
         let replace = self.replace.take();
-        blocking(move || {
-            let vol = vol.ok_or_else(|| Error::new(ErrorKind::Io, "upload already finished"))?;
-            if let Some(old) = replace {
-                let tmp = vol.path().op("volume.path")?;
-                if let Err(e) = std::fs::rename(&tmp, &old) {
-                    let _ = vol.delete(0);
-                    return Err(Error::io(e, format!("cannot replace {}", old.display()))
-                        .with_target(location));
-                }
-            }
-            match pool {
-                Some(pool) => refresh_when_idle(&pool),
-                None => Ok(()),
-            }
+        blocking(move || match (vol, pool) {
+            (Some(vol), Some(pool)) => publish(&vol, &pool, replace, location),
+            _ => Err(Error::new(ErrorKind::Io, "upload already finished")),
         })
         .await
     }
