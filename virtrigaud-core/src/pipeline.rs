@@ -5,9 +5,11 @@
 //! [`PipelineOptions`] whatever the disk size: roughly `queue_depth × read size` of extents in
 //! flight, plus the content digester's batches (`2 × parallelism × 4 MiB`, shared buffers, no
 //! copies), plus the object hasher's queue (4 chunks, shared with the writes). SHA-256 work runs
-//! on blocking workers beside the I/O: the content digest in parallel batches, the object digest
-//! on one worker of its own fed by a short queue, so it never waits for a write (it is the one
-//! sequential computation, and it bounds the throughput). Cancelling the token aborts the sink,
+//! on threads beside the I/O: the object digest on one blocking worker of its own fed by a short
+//! queue, so it never waits for a write (it is the one sequential computation, and it bounds the
+//! throughput); the content digest in parallel batches on the digester's own threads, below
+//! the priority of the rest (see [`ContentDigester`]), so they use the time the sequential hash
+//! leaves rather than share a core with it. Cancelling the token aborts the sink,
 //! so nothing partial remains.
 
 use crate::digest::{ChunkChecksums, ContentDigester, ObjectSha256};
