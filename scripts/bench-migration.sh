@@ -19,4 +19,5 @@ if [ -z "${VIRTRIGAUD_LIBVIRT_URI:-}" ]; then
 fi
 command -v qemu-img >/dev/null 2>&1 || apt_install qemu-utils
 cargo build --release -p virtrigaud-cli --features libvirt
-exec python3 "${VRG_BENCH_PY:-scripts/bench-migration.py}" "$@"
+# Not exec: the EXIT trap must still stop the peer when the bench ends.
+python3 "${VRG_BENCH_PY:-scripts/bench-migration.py}" "$@"

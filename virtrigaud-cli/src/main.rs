@@ -29,7 +29,9 @@ s3://bucket/prefix (AWS_* variables), http(s)://host/path (WebDAV), nfs://host/e
 Secrets only from VIRTRIGAUD_VSPHERE_PASSWORD / VIRTRIGAUD_PROXMOX_PASSWORD, --password-file \
 or a prompt (no echo) when stdin is a terminal; store credentials from AWS_ACCESS_KEY_ID / \
 AWS_SECRET_ACCESS_KEY (s3) and VIRTRIGAUD_WEBDAV_USER / _PASSWORD / _TOKEN (http); a secret in \
-a URL is refused.";
+a URL is refused. libvirt on this host (qemu:///…) reads and writes a volume through its file \
+when this process may open it; VIRTRIGAUD_LIBVIRT_STREAMS=1 sends all disk data through \
+libvirt's streams instead.";
 
 /// Migrate virtual machines between libvirt/KVM, VMware vSphere and Proxmox VE.
 #[derive(Debug, Parser)]

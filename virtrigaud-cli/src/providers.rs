@@ -364,7 +364,19 @@ fn open_proxmox(rest: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
     Ok(Arc::new(ProxmoxProvider::new(cfg)?))
 }
 
-/// Opens the provider a URL names.
+/// Whether an environment flag is set: `1`, `true`, `yes` or `on` (any case).
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+fn flag(value: Option<&str>) -> bool {
+    value.is_some_and(|v| {
+        ["1", "true", "yes", "on"]
+            .iter()
+            .any(|t| v.trim().eq_ignore_ascii_case(t))
+    })
+}
+
+/// Opens the provider a URL names. With `VIRTRIGAUD_LIBVIRT_STREAMS` set ([`flag`]), a libvirt
+/// provider moves all disk data through libvirt's streams, even for a volume whose file this
+/// process could open (see `LibvirtProvider::with_local_files`).
 #[cfg_attr(
     not(any(feature = "vsphere", feature = "proxmox")),
     allow(unused_variables)
@@ -381,7 +393,11 @@ pub fn open(url: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
     }
     if let Some(uri) = url.strip_prefix("libvirt+") {
         #[cfg(feature = "libvirt")]
-        return Ok(Arc::new(virtrigaud::libvirt::LibvirtProvider::new(uri)));
+        return Ok(Arc::new(
+            virtrigaud::libvirt::LibvirtProvider::new(uri).with_local_files(!flag(
+                std::env::var("VIRTRIGAUD_LIBVIRT_STREAMS").ok().as_deref(),
+            )),
+        ));
         #[cfg(not(feature = "libvirt"))]
         return Err(Error::unsupported(format!(
             "{uri}: this virtrigaud was built without the libvirt feature (cargo install \
@@ -413,6 +429,17 @@ pub fn open(url: &str, secrets: &Secrets) -> Result<Arc<dyn Provider>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn environment_flags() {
+        for v in ["1", "true", "YES", " on "] {
+            assert!(flag(Some(v)), "{v}");
+        }
+        for v in ["", "0", "false", "no", "off", "2"] {
+            assert!(!flag(Some(v)), "{v}");
+        }
+        assert!(!flag(None));
+    }
 
     #[test]
     fn a_password_in_a_url_is_refused_and_says_where_it_goes() {
