@@ -1280,3 +1280,122 @@ async fn runner_contract_and_overwrite_replaces_only_at_commit() {
     assert_eq!(p.find_disk(&spec(false)).await.unwrap(), None);
     p.delete_disk("", &loc).await.unwrap();
 }
+
+/// A user who reaches libvirtd's socket but may not open the pool's files (a member of the
+/// libvirt group, say) still reads its disks: through libvirt's streams. Run as root, this test
+/// defines a domain on volumes whose files only root may open, then runs
+/// [`child_digests_a_disk_it_may_not_open`] as another user (nobody, in root's group, which
+/// `scripts/peers/libvirt.sh` gives the socket) and checks that it read both disks through
+/// streams and got the digests root gets through the files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_this_process_may_not_open_is_read_through_its_stream() {
+    use std::os::unix::process::CommandExt;
+    let Some(uri) = env_uri("VIRTRIGAUD_LIBVIRT_URI") else {
+        return;
+    };
+    let me = Command::new("id").arg("-u").output().expect("run id");
+    if String::from_utf8_lossy(&me.stdout).trim() != "0" {
+        eprintln!("SKIP: needs root, to run a part of itself as another user");
+        return;
+    }
+    let pool = TestPool::new(&uri, "noaccess");
+    let scratch = tempfile::tempdir().unwrap();
+    let (vm, _g) = two_disk_domain(&uri, &pool, scratch.path(), "noaccess");
+    // Others may see the volumes' files (their sizes match what libvirt reports) but not open
+    // them: the check that sends such a disk to its stream is the open, not the lookup.
+    std::fs::set_permissions(
+        pool.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for f in ["sys.qcow2", "data.raw"] {
+        std::fs::set_permissions(
+            pool.path(f),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+    }
+    let p = LibvirtProvider::new(&uri);
+    let mut want = Vec::new();
+    for disk in ["vda", "vdb"] {
+        want.push(
+            digest_disk(&p, &vm, disk, &ImportOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(p.data_paths().local_reads, 2, "{:?}", p.data_paths());
+
+    // The child gets a home and a runtime directory it may write (libvirt's client may keep
+    // a cache there).
+    let home = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        home.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    // The test binary, copied where any user may run it (the checkout may be in a home
+    // directory only root enters).
+    let exe = home.path().join("libvirtd-test");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new(&exe)
+        .args([
+            "--exact",
+            "child_digests_a_disk_it_may_not_open",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("VRG_CHILD_VM", &vm)
+        .env("VRG_CHILD_WANT", want.join(","))
+        .env("HOME", home.path())
+        .env("XDG_RUNTIME_DIR", home.path())
+        .env("XDG_CACHE_HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path())
+        .uid(65534)
+        .gid(0)
+        .output()
+        .expect("run the child test");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "child failed:\n{text}");
+    assert!(
+        text.contains("child: 2 stream reads, 0 local reads"),
+        "the child did not run its checks:\n{text}"
+    );
+}
+
+/// The part of [`a_disk_this_process_may_not_open_is_read_through_its_stream`] that runs as
+/// another user; it does nothing unless that test started it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn child_digests_a_disk_it_may_not_open() {
+    let (Ok(vm), Ok(want), Ok(uri)) = (
+        std::env::var("VRG_CHILD_VM"),
+        std::env::var("VRG_CHILD_WANT"),
+        std::env::var("VIRTRIGAUD_LIBVIRT_URI"),
+    ) else {
+        return;
+    };
+    let p = LibvirtProvider::new(&uri);
+    assert!(p.uses_local_files(), "{uri}");
+    let mut got = Vec::new();
+    for disk in ["vda", "vdb"] {
+        got.push(
+            digest_disk(&p, &vm, disk, &ImportOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(got.join(","), want, "digests through streams");
+    let paths = p.data_paths();
+    println!(
+        "child: {} stream reads, {} local reads",
+        paths.stream_reads, paths.local_reads
+    );
+    assert_eq!((paths.stream_reads, paths.local_reads), (2, 0), "{paths:?}");
+}
