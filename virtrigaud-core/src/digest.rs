@@ -157,14 +157,15 @@ type Task = (Vec<Bytes>, tokio::sync::oneshot::Sender<Vec<[u8; 32]>>);
 /// process.
 ///
 /// A transfer's speed is bounded by its object digest, one sequential SHA-256; the content
-/// digest's batches are parallel work that can fill whatever CPU time is left. With as many
-/// busy threads as cores (2 here: the object SHA-256, the reader and writer, the content
+/// digest's batches are parallel work that can fill whatever CPU time is left. With more busy
+/// threads than cores (on 2 cores: the object SHA-256, the reader and writer, the content
 /// digest), the kernel's fair share slows the sequential hash as much as the rest, and the
-/// whole transfer with it: both digests ran at 0.80 of one SHA-256 core. Workers that raise
-/// their own nice value by [`WORKER_NICE`] run in the time the others leave, and the same
-/// transfer ran at 0.98 (Linux, 2 cores; the figures are in the benches' README). The nice
+/// whole transfer with it: in `benches/pipeline.rs` both digests into a null sink ran at 0.81
+/// of one SHA-256 core. Workers that raise their own nice value by [`WORKER_NICE`] run in the
+/// time the others leave, and the same line ran at 0.92 (see `benches/README.md`). The nice
 /// value is per thread on Linux and raising it needs no privilege; where it cannot be set the
-/// workers run at normal priority. The threads start with the first batch and end when the
+/// workers run at normal priority. Only the order changes: with nothing else to run, the
+/// workers get whole cores. The threads start with the first batch and end when the
 /// digester is dropped; they are not tokio's blocking pool, whose threads are reused for
 /// other work and could not get their priority back.
 struct Workers {
