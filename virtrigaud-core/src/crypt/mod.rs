@@ -22,9 +22,10 @@
 //! [`with_decryption`](crate::Migration::with_decryption)), the command line
 //! `--encrypt-to RECIPIENT` and `--identity FILE`.
 //!
-//! Random access: [`open_staged`](crate::open_staged) (or [`DecryptingReader`] over any
-//! [`ReadAt`](crate::io::ReadAt)) reads an encrypted object by range, fetching and opening only
-//! the 64 KiB chunks a read covers, so a decoder that seeks (qcow2, VMDK) works on it.
+//! Random access: [`open_staged`](crate::open_staged) (or `DecryptingReader`, with the
+//! `encryption` feature, over any [`ReadAt`](crate::io::ReadAt)) reads an encrypted object by
+//! range, fetching and opening only the 64 KiB chunks a read covers, so a decoder that seeks
+//! (qcow2, VMDK) works on it.
 //!
 //! Resume: the exporter writes the age format with its own framing ([`stream`](self), on the
 //! `age` crate's primitives) so that it knows the object's header and keys. On a store that
