@@ -89,15 +89,7 @@ fn multi_buffer_trusted() -> bool {
         // More blocks than the widest kernel has lanes, so a remainder runs too; every lane
         // gets different bytes.
         let n = 2 * tape_sha256::lane_width().max(16) + 3;
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let data: Vec<u8> = (0..n * CONTENT_BLOCK)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let data = crate::testdata::noise(1, n * CONTENT_BLOCK);
         let msgs: Vec<&[u8]> = data.chunks(CONTENT_BLOCK).collect();
         let mut got = vec![[0u8; 32]; n];
         tape_sha256::hash_many(&msgs, &mut got);
@@ -655,15 +647,7 @@ mod tests {
     async fn many_blocks_hash_as_the_definition_says() {
         let blocks = 2 * 16 + 7;
         let size = blocks * CONTENT_BLOCK + 777;
-        let mut x: u64 = 0x0123_4567_89ab_cdef;
-        let mut disk: Vec<u8> = (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut disk = crate::testdata::noise(2, size);
         for z in [0usize, 5, 17, 18, 33] {
             disk[z * CONTENT_BLOCK..(z + 1) * CONTENT_BLOCK].fill(0);
         }

@@ -1303,42 +1303,23 @@ async fn a_disk_this_process_may_not_open_is_read_through_its_stream() {
     let (vm, _g) = two_disk_domain(&uri, &pool, scratch.path(), "noaccess");
     // Others may see the volumes' files (their sizes match what libvirt reports) but not open
     // them: the check that sends such a disk to its stream is the open, not the lookup.
-    std::fs::set_permissions(
-        pool.dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    chmod(pool.dir.path(), 0o755);
     for f in ["sys.qcow2", "data.raw"] {
-        std::fs::set_permissions(
-            pool.path(f),
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
+        chmod(&pool.path(f), 0o600);
     }
     let p = LibvirtProvider::new(&uri);
-    let mut want = Vec::new();
-    for disk in ["vda", "vdb"] {
-        want.push(
-            digest_disk(&p, &vm, disk, &ImportOptions::default())
-                .await
-                .unwrap(),
-        );
-    }
+    let want = both_digests(&p, &vm).await;
     assert_eq!(p.data_paths().local_reads, 2, "{:?}", p.data_paths());
 
     // The child gets a home and a runtime directory it may write (libvirt's client may keep
     // a cache there).
     let home = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        home.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    chmod(home.path(), 0o777);
     // The test binary, copied where any user may run it (the checkout may be in a home
     // directory only root enters).
     let exe = home.path().join("libvirtd-test");
     std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
-    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    chmod(&exe, 0o755);
     let out = Command::new(&exe)
         .args([
             "--exact",
@@ -1369,6 +1350,23 @@ async fn a_disk_this_process_may_not_open_is_read_through_its_stream() {
     );
 }
 
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+}
+
+/// The content digests of the two disks of [`two_disk_domain`]'s `vm`, as `p` reads them.
+async fn both_digests(p: &LibvirtProvider, vm: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for disk in ["vda", "vdb"] {
+        out.push(
+            digest_disk(p, vm, disk, &ImportOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
 /// The part of [`a_disk_this_process_may_not_open_is_read_through_its_stream`] that runs as
 /// another user; it does nothing unless that test started it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1383,14 +1381,7 @@ async fn child_digests_a_disk_it_may_not_open() {
     };
     let p = LibvirtProvider::new(&uri);
     assert!(p.uses_local_files(), "{uri}");
-    let mut got = Vec::new();
-    for disk in ["vda", "vdb"] {
-        got.push(
-            digest_disk(&p, &vm, disk, &ImportOptions::default())
-                .await
-                .unwrap(),
-        );
-    }
+    let got = both_digests(&p, &vm).await;
     assert_eq!(got.join(","), want, "digests through streams");
     let paths = p.data_paths();
     println!(
