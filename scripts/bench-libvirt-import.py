@@ -13,7 +13,9 @@ and the sparse raw file that vol-upload sends. Then, per round and target format
   * vol-upload: `virsh vol-create-as` + `virsh vol-upload --sparse` of the prepared file,
     timed when it returns (its data still in the page cache) and after a `sync` of the
     volume's file (ours fsyncs the volume before it reports: the same durability).
-Each timed run starts after a sync. Prints each run, the medians, the ratio and our peak RSS.
+Each timed run starts after a sync, with both inputs (the staged object, vol-upload's file) in
+the same state, once each way: `cached` (just read, so in the page cache) and `evicted` (out of
+it: read from the disk). Prints each run, the medians, the ratio and our peak RSS.
 No assertion: figures for the README.
 """
 
@@ -48,6 +50,27 @@ def timed(*args):
     return el, rss
 
 
+def set_cache_state(paths, state):
+    """Brings the files under paths into the page cache ('cached') or out of it ('evicted')."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += [os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs]
+        else:
+            files.append(p)
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            if state == 'cached':
+                while os.read(fd, 1 << 20):
+                    pass
+            else:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def main():
     vgib, dgib = 4, 1
     if len(sys.argv) > 1:
@@ -67,14 +90,17 @@ def main():
         bm.virsh('pool-create-as', pool, 'dir', '--target', dst)
         res = {}
         for r in range(ROUNDS):
-            for fmt in ('qcow2', 'raw'):
-                vm = 'imp{0}{1}'.format(r, fmt)
+            for fmt, state in [(f, c) for f in ('qcow2', 'raw') for c in ('cached', 'evicted')]:
+                vm = 'imp{0}{1}{2}'.format(r, fmt, state)
+                set_cache_state([store, files[fmt]], state)
                 el, rss = timed('/usr/bin/time', '-v', BIN, 'import', '-q', 'file://' + store,
                                 'd/disk', 'libvirt+' + URI, '--vm', vm, '--name', 'disk',
                                 '--placement', pool, '--format', fmt)
-                res.setdefault(('ours', fmt), []).append(el)
-                res.setdefault(('rss', fmt), []).append(rss)
-                vol = 'up{0}.{1}'.format(r, fmt)
+                key = (fmt, state)
+                res.setdefault(('ours', key), []).append(el)
+                res.setdefault(('rss', key), []).append(rss)
+                vol = 'up{0}{1}.{2}'.format(r, state, fmt)
+                set_cache_state([store, files[fmt]], state)
                 os.sync()
                 t = time.monotonic()
                 bm.virsh('vol-create-as', pool, vol, '{0}G'.format(vgib), '--format', fmt)
@@ -84,22 +110,23 @@ def main():
                 # fsync of the volume. The same durability: vol-upload, then `sync FILE`.
                 bm.sh('sync', os.path.join(dst, vol))
                 up_sync = time.monotonic() - t
-                res.setdefault(('up', fmt), []).append(up)
-                res.setdefault(('up_sync', fmt), []).append(up_sync)
-                print('  round {0} {1:5}: ours {2:5.2f} s (RSS {3} MiB), vol-upload --sparse '
-                      '{4:5.2f} s, + sync of the volume {5:5.2f} s'.format(
-                          r, fmt, el, rss, up, up_sync), flush=True)
+                res.setdefault(('up', key), []).append(up)
+                res.setdefault(('up_sync', key), []).append(up_sync)
+                print('  round {0} {1:5} {2:7}: ours {3:5.2f} s (RSS {4} MiB), vol-upload '
+                      '--sparse {5:5.2f} s, + sync of the volume {6:5.2f} s'.format(
+                          r, fmt, state, el, rss, up, up_sync), flush=True)
                 for v in bm.virsh('vol-list', pool).split('\n'):
                     if v.strip():
                         bm.virsh('vol-delete', '--pool', pool, v.split()[0], check=False)
-        for fmt in ('qcow2', 'raw'):
-            o, u = statistics.median(res[('ours', fmt)]), statistics.median(res[('up', fmt)])
-            us = statistics.median(res[('up_sync', fmt)])
-            print('RESULT import {0}G/{1}G into a {2} volume: ours {3:.2f} s, vol-upload --sparse '
-                  '{4:.2f} s (ratio {5:.2f}), vol-upload + sync of the volume {6:.2f} s (ratio '
-                  '{7:.2f}), {8:.0f} MiB/s of data, peak RSS {9} MiB (medians of {10})'.format(
-                      vgib, dgib, fmt, o, u, o / u, us, o / us, dgib * 1024 / o,
-                      max(res[('rss', fmt)]), ROUNDS), flush=True)
+        for key in [(f, c) for f in ('qcow2', 'raw') for c in ('cached', 'evicted')]:
+            o, u = statistics.median(res[('ours', key)]), statistics.median(res[('up', key)])
+            us = statistics.median(res[('up_sync', key)])
+            print('RESULT import {0}G/{1}G into a {2} volume, inputs {3}: ours {4:.2f} s, '
+                  'vol-upload --sparse {5:.2f} s (ratio {6:.2f}), vol-upload + sync of the '
+                  'volume {7:.2f} s (ratio {8:.2f}), {9:.0f} MiB/s of data, peak RSS {10} MiB '
+                  '(medians of {11})'.format(
+                      vgib, dgib, key[0], key[1], o, u, o / u, us, o / us, dgib * 1024 / o,
+                      max(res[('rss', key)]), ROUNDS), flush=True)
     finally:
         bm.virsh('pool-destroy', pool, check=False)
         shutil.rmtree(base, ignore_errors=True)

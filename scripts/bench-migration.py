@@ -30,6 +30,8 @@ import time
 URI = os.environ.get('VIRTRIGAUD_LIBVIRT_URI', 'qemu:///system')
 BIN = os.environ.get('VRG_BIN', 'target/release/virtrigaud')
 ROUNDS = int(os.environ.get('VRG_BENCH_ROUNDS', '3'))
+# VRG_BENCH_HAND=0 skips the by-hand path (ours only, for quick comparisons).
+HAND = os.environ.get('VRG_BENCH_HAND', '1') != '0'
 GIB = 1 << 30
 CHUNK = 16 << 20
 
@@ -78,6 +80,27 @@ def define(xml, work):
     virsh('define', p)
 
 
+def disk_io(path):
+    """(bytes read, bytes written) so far by the block device holding path, or None."""
+    dev = os.stat(path).st_dev
+    try:
+        with open('/sys/dev/block/{0}:{1}/stat'.format(os.major(dev), os.minor(dev))) as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    return int(fields[2]) * 512, int(fields[6]) * 512
+
+
+def io_since(path, before):
+    """GiB read and written by path's device since before, after a sync (so what the run left
+    dirty counts too)."""
+    os.sync()
+    after = disk_io(path)
+    if before is None or after is None:
+        return None
+    return tuple((a - b) / GIB for a, b in zip(after, before))
+
+
 def ours(src_dom, dst_pool, dst_name, store, prefix):
     cmd = ['/usr/bin/time', '-v', BIN, '--json', 'migrate', '--from', 'libvirt+' + URI,
            '--to', 'libvirt+' + URI, '--via', 'file://' + store, '--prefix', prefix,
@@ -102,10 +125,13 @@ def ours(src_dom, dst_pool, dst_name, store, prefix):
     total = time.monotonic() - t0
     if rc != 0:
         raise RuntimeError('virtrigaud failed ({0}): {1}'.format(rc, err[-2000:]))
-    rss = 0
+    rss, cpu = 0, 0.0
     for l in err.splitlines():
         if 'Maximum resident set size' in l:
             rss = int(l.split(':')[1]) // 1024
+        elif 'User time (seconds)' in l or 'System time (seconds)' in l:
+            cpu += float(l.split(':')[1])
+    phases['cpu'] = cpu
     return total, phases, rss
 
 
@@ -143,8 +169,12 @@ def by_hand(src_pool, src_vol, dst_pool, dst_vol, dst_name, vgib, work, store):
 
 
 def shares(parts, total):
-    return ', '.join('{0} {1:.0%}'.format(k, v / total) for k, v in
-                     sorted(parts.items(), key=lambda kv: -kv[1]))
+    """Each phase's share of total; a 'cpu' entry (our CPU seconds) is printed apart."""
+    text = ', '.join('{0} {1:.0%}'.format(k, v / total) for k, v in
+                     sorted(parts.items(), key=lambda kv: -kv[1]) if k != 'cpu')
+    if 'cpu' in parts:
+        text += '; CPU {0:.2f} s'.format(parts['cpu'])
+    return text
 
 
 def bench(vgib, dgib, ndisks, base, one_disk):
@@ -171,25 +201,33 @@ def bench(vgib, dgib, ndisks, base, one_disk):
             name = '{0}-ours{1}'.format(tag, r)
             # Earlier rounds' dirty pages are written back now, not inside the next timed run.
             os.sync()
+            io0 = disk_io(base)
             total, phases, rss = ours(src_dom, dst_pool, name, store, 'm/{0}'.format(r))
+            io = io_since(base, io0)
             created.append(name)
             res['ours'].append(total)
             res['rss'].append(rss)
             res['phases'].append(phases)
-            print('  ours    round {0}: {1:6.2f} s  peak RSS {2} MiB  ({3})'.format(
-                r, total, rss, shares(phases, total)), flush=True)
+            print('  ours    round {0}: {1:6.2f} s  peak RSS {2} MiB  ({3}){4}'.format(
+                r, total, rss, shares(phases, total),
+                '  disk read {0:.2f} GiB, written {1:.2f} GiB'.format(*io) if io else ''),
+                flush=True)
             shutil.rmtree(os.path.join(store, 'm'), ignore_errors=True)
-            if ndisks > 1:
+            if ndisks > 1 or not HAND:
                 continue
             name = '{0}-hand{1}'.format(tag, r)
             os.sync()
+            io0 = disk_io(base)
             total, steps = by_hand(src_pool, 'disk0.qcow2', dst_pool, 'hand{0}.qcow2'.format(r),
                                    name, vgib, work, store)
             created.append(name)
             res['hand'].append(total)
             res['steps'].append(steps)
-            print('  by hand round {0}: {1:6.2f} s  ({2})'.format(r, total, shares(steps, total)),
-                  flush=True)
+            io = io_since(base, io0)
+            print('  by hand round {0}: {1:6.2f} s  ({2}){3}'.format(
+                r, total, shares(steps, total),
+                '  disk read {0:.2f} GiB, written {1:.2f} GiB'.format(*io) if io else ''),
+                flush=True)
         o = statistics.median(res['ours'])
         if ndisks > 1:
             base1 = one_disk.get((vgib, dgib))
@@ -201,6 +239,10 @@ def bench(vgib, dgib, ndisks, base, one_disk):
             print('  ours phases (median run, summed over disks): ' + shares(res['phases'][mid], o))
             return
         one_disk[(vgib, dgib)] = o
+        if not HAND:
+            print('RESULT {0}G/{1}G: ours {2:.2f} s, peak RSS {3} MiB (median of {4})'.format(
+                vgib, dgib, o, max(res['rss']), ROUNDS), flush=True)
+            return
         h = statistics.median(res['hand'])
         print('RESULT {0}G/{1}G: ours {2:.2f} s, by hand {3:.2f} s, ratio {4:.2f}, '
               'peak RSS {5} MiB (medians of {6})'.format(vgib, dgib, o, h, o / h,

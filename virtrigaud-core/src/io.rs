@@ -178,14 +178,21 @@ pub(crate) fn join_err(e: tokio::task::JoinError) -> Error {
 /// Reads up to `len` bytes at `offset` of `file` into a pooled buffer (fewer only at the end of
 /// the file). With `direct` (the same file opened by [`open_direct_read`]) a read at a
 /// page-aligned offset goes around the page cache: whole pages into a page-aligned buffer;
-/// other reads, and any the file system refuses, use `file`. Blocking.
+/// other reads, and any the file system refuses, use `file`. A range whose pages are all in
+/// the page cache already ([`page_cache_residency`]: an object that was just written through
+/// it, a file just created) is read from there, a copy from memory instead of a disk read.
+/// Blocking.
 pub fn read_file_at(
     file: &std::fs::File,
     direct: Option<&std::fs::File>,
     offset: u64,
     len: usize,
 ) -> std::io::Result<Bytes> {
-    if let Some(d) = direct.filter(|_| offset.is_multiple_of(BUFFER_ALIGN as u64)) {
+    if let Some(d) = direct.filter(|_| offset.is_multiple_of(BUFFER_ALIGN as u64))
+        && page_cache_residency(file, offset, len as u64).is_none_or(|(c, n)| c < n)
+    {
+        #[cfg(test)]
+        DIRECT_READS.with(|n| n.set(n.get() + 1));
         // The last page may end past the file: the read is then short.
         let whole = len.next_multiple_of(BUFFER_ALIGN);
         let mut buf = ReadBuf::new(whole);
@@ -201,6 +208,91 @@ pub fn read_file_at(
     let mut buf = ReadBuf::new(len);
     let done = read_full_at(file, buf.as_mut(), offset)?;
     Ok(buf.freeze(done))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Reads [`read_file_at`] sent around the page cache on this thread.
+    static DIRECT_READS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many of the pages that hold the `len` bytes at `offset` of `file` are in the page
+/// cache, and how many pages that is: `(cached, pages)`. From `cachestat(2)` (Linux 6.5 and
+/// later), which looks at the cache only: it starts no read and changes nothing. `None` where
+/// the kernel cannot tell (older kernels, file systems without a page cache, other systems).
+pub fn page_cache_residency(file: &std::fs::File, offset: u64, len: u64) -> Option<(u64, u64)> {
+    #[cfg(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86_64",
+            target_arch = "x86",
+            target_arch = "aarch64",
+            target_arch = "arm",
+            target_arch = "riscv64",
+            target_arch = "powerpc64",
+            target_arch = "s390x",
+            target_arch = "loongarch64"
+        )
+    ))]
+    {
+        use std::os::fd::AsRawFd;
+        /// `cachestat`'s number, the same on these architectures (the unified table).
+        const SYS_CACHESTAT: libc::c_long = 451;
+        #[repr(C)]
+        struct Range {
+            off: u64,
+            len: u64,
+        }
+        #[repr(C)]
+        #[derive(Default)]
+        struct CacheStat {
+            nr_cache: u64,
+            nr_dirty: u64,
+            nr_writeback: u64,
+            nr_evicted: u64,
+            nr_recently_evicted: u64,
+        }
+        if len == 0 {
+            return Some((0, 0));
+        }
+        // SAFETY: sysconf only reads a system constant.
+        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|p| *p > 0)?;
+        let pages = offset.checked_add(len)?.div_ceil(page) - offset / page;
+        let range = Range { off: offset, len };
+        let mut st = CacheStat::default();
+        // SAFETY: cachestat reads `range` and fills `st`, both valid for the call and laid
+        // out as the kernel's `struct cachestat_range` and `struct cachestat`; the descriptor
+        // is ours and open.
+        let rc = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                file.as_raw_fd(),
+                &range as *const Range,
+                &mut st as *mut CacheStat,
+                0u32,
+            )
+        };
+        (rc == 0).then_some((st.nr_cache.min(pages), pages))
+    }
+    #[cfg(not(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86_64",
+            target_arch = "x86",
+            target_arch = "aarch64",
+            target_arch = "arm",
+            target_arch = "riscv64",
+            target_arch = "powerpc64",
+            target_arch = "s390x",
+            target_arch = "loongarch64"
+        )
+    )))]
+    {
+        let _ = (file, offset, len);
+        None
+    }
 }
 
 /// Reads into all of `buf` from `offset`, short only at the end of the file.
@@ -329,6 +421,13 @@ pub struct FileCreateOptions {
     /// [`DEFAULT_TEMP_MAX_AGE`](crate::temp::DEFAULT_TEMP_MAX_AGE), 24 h; `None`: never). See
     /// [`temp`](crate::temp) for what is removed.
     pub sweep_temp_after: Option<std::time::Duration>,
+    /// Write large aligned pieces around the page cache (`O_DIRECT`, where the file system
+    /// takes it; default `true`): right for a disk that is written once and read back only to
+    /// prove it, which then comes from the disk itself. `false` writes through the page
+    /// cache (the disk writeback of each large write still starts at once, and commit still
+    /// fsyncs): right for a file read again soon, such as a staged object that the import of
+    /// the same migration reads, which [`read_file_at`] then takes from memory.
+    pub direct_writes: bool,
 }
 
 impl Default for FileCreateOptions {
@@ -337,6 +436,7 @@ impl Default for FileCreateOptions {
             overwrite: false,
             mode: DEFAULT_FILE_MODE,
             sweep_temp_after: Some(crate::temp::DEFAULT_TEMP_MAX_AGE),
+            direct_writes: true,
         }
     }
 }
@@ -355,6 +455,11 @@ impl FileCreateOptions {
     /// Sets [`sweep_temp_after`](Self::sweep_temp_after).
     pub fn sweep_temp_after(mut self, max_age: Option<std::time::Duration>) -> Self {
         self.sweep_temp_after = max_age;
+        self
+    }
+    /// Sets [`direct_writes`](Self::direct_writes).
+    pub fn direct_writes(mut self, direct: bool) -> Self {
+        self.direct_writes = direct;
         self
     }
 }
@@ -491,6 +596,7 @@ impl LocalFileSink {
         let overwrite = opts.overwrite;
         let mode = opts.mode & 0o7777;
         let sweep = opts.sweep_temp_after;
+        let direct_writes = opts.direct_writes;
         let dest = dest.as_ref().to_path_buf();
         let target = dest.display().to_string();
         let d = dest.clone();
@@ -525,8 +631,11 @@ impl LocalFileSink {
             };
             // Not on tmpfs: it is the page cache itself, direct writes only add work there
             // (measured: slower and erratic).
-            let direct =
-                open_direct(&tmp).filter(|d| same_file(&f, d) && fs_type(&f) != Some(TMPFS_MAGIC));
+            let direct = if direct_writes {
+                open_direct(&tmp).filter(|d| same_file(&f, d) && fs_type(&f) != Some(TMPFS_MAGIC))
+            } else {
+                None
+            };
             Ok(((f, direct), tmp))
         })
         .await
@@ -1033,6 +1142,76 @@ mod tests {
         tempfile::tempdir().unwrap()
     }
 
+    /// Writes `path` to the disk and drops its pages from the page cache (best effort:
+    /// `POSIX_FADV_DONTNEED` after an fsync).
+    fn evict(path: &Path) {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: an advice on a descriptor we own; no memory is passed.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+
+    #[test]
+    fn page_cache_residency_counts_the_pages_a_range_touches() {
+        let dir = disk_dir();
+        let path = dir.path().join("f");
+        let page = 4096u64;
+        std::fs::write(&path, crate::testdata::noise(3, 16 * page as usize)).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let Some((cached, pages)) = page_cache_residency(&f, 0, 16 * page) else {
+            eprintln!("SKIP page-cache residency: the kernel has no cachestat");
+            return;
+        };
+        // Just written through the page cache: all there.
+        assert_eq!((cached, pages), (16, 16));
+        // A range that starts and ends inside pages touches both.
+        assert_eq!(page_cache_residency(&f, 100, page), Some((2, 2)));
+        assert_eq!(page_cache_residency(&f, 3 * page, 1), Some((1, 1)));
+        assert_eq!(page_cache_residency(&f, 0, 0), Some((0, 0)));
+        evict(&path);
+        let (cached, pages) = page_cache_residency(&f, 0, 16 * page).unwrap();
+        assert_eq!(pages, 16);
+        assert!(
+            cached < pages,
+            "{cached} of {pages} pages still cached after eviction"
+        );
+    }
+
+    /// A range the page cache holds is copied from it; one it does not hold is read around it,
+    /// and both give the file's bytes.
+    #[test]
+    fn reads_take_cached_ranges_from_the_page_cache_and_the_rest_around_it() {
+        let dir = disk_dir();
+        let path = dir.path().join("f");
+        let data = crate::testdata::noise(11, 4 << 20);
+        std::fs::write(&path, &data).unwrap();
+        let plain = std::fs::File::open(&path).unwrap();
+        let direct = open_direct_read(&path, &plain);
+        let cachestat = page_cache_residency(&plain, 0, 1);
+        let (Some(direct), Some(_)) = (direct, cachestat) else {
+            eprintln!("SKIP cached reads: no O_DIRECT here (tmpfs?) or no cachestat");
+            return;
+        };
+        let directs = || DIRECT_READS.with(|n| n.get());
+        let before = directs();
+        let got = read_file_at(&plain, Some(&direct), 1 << 20, 1 << 20).unwrap();
+        assert!(got[..] == data[1 << 20..2 << 20], "cached read differs");
+        assert_eq!(
+            directs(),
+            before,
+            "a cached range was read around the cache"
+        );
+        evict(&path);
+        let got = read_file_at(&plain, Some(&direct), 2 << 20, 1 << 20).unwrap();
+        assert!(got[..] == data[2 << 20..3 << 20], "direct read differs");
+        assert_eq!(
+            directs(),
+            before + 1,
+            "an evicted range was read through the cache"
+        );
+    }
+
     #[tokio::test]
     async fn direct_reads_return_the_same_bytes_as_buffered_ones() {
         let dir = disk_dir();
@@ -1041,10 +1220,12 @@ mod tests {
         let len = (3 << 20) + 1234;
         let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
         std::fs::write(&path, &data).unwrap();
+        // Out of the page cache, or the reads below would be taken from it.
+        evict(&path);
         let plain = LocalFile::open(&path).await.unwrap();
         let direct = LocalFile::open_direct(&path).await.unwrap();
         eprintln!("direct reads in effect: {}", direct.is_direct());
-        for (off, n) in [
+        let reads = [
             (0u64, 1usize << 20),      // aligned, pooled: the direct path
             (4096, 2 << 20),           // aligned
             (3 << 20, 1 << 20),        // aligned, runs past the end
@@ -1052,9 +1233,14 @@ mod tests {
             (0, 512),                  // small: not page-aligned memory
             (len as u64 - 10, 4096),   // the tail
             (len as u64 + 4096, 4096), // past the end
-        ] {
+        ];
+        // The direct ones first: a buffered read would bring its range into the cache.
+        let mut got = Vec::new();
+        for (off, n) in reads {
+            got.push(direct.read_at(off, n).await.unwrap());
+        }
+        for ((off, n), b) in reads.into_iter().zip(got) {
             let a = plain.read_at(off, n).await.unwrap();
-            let b = direct.read_at(off, n).await.unwrap();
             let end = (off as usize + n).min(len).max(off as usize).min(len);
             let want = &data[(off as usize).min(len)..end];
             assert_eq!(&a[..], want, "buffered {off}+{n}");

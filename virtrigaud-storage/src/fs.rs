@@ -6,7 +6,9 @@
 //! [`virtrigaud_core::temp`]; [`FsBackend::with_temp_max_age`]). Keys are checked
 //! ([`validate_key`](virtrigaud_core::storage::validate_key)) and resolved paths must stay
 //! inside the root, symlinks included. Files are created with mode 0600 (owner only: a disk
-//! image holds a whole file system); [`FsBackend::with_file_mode`] changes that.
+//! image holds a whole file system); [`FsBackend::with_file_mode`] changes that. Large aligned
+//! writes go around the page cache unless [`FsBackend::with_direct_writes`] says otherwise;
+//! large reads take from the page cache the pages it holds and read the rest around it.
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -38,6 +40,25 @@ impl FsBackend {
             root: root.into(),
             file: FileCreateOptions::default(),
         }
+    }
+
+    /// Whether puts write large aligned pieces around the page cache (`O_DIRECT`, where the
+    /// file system takes it; default `true`). `false` writes objects through the page cache
+    /// (writeback still starts with each large write, and commit still fsyncs), so a read
+    /// that follows soon, such as the import of the same migration, takes the object from
+    /// memory instead of the disk ([`FsBackend::get`] looks before each read).
+    ///
+    /// Direct is the default because fresh page-cache pages can cost more than the disk read
+    /// they save, and an object larger than the free memory saves nothing. Measured on a
+    /// 2-core VM whose host takes freed guest memory back (free page reporting: writing 1 GiB
+    /// into new page-cache pages took 3.3 s of CPU after the memory had been free for 10 s,
+    /// 0.35 s right after it was freed): a libvirt migration of a 10 GiB / 3 GiB disk
+    /// through a local store took 11.65 s through the page cache against 10.52 s direct, 12.7
+    /// against 8.2 CPU-seconds; only a single 4 GiB / 1 GiB disk was faster through it (2.8 to
+    /// 3.4 s against 3.6 to 3.9 s).
+    pub fn with_direct_writes(mut self, direct: bool) -> Self {
+        self.file = self.file.direct_writes(direct);
+        self
     }
 
     /// Sets the permission bits of the files a put creates (default
@@ -153,9 +174,10 @@ impl StorageBackend for FsBackend {
             }
             None => (0, size),
         };
-        // An object is read once, start to end: large ones around the page cache (the bytes
-        // go from the disk to the buffer; an import does not fill the host's memory with the
-        // object it reads).
+        // An object is read once, start to end: large ones around the page cache where it
+        // does not hold them (the bytes go from the disk to the buffer; an import does not
+        // fill the host's memory with the object it reads), from the cache where it does (an
+        // object a put just wrote: `read_file_at` looks before each read).
         let direct = if end - start >= DIRECT_READ_MIN {
             virtrigaud_core::io::open_direct_read(&path, &file).map(std::sync::Arc::new)
         } else {
@@ -352,6 +374,62 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(mode(&dir.path().join("b/vm/disk.raw")), 0o640);
+    }
+
+    /// Puts the page-aligned pieces of `data` (as the pipeline's pooled buffers are: what a
+    /// direct write takes) as `key`; returns how many of its pages the page cache then holds,
+    /// and how many it has, or `None` where the kernel cannot tell.
+    async fn put_aligned(b: &FsBackend, key: &str, data: &[u8]) -> Option<(u64, u64)> {
+        let mut sink = b.put(key, &PutOptions::default()).await.unwrap();
+        for piece in data.chunks(1 << 20) {
+            let mut buf = virtrigaud_core::io::ReadBuf::new(piece.len());
+            buf.as_mut().copy_from_slice(piece);
+            sink.write(buf.freeze(piece.len())).await.unwrap();
+        }
+        sink.commit().await.unwrap();
+        let f = std::fs::File::open(b.root().join(key)).unwrap();
+        virtrigaud_core::io::page_cache_residency(&f, 0, data.len() as u64)
+    }
+
+    /// By default a put sends large aligned pieces around the page cache; with
+    /// `with_direct_writes(false)` it leaves the object there, and the read that follows gets
+    /// the same bytes either way.
+    #[tokio::test]
+    async fn puts_write_around_the_page_cache_unless_told_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = virtrigaud_core::testdata::noise(5, 4 << 20);
+        let direct = FsBackend::new(dir.path().join("direct"));
+        let cached = FsBackend::new(dir.path().join("cached")).with_direct_writes(false);
+        let around = put_aligned(&direct, "vm/disk.qcow2", &data).await;
+        let through = put_aligned(&cached, "vm/disk.qcow2", &data).await;
+        for b in [&direct, &cached] {
+            let mut got = Vec::new();
+            let mut s = b.get("vm/disk.qcow2", None).await.unwrap();
+            while let Some(c) = s.next().await {
+                got.extend_from_slice(&c.unwrap());
+            }
+            assert!(
+                got == data,
+                "the object in {} reads back different",
+                b.location()
+            );
+        }
+        let tmpfs =
+            virtrigaud_core::io::LocalFile::open_direct(direct.root().join("vm/disk.qcow2"))
+                .await
+                .is_ok_and(|f| !f.is_direct());
+        let (Some((c_direct, pages)), Some((c_cached, _)), false) = (around, through, tmpfs) else {
+            eprintln!("SKIP page-cache residency: no cachestat, or no O_DIRECT here (tmpfs?)");
+            return;
+        };
+        assert_eq!(
+            c_cached, pages,
+            "a put through the page cache left it without the object"
+        );
+        assert!(
+            c_direct < pages / 2,
+            "a direct put left {c_direct} of {pages} pages in the page cache"
+        );
     }
 
     /// A killed process leaves its temporary file behind; the next put into that directory
