@@ -101,6 +101,44 @@ def io_since(path, before):
     return tuple((a - b) / GIB for a, b in zip(after, before))
 
 
+def device_floor(files, read_gib, write_gib, work):
+    """Seconds the disk takes on its own for read_gib GiB of reads and write_gib GiB of writes
+    at once, around the page cache, in 4 MiB requests as ours makes: dd readers of files
+    (again and again, O_DIRECT) beside dd writers of new files (O_DIRECT, their data from the
+    page cache). The floor of any job that moves those bytes through this disk."""
+    procs, outs = [], []
+    per = int(read_gib * GIB) // len(files) // (4 << 20)
+    for f in files:
+        size = os.path.getsize(f) // (4 << 20)
+        if size == 0 or per == 0:
+            continue
+        # A reader per file; one that wraps round restarts it at 0.
+        passes, rest = divmod(per, size)
+        cmd = ' ; '.join(['dd if={0} of=/dev/null bs=4M iflag=direct status=none'.format(f)] *
+                         passes + ['dd if={0} of=/dev/null bs=4M iflag=direct count={1} '
+                                   'status=none'.format(f, rest)])
+        procs.append(subprocess.Popen(['sh', '-c', cmd]))
+    wper = int(write_gib * GIB) // len(files) // (4 << 20)
+    for i, f in enumerate(files):
+        out = os.path.join(work, 'floor{0}'.format(i))
+        outs.append(out)
+        # The source is in the page cache (the bench read it): these are writes only.
+        size = max(os.path.getsize(f) // (4 << 20), 1)
+        cmd = ' ; '.join('dd if={0} of={1} bs=4M oflag=direct conv=notrunc seek={2} count={3} '
+                         'status=none'.format(f, out, k, min(size, wper - k))
+                         for k in range(0, wper, size))
+        procs.append(subprocess.Popen(['sh', '-c', cmd or 'true']))
+    t0 = time.monotonic()
+    for p in procs:
+        p.wait()
+    el = time.monotonic() - t0
+    for out in outs:
+        if os.path.exists(out):
+            os.remove(out)
+    os.sync()
+    return el
+
+
 def ours(src_dom, dst_pool, dst_name, store, prefix):
     cmd = ['/usr/bin/time', '-v', BIN, '--json', 'migrate', '--from', 'libvirt+' + URI,
            '--to', 'libvirt+' + URI, '--via', 'file://' + store, '--prefix', prefix,
@@ -193,7 +231,7 @@ def bench(vgib, dgib, ndisks, base, one_disk):
     virsh('pool-create-as', dst_pool, 'dir', '--target', dst_dir)
     define(domain_xml(src_dom, disks), work)
     created = []
-    res = {'ours': [], 'hand': [], 'rss': [], 'phases': [], 'steps': []}
+    res = {'ours': [], 'hand': [], 'rss': [], 'phases': [], 'steps': [], 'io': []}
     try:
         # Warm the page cache with the source once, for both.
         subprocess.run(['cat'] + disks, stdout=subprocess.DEVNULL, check=True)
@@ -204,6 +242,7 @@ def bench(vgib, dgib, ndisks, base, one_disk):
             io0 = disk_io(base)
             total, phases, rss = ours(src_dom, dst_pool, name, store, 'm/{0}'.format(r))
             io = io_since(base, io0)
+            res['io'].append(io)
             created.append(name)
             res['ours'].append(total)
             res['rss'].append(rss)
@@ -229,6 +268,14 @@ def bench(vgib, dgib, ndisks, base, one_disk):
                 '  disk read {0:.2f} GiB, written {1:.2f} GiB'.format(*io) if io else ''),
                 flush=True)
         o = statistics.median(res['ours'])
+        # What the disk needs on its own for the bytes ours moved (median run's counts).
+        ios = [x for x in res['io'] if x]
+        if ios:
+            rd = statistics.median(x[0] for x in ios)
+            wr = statistics.median(x[1] for x in ios)
+            fl = statistics.median(device_floor(disks, rd, wr, work) for _ in range(ROUNDS))
+            print('  disk on its own for the same {0:.2f} GiB read + {1:.2f} GiB written: '
+                  '{2:.2f} s (ours is {3:.2f}x that)'.format(rd, wr, fl, o / fl), flush=True)
         if ndisks > 1:
             base1 = one_disk.get((vgib, dgib))
             print('RESULT {0}x {1}G/{2}G: ours {3:.2f} s{4}, peak RSS {5} MiB (median of {6})'.format(
