@@ -221,9 +221,12 @@ thread_local! {
 /// later), which looks at the cache only: it starts no read and changes nothing. `None` where
 /// the kernel cannot tell (older kernels, file systems without a page cache, other systems).
 pub fn page_cache_residency(file: &std::fs::File, offset: u64, len: u64) -> Option<(u64, u64)> {
-    #[cfg(all(
-        target_os = "linux",
-        any(
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        /// `cachestat`'s number, the same on these architectures (the unified table).
+        const SYS_CACHESTAT: libc::c_long = 451;
+        const UNIFIED_TABLE: bool = cfg!(any(
             target_arch = "x86_64",
             target_arch = "x86",
             target_arch = "aarch64",
@@ -232,12 +235,7 @@ pub fn page_cache_residency(file: &std::fs::File, offset: u64, len: u64) -> Opti
             target_arch = "powerpc64",
             target_arch = "s390x",
             target_arch = "loongarch64"
-        )
-    ))]
-    {
-        use std::os::fd::AsRawFd;
-        /// `cachestat`'s number, the same on these architectures (the unified table).
-        const SYS_CACHESTAT: libc::c_long = 451;
+        ));
         #[repr(C)]
         struct Range {
             off: u64,
@@ -251,6 +249,9 @@ pub fn page_cache_residency(file: &std::fs::File, offset: u64, len: u64) -> Opti
             nr_writeback: u64,
             nr_evicted: u64,
             nr_recently_evicted: u64,
+        }
+        if !UNIFIED_TABLE {
+            return None;
         }
         if len == 0 {
             return Some((0, 0));
@@ -276,19 +277,7 @@ pub fn page_cache_residency(file: &std::fs::File, offset: u64, len: u64) -> Opti
         };
         (rc == 0).then_some((st.nr_cache.min(pages), pages))
     }
-    #[cfg(not(all(
-        target_os = "linux",
-        any(
-            target_arch = "x86_64",
-            target_arch = "x86",
-            target_arch = "aarch64",
-            target_arch = "arm",
-            target_arch = "riscv64",
-            target_arch = "powerpc64",
-            target_arch = "s390x",
-            target_arch = "loongarch64"
-        )
-    )))]
+    #[cfg(not(target_os = "linux"))]
     {
         let _ = (file, offset, len);
         None
