@@ -4,7 +4,7 @@
 //! an aborted or dropped put removes its temporary file, and a put removes the temporary files
 //! a killed process left in its directory once they are a day old (the sweep of
 //! [`virtrigaud_core::temp`]; [`FsBackend::with_temp_max_age`]). Keys are checked
-//! ([`validate_key`](virtrigaud_core::storage::validate_key)) and resolved paths must stay
+//! ([`validate_key`]) and resolved paths must stay
 //! inside the root, symlinks included. Files are created with mode 0600 (owner only: a disk
 //! image holds a whole file system); [`FsBackend::with_file_mode`] changes that. Large aligned
 //! writes go around the page cache unless [`FsBackend::with_direct_writes`] says otherwise;

@@ -1,6 +1,6 @@
 //! # virtrigaud-storage
 //!
-//! [`StorageBackend`](virtrigaud_core::StorageBackend) implementations and storage URLs.
+//! [`StorageBackend`] implementations and storage URLs.
 //!
 //! | scheme | backend | status |
 //! |---|---|---|

@@ -1,7 +1,7 @@
 //! [`S3Writer`]: the multipart [`ByteSink`] with a checkpoint for resume across processes.
 //!
 //! Bytes are gathered into parts whose sizes follow the schedule of
-//! [`part_size_of`](super::config::part_size_of) (a function of the part number alone); each full
+//! [`part_size_of`] (a function of the part number alone); each full
 //! part is uploaded by a task of its own (at most `concurrency` at a time, fewer as parts grow so
 //! that the parts in flight stay within the memory budget; memory ≈ part size ×
 //! (concurrency + 1)). An object that never fills more than one part goes up as one PutObject
