@@ -317,9 +317,100 @@ impl<T> ResultExt<T> for Result<T> {
     }
 }
 
+/// The text of `e` followed by the text of each of its sources, `outer: inner: innermost`, a
+/// source whose text is already there left out.
+///
+/// For the errors of client libraries (reqwest, opendal, rustls), whose `Display` shows only the
+/// outermost layer ("error sending request") while the cause ("invalid peer certificate") sits
+/// below it. Every provider and backend renders such chains with this one function.
+///
+/// ```
+/// use virtrigaud_core::error::source_chain;
+///
+/// #[derive(Debug)]
+/// struct Sending(std::io::Error);
+/// impl std::fmt::Display for Sending {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+///         f.write_str("error sending request")
+///     }
+/// }
+/// impl std::error::Error for Sending {
+///     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+///         Some(&self.0)
+///     }
+/// }
+///
+/// let e = Sending(std::io::Error::other("connection reset by peer"));
+/// assert_eq!(source_chain(&e), "error sending request: connection reset by peer");
+/// ```
+pub fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+/// Whether the text of a failed exchange (a [`source_chain`]) says the server's TLS certificate
+/// was refused: untrusted, expired, for another name, or not the pinned one.
+///
+/// Such a failure fails again on every retry, so the error built from it is not retryable.
+pub fn is_certificate_refusal(chain: &str) -> bool {
+    chain.to_ascii_lowercase().contains("certificate")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error layer with a text and an optional cause, like a client library's.
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+    impl fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn source_chains_name_every_layer_once() {
+        let e = Layer(
+            "error sending request for url (https://h/)",
+            Some(Box::new(Layer(
+                "client error (Connect)",
+                Some(Box::new(Layer(
+                    "client error (Connect)",
+                    Some(Box::new(Layer(
+                        "invalid peer certificate: UnknownIssuer",
+                        None,
+                    ))),
+                ))),
+            ))),
+        );
+        let chain = source_chain(&e);
+        assert_eq!(
+            chain,
+            "error sending request for url (https://h/): client error (Connect): \
+             invalid peer certificate: UnknownIssuer"
+        );
+        assert!(is_certificate_refusal(&chain));
+        assert!(!is_certificate_refusal(&source_chain(&Layer(
+            "error sending request",
+            Some(Box::new(Layer("connection refused", None)))
+        ))));
+        assert_eq!(source_chain(&Layer("alone", None)), "alone");
+    }
 
     #[test]
     fn display_has_kind_message_and_context() {

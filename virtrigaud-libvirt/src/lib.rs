@@ -676,6 +676,31 @@ fn mirror_ready(dom: &Domain, disk: &str) -> Result<bool> {
         }))
 }
 
+/// The block job running on `cdisk` (its progress), `None` when there is none.
+fn block_job_info(
+    dom: &Domain,
+    cdisk: &std::ffi::CStr,
+) -> Result<Option<virt::sys::virDomainBlockJobInfo>> {
+    let mut info = virt::sys::virDomainBlockJobInfo {
+        type_: 0,
+        bandwidth: 0,
+        cur: 0,
+        end: 0,
+    };
+    // SAFETY: valid domain pointer owned by `dom`; `cdisk` outlives the call; `info` is a
+    // properly sized out-parameter.
+    let r =
+        unsafe { virt::sys::virDomainGetBlockJobInfo(dom.as_ptr(), cdisk.as_ptr(), &mut info, 0) };
+    match r {
+        r if r < 0 => Err(error::from_virt(
+            virt::error::Error::last_error(),
+            "blockjob.info",
+        )),
+        0 => Ok(None),
+        _ => Ok(Some(info)),
+    }
+}
+
 /// Commits the active overlay of `disk` into its base and pivots back to the base.
 fn block_commit_active(dom: &Domain, disk: &str) -> Result<()> {
     let cdisk = CString::new(disk).map_err(|_| Error::invalid("disk name contains NUL"))?;
@@ -702,28 +727,12 @@ fn block_commit_active(dom: &Domain, disk: &str) -> Result<()> {
     // A refusal "not ready for pivot yet" is therefore retried until the deadline.
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let mut info = virt::sys::virDomainBlockJobInfo {
-            type_: 0,
-            bandwidth: 0,
-            cur: 0,
-            end: 0,
-        };
-        // SAFETY: valid pointers; `info` is a properly sized out-parameter.
-        let r = unsafe {
-            virt::sys::virDomainGetBlockJobInfo(dom.as_ptr(), cdisk.as_ptr(), &mut info, 0)
-        };
-        if r < 0 {
-            return Err(error::from_virt(
-                virt::error::Error::last_error(),
-                "blockjob.info",
-            ));
-        }
-        if r == 0 {
+        let Some(info) = block_job_info(dom, &cdisk)? else {
             return Err(Error::new(
                 ErrorKind::Provider,
                 format!("block commit job of {disk} disappeared before it was ready"),
             ));
-        }
+        };
         if info.end > 0 && info.cur == info.end && mirror_ready(dom, disk)? {
             // SAFETY: as above.
             let r = unsafe {
@@ -751,23 +760,7 @@ fn block_commit_active(dom: &Domain, disk: &str) -> Result<()> {
     }
     // Wait for the pivot to complete (the job disappears).
     loop {
-        let mut info = virt::sys::virDomainBlockJobInfo {
-            type_: 0,
-            bandwidth: 0,
-            cur: 0,
-            end: 0,
-        };
-        // SAFETY: as above.
-        let r = unsafe {
-            virt::sys::virDomainGetBlockJobInfo(dom.as_ptr(), cdisk.as_ptr(), &mut info, 0)
-        };
-        if r < 0 {
-            return Err(error::from_virt(
-                virt::error::Error::last_error(),
-                "blockjob.info",
-            ));
-        }
-        if r == 0 {
+        if block_job_info(dom, &cdisk)?.is_none() {
             return Ok(());
         }
         if Instant::now() > deadline {

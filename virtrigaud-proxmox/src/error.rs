@@ -16,6 +16,7 @@
 //! | 502, 503, 504, 595, 596 (proxy could not reach a node) | `Network`, retryable |
 //! | other | `Provider` |
 
+use virtrigaud_core::error::{is_certificate_refusal, source_chain};
 use virtrigaud_core::{Error, ErrorKind};
 
 /// The error for an HTTP `status` with PVE's `message` and per-parameter `errors`.
@@ -81,14 +82,17 @@ pub(crate) fn transport(e: reqwest::Error, op: &str) -> Error {
         ErrorKind::Network
     };
     // reqwest's Display carries the URL, which holds no secret here (auth is in headers).
-    let mut msg = e.to_string();
-    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
+    let mut msg = source_chain(&e);
+    // A refused certificate stays refused: not worth a retry.
+    let tls = is_certificate_refusal(&msg);
+    if tls {
+        msg.push_str(
+            " (TLS certificate refused: trust the node's CA, or pin its certificate by its \
+             SHA-256 fingerprint)",
+        );
     }
     Error::new(kind, msg)
-        .with_retryable(kind == ErrorKind::Network || kind == ErrorKind::Timeout)
+        .with_retryable(!tls && (kind == ErrorKind::Network || kind == ErrorKind::Timeout))
         .with_operation(op.to_string())
 }
 

@@ -141,6 +141,9 @@ async fn credentials_and_tls() {
         ErrorKind::Network,
         "unverified certificate must fail: {e}"
     );
+    // Refused again on every retry: not retryable, and the message says what to do.
+    assert!(!e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("fingerprint"), "{e}");
     let c = ProxmoxConfig::new(&pve.url, pve.token())
         .unwrap()
         .with_ca_file(&pve.ca);
@@ -156,6 +159,7 @@ async fn credentials_and_tls() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Network, "{e}");
     assert!(e.to_string().contains("not the pinned one"), "{e}");
+    assert!(!e.is_retryable(), "{e}");
 }
 
 /// An expired ticket (the old instance's live 2 s) is renewed by logging in again, and a write

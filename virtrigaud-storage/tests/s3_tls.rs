@@ -3,7 +3,7 @@
 
 #![cfg(feature = "s3")]
 
-use virtrigaud_core::{ErrorKind, StorageBackend};
+use virtrigaud_core::{ErrorKind, PutOptions, StorageBackend};
 use virtrigaud_storage::s3::{RetryConfig, S3Backend, S3Config};
 
 #[tokio::test]
@@ -40,6 +40,20 @@ async fn self_signed_endpoint_is_refused_by_default() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Network, "{e}");
+    // Refused again on every retry: not retryable, and the message says what to do.
+    assert!(!e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("tls_verify"), "{e}");
+    // The same through the put path (our own signed requests, not opendal's).
+    let b = S3Backend::new(config(true)).unwrap();
+    let put = async {
+        let mut sink = b.put("some/key", &PutOptions::default()).await?;
+        sink.write(bytes::Bytes::from_static(b"x")).await?;
+        sink.commit().await
+    };
+    let e = put.await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Network, "{e}");
+    assert!(!e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("tls_verify"), "{e}");
     // With verification off the TLS handshake succeeds and nginx answers (not an S3 server).
     let e2 = S3Backend::new(config(false))
         .unwrap()

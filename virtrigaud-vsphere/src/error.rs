@@ -4,6 +4,7 @@
 
 use crate::xml::Node;
 use reqwest::StatusCode;
+use virtrigaud_core::error::{is_certificate_refusal, source_chain};
 use virtrigaud_core::{Error, ErrorKind};
 
 /// The kind of a vSphere fault type (`InvalidLogin`, `ManagedObjectNotFound`, …).
@@ -119,16 +120,18 @@ pub fn from_transport(op: &str, target: &str, e: reqwest::Error) -> Error {
         ErrorKind::Network
     };
     // reqwest's Display includes the URL: ours carry no credentials.
-    let mut chain = String::new();
-    let mut src: Option<&dyn std::error::Error> = Some(&e);
-    while let Some(s) = src {
-        if !chain.is_empty() {
-            chain.push_str(": ");
-        }
-        chain.push_str(&s.to_string());
-        src = s.source();
+    let chain = source_chain(&e);
+    // A refused certificate stays refused: not worth a retry.
+    let tls = is_certificate_refusal(&chain);
+    let mut msg = format!("{op}: {chain}");
+    if tls {
+        msg.push_str(
+            " (TLS certificate refused: a self-signed host is trusted only when pinned by its \
+             SHA-256 thumbprint)",
+        );
     }
-    Error::new(kind, format!("{op}: {chain}"))
+    Error::new(kind, msg)
+        .with_retryable(!tls)
         .with_operation(op.to_string())
         .with_target(target.to_string())
 }

@@ -269,6 +269,8 @@ async fn credentials_and_trust() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Network, "{err}");
     assert!(err.to_string().contains("thumbprint"), "{err}");
+    // A refused certificate is refused again on every retry.
+    assert!(!err.is_retryable(), "{err}");
     // No pin: a self-signed certificate is not trusted by the system roots.
     let mut c = config(&e);
     c.thumbprint = None;
@@ -278,6 +280,8 @@ async fn credentials_and_trust() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Network, "{err}");
+    assert!(!err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("pinned by its"), "{err}");
     // Plain HTTP is refused before any connection.
     let c = VsphereConfig::new(e.url.replace("https://", "http://"), &e.user, "x");
     assert_eq!(

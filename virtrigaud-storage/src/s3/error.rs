@@ -19,6 +19,7 @@
 //! a credential.
 
 use serde::Deserialize;
+use virtrigaud_core::error::{is_certificate_refusal, source_chain};
 use virtrigaud_core::{Error, ErrorKind};
 
 /// S3 codes that mean "these credentials are wrong", as opposed to "not allowed".
@@ -111,6 +112,10 @@ pub(crate) fn from_response(
         .with_target(target)
 }
 
+/// Appended to the message of an error whose TLS certificate was refused.
+const TLS_HINT: &str = " (TLS certificate refused: verification is on; trust the server's CA, \
+                        or turn tls_verify off explicitly)";
+
 /// An error for a failed exchange (no HTTP answer, or a body cut short).
 pub(crate) fn from_transport(
     op: &str,
@@ -126,12 +131,18 @@ pub(crate) fn from_transport(
     } else {
         ErrorKind::Network
     };
-    let retryable = kind != ErrorKind::InvalidInput;
     // reqwest's Display prints the URL; ours carry no credentials (they are in headers), but
     // strip the query anyway so that presigned or signed parameters never reach a log.
     let e = e.without_url();
-    Error::new(kind, format!("S3 {op} on {target}: {}", error_chain(&e)))
-        .with_retryable(retryable)
+    let chain = source_chain(&e);
+    // A refused certificate stays refused: not worth a retry.
+    let tls = is_certificate_refusal(&chain);
+    let mut msg = format!("S3 {op} on {target}: {chain}");
+    if tls {
+        msg.push_str(TLS_HINT);
+    }
+    Error::new(kind, msg)
+        .with_retryable(kind != ErrorKind::InvalidInput && !tls)
         .with_operation(format!("s3.{op}"))
         .with_target(target)
 }
@@ -142,9 +153,9 @@ pub(crate) fn from_opendal(op: &str, bucket: &str, key: Option<&str>, e: opendal
     let target = target(bucket, key);
     let text = e.to_string();
     let auth = AUTH_CODES.iter().any(|c| text.contains(c));
-    let chain = error_chain(&e).to_ascii_lowercase();
+    let chain = source_chain(&e).to_ascii_lowercase();
     // A refused certificate stays refused: not worth a retry.
-    let tls = chain.contains("certificate");
+    let tls = is_certificate_refusal(&chain);
     let transport = chain.contains("error sending request")
         || chain.contains("connection refused")
         || chain.contains("connection reset")
@@ -167,10 +178,7 @@ pub(crate) fn from_opendal(op: &str, bucket: &str, key: Option<&str>, e: opendal
         msg.push_str(" (check the access key id and secret access key)");
     }
     if tls {
-        msg.push_str(
-            " (TLS certificate refused: verification is on; trust the server's CA, or turn \
-             tls_verify off explicitly)",
-        );
+        msg.push_str(TLS_HINT);
     }
     Error::new(kind, msg)
         .with_retryable(retryable)
@@ -203,20 +211,6 @@ pub(crate) fn target(bucket: &str, key: Option<&str>) -> String {
         Some(k) => format!("s3://{bucket}/{k}"),
         None => format!("s3://{bucket}"),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

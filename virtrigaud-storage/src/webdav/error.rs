@@ -19,6 +19,7 @@
 //! header) and the status — never a credential, and at most 200 characters of the body.
 
 use reqwest::StatusCode;
+use virtrigaud_core::error::{is_certificate_refusal, source_chain};
 use virtrigaud_core::{Error, ErrorKind};
 
 /// The kind and retryability of an HTTP failure status.
@@ -75,9 +76,9 @@ pub(crate) fn from_transport(op: &str, target: &str, e: reqwest::Error) -> Error
         ErrorKind::Network
     };
     let e = e.without_url();
-    let chain = error_chain(&e);
+    let chain = source_chain(&e);
     // A certificate the client refuses stays refused: not worth a retry.
-    let tls = chain.to_ascii_lowercase().contains("certificate");
+    let tls = is_certificate_refusal(&chain);
     let retryable = kind != ErrorKind::InvalidInput && !tls;
     let mut msg = format!("HTTP {op} on {target}: {chain}");
     if tls {
@@ -89,20 +90,6 @@ pub(crate) fn from_transport(op: &str, target: &str, e: reqwest::Error) -> Error
         .with_retryable(retryable)
         .with_operation(format!("http.{op}"))
         .with_target(target.to_string())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]
