@@ -164,6 +164,16 @@ pub struct StorageReader {
     size: u64,
 }
 
+/// Collects the answer to a ranged read of `offset..end` into one buffer; an error the stream
+/// yields carries the offset the range starts at. For [`ReadAt`] over a backend's ranged gets.
+pub async fn collect_range(mut s: ByteStream, offset: u64, end: u64) -> Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(end.saturating_sub(offset) as usize);
+    while let Some(b) = s.next().await {
+        buf.extend_from_slice(&b.map_err(|e| e.with_offset(offset))?);
+    }
+    Ok(buf.freeze())
+}
+
 impl StorageReader {
     /// Opens `key` (one stat).
     pub async fn open(backend: Arc<dyn StorageBackend>, key: &str) -> Result<StorageReader> {
@@ -186,12 +196,8 @@ impl ReadAt for StorageReader {
         if end <= offset {
             return Ok(Bytes::new());
         }
-        let mut s = self.backend.get(&self.key, Some(offset..end)).await?;
-        let mut buf = BytesMut::with_capacity((end - offset) as usize);
-        while let Some(b) = s.next().await {
-            buf.extend_from_slice(&b?);
-        }
-        Ok(buf.freeze())
+        let s = self.backend.get(&self.key, Some(offset..end)).await?;
+        collect_range(s, offset, end).await
     }
 }
 

@@ -4,12 +4,11 @@
 use super::config::WebdavConfig;
 use super::core::{DavCore, not_found};
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use bytes::Bytes;
 use std::ops::Range;
 use std::sync::Arc;
 use virtrigaud_core::io::{ByteSink, ByteStream, ReadAt};
-use virtrigaud_core::storage::validate_key;
+use virtrigaud_core::storage::{collect_range, validate_key};
 use virtrigaud_core::{Error, ObjectMeta, PutOptions, Result, StorageBackend, StorageCapabilities};
 
 /// A read-only plain HTTP(S) location: `get`, `stat`; `put`, `delete` and `list` are
@@ -130,11 +129,7 @@ impl ReadAt for HttpReader {
         if end <= offset {
             return Ok(Bytes::new());
         }
-        let mut s = self.core.get(&self.key, Some(offset..end)).await?;
-        let mut buf = BytesMut::with_capacity((end - offset) as usize);
-        while let Some(b) = s.next().await {
-            buf.extend_from_slice(&b.map_err(|e| e.with_offset(offset))?);
-        }
-        Ok(buf.freeze())
+        let s = self.core.get(&self.key, Some(offset..end)).await?;
+        collect_range(s, offset, end).await
     }
 }
