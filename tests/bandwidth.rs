@@ -25,19 +25,8 @@ fn env(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.is_empty())
 }
 
-fn peer(var: &str, script: &str) -> Option<String> {
-    let v = env(var);
-    if v.is_none() {
-        if env("VIRTRIGAUD_IT").as_deref() == Some("1") {
-            panic!("{var} is not set but VIRTRIGAUD_IT=1: start scripts/peers/{script}");
-        }
-        eprintln!("SKIP: {var} is not set (start scripts/peers/{script})");
-    }
-    v
-}
-
 async fn s3() -> Option<S3Backend> {
-    let endpoint = peer("VIRTRIGAUD_S3_ENDPOINT", "seaweedfs.sh")?;
+    let endpoint = virtrigaud_testkit::peer_env("VIRTRIGAUD_S3_ENDPOINT", "seaweedfs.sh")?;
     let cfg = S3Config::new("virtrigaud-bw")
         .with_endpoint(endpoint)
         .with_region(env("VIRTRIGAUD_S3_REGION").unwrap_or_else(|| "us-east-1".into()))
@@ -153,7 +142,7 @@ async fn s3_export_holds_a_50_mib_per_second_cap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webdav_read_holds_a_50_mib_per_second_cap() {
     let _turn = SERIAL.lock().await;
-    let Some(url) = peer("VIRTRIGAUD_WEBDAV_URL", "nginx.sh") else {
+    let Some(url) = virtrigaud_testkit::peer_env("VIRTRIGAUD_WEBDAV_URL", "nginx.sh") else {
         return;
     };
     let store = WebdavBackend::from_url(&url).unwrap();

@@ -20,15 +20,8 @@ use virtrigaud::storage::fs::FsBackend;
 use virtrigaud::*;
 
 fn age_available() -> bool {
-    let ok = Command::new("age-keygen").arg("--version").output().is_ok()
-        && Command::new("age").arg("--version").output().is_ok();
-    if !ok {
-        if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-            panic!("the age binary is missing but VIRTRIGAUD_IT=1: scripts/test.sh installs it");
-        }
-        eprintln!("SKIP: the age binary is not installed");
-    }
-    ok
+    let hint = "scripts/test.sh installs it";
+    virtrigaud_testkit::have_tool("age-keygen", hint) && virtrigaud_testkit::have_tool("age", hint)
 }
 
 /// A new age identity file in `dir`; returns its public key.
@@ -225,14 +218,10 @@ async fn encrypted_round_trips_through_s3_and_webdav() {
         return;
     }
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let it = env("VIRTRIGAUD_IT").as_deref() == Some("1");
-    let (Some(endpoint), Some(dav)) = (env("VIRTRIGAUD_S3_ENDPOINT"), env("VIRTRIGAUD_WEBDAV_URL"))
-    else {
-        assert!(
-            !it,
-            "VIRTRIGAUD_IT=1 but the SeaweedFS or nginx peer variables are not set"
-        );
-        eprintln!("SKIP: no SeaweedFS or nginx peer");
+    let (Some(endpoint), Some(dav)) = (
+        virtrigaud_testkit::peer_env("VIRTRIGAUD_S3_ENDPOINT", "seaweedfs.sh"),
+        virtrigaud_testkit::peer_env("VIRTRIGAUD_WEBDAV_URL", "nginx.sh"),
+    ) else {
         return;
     };
     let t = tempfile::tempdir().unwrap();

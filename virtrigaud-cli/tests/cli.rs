@@ -5,7 +5,7 @@
 
 mod common;
 
-#[cfg(feature = "proxmox")]
+#[cfg(any(feature = "proxmox", feature = "libvirt"))]
 use common::peer_env;
 #[cfg(feature = "libvirt")]
 use common::virsh;
@@ -493,16 +493,7 @@ fn ctrl_c_cancels_cleanly_keeping_or_cleaning_the_staged_data() {
 
 #[cfg(feature = "libvirt")]
 fn libvirt_uri() -> Option<String> {
-    match std::env::var("VIRTRIGAUD_LIBVIRT_URI") {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-                panic!("VIRTRIGAUD_LIBVIRT_URI is not set but VIRTRIGAUD_IT=1");
-            }
-            eprintln!("SKIP: VIRTRIGAUD_LIBVIRT_URI is not set (start scripts/peers/libvirt.sh)");
-            None
-        }
-    }
+    peer_env("VIRTRIGAUD_LIBVIRT_URI", "libvirt.sh")
 }
 
 /// local → libvirt and back (libvirt → local), through the binary; libvirt side over
@@ -855,7 +846,7 @@ fn proxmox_through_the_binary() {
 /// content digest of the raw disk qemu-img made it from.
 #[test]
 fn export_of_a_vmdk_descriptor_reads_its_extents() {
-    if !tool_available("qemu-img", "qemu-img") {
+    if !virtrigaud_testkit::have_tool("qemu-img", "qemu-utils") {
         return;
     }
     use std::os::unix::fs::FileExt;
@@ -973,13 +964,7 @@ fn the_limit_flag_caps_the_transfer() {
 /// an identity to import with is refused before anything moves (3).
 #[test]
 fn an_encrypted_staging_through_the_binary() {
-    let have_age = Command::new("age-keygen").arg("--version").output().is_ok();
-    if !have_age {
-        assert!(
-            std::env::var("VIRTRIGAUD_IT").as_deref() != Ok("1"),
-            "age-keygen is missing but VIRTRIGAUD_IT=1 (scripts/test.sh installs age)"
-        );
-        eprintln!("SKIP: age is not installed");
+    if !virtrigaud_testkit::have_tool("age-keygen", "scripts/test.sh installs age") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -1116,7 +1101,7 @@ fn a_closed_stdout_is_not_a_panic() {
 fn the_password_is_asked_on_a_terminal_without_echo() {
     use std::io::Read;
     let Some(vs) = vsphere_url() else { return };
-    if !tool_available("script", "util-linux script") {
+    if !virtrigaud_testkit::have_tool("script", "util-linux") {
         return;
     }
     let password = std::env::var("VIRTRIGAUD_VSPHERE_PASSWORD").unwrap();
@@ -1328,7 +1313,7 @@ fn bus_map_moves_disks_between_buses() {
 /// bytes done of all (`… MiB/… MiB`) and its message once.
 #[test]
 fn progress_bars_show_bytes_on_a_terminal() {
-    if !tool_available("script", "util-linux script") {
+    if !virtrigaud_testkit::have_tool("script", "util-linux") {
         return;
     }
     let t = tempfile::tempdir().unwrap();
@@ -1356,19 +1341,4 @@ fn progress_bars_show_bytes_on_a_terminal() {
         .find(|l| l.contains("/24.00 MiB") && l.contains("MiB/s"))
         .unwrap_or_else(|| panic!("no bar with a rate: {screen}"));
     assert_eq!(line.matches("export").count(), 1, "{line}");
-}
-
-/// Whether the command `tool` runs (`--version`); when it does not, a SKIP line naming `what`,
-/// or a failure under `VIRTRIGAUD_IT=1` (the test script installs it).
-fn tool_available(tool: &str, what: &str) -> bool {
-    if Command::new(tool).arg("--version").output().is_ok() {
-        return true;
-    }
-    assert_ne!(
-        std::env::var("VIRTRIGAUD_IT").as_deref(),
-        Ok("1"),
-        "{what} not found and VIRTRIGAUD_IT=1"
-    );
-    eprintln!("SKIP: {what} not found");
-    false
 }

@@ -12,6 +12,7 @@
 mod common;
 
 use common::{peer_env, virsh};
+use virtrigaud_testkit::{BOOT_MARKER, boot_sector};
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -97,21 +98,6 @@ impl S3 {
             .map(|o| o.key)
             .collect()
     }
-}
-
-/// A real-mode boot sector that prints a marker on COM1 and halts.
-fn boot_sector() -> [u8; 512] {
-    let mut s = [0u8; 512];
-    let code: &[u8] = &[
-        0x31, 0xC0, 0x8E, 0xD8, 0xFC, 0xBE, 0x17, 0x7C, 0xBA, 0xF8, 0x03, 0xAC, 0x84, 0xC0, 0x74,
-        0x03, 0xEE, 0xEB, 0xF8, 0xFA, 0xF4, 0xEB, 0xFC,
-    ];
-    s[..code.len()].copy_from_slice(code);
-    let msg = b"VIRTRIGAUD-BOOT-OK\r\n\0";
-    s[code.len()..code.len() + msg.len()].copy_from_slice(msg);
-    s[510] = 0x55;
-    s[511] = 0xAA;
-    s
 }
 
 /// A local VM `boot01`: a 16 MiB root disk holding the boot sector and 1 MiB of data at
@@ -294,7 +280,7 @@ fn boot(uri: &str, dom: &str, dir: &Path) {
     let t = Instant::now();
     loop {
         let log = std::fs::read(&serial).unwrap_or_default();
-        if String::from_utf8_lossy(&log).contains("VIRTRIGAUD-BOOT-OK") {
+        if String::from_utf8_lossy(&log).contains(BOOT_MARKER) {
             break;
         }
         assert!(

@@ -15,17 +15,7 @@ use virtrigaud_core::io::{ByteSink, ImageSource, LocalFile, LocalFileSink, ReadA
 use virtrigaud_core::{DiskContent, Extent, ExtentStream};
 
 fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-            panic!("qemu-img not found and VIRTRIGAUD_IT=1");
-        }
-        println!("SKIP: qemu-img not found");
-    }
-    ok
+    virtrigaud_testkit::have_tool("qemu-img", "qemu-utils")
 }
 
 fn run(cmd: &str, args: &[&str]) -> std::process::Output {
@@ -707,12 +697,7 @@ async fn qemu_nbd_serves_our_output() {
     if !have_qemu() {
         return;
     }
-    if Command::new("qemu-nbd").arg("--version").output().is_err() {
-        assert!(
-            std::env::var("VIRTRIGAUD_IT").as_deref() != Ok("1"),
-            "qemu-nbd not found and VIRTRIGAUD_IT=1"
-        );
-        println!("SKIP: qemu-nbd not found");
+    if !virtrigaud_testkit::have_tool("qemu-nbd", "qemu-utils") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

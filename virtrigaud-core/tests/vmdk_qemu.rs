@@ -16,17 +16,7 @@ use virtrigaud_core::io::LocalFile;
 use virtrigaud_core::{DiskContent, Extent, ReadAt};
 
 fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-            panic!("qemu-img not found and VIRTRIGAUD_IT=1");
-        }
-        println!("SKIP: qemu-img not found");
-    }
-    ok
+    virtrigaud_testkit::have_tool("qemu-img", "qemu-utils")
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {

@@ -22,128 +22,17 @@ use virtrigaud_core::{
 use virtrigaud_libvirt::LibvirtProvider;
 use virtrigaud_libvirt::domain_xml::DomainOptions;
 use virtrigaud_storage::FsBackend;
+use virtrigaud_testkit::libvirt::{DomainGuard, TestPool, define_xml, virsh};
+use virtrigaud_testkit::{BOOT_MARKER, boot_sector, peer_env, unique, write_patterned_raw};
 
 const MIB: u64 = 1 << 20;
 
 fn env_uri(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-                panic!("{var} is not set but VIRTRIGAUD_IT=1: start scripts/peers/libvirt.sh");
-            }
-            eprintln!("SKIP: {var} is not set (start scripts/peers/libvirt.sh)");
-            None
-        }
-    }
-}
-
-fn unique(tag: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "vrg-{tag}-{}-{t:x}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn virsh(uri: &str, args: &[&str]) -> String {
-    let out = Command::new("virsh")
-        .arg("-c")
-        .arg(uri)
-        .args(args)
-        .output()
-        .expect("run virsh");
-    assert!(
-        out.status.success(),
-        "virsh {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn virsh_quiet(uri: &str, args: &[&str]) {
-    let _ = Command::new("virsh").arg("-c").arg(uri).args(args).output();
-}
-
-/// A transient dir pool over a temp dir; destroyed (and its files removed) on drop.
-struct TestPool {
-    uri: String,
-    name: String,
-    dir: tempfile::TempDir,
-}
-
-impl TestPool {
-    fn new(uri: &str, tag: &str) -> TestPool {
-        let dir = tempfile::Builder::new()
-            .prefix("vrg-libvirt-pool")
-            .tempdir()
-            .unwrap();
-        let name = unique(tag);
-        let target = dir.path().to_str().unwrap().to_string();
-        virsh(uri, &["pool-create-as", &name, "dir", "--target", &target]);
-        TestPool {
-            uri: uri.to_string(),
-            name,
-            dir,
-        }
-    }
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-    fn refresh(&self) {
-        virsh(&self.uri, &["pool-refresh", &self.name]);
-    }
-}
-
-impl Drop for TestPool {
-    fn drop(&mut self) {
-        virsh_quiet(&self.uri, &["pool-destroy", &self.name]);
-    }
-}
-
-/// Destroys and undefines a domain on drop.
-struct DomainGuard {
-    uri: String,
-    name: String,
-}
-
-impl Drop for DomainGuard {
-    fn drop(&mut self) {
-        virsh_quiet(&self.uri, &["destroy", &self.name]);
-        virsh_quiet(
-            &self.uri,
-            &["undefine", "--snapshots-metadata", "--nvram", &self.name],
-        );
-        virsh_quiet(&self.uri, &["undefine", &self.name]);
-    }
+    peer_env(var, "libvirt.sh")
 }
 
 fn guard(uri: &str, name: &str) -> DomainGuard {
-    DomainGuard {
-        uri: uri.to_string(),
-        name: name.to_string(),
-    }
-}
-
-/// Writes a 64 MiB sparse raw file with patterned data at a few offsets.
-fn write_patterned_raw(path: &Path, size: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
-    for (off, len, byte) in [
-        (0u64, 64 * 1024u64, 0x11u8),
-        (MIB, 2 * MIB, 0xab),
-        (40 * MIB + 4096, 512 * 1024, 0xcd),
-        (size - 4096, 4096, 0xef),
-    ] {
-        let buf: Vec<u8> = (0..len).map(|i| byte ^ (i as u8).wrapping_mul(7)).collect();
-        f.write_all_at(&buf, off).unwrap();
-    }
+    DomainGuard::new(uri, name)
 }
 
 fn qemu_img(args: &[&str]) {
@@ -156,13 +45,6 @@ fn qemu_img(args: &[&str]) {
         "qemu-img {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn define_xml(uri: &str, dir: &Path, xml: &str) {
-    let f = dir.join(format!("{}.xml", unique("def")));
-    std::fs::write(&f, xml).unwrap();
-    virsh(uri, &["define", f.to_str().unwrap()]);
-    let _ = std::fs::remove_file(f);
 }
 
 fn file_disk_xml(path: &Path, fmt: &str, dev: &str, bus: &str) -> String {
@@ -700,33 +582,6 @@ async fn export_over_tcp() {
     assert!(allocated.unwrap() < 8 * MIB, "upload was not sparse");
 }
 
-/// A 512-byte x86 boot sector that writes `VIRTRIGAUD-BOOT-OK` to COM1 and halts.
-fn boot_sector() -> [u8; 512] {
-    let mut s = [0u8; 512];
-    let code: &[u8] = &[
-        0x31, 0xC0, // xor ax, ax
-        0x8E, 0xD8, // mov ds, ax
-        0xFC, // cld
-        0xBE, 0x17, 0x7C, // mov si, 0x7C17 (msg)
-        0xBA, 0xF8, 0x03, // mov dx, 0x3F8 (COM1)
-        0xAC, // loop: lodsb
-        0x84, 0xC0, // test al, al
-        0x74, 0x03, // jz done
-        0xEE, // out dx, al
-        0xEB, 0xF8, // jmp loop
-        0xFA, // done: cli
-        0xF4, // hlt
-        0xEB, 0xFC, // jmp done
-    ];
-    assert_eq!(code.len(), 0x17);
-    s[..code.len()].copy_from_slice(code);
-    let msg = b"VIRTRIGAUD-BOOT-OK\r\n\0";
-    s[code.len()..code.len() + msg.len()].copy_from_slice(msg);
-    s[510] = 0x55;
-    s[511] = 0xAA;
-    s
-}
-
 /// Boot proof: a boot sector on a 64 MiB sparse qcow2 in pool A, exported to storage, imported
 /// into pool B, defined with `create_vm` (BIOS, TCG, serial to a file), started; the marker
 /// appears on the serial log. Then, while it runs: a disk-only external snapshot is read
@@ -823,7 +678,7 @@ async fn boot_proof_and_running_snapshot() {
     assert_eq!(info.state, PowerState::Stopped);
     let t = Instant::now();
     p.power(&vm, PowerOp::On).await.unwrap();
-    let marker = "VIRTRIGAUD-BOOT-OK";
+    let marker = BOOT_MARKER;
     loop {
         let log = std::fs::read(&serial).unwrap_or_default();
         if String::from_utf8_lossy(&log).contains(marker) {

@@ -8,47 +8,19 @@
 
 mod common;
 
-use common::{pve, sshd, unique};
+use common::{pve, sshd};
 use std::os::unix::fs::FileExt;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use virtrigaud_core::{Migration, MigrationPlan, PowerOp, Provider, StorageBackend};
 use virtrigaud_libvirt::LibvirtProvider;
 use virtrigaud_proxmox::ProxmoxProvider;
 use virtrigaud_storage::FsBackend;
+use virtrigaud_testkit::libvirt::{virsh, virsh_quiet};
+use virtrigaud_testkit::unique;
+use virtrigaud_testkit::{BOOT_MARKER, boot_sector};
 
 const MIB: u64 = 1 << 20;
-
-/// A real-mode boot sector that prints a marker on COM1 and halts.
-fn boot_sector() -> [u8; 512] {
-    let mut s = [0u8; 512];
-    let code: &[u8] = &[
-        0x31, 0xC0, 0x8E, 0xD8, 0xFC, 0xBE, 0x17, 0x7C, 0xBA, 0xF8, 0x03, 0xAC, 0x84, 0xC0, 0x74,
-        0x03, 0xEE, 0xEB, 0xF8, 0xFA, 0xF4, 0xEB, 0xFC,
-    ];
-    s[..code.len()].copy_from_slice(code);
-    let msg = b"VIRTRIGAUD-BOOT-OK\r\n\0";
-    s[code.len()..code.len() + msg.len()].copy_from_slice(msg);
-    s[510] = 0x55;
-    s[511] = 0xAA;
-    s
-}
-
-fn virsh(uri: &str, args: &[&str]) -> String {
-    let out = Command::new("virsh")
-        .arg("-c")
-        .arg(uri)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "virsh {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// Removes the test's libvirt domain and pool, fakepve VM and image file, even on panic.
 struct Guard {
@@ -66,11 +38,7 @@ impl Drop for Guard {
             vec!["undefine", &self.domain],
             vec!["pool-destroy", &self.pool],
         ] {
-            let _ = Command::new("virsh")
-                .arg("-c")
-                .arg(&self.uri)
-                .args(args)
-                .output();
+            virsh_quiet(&self.uri, &args);
         }
         let _ = std::fs::remove_file(&self.image);
     }
@@ -202,7 +170,7 @@ async fn proxmox_to_libvirt_boots_under_tcg() {
     let t = Instant::now();
     loop {
         let log = std::fs::read(&serial).unwrap_or_default();
-        if String::from_utf8_lossy(&log).contains("VIRTRIGAUD-BOOT-OK") {
+        if String::from_utf8_lossy(&log).contains(BOOT_MARKER) {
             break;
         }
         assert!(

@@ -30,11 +30,7 @@ struct Parser {
 
 impl Parser {
     fn start() -> Option<Parser> {
-        if Command::new("python3").arg("--version").output().is_err() {
-            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-                panic!("python3 is missing");
-            }
-            eprintln!("SKIP: python3 is missing");
+        if !virtrigaud_testkit::have_tool("python3", "the system's python3") {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();

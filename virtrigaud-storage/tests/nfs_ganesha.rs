@@ -23,28 +23,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use virtrigaud_core::{ErrorKind, PutOptions, StorageBackend, StorageExt};
 use virtrigaud_storage::nfs::{NfsBackend, NfsConfig};
+use virtrigaud_testkit::{peer_env, skip, unique};
 
 const MIB: usize = 1 << 20;
 
-fn unique(tag: &str) -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("it-{tag}-{}-{t}", std::process::id())
-}
-
 /// The peer's URL and exported directory, or `None` (SKIP).
 fn peer() -> Option<(String, Option<PathBuf>)> {
-    let Ok(url) = std::env::var("VIRTRIGAUD_NFS_URL") else {
-        if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-            panic!(
-                "VIRTRIGAUD_IT=1 but VIRTRIGAUD_NFS_URL is not set: scripts/test.sh starts ganesha"
-            );
-        }
-        println!("SKIP: VIRTRIGAUD_NFS_URL is not set (no NFS server configured)");
-        return None;
-    };
+    let url = peer_env("VIRTRIGAUD_NFS_URL", "ganesha.sh")?;
     let dir = std::env::var("VIRTRIGAUD_NFS_EXPORT_DIR")
         .ok()
         .filter(|d| !d.is_empty())
@@ -53,15 +38,6 @@ fn peer() -> Option<(String, Option<PathBuf>)> {
         skip("VIRTRIGAUD_NFS_EXPORT_DIR is not set: what the server stores is not checked");
     }
     Some((url, dir))
-}
-
-/// A part of a test that cannot run here: fails under `VIRTRIGAUD_IT=1` (where every peer and
-/// its settings must be present), prints `SKIP` otherwise.
-fn skip(what: &str) {
-    if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-        panic!("VIRTRIGAUD_IT=1 but {what}");
-    }
-    println!("SKIP: {what}");
 }
 
 /// What the server really holds below `sub` of the export, seen on the exported directory (the

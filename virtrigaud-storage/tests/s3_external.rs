@@ -21,28 +21,13 @@ use std::time::Duration;
 use virtrigaud_core::io::ByteSink;
 use virtrigaud_core::{ErrorKind, PutOptions, StorageBackend, StorageExt};
 use virtrigaud_storage::s3::{DropPolicy, S3Backend, S3Config};
+use virtrigaud_testkit::{peer_env, unique};
 
 const MIB: usize = 1 << 20;
 
-fn unique(tag: &str) -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("it-{tag}-{}-{t}", std::process::id())
-}
-
 /// A backend on the external server under a fresh prefix, or `None` (SKIP) when unconfigured.
 async fn backend(tag: &str, adjust: impl FnOnce(&mut S3Config)) -> Option<S3Backend> {
-    let Ok(endpoint) = std::env::var("VIRTRIGAUD_S3_ENDPOINT") else {
-        if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-            panic!(
-                "VIRTRIGAUD_IT=1 but VIRTRIGAUD_S3_ENDPOINT is not set: scripts/test.sh starts SeaweedFS"
-            );
-        }
-        println!("SKIP: VIRTRIGAUD_S3_ENDPOINT is not set (no external S3 server configured)");
-        return None;
-    };
+    let endpoint = peer_env("VIRTRIGAUD_S3_ENDPOINT", "seaweedfs.sh")?;
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let bucket = env("VIRTRIGAUD_S3_BUCKET").unwrap_or_else(|| "virtrigaud-test".to_string());
     let mut cfg = S3Config::new(bucket)

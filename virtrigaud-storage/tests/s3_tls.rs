@@ -8,13 +8,7 @@ use virtrigaud_storage::s3::{RetryConfig, S3Backend, S3Config};
 
 #[tokio::test]
 async fn self_signed_endpoint_is_refused_by_default() {
-    let Ok(url) = std::env::var("VIRTRIGAUD_HTTPS_URL") else {
-        if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-            panic!(
-                "VIRTRIGAUD_IT=1 but VIRTRIGAUD_HTTPS_URL is not set: scripts/test.sh starts nginx"
-            );
-        }
-        println!("SKIP: VIRTRIGAUD_HTTPS_URL not set (no TLS peer)");
+    let Some(url) = virtrigaud_testkit::peer_env("VIRTRIGAUD_HTTPS_URL", "nginx.sh") else {
         return;
     };
     let origin: String = url.split('/').take(3).collect::<Vec<_>>().join("/");

@@ -12,6 +12,7 @@ use virtrigaud_core::io::ReadAt;
 use virtrigaud_core::{ErrorKind, PutOptions, StorageBackend, StorageExt};
 use virtrigaud_storage::conformance;
 use virtrigaud_storage::webdav::{HttpSource, RetryConfig, WebdavBackend, WebdavConfig};
+use virtrigaud_testkit::{skip, unique};
 
 struct Peer {
     url: String,
@@ -41,32 +42,12 @@ fn peer(test: &str) -> Option<Peer> {
             http_dir: hd.into(),
         }),
         _ => {
-            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-                panic!(
-                    "{test}: VIRTRIGAUD_IT=1 but no nginx peer (run scripts/peers/nginx.sh start DIR and source DIR/nginx.env)"
-                );
-            }
-            println!("SKIP: {test}: no nginx peer (VIRTRIGAUD_WEBDAV_URL unset)");
+            skip(&format!(
+                "{test}: no nginx peer (run scripts/peers/nginx.sh start DIR and source DIR/nginx.env)"
+            ));
             None
         }
     }
-}
-
-/// A test (or part of one) that cannot run here: fails under `VIRTRIGAUD_IT=1`, where every
-/// peer and its settings must be present, prints `SKIP` otherwise.
-fn skip(what: &str) {
-    if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-        panic!("VIRTRIGAUD_IT=1 but {what}");
-    }
-    println!("SKIP: {what}");
-}
-
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{name}-{}-{nanos:x}", std::process::id())
 }
 
 fn fast_retry() -> RetryConfig {

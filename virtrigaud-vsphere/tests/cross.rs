@@ -3,13 +3,15 @@
 //! `VIRTRIGAUD_VSPHERE_*`), with file staging. Without both peers a test prints `SKIP: …`,
 //! unless `VIRTRIGAUD_IT=1`, when it fails.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use virtrigaud_core::transfer::{ImportOptions, digest_disk};
 use virtrigaud_core::{Migration, MigrationPlan, Provider, StorageBackend};
 use virtrigaud_libvirt::LibvirtProvider;
 use virtrigaud_storage::FsBackend;
+use virtrigaud_testkit::libvirt::{DomainGuard, TestPool, virsh};
+use virtrigaud_testkit::{BOOT_MARKER, boot_sector, skip, unique, write_patterned_raw};
 use virtrigaud_vsphere::{VsphereConfig, VsphereProvider};
 
 const MIB: u64 = 1 << 20;
@@ -36,10 +38,9 @@ fn peers() -> Option<(String, VsphereConfig)> {
             Some((uri, c))
         }
         _ => {
-            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-                panic!("libvirt or vSphere peer variables are not set but VIRTRIGAUD_IT=1");
-            }
-            eprintln!("SKIP: VIRTRIGAUD_LIBVIRT_URI or VIRTRIGAUD_VSPHERE_URL is not set");
+            skip(
+                "VIRTRIGAUD_LIBVIRT_URI or VIRTRIGAUD_VSPHERE_* are not set (start scripts/peers/libvirt.sh and vcsim.sh)",
+            );
             None
         }
     }
@@ -49,10 +50,9 @@ fn peers() -> Option<(String, VsphereConfig)> {
 /// `scripts/peers/vcsim/pyvmomi_devices.py`'s JSON.
 fn pyvmomi(name: &str) -> Option<serde_json::Value> {
     let Some(cmd) = var("VIRTRIGAUD_PYVMOMI") else {
-        if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-            panic!("VIRTRIGAUD_PYVMOMI is not set but VIRTRIGAUD_IT=1: run vcsim.sh install");
-        }
-        eprintln!("SKIP: the pyVmomi check (VIRTRIGAUD_PYVMOMI is not set)");
+        skip(
+            "the pyVmomi check: VIRTRIGAUD_PYVMOMI is not set (run scripts/peers/vcsim.sh install)",
+        );
         return None;
     };
     let mut parts = cmd.split_whitespace();
@@ -67,101 +67,6 @@ fn pyvmomi(name: &str) -> Option<serde_json::Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     Some(serde_json::from_slice(&out.stdout).unwrap())
-}
-
-fn unique(tag: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "vrg-{tag}-{}-{t:x}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn virsh(uri: &str, args: &[&str]) -> String {
-    let out = Command::new("virsh")
-        .arg("-c")
-        .arg(uri)
-        .args(args)
-        .output()
-        .expect("run virsh");
-    assert!(
-        out.status.success(),
-        "virsh {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn virsh_quiet(uri: &str, args: &[&str]) {
-    let _ = Command::new("virsh").arg("-c").arg(uri).args(args).output();
-}
-
-/// A transient dir pool over a temp dir; destroyed on drop.
-struct TestPool {
-    uri: String,
-    name: String,
-    dir: tempfile::TempDir,
-}
-
-impl TestPool {
-    fn new(uri: &str, tag: &str) -> TestPool {
-        let dir = tempfile::Builder::new()
-            .prefix("vrg-vsphere-pool")
-            .tempdir()
-            .unwrap();
-        let name = unique(tag);
-        let target = dir.path().to_str().unwrap().to_string();
-        virsh(uri, &["pool-create-as", &name, "dir", "--target", &target]);
-        TestPool {
-            uri: uri.to_string(),
-            name,
-            dir,
-        }
-    }
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-}
-
-impl Drop for TestPool {
-    fn drop(&mut self) {
-        virsh_quiet(&self.uri, &["pool-destroy", &self.name]);
-    }
-}
-
-struct DomainGuard {
-    uri: String,
-    name: String,
-}
-
-impl Drop for DomainGuard {
-    fn drop(&mut self) {
-        virsh_quiet(&self.uri, &["destroy", &self.name]);
-        virsh_quiet(&self.uri, &["undefine", "--nvram", &self.name]);
-        virsh_quiet(&self.uri, &["undefine", &self.name]);
-    }
-}
-
-/// A sparse raw file with patterned data at a few offsets.
-fn write_patterned_raw(path: &Path, size: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
-    for (off, len, byte) in [
-        (0u64, 64 * 1024u64, 0x11u8),
-        (MIB, 2 * MIB, 0xab),
-        (40 * MIB + 4096, 512 * 1024, 0xcd),
-        (size - 4096, 4096, 0xef),
-    ] {
-        let buf: Vec<u8> = (0..len).map(|i| byte ^ (i as u8).wrapping_mul(7)).collect();
-        f.write_all_at(&buf, off).unwrap();
-    }
 }
 
 /// libvirt → vSphere: a stopped two-disk domain (qcow2 + raw with holes) becomes a vSphere VM
@@ -186,10 +91,7 @@ async fn libvirt_to_vsphere_through_the_runner() {
     assert!(st.success());
     virsh(&uri, &["pool-refresh", &pool.name]);
     let src_vm = unique("x-src");
-    let _g = DomainGuard {
-        uri: uri.clone(),
-        name: src_vm.clone(),
-    };
+    let _g = DomainGuard::new(&uri, &src_vm);
     let disk = |p: &Path, fmt: &str, dev: &str| {
         format!(
             "<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>\
@@ -291,21 +193,6 @@ async fn libvirt_to_vsphere_through_the_runner() {
     }
 }
 
-/// A boot sector that prints `VIRTRIGAUD-BOOT-OK` on COM1 and halts.
-fn boot_sector() -> [u8; 512] {
-    let mut s = [0u8; 512];
-    let code: &[u8] = &[
-        0x31, 0xC0, 0x8E, 0xD8, 0xFC, 0xBE, 0x17, 0x7C, 0xBA, 0xF8, 0x03, 0xAC, 0x84, 0xC0, 0x74,
-        0x03, 0xEE, 0xEB, 0xF8, 0xFA, 0xF4, 0xEB, 0xFC,
-    ];
-    s[..code.len()].copy_from_slice(code);
-    let msg = b"VIRTRIGAUD-BOOT-OK\r\n\0";
-    s[code.len()..code.len() + msg.len()].copy_from_slice(msg);
-    s[510] = 0x55;
-    s[511] = 0xAA;
-    s
-}
-
 /// vSphere → libvirt: a running vSphere VM whose datastore disk holds the boot-sector image is
 /// exported from a snapshot (deleted afterwards), imported into a libvirt pool, and the new
 /// domain boots under TCG and prints the marker.
@@ -377,10 +264,7 @@ async fn vsphere_to_libvirt_boots() {
     let pool = TestPool::new(&uri, "b-dst");
     let lv = LibvirtProvider::new(&uri);
     let dst_vm = unique("b-dst");
-    let _g = DomainGuard {
-        uri: uri.clone(),
-        name: dst_vm.clone(),
-    };
+    let _g = DomainGuard::new(&uri, &dst_vm);
     let imp = import_disk(
         &storage,
         "boot.qcow2",
@@ -419,7 +303,7 @@ async fn vsphere_to_libvirt_boots() {
     lv.power(&dst_vm, PowerOp::On).await.unwrap();
     loop {
         let log = std::fs::read(&serial).unwrap_or_default();
-        if String::from_utf8_lossy(&log).contains("VIRTRIGAUD-BOOT-OK") {
+        if String::from_utf8_lossy(&log).contains(BOOT_MARKER) {
             break;
         }
         assert!(
@@ -455,10 +339,7 @@ async fn rerun_after_failure_moves_only_what_is_missing() {
     write_patterned_raw(&raw, 64 * MIB);
     virsh(&uri, &["pool-refresh", &pool.name]);
     let src_vm = unique("r-src");
-    let _g = DomainGuard {
-        uri: uri.clone(),
-        name: src_vm.clone(),
-    };
+    let _g = DomainGuard::new(&uri, &src_vm);
     let net = unique("nonet");
     let xml = format!(
         "<domain type='qemu'><name>{src_vm}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\

@@ -27,6 +27,7 @@ use virtrigaud_core::{
     Provider, VmDiskSpec, VmSpec,
 };
 use virtrigaud_storage::FsBackend;
+use virtrigaud_testkit::{skip, unique};
 use virtrigaud_vsphere::{VsphereConfig, VsphereProvider};
 
 const MIB: u64 = 1 << 20;
@@ -58,12 +59,7 @@ fn env() -> Option<Env> {
             thumbprint,
         }),
         _ => {
-            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-                panic!(
-                    "VIRTRIGAUD_VSPHERE_* are not set but VIRTRIGAUD_IT=1: start scripts/peers/vcsim.sh"
-                );
-            }
-            eprintln!("SKIP: VIRTRIGAUD_VSPHERE_URL is not set (start scripts/peers/vcsim.sh)");
+            skip("VIRTRIGAUD_VSPHERE_* are not set (start scripts/peers/vcsim.sh)");
             None
         }
     }
@@ -80,20 +76,6 @@ fn provider(e: &Env) -> VsphereProvider {
     let mut c = config(e);
     c.default_network = Some("VM Network".into());
     VsphereProvider::new(c).unwrap()
-}
-
-fn unique(tag: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "vrg-{tag}-{}-{t:x}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// A disk image with data, a hole and text: `size` bytes.
@@ -696,16 +678,12 @@ async fn aborted_and_dropped_uploads_leave_nothing() {
 /// a panic under `VIRTRIGAUD_IT=1`) when the binary is not named or does not take `extra` (a
 /// binary built before the flag existed: rebuild it with `scripts/peers/vcsim.sh start`).
 async fn private_vcsim(extra: &[&str]) -> Option<(tokio::process::Child, u16)> {
-    let it = std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1");
     let (Some(bin), Some(cert), Some(key)) = (
         var("VIRTRIGAUD_VCSIM_BIN"),
         var("VIRTRIGAUD_VCSIM_CERT"),
         var("VIRTRIGAUD_VCSIM_KEY"),
     ) else {
-        if it {
-            panic!("VIRTRIGAUD_VCSIM_BIN/_CERT/_KEY are not set but VIRTRIGAUD_IT=1");
-        }
-        eprintln!("SKIP: VIRTRIGAUD_VCSIM_BIN is not set");
+        skip("VIRTRIGAUD_VCSIM_BIN/_CERT/_KEY are not set (start scripts/peers/vcsim.sh)");
         return None;
     };
     let port = {
@@ -755,10 +733,7 @@ async fn private_vcsim(extra: &[&str]) -> Option<(tokio::process::Child, u16)> {
                 "{bin} {extra:?} did not start ({other:?}): {err}; an old build? \
                  rebuild it with scripts/peers/vcsim.sh start"
             );
-            if it {
-                panic!("{msg}");
-            }
-            eprintln!("SKIP: {msg}");
+            skip(&msg);
             None
         }
     }
@@ -822,10 +797,7 @@ async fn killed_simulator_mid_upload() {
 async fn nfc_import_lease() {
     let Some(e) = env() else { return };
     let Some(nfc_dir) = var("VIRTRIGAUD_VSPHERE_NFC_DIR") else {
-        if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-            panic!("VIRTRIGAUD_VSPHERE_NFC_DIR is not set but VIRTRIGAUD_IT=1");
-        }
-        eprintln!("SKIP: VIRTRIGAUD_VSPHERE_NFC_DIR is not set");
+        skip("VIRTRIGAUD_VSPHERE_NFC_DIR is not set (start scripts/peers/vcsim.sh)");
         return;
     };
     let mut c = config(&e);

@@ -16,25 +16,13 @@
 //! * seaweedfs.sh (download-url test): `VIRTRIGAUD_S3_ENDPOINT`, `_ACCESS_KEY`, `_SECRET_KEY`;
 //! * libvirt.sh (migration tests): `VIRTRIGAUD_LIBVIRT_URI`.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::PathBuf;
 use virtrigaud_core::Secret;
 use virtrigaud_proxmox::{Auth, ProxmoxConfig, ProxmoxProvider, SshConfig};
 
-/// The value of `var`, or `None` after printing `SKIP` (a panic when `VIRTRIGAUD_IT=1`).
-pub fn env(var: &str, script: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            if std::env::var("VIRTRIGAUD_IT").as_deref() == Ok("1") {
-                panic!("{var} is not set but VIRTRIGAUD_IT=1: start scripts/peers/{script}");
-            }
-            eprintln!("SKIP: {var} is not set (start scripts/peers/{script})");
-            None
-        }
-    }
-}
+pub use virtrigaud_testkit::peer_env as env;
 
 /// The fakepve peer's address and credentials.
 pub struct Pve {
@@ -125,20 +113,7 @@ impl Sshd {
     }
 }
 
-/// A unique name for this test run.
-pub fn unique(tag: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "vrg-{tag}-{}-{t:x}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
+pub use virtrigaud_testkit::unique;
 
 /// Runs a command and asserts it succeeded.
 pub fn run(cmd: &str, args: &[&str]) -> String {
