@@ -12,7 +12,8 @@
 //!   [`ProxmoxConfig::ticket_renew_after`] (default [`TICKET_RENEW_AFTER`]; PVE's tickets live
 //!   2 hours), and once more on a 401 (an upload: its ticket is proven first, and it is retried
 //!   only while none of its file was sent).
-//! * Every answer is unwrapped from `{"data": …}`; errors are mapped to [`virtrigaud_core::ErrorKind`]s (module `error`, table there).
+//! * Every answer is unwrapped from `{"data": …}`; errors are mapped to
+//!   [`virtrigaud_core::ErrorKind`]s (module `error`, table there).
 //! * Tasks: every UPID is awaited ([`PveClient::wait_task`]) with a deadline; `OK` and
 //!   `WARNINGS: n` succeed (warnings logged), anything else fails with the task log's last
 //!   lines in the message.
