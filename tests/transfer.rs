@@ -228,16 +228,9 @@ async fn export_import_round_trip_through_fs_storage() {
     assert_eq!(reference_digest(&stored), m.content_digest.value);
 
     let dst = LocalProvider::new(tmp.path().join("dst"));
-    let imp = import_disk(
-        &*store,
-        "vm1/disk0.raw",
-        &dst,
-        "vm1",
-        "disk0",
-        &ImportOptions::default(),
-    )
-    .await
-    .unwrap();
+    let imp = import(&*store, "vm1/disk0.raw", &dst, &ImportOptions::default())
+        .await
+        .unwrap();
     assert_eq!(
         imp.transfer.content_digest,
         Some(m.content_digest.value.clone())
@@ -249,16 +242,9 @@ async fn export_import_round_trip_through_fs_storage() {
         .unwrap();
 
     // Importing again refuses to overwrite.
-    let e = import_disk(
-        &*store,
-        "vm1/disk0.raw",
-        &dst,
-        "vm1",
-        "disk0",
-        &ImportOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let e = import(&*store, "vm1/disk0.raw", &dst, &ImportOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
 }
 
@@ -293,6 +279,24 @@ async fn exported_raw_disk(
     (tmp, src, store)
 }
 
+/// Imports the object `key` as disk `disk0` of VM `vm1` into `dst`.
+async fn import(
+    store: &dyn StorageBackend,
+    key: &str,
+    dst: &LocalProvider,
+    opts: &ImportOptions,
+) -> Result<ImportReport> {
+    import_disk(store, key, dst, "vm1", "disk0", opts).await
+}
+
+/// Import options asking for `format` as the target format.
+fn as_format(format: DiskFormat) -> ImportOptions {
+    ImportOptions {
+        format: Some(format),
+        ..Default::default()
+    }
+}
+
 /// Overwrites the byte at `at` of the file at `path` with 0x5a.
 fn flip_byte(path: &std::path::Path, at: u64) {
     let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
@@ -310,9 +314,7 @@ async fn an_import_verified_later_skips_its_digests_but_still_refuses_a_damaged_
         ..Default::default()
     };
     let dst = LocalProvider::new(tmp.path().join("dst"));
-    let imp = import_disk(&*store, "a/disk.raw", &dst, "vm1", "disk0", &later)
-        .await
-        .unwrap();
+    let imp = import(&*store, "a/disk.raw", &dst, &later).await.unwrap();
     assert_eq!(imp.transfer.content_digest, None);
     assert_eq!(imp.transfer.content_hashed_bytes, 0);
     let imported = std::fs::read(tmp.path().join("dst/vm1").join(&imp.location)).unwrap();
@@ -324,7 +326,7 @@ async fn an_import_verified_later_skips_its_digests_but_still_refuses_a_damaged_
     let obj = tmp.path().join("store/a/disk.raw");
     flip_byte(&obj, 3 << 20);
     let dst2 = LocalProvider::new(tmp.path().join("dst2"));
-    let e = import_disk(&*store, "a/disk.raw", &dst2, "vm1", "disk0", &later)
+    let e = import(&*store, "a/disk.raw", &dst2, &later)
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
@@ -340,16 +342,9 @@ async fn corrupted_or_missing_stored_objects_are_refused_and_nothing_is_written(
 
     // one flipped byte in the middle
     flip_byte(&obj, 3 << 20);
-    let e = import_disk(
-        &*store,
-        "a/disk.raw",
-        &dst,
-        "vm1",
-        "disk0",
-        &ImportOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let e = import(&*store, "a/disk.raw", &dst, &ImportOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
     assert!(
         files_under(&tmp.path().join("dst")).is_empty(),
@@ -365,16 +360,9 @@ async fn corrupted_or_missing_stored_objects_are_refused_and_nothing_is_written(
     let f = std::fs::OpenOptions::new().write(true).open(&obj).unwrap();
     f.set_len(size - 1).unwrap();
     drop(f);
-    let e = import_disk(
-        &*store,
-        "a/disk.raw",
-        &dst,
-        "vm1",
-        "disk0",
-        &ImportOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let e = import(&*store, "a/disk.raw", &dst, &ImportOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
 
     // manifest with a wrong digest
@@ -386,42 +374,21 @@ async fn corrupted_or_missing_stored_objects_are_refused_and_nothing_is_written(
     let m: Manifest = Manifest::parse(text.as_bytes()).unwrap();
     let wrong = text.replace(&m.content_digest.value, &"0".repeat(64));
     std::fs::write(&mpath, wrong).unwrap();
-    let e = import_disk(
-        &*store,
-        "b/disk.raw",
-        &dst,
-        "vm1",
-        "disk0",
-        &ImportOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let e = import(&*store, "b/disk.raw", &dst, &ImportOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ChecksumMismatch, "{e}");
 
     // malformed and missing manifests
     std::fs::write(&mpath, b"{\"schema_version\": 1, \"format\": ").unwrap();
-    let e = import_disk(
-        &*store,
-        "b/disk.raw",
-        &dst,
-        "vm1",
-        "disk0",
-        &ImportOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let e = import(&*store, "b/disk.raw", &dst, &ImportOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     std::fs::remove_file(&mpath).unwrap();
-    let e = import_disk(
-        &*store,
-        "b/disk.raw",
-        &dst,
-        "vm1",
-        "disk0",
-        &ImportOptions::default(),
-    )
-    .await
-    .unwrap_err();
+    let e = import(&*store, "b/disk.raw", &dst, &ImportOptions::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     assert!(e.to_string().contains("manifest"), "{e}");
     assert!(files_under(&tmp.path().join("dst")).is_empty());
@@ -738,16 +705,9 @@ async fn a_sparse_raw_object_is_imported_by_reading_its_mapped_data_only() {
     let counting: Arc<dyn StorageBackend> =
         Arc::new(MappedGets::counting(store.clone(), read.clone()));
     let dst = LocalProvider::new(tmp.path().join("dst"));
-    let imp = import_disk(
-        &*counting,
-        "s/disk.raw",
-        &dst,
-        "vm1",
-        "disk0",
-        &ImportOptions::default(),
-    )
-    .await
-    .unwrap();
+    let imp = import(&*counting, "s/disk.raw", &dst, &ImportOptions::default())
+        .await
+        .unwrap();
     assert_eq!(
         imp.transfer.content_digest,
         Some(exp.manifest.content_digest.value.clone())
@@ -790,16 +750,9 @@ async fn import_verifies_a_store_that_returns_one_byte_at_a_time() {
         .unwrap();
     let slow: Arc<dyn StorageBackend> = Arc::new(MappedGets::one_byte_at_a_time(store.clone()));
     let dst = LocalProvider::new(tmp.path().join("dst"));
-    let imp = import_disk(
-        &*slow,
-        "one/disk.raw",
-        &dst,
-        "vm1",
-        "disk0",
-        &ImportOptions::default(),
-    )
-    .await
-    .unwrap();
+    let imp = import(&*slow, "one/disk.raw", &dst, &ImportOptions::default())
+        .await
+        .unwrap();
     assert_eq!(
         imp.transfer.content_digest,
         Some(exp.manifest.content_digest.value)
@@ -877,16 +830,11 @@ async fn sixty_four_gib_disk_exports_to_qcow2_and_back_at_the_cost_of_its_data()
 
     // Import as qcow2: the manifest's allocation map lets the encoder lay out a sparse image.
     let dst = LocalProvider::new(tmp.path().join("dst"));
-    let imp = import_disk(
+    let imp = import(
         &*store,
         "big/disk.qcow2",
         &dst,
-        "vm1",
-        "disk0",
-        &ImportOptions {
-            format: Some(DiskFormat::Qcow2),
-            ..Default::default()
-        },
+        &as_format(DiskFormat::Qcow2),
     )
     .await
     .unwrap();
@@ -946,19 +894,9 @@ async fn every_stored_format_imports_as_every_target_format_with_equal_content_d
         );
         for (j, target) in formats.iter().enumerate() {
             let dst = LocalProvider::new(tmp.path().join(format!("dst{i}{j}")));
-            let imp = import_disk(
-                &*store,
-                &key,
-                &dst,
-                "vm1",
-                "disk0",
-                &ImportOptions {
-                    format: Some(*target),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{stored} -> {target}: {e}"));
+            let imp = import(&*store, &key, &dst, &as_format(*target))
+                .await
+                .unwrap_or_else(|e| panic!("{stored} -> {target}: {e}"));
             assert_eq!(imp.format, *target);
             assert_eq!(
                 imp.transfer.content_digest.as_deref(),
@@ -1024,19 +962,9 @@ async fn every_stored_format_imports_as_every_target_format_with_equal_content_d
         );
         for (j, target) in formats.iter().enumerate() {
             let dst = LocalProvider::new(tmp.path().join(format!("odd-dst{i}{j}")));
-            let imp = import_disk(
-                &*store,
-                &key,
-                &dst,
-                "vm1",
-                "disk0",
-                &ImportOptions {
-                    format: Some(*target),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("odd size {stored} -> {target}: {e}"));
+            let imp = import(&*store, &key, &dst, &as_format(*target))
+                .await
+                .unwrap_or_else(|e| panic!("odd size {stored} -> {target}: {e}"));
             assert_eq!(
                 imp.transfer.content_digest.as_deref(),
                 Some(exp.manifest.content_digest.value.as_str()),
@@ -1203,19 +1131,9 @@ async fn compressed_qcow2_export_of_a_local_disk_imports_back_with_equal_content
     // Imports back, verified, as raw and as qcow2.
     for (i, target) in [DiskFormat::Raw, DiskFormat::Qcow2].into_iter().enumerate() {
         let dst = LocalProvider::new(tmp.path().join(format!("dst{i}")));
-        let imp = import_disk(
-            &*store,
-            "c/disk.qcow2",
-            &dst,
-            "vm1",
-            "disk0",
-            &ImportOptions {
-                format: Some(target),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let imp = import(&*store, "c/disk.qcow2", &dst, &as_format(target))
+            .await
+            .unwrap();
         assert_eq!(
             imp.transfer.content_digest.as_deref(),
             Some(m.content_digest.value.as_str())
