@@ -18,19 +18,7 @@ fn have_qemu() -> bool {
     virtrigaud_testkit::have_tool("qemu-img", "qemu-utils")
 }
 
-fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use virtrigaud_testkit::run;
 
 fn qemu_io(fmt: &str, file: &Path, cmds: &[&str]) {
     let mut args = vec!["-f", fmt];

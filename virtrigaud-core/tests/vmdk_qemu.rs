@@ -20,14 +20,7 @@ fn have_qemu() -> bool {
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).output().expect("spawn");
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    String::from_utf8_lossy(&virtrigaud_testkit::run(cmd, args).stdout).into_owned()
 }
 
 fn p(x: &Path) -> &str {

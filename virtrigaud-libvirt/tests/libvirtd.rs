@@ -36,15 +36,7 @@ fn guard(uri: &str, name: &str) -> DomainGuard {
 }
 
 fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    virtrigaud_testkit::run("qemu-img", args);
 }
 
 fn file_disk_xml(path: &Path, fmt: &str, dev: &str, bus: &str) -> String {

@@ -49,6 +49,21 @@ pub fn have_tool(tool: &str, hint: &str) -> bool {
     false
 }
 
+/// Runs `cmd ARGS…`, which must succeed (a failure shows its stdout and stderr); its output.
+pub fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// `vrg-{tag}-{pid}-{nanoseconds}-{counter}`: unique across the tests of this process and
 /// across concurrent runs on one machine.
 pub fn unique(tag: &str) -> String {
@@ -119,18 +134,8 @@ pub mod libvirt {
 
     /// `virsh -c URI ARGS…`, which must succeed; its stdout.
     pub fn virsh(uri: &str, args: &[&str]) -> String {
-        let out = Command::new("virsh")
-            .arg("-c")
-            .arg(uri)
-            .args(args)
-            .output()
-            .expect("run virsh");
-        assert!(
-            out.status.success(),
-            "virsh {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let all: Vec<&str> = ["-c", uri].iter().chain(args).copied().collect();
+        String::from_utf8_lossy(&crate::run("virsh", &all).stdout).into_owned()
     }
 
     /// `virsh -c URI ARGS…` for cleanup: its outcome is ignored.
