@@ -38,8 +38,14 @@ impl S3 {
         })
     }
 
-    /// Creates the test bucket (the command never creates buckets).
+    /// Creates the test bucket (the command never creates buckets), once per bucket and
+    /// process: the tests run at once, and one CreateBucket is all the store needs to see.
     fn create_bucket(&self, bucket: &str) {
+        static CREATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let mut created = CREATED.lock().unwrap_or_else(|e| e.into_inner());
+        if created.iter().any(|b| b == bucket) {
+            return;
+        }
         use virtrigaud::storage::s3::{S3Backend, S3Config};
         let cfg = S3Config::new(bucket)
             .with_endpoint(&self.endpoint)
@@ -52,6 +58,7 @@ impl S3 {
             .unwrap()
             .block_on(b.create_bucket())
             .unwrap();
+        created.push(bucket.to_string());
     }
 
     fn run(&self, args: &[&str]) -> Output {

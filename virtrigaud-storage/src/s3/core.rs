@@ -508,7 +508,9 @@ impl S3Core {
     }
 
     /// CreateBucket (with a location constraint outside `us-east-1`); a bucket we already own
-    /// counts as created.
+    /// counts as created, and so does one that a HeadBucket finds after a `NotFound` or
+    /// `Conflict` answer (a store may answer a CreateBucket racing another one for the same name
+    /// with such an error while the bucket exists all the same).
     pub(crate) async fn create_bucket(&self, region: &str) -> Result<()> {
         let mut req = Request::new(Method::PUT, None);
         if region != "us-east-1" {
@@ -525,6 +527,15 @@ impl S3Core {
                     && e.message().contains("BucketAlreadyOwnedByYou") =>
             {
                 Ok(())
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Conflict) => {
+                match self
+                    .send("head_bucket", &Request::new(Method::HEAD, None))
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(_) => Err(e),
+                }
             }
             Err(e) => Err(e),
         }
