@@ -357,12 +357,15 @@ pub fn source_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Whether the text of a failed exchange (a [`source_chain`]) says the server's TLS certificate
-/// was refused: untrusted, expired, for another name, or not the pinned one.
+/// Whether a failed exchange's causes (the [`source_chain`] below `e`'s own text) say the
+/// server's TLS certificate was refused: untrusted, expired, for another name, or not the
+/// pinned one. `e`'s own text is not searched: a client library puts the URL there, and a
+/// path may say anything.
 ///
 /// Such a failure fails again on every retry, so the error built from it is not retryable.
-pub fn is_certificate_refusal(chain: &str) -> bool {
-    chain.to_ascii_lowercase().contains("certificate")
+pub fn is_certificate_refusal(e: &dyn std::error::Error) -> bool {
+    e.source()
+        .is_some_and(|c| source_chain(c).to_ascii_lowercase().contains("certificate"))
 }
 
 #[cfg(test)]
@@ -404,11 +407,16 @@ mod tests {
             "error sending request for url (https://h/): client error (Connect): \
              invalid peer certificate: UnknownIssuer"
         );
-        assert!(is_certificate_refusal(&chain));
-        assert!(!is_certificate_refusal(&source_chain(&Layer(
+        assert!(is_certificate_refusal(&e));
+        assert!(!is_certificate_refusal(&Layer(
             "error sending request",
             Some(Box::new(Layer("connection refused", None)))
-        ))));
+        )));
+        // The outermost text (where the URL goes) is not searched.
+        assert!(!is_certificate_refusal(&Layer(
+            "error sending request for url (https://h/folder/certificate-vm/disk.vmdk)",
+            Some(Box::new(Layer("connection reset by peer", None)))
+        )));
         assert_eq!(source_chain(&Layer("alone", None)), "alone");
     }
 

@@ -83,10 +83,8 @@ pub(crate) fn transport(e: reqwest::Error, op: &str) -> Error {
     };
     // reqwest's Display carries the URL, which holds no secret here (auth is in headers).
     let mut msg = source_chain(&e);
-    // A refused certificate stays refused: not worth a retry. Only the causes are looked at:
-    // the outermost text holds the URL, whose path may say anything.
-    let tls =
-        std::error::Error::source(&e).is_some_and(|c| is_certificate_refusal(&source_chain(c)));
+    // A refused certificate stays refused: not worth a retry.
+    let tls = is_certificate_refusal(&e);
     if tls {
         msg.push_str(
             " (TLS certificate refused: trust the node's CA, or pin its certificate by its \

@@ -121,10 +121,8 @@ pub fn from_transport(op: &str, target: &str, e: reqwest::Error) -> Error {
     };
     // reqwest's Display includes the URL: ours carry no credentials.
     let chain = source_chain(&e);
-    // A refused certificate stays refused: not worth a retry. Only the causes are looked at:
-    // the outermost text holds the URL, whose path may say anything.
-    let tls =
-        std::error::Error::source(&e).is_some_and(|c| is_certificate_refusal(&source_chain(c)));
+    // A refused certificate stays refused: not worth a retry.
+    let tls = is_certificate_refusal(&e);
     let mut msg = format!("{op}: {chain}");
     if tls {
         msg.push_str(

@@ -136,7 +136,7 @@ pub(crate) fn from_transport(
     let e = e.without_url();
     let chain = source_chain(&e);
     // A refused certificate stays refused: not worth a retry.
-    let tls = is_certificate_refusal(&chain);
+    let tls = is_certificate_refusal(&e);
     let mut msg = format!("S3 {op} on {target}: {chain}");
     if tls {
         msg.push_str(TLS_HINT);
@@ -155,7 +155,7 @@ pub(crate) fn from_opendal(op: &str, bucket: &str, key: Option<&str>, e: opendal
     let auth = AUTH_CODES.iter().any(|c| text.contains(c));
     let chain = source_chain(&e).to_ascii_lowercase();
     // A refused certificate stays refused: not worth a retry.
-    let tls = is_certificate_refusal(&chain);
+    let tls = is_certificate_refusal(&e);
     let transport = chain.contains("error sending request")
         || chain.contains("connection refused")
         || chain.contains("connection reset")

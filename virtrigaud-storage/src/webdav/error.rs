@@ -78,7 +78,7 @@ pub(crate) fn from_transport(op: &str, target: &str, e: reqwest::Error) -> Error
     let e = e.without_url();
     let chain = source_chain(&e);
     // A certificate the client refuses stays refused: not worth a retry.
-    let tls = is_certificate_refusal(&chain);
+    let tls = is_certificate_refusal(&e);
     let retryable = kind != ErrorKind::InvalidInput && !tls;
     let mut msg = format!("HTTP {op} on {target}: {chain}");
     if tls {
